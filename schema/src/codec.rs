@@ -1,0 +1,426 @@
+//! Encoding and decoding of events and replies: MessagePack by default, JSON on request.
+//!
+//! On the wire an event is the map `{id, agent, kind, ts, v, body}` and a
+//! reply is `{id, in_reply_to, agent, kind, ts, v, body}`. MessagePack uses
+//! named fields (a map, like JSON), so both encodings carry the same document
+//! and unknown fields are ignored in both.
+//!
+//! Decoding runs in three small passes so that each failure gets the right
+//! typed error: first the version alone (an unknown version is reported as
+//! such even if the rest changed shape), then the head fields, then the body
+//! for the kind the head names.
+
+use async_nats::HeaderMap;
+use chrono::{DateTime, Utc};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::event::{Activity, ChatMessage, Heartbeat, PredictRequest};
+use crate::reply::{ChatReply, PredictionReply, ReplyKind};
+use crate::{
+    headers, subject, AgentId, Envelope, EventBody, EventId, EventKind, InvalidAgentId, Reply,
+    ReplyBody, ReplyId, SCHEMA_VERSION,
+};
+
+/// Default largest payload Ferry decodes (256 KiB). It sits below the
+/// broker's `max_payload` so an oversized event reaches a worker and is
+/// dead-lettered with a reason instead of being refused at publish time.
+pub const DEFAULT_MAX_PAYLOAD: usize = 256 * 1024;
+
+/// How a payload is encoded, chosen by the `Content-Type` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Encoding {
+    /// MessagePack with named fields; the default when no `Content-Type` is set.
+    #[default]
+    MsgPack,
+    /// JSON, when `Content-Type: application/json`.
+    Json,
+}
+
+impl Encoding {
+    /// The `Content-Type` value for this encoding.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::MsgPack => headers::CONTENT_TYPE_MSGPACK,
+            Self::Json => headers::CONTENT_TYPE_JSON,
+        }
+    }
+
+    /// Picks the encoding from a message's headers: JSON for
+    /// `application/json` (parameters such as `; charset=utf-8` allowed),
+    /// MessagePack when the header is absent or `application/msgpack`.
+    pub fn from_headers(h: Option<&HeaderMap>) -> Result<Self, DecodeError> {
+        let Some(value) = h.and_then(|h| h.get(headers::CONTENT_TYPE)) else {
+            return Ok(Self::MsgPack);
+        };
+        let value = value.as_str();
+        let mime = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        match mime.as_str() {
+            "application/json" => Ok(Self::Json),
+            "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => {
+                Ok(Self::MsgPack)
+            }
+            _ => Err(DecodeError::ContentType {
+                value: value.to_string(),
+            }),
+        }
+    }
+}
+
+/// Why a payload could not be turned into an event or reply. Each variant
+/// has a stable [`code`](DecodeError::code) used as the dead-letter reason.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    /// The payload is larger than the configured limit.
+    #[error("payload of {size} bytes exceeds the {limit}-byte limit")]
+    TooLarge {
+        /// Payload size.
+        size: usize,
+        /// The limit in force.
+        limit: usize,
+    },
+    /// The `Content-Type` header names an encoding Ferry does not speak.
+    #[error("unsupported Content-Type {value:?}: expected application/json or application/msgpack (or no header for MessagePack)")]
+    ContentType {
+        /// The header's value.
+        value: String,
+    },
+    /// The bytes are not a document in the encoding at all.
+    #[error("payload is not a {encoding} map: {detail}")]
+    Malformed {
+        /// Which encoding was tried.
+        encoding: &'static str,
+        /// The parser's complaint.
+        detail: String,
+    },
+    /// A required field is absent.
+    #[error("required field `{field}` is missing")]
+    MissingField {
+        /// Dotted path of the field, e.g. `body.text`.
+        field: String,
+    },
+    /// A field is present but its value is of the wrong type or form.
+    #[error("invalid field in {part}: {detail}")]
+    InvalidField {
+        /// `head` or `body`.
+        part: &'static str,
+        /// The parser's complaint, naming the field where it can.
+        detail: String,
+    },
+    /// The schema version is not one this build understands.
+    #[error("schema version {found} is not supported (this build reads version {supported})")]
+    UnsupportedVersion {
+        /// The version in the message.
+        found: u64,
+        /// The version this build reads.
+        supported: u16,
+    },
+    /// The `kind` field names no known kind.
+    #[error("unknown kind {kind:?}: expected one of {expected}")]
+    UnknownKind {
+        /// The kind given.
+        kind: String,
+        /// The accepted kinds.
+        expected: String,
+    },
+    /// The `agent` field is not a valid agent id.
+    #[error(transparent)]
+    InvalidAgentId(#[from] InvalidAgentId),
+    /// The subject and the body disagree about agent or kind.
+    #[error("{field} in body is {body:?} but the subject {subject:?} says {expected:?}")]
+    SubjectMismatch {
+        /// `agent` or `kind`.
+        field: &'static str,
+        /// The value in the body.
+        body: String,
+        /// The value implied by the subject.
+        expected: String,
+        /// The subject.
+        subject: String,
+    },
+    /// The subject is not an event subject.
+    #[error(transparent)]
+    Subject(#[from] subject::SubjectError),
+}
+
+impl DecodeError {
+    /// A short stable code for the failure, used as the dead-letter reason
+    /// code and as a metric label.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::TooLarge { .. } => "too_large",
+            Self::ContentType { .. } => "content_type",
+            Self::Malformed { .. } => "malformed",
+            Self::MissingField { .. } => "missing_field",
+            Self::InvalidField { .. } => "invalid_field",
+            Self::UnsupportedVersion { .. } => "unsupported_version",
+            Self::UnknownKind { .. } => "unknown_kind",
+            Self::InvalidAgentId(_) => "invalid_agent_id",
+            Self::SubjectMismatch { .. } => "subject_mismatch",
+            Self::Subject(_) => "bad_subject",
+        }
+    }
+}
+
+/// Why a value could not be encoded. Ferry's own types always encode; this
+/// exists so the rare failure (an oversized reply) is typed, not a panic.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    /// MessagePack serialisation failed.
+    #[error("MessagePack encoding failed: {0}")]
+    MsgPack(#[from] rmp_serde::encode::Error),
+    /// JSON serialisation failed.
+    #[error("JSON encoding failed: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+fn encode<T: Serialize>(value: &T, enc: Encoding) -> Result<Vec<u8>, EncodeError> {
+    Ok(match enc {
+        Encoding::MsgPack => rmp_serde::to_vec_named(value)?,
+        Encoding::Json => serde_json::to_vec(value)?,
+    })
+}
+
+#[derive(Serialize)]
+struct WireEvent<'a, B> {
+    id: EventId,
+    agent: &'a AgentId,
+    kind: EventKind,
+    ts: &'a DateTime<Utc>,
+    v: u16,
+    body: &'a B,
+}
+
+/// Encodes an event in the given encoding.
+pub fn encode_event(env: &Envelope, enc: Encoding) -> Result<Vec<u8>, EncodeError> {
+    fn wire<'a, B>(env: &'a Envelope, body: &'a B) -> WireEvent<'a, B> {
+        WireEvent {
+            id: env.id,
+            agent: &env.agent,
+            kind: env.kind(),
+            ts: &env.ts,
+            v: SCHEMA_VERSION,
+            body,
+        }
+    }
+    match &env.body {
+        EventBody::Chat(b) => encode(&wire(env, b), enc),
+        EventBody::Activity(b) => encode(&wire(env, b), enc),
+        EventBody::Heartbeat(b) => encode(&wire(env, b), enc),
+        EventBody::Predict(b) => encode(&wire(env, b), enc),
+    }
+}
+
+#[derive(Serialize)]
+struct WireReply<'a, B> {
+    id: ReplyId,
+    in_reply_to: EventId,
+    agent: &'a AgentId,
+    kind: ReplyKind,
+    ts: &'a DateTime<Utc>,
+    v: u16,
+    body: &'a B,
+}
+
+/// Encodes a reply in the given encoding (use the encoding of the event it answers).
+pub fn encode_reply(r: &Reply, enc: Encoding) -> Result<Vec<u8>, EncodeError> {
+    fn wire<'a, B>(r: &'a Reply, body: &'a B) -> WireReply<'a, B> {
+        WireReply {
+            id: r.id,
+            in_reply_to: r.in_reply_to,
+            agent: &r.agent,
+            kind: r.kind(),
+            ts: &r.ts,
+            v: SCHEMA_VERSION,
+            body,
+        }
+    }
+    match &r.body {
+        ReplyBody::Chat(b) => encode(&wire(r, b), enc),
+        ReplyBody::Prediction(b) => encode(&wire(r, b), enc),
+    }
+}
+
+#[derive(Deserialize)]
+struct Probe {
+    #[serde(default)]
+    v: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct EventHead {
+    id: EventId,
+    agent: String,
+    kind: String,
+    ts: DateTime<Utc>,
+}
+
+#[derive(Deserialize)]
+struct ReplyHead {
+    id: ReplyId,
+    in_reply_to: EventId,
+    agent: String,
+    kind: String,
+    ts: DateTime<Utc>,
+}
+
+#[derive(Deserialize)]
+struct BodyOf<B> {
+    body: B,
+}
+
+/// Where in the document a parse failed; decides how errors are classified.
+#[derive(Clone, Copy)]
+enum Part {
+    Probe,
+    Head,
+    Body,
+}
+
+fn encoding_name(enc: Encoding) -> &'static str {
+    match enc {
+        Encoding::MsgPack => "MessagePack",
+        Encoding::Json => "JSON",
+    }
+}
+
+fn classify(enc: Encoding, part: Part, syntax: bool, msg: String) -> DecodeError {
+    if syntax || matches!(part, Part::Probe) && msg.contains("expected struct") {
+        return DecodeError::Malformed {
+            encoding: encoding_name(enc),
+            detail: msg,
+        };
+    }
+    // serde reports a missing field as "missing field `name`", whatever the format.
+    if let Some(rest) = msg.strip_prefix("missing field `") {
+        if let Some(field) = rest.split('`').next() {
+            let field = match part {
+                Part::Body if field != "body" => format!("body.{field}"),
+                _ => field.to_string(),
+            };
+            return DecodeError::MissingField { field };
+        }
+    }
+    DecodeError::InvalidField {
+        part: match part {
+            Part::Body => "body",
+            _ => "head",
+        },
+        detail: msg,
+    }
+}
+
+fn parse<T: DeserializeOwned>(enc: Encoding, part: Part, bytes: &[u8]) -> Result<T, DecodeError> {
+    match enc {
+        Encoding::Json => serde_json::from_slice(bytes).map_err(|e| {
+            let syntax = !matches!(e.classify(), serde_json::error::Category::Data);
+            classify(enc, part, syntax, e.to_string())
+        }),
+        Encoding::MsgPack => rmp_serde::from_slice(bytes).map_err(|e| {
+            let syntax = !matches!(e, rmp_serde::decode::Error::Syntax(_));
+            classify(enc, part, syntax, e.to_string())
+        }),
+    }
+}
+
+fn check_size_and_version(bytes: &[u8], enc: Encoding, limit: usize) -> Result<(), DecodeError> {
+    if bytes.len() > limit {
+        return Err(DecodeError::TooLarge {
+            size: bytes.len(),
+            limit,
+        });
+    }
+    let probe: Probe = parse(enc, Part::Probe, bytes)?;
+    match probe.v {
+        None => Err(DecodeError::MissingField { field: "v".into() }),
+        Some(v) if v == u64::from(SCHEMA_VERSION) => Ok(()),
+        Some(found) => Err(DecodeError::UnsupportedVersion {
+            found,
+            supported: SCHEMA_VERSION,
+        }),
+    }
+}
+
+fn body<B: DeserializeOwned>(enc: Encoding, bytes: &[u8]) -> Result<B, DecodeError> {
+    parse::<BodyOf<B>>(enc, Part::Body, bytes).map(|b| b.body)
+}
+
+/// Decodes an event payload. `limit` is the largest accepted payload in bytes.
+pub fn decode_event(bytes: &[u8], enc: Encoding, limit: usize) -> Result<Envelope, DecodeError> {
+    check_size_and_version(bytes, enc, limit)?;
+    let head: EventHead = parse(enc, Part::Head, bytes)?;
+    let agent = AgentId::new(head.agent)?;
+    let kind = EventKind::parse(&head.kind).ok_or_else(|| DecodeError::UnknownKind {
+        kind: head.kind.clone(),
+        expected: EventKind::ALL.map(EventKind::as_str).join(", "),
+    })?;
+    let body = match kind {
+        EventKind::Chat => EventBody::Chat(body::<ChatMessage>(enc, bytes)?),
+        EventKind::Activity => EventBody::Activity(body::<Activity>(enc, bytes)?),
+        EventKind::Heartbeat => EventBody::Heartbeat(body::<Heartbeat>(enc, bytes)?),
+        EventKind::Predict => EventBody::Predict(body::<PredictRequest>(enc, bytes)?),
+    };
+    Ok(Envelope {
+        id: head.id,
+        agent,
+        ts: head.ts,
+        body,
+    })
+}
+
+/// Decodes an event message as it arrives from JetStream: picks the encoding
+/// from the headers, decodes, and checks that the agent and kind in the body
+/// are the ones the subject names (the subject is what the broker's
+/// permissions vouch for).
+pub fn decode_event_message(
+    subject: &str,
+    headers: Option<&HeaderMap>,
+    payload: &[u8],
+    limit: usize,
+) -> Result<(Envelope, Encoding), DecodeError> {
+    let (agent, kind) = subject::parse_event(subject)?;
+    let enc = Encoding::from_headers(headers)?;
+    let env = decode_event(payload, enc, limit)?;
+    if env.agent != agent {
+        return Err(DecodeError::SubjectMismatch {
+            field: "agent",
+            body: env.agent.to_string(),
+            expected: agent.to_string(),
+            subject: subject.to_string(),
+        });
+    }
+    if env.kind() != kind {
+        return Err(DecodeError::SubjectMismatch {
+            field: "kind",
+            body: env.kind().to_string(),
+            expected: kind.to_string(),
+            subject: subject.to_string(),
+        });
+    }
+    Ok((env, enc))
+}
+
+/// Decodes a reply payload.
+pub fn decode_reply(bytes: &[u8], enc: Encoding, limit: usize) -> Result<Reply, DecodeError> {
+    check_size_and_version(bytes, enc, limit)?;
+    let head: ReplyHead = parse(enc, Part::Head, bytes)?;
+    let agent = AgentId::new(head.agent)?;
+    let kind = ReplyKind::parse(&head.kind).ok_or_else(|| DecodeError::UnknownKind {
+        kind: head.kind.clone(),
+        expected: ReplyKind::ALL.map(ReplyKind::as_str).join(", "),
+    })?;
+    let body = match kind {
+        ReplyKind::Chat => ReplyBody::Chat(body::<ChatReply>(enc, bytes)?),
+        ReplyKind::Prediction => ReplyBody::Prediction(body::<PredictionReply>(enc, bytes)?),
+    };
+    Ok(Reply {
+        id: head.id,
+        in_reply_to: head.in_reply_to,
+        agent,
+        ts: head.ts,
+        body,
+    })
+}
+
+#[cfg(test)]
+mod tests;

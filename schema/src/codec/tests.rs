@@ -1,0 +1,284 @@
+//! Data-driven codec tests: round trips, hand-typed JSON, and every decode error.
+
+use super::*;
+use crate::event::{ChatType, ComponentStatus, MessageType, RecentActivity};
+use crate::reply::{AnsweredBy, ChatAction, ResponderKind};
+use serde_json::json;
+
+const LIMIT: usize = DEFAULT_MAX_PAYLOAD;
+
+fn agent() -> AgentId {
+    AgentId::new("desk-7").unwrap()
+}
+
+fn ts() -> DateTime<Utc> {
+    "2026-11-22T10:00:00.123Z".parse().unwrap()
+}
+
+fn sample_events() -> Vec<Envelope> {
+    let bodies = vec![
+        EventBody::Chat(ChatMessage {
+            chat: "Alice 李".into(),
+            chat_type: ChatType::Group,
+            sender: "Alice".into(),
+            text: "你好, where is my order?".into(),
+            msg_type: MessageType::Text,
+        }),
+        EventBody::Activity(Activity {
+            app: "chrome.exe".into(),
+            title: "Orders - Admin".into(),
+            exe: Some(r"C:\Program Files\Google\Chrome\chrome.exe".into()),
+            pid: Some(4242),
+            site: Some("admin.example".into()),
+            afk: false,
+            duration_ms: 61_000,
+        }),
+        EventBody::Heartbeat(Heartbeat {
+            version: "0.1.0".into(),
+            cpu_percent: 0.4,
+            rss_bytes: 9_000_000,
+            spool_depth: 3,
+            oldest_unsent_ms: Some(1200),
+            components: vec![ComponentStatus {
+                name: "foreground".into(),
+                ok: true,
+                detail: None,
+            }],
+        }),
+        EventBody::Predict(PredictRequest {
+            recent: vec![RecentActivity {
+                at: ts(),
+                app: "excel.exe".into(),
+                title: "Q3.xlsx".into(),
+                duration_ms: 5000,
+            }],
+        }),
+    ];
+    bodies
+        .into_iter()
+        .map(|body| Envelope {
+            id: EventId::new(),
+            agent: agent(),
+            ts: ts(),
+            body,
+        })
+        .collect()
+}
+
+#[test]
+fn events_round_trip_in_both_encodings() {
+    for enc in [Encoding::MsgPack, Encoding::Json] {
+        for env in sample_events() {
+            let bytes = encode_event(&env, enc).unwrap();
+            let back = decode_event(&bytes, enc, LIMIT).unwrap();
+            assert_eq!(back, env, "{enc:?} {:?}", env.kind());
+        }
+    }
+}
+
+#[test]
+fn replies_round_trip_in_both_encodings() {
+    let event = EventId::new();
+    let bodies = [
+        ReplyBody::Chat(ChatReply {
+            chat: "Alice".into(),
+            action: ChatAction::Reply,
+            content: Some("您好！".into()),
+            confidence: 0.9,
+            answered_by: AnsweredBy {
+                kind: ResponderKind::Rule,
+                name: "greeting".into(),
+            },
+            processing_ms: 0.25,
+            tokens: None,
+        }),
+        ReplyBody::Prediction(PredictionReply {
+            prediction: "open Outlook".into(),
+            confidence: 0.5,
+            model: "smollm2".into(),
+            processing_ms: 812.0,
+        }),
+    ];
+    for enc in [Encoding::MsgPack, Encoding::Json] {
+        for body in bodies.clone() {
+            let mut r = Reply::new("rules", event, agent(), body);
+            r.ts = ts();
+            let bytes = encode_reply(&r, enc).unwrap();
+            assert_eq!(decode_reply(&bytes, enc, LIMIT).unwrap(), r);
+        }
+    }
+}
+
+#[test]
+fn reply_ids_are_deterministic_per_responder() {
+    let e = EventId::new();
+    assert_eq!(ReplyId::for_event(e, "rules"), ReplyId::for_event(e, "rules"));
+    assert_ne!(ReplyId::for_event(e, "rules"), ReplyId::for_event(e, "inference"));
+    assert_ne!(ReplyId::for_event(e, "rules"), ReplyId::for_event(EventId::new(), "rules"));
+}
+
+#[test]
+fn msgpack_uses_named_fields() {
+    let env = &sample_events()[0];
+    let bytes = encode_event(env, Encoding::MsgPack).unwrap();
+    let doc: serde_json::Value = rmp_serde::from_slice(&bytes).unwrap();
+    assert_eq!(doc["kind"], "chat");
+    assert_eq!(doc["agent"], "desk-7");
+    assert_eq!(doc["v"], 1);
+    assert_eq!(doc["body"]["sender"], "Alice");
+    assert_eq!(doc["id"], env.id.to_string());
+}
+
+/// JSON the way a person types it into `nats pub`: fields in any order,
+/// optional fields left out, spaces and newlines.
+#[test]
+fn hand_typed_json() {
+    let typed = r#"
+        { "v": 1, "kind": "chat", "agent": "desk-7",
+          "id": "0193f3a2-7c4e-7000-8000-000000000001",
+          "ts": "2026-11-22T10:00:00Z",
+          "body": { "sender": "Bob", "chat": "Bob", "text": "refund please" } }"#;
+    let env = decode_event(typed.as_bytes(), Encoding::Json, LIMIT).unwrap();
+    assert_eq!(env.id.to_string(), "0193f3a2-7c4e-7000-8000-000000000001");
+    let EventBody::Chat(chat) = env.body else {
+        panic!("not chat")
+    };
+    assert_eq!(chat.text, "refund please");
+    assert_eq!(chat.chat_type, ChatType::Direct);
+    assert_eq!(chat.msg_type, MessageType::Text);
+}
+
+#[test]
+fn unknown_fields_are_ignored_in_both_encodings() {
+    let doc = json!({
+        "id": "0193f3a2-7c4e-7000-8000-000000000001", "agent": "desk-7", "kind": "chat",
+        "ts": "2026-11-22T10:00:00Z", "v": 1, "future_field": [1, 2, 3],
+        "body": {"chat": "c", "sender": "s", "text": "t", "emoji": "🙂"}
+    });
+    let json_bytes = serde_json::to_vec(&doc).unwrap();
+    let mp_bytes = rmp_serde::to_vec_named(&doc).unwrap();
+    let a = decode_event(&json_bytes, Encoding::Json, LIMIT).unwrap();
+    let b = decode_event(&mp_bytes, Encoding::MsgPack, LIMIT).unwrap();
+    assert_eq!(a, b);
+}
+
+fn valid_doc() -> serde_json::Value {
+    json!({
+        "id": "0193f3a2-7c4e-7000-8000-000000000001", "agent": "desk-7", "kind": "chat",
+        "ts": "2026-11-22T10:00:00Z", "v": 1,
+        "body": {"chat": "c", "sender": "s", "text": "t"}
+    })
+}
+
+fn with(mut doc: serde_json::Value, path: &[&str], value: Option<serde_json::Value>) -> serde_json::Value {
+    let (last, parents) = path.split_last().unwrap();
+    let mut node = &mut doc;
+    for p in parents {
+        node = &mut node[*p];
+    }
+    let map = node.as_object_mut().unwrap();
+    match value {
+        Some(v) => map.insert(last.to_string(), v),
+        None => map.remove(*last),
+    };
+    doc
+}
+
+/// One decode failure: the document (as JSON and as MessagePack) and the
+/// error code and message expected for both.
+#[track_caller]
+fn check_err(doc: &serde_json::Value, code: &str, message: &str) {
+    for (enc, bytes) in [
+        (Encoding::Json, serde_json::to_vec(doc).unwrap()),
+        (Encoding::MsgPack, rmp_serde::to_vec_named(doc).unwrap()),
+    ] {
+        let err = decode_event(&bytes, enc, LIMIT).unwrap_err();
+        assert_eq!(err.code(), code, "{enc:?}: {err}");
+        assert!(
+            err.to_string().contains(message),
+            "{enc:?}: {err:?} does not contain {message:?}"
+        );
+    }
+}
+
+#[test]
+fn decode_errors_are_typed() {
+    let d = valid_doc;
+    check_err(&with(d(), &["body", "text"], None), "missing_field", "required field `body.text` is missing");
+    check_err(&with(d(), &["id"], None), "missing_field", "required field `id` is missing");
+    check_err(&with(d(), &["body"], None), "missing_field", "required field `body` is missing");
+    check_err(&with(d(), &["v"], None), "missing_field", "required field `v` is missing");
+    check_err(
+        &with(d(), &["v"], Some(json!(99))),
+        "unsupported_version",
+        "schema version 99 is not supported (this build reads version 1)",
+    );
+    // An unknown version wins over a changed shape.
+    check_err(
+        &with(with(d(), &["v"], Some(json!(2))), &["body"], None),
+        "unsupported_version",
+        "schema version 2",
+    );
+    check_err(
+        &with(d(), &["kind"], Some(json!("fax"))),
+        "unknown_kind",
+        r#"unknown kind "fax": expected one of chat, activity, heartbeat, predict"#,
+    );
+    check_err(
+        &with(d(), &["agent"], Some(json!("desk 7"))),
+        "invalid_agent_id",
+        r#"agent id "desk 7" is not a valid subject token (whitespace ' ' at byte 4"#,
+    );
+    check_err(&with(d(), &["id"], Some(json!("nope"))), "invalid_field", r#"id "nope" is not a UUID"#);
+    check_err(&with(d(), &["ts"], Some(json!("yesterday"))), "invalid_field", "invalid field in head");
+    check_err(&with(d(), &["body", "text"], Some(json!(5))), "invalid_field", "invalid field in body");
+}
+
+#[test]
+fn garbage_and_size() {
+    for enc in [Encoding::Json, Encoding::MsgPack] {
+        for garbage in [&b"\xc1\xc1\xc1 not a document"[..], b"", b"[1,2,3]", b"\x93\x01\x02\x03"] {
+            let err = decode_event(garbage, enc, LIMIT).unwrap_err();
+            assert_eq!(err.code(), "malformed", "{enc:?} {garbage:?}: {err}");
+        }
+        let big = vec![b' '; LIMIT + 1];
+        let err = decode_event(&big, enc, LIMIT).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("payload of {} bytes exceeds the {LIMIT}-byte limit", LIMIT + 1)
+        );
+    }
+}
+
+#[test]
+fn content_type_selects_encoding() {
+    let mut h = HeaderMap::new();
+    assert_eq!(Encoding::from_headers(None), Ok(Encoding::MsgPack));
+    assert_eq!(Encoding::from_headers(Some(&h)), Ok(Encoding::MsgPack));
+    h.insert("Content-Type", "application/json; charset=utf-8");
+    assert_eq!(Encoding::from_headers(Some(&h)), Ok(Encoding::Json));
+    h.insert("Content-Type", "Application/MsgPack");
+    assert_eq!(Encoding::from_headers(Some(&h)), Ok(Encoding::MsgPack));
+    h.insert("Content-Type", "text/xml");
+    assert_eq!(
+        Encoding::from_headers(Some(&h)).unwrap_err().code(),
+        "content_type"
+    );
+}
+
+#[test]
+fn subject_must_match_body() {
+    let env = &sample_events()[0];
+    let bytes = encode_event(env, Encoding::MsgPack).unwrap();
+    assert!(decode_event_message("events.desk-7.chat", None, &bytes, LIMIT).is_ok());
+    let err = decode_event_message("events.desk-8.chat", None, &bytes, LIMIT).unwrap_err();
+    assert_eq!(err.code(), "subject_mismatch");
+    assert_eq!(
+        err.to_string(),
+        r#"agent in body is "desk-7" but the subject "events.desk-8.chat" says "desk-8""#
+    );
+    let err = decode_event_message("events.desk-7.activity", None, &bytes, LIMIT).unwrap_err();
+    assert_eq!(err.code(), "subject_mismatch");
+    let err = decode_event_message("events.desk-7", None, &bytes, LIMIT).unwrap_err();
+    assert_eq!(err.code(), "bad_subject");
+}

@@ -1,0 +1,182 @@
+//! Connection settings shared by the agent, the workers and the `ferry` CLI.
+//!
+//! One place decides how Ferry connects: which credentials, which inbox
+//! prefix, and the reconnect back-off (exponential with full jitter, so a
+//! fleet of agents does not reconnect in lock-step after a broker restart).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::{Client, ConnectOptions};
+use rand::Rng;
+
+/// How a client proves who it is.
+#[derive(Clone, Default)]
+pub enum Auth {
+    /// No credentials (only for brokers that allow anonymous access; Ferry's
+    /// `nats.conf` does not).
+    #[default]
+    None,
+    /// A user and password from `nats.conf`.
+    UserPassword {
+        /// User name.
+        user: String,
+        /// Password.
+        password: String,
+    },
+    /// A NATS credentials file (user JWT and nkey seed).
+    CredsFile(PathBuf),
+}
+
+impl std::fmt::Debug for Auth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::None => f.write_str("None"),
+            Self::UserPassword { user, .. } => write!(f, "UserPassword({user}, ***)"),
+            Self::CredsFile(p) => write!(f, "CredsFile({})", p.display()),
+        }
+    }
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// Server URL(s), comma separated, e.g. `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// Credentials.
+    pub auth: Auth,
+    /// Connection name shown by `nats server report connections`.
+    pub name: String,
+    /// Inbox prefix; agents use `_INBOX.<id>` so the broker can confine them.
+    pub inbox_prefix: Option<String>,
+    /// Keep retrying the first connect instead of failing at once.
+    pub retry_initial_connect: bool,
+    /// Timeout of one connection attempt.
+    pub connect_timeout: Duration,
+    /// Capacity of each subscription's buffer (bounded queue in the client).
+    pub subscription_capacity: usize,
+}
+
+impl NatsConfig {
+    /// Settings for `url` with no credentials and Ferry's defaults.
+    pub fn new(url: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            auth: Auth::None,
+            name: name.into(),
+            inbox_prefix: None,
+            retry_initial_connect: false,
+            connect_timeout: Duration::from_secs(5),
+            subscription_capacity: 8192,
+        }
+    }
+
+    /// The same settings with a user and password.
+    pub fn with_user(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.auth = Auth::UserPassword {
+            user: user.into(),
+            password: password.into(),
+        };
+        self
+    }
+
+    /// Connects, with Ferry's reconnect back-off.
+    pub async fn connect(&self) -> Result<Client, ConnectError> {
+        let mut opts = ConnectOptions::new()
+            .name(&self.name)
+            .connection_timeout(self.connect_timeout)
+            .subscription_capacity(self.subscription_capacity)
+            .reconnect_delay_callback(reconnect_delay);
+        match &self.auth {
+            Auth::None => {}
+            Auth::UserPassword { user, password } => {
+                opts = opts.user_and_password(user.clone(), password.clone());
+            }
+            Auth::CredsFile(path) => {
+                opts = opts
+                    .credentials_file(path)
+                    .await
+                    .map_err(|source| ConnectError::Credentials {
+                        path: path.clone(),
+                        source,
+                    })?;
+            }
+        }
+        if let Some(prefix) = &self.inbox_prefix {
+            opts = opts.custom_inbox_prefix(prefix);
+        }
+        if self.retry_initial_connect {
+            opts = opts.retry_on_initial_connect();
+        }
+        opts.connect(self.url.as_str())
+            .await
+            .map_err(|source| ConnectError::Connect {
+                url: self.url.clone(),
+                source,
+            })
+    }
+}
+
+/// Why a connection could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The credentials file could not be read.
+    #[error("cannot read NATS credentials file {path}: {source}")]
+    Credentials {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server refused or could not be reached.
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        /// The URL tried.
+        url: String,
+        /// The client's error.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+}
+
+/// Smallest reconnect delay.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Largest reconnect delay.
+const BACKOFF_CAP: Duration = Duration::from_secs(10);
+
+/// Delay before reconnect attempt `attempt` (0 = first): exponential from
+/// 100 ms to 10 s, with full jitter in the upper half (so never zero).
+pub fn reconnect_delay(attempt: usize) -> Duration {
+    let exp = BACKOFF_BASE.saturating_mul(1u32 << attempt.min(16));
+    let ceiling = exp.min(BACKOFF_CAP);
+    if attempt == 0 {
+        return Duration::ZERO;
+    }
+    let half = ceiling / 2;
+    half + rand::thread_rng().gen_range(Duration::ZERO..=half)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(reconnect_delay(0), Duration::ZERO);
+        for attempt in 1..40 {
+            let d = reconnect_delay(attempt);
+            let ceiling = BACKOFF_BASE
+                .saturating_mul(1u32 << attempt.min(16))
+                .min(BACKOFF_CAP);
+            assert!(d >= ceiling / 2 && d <= ceiling, "attempt {attempt}: {d:?}");
+        }
+        assert!(reconnect_delay(30) >= BACKOFF_CAP / 2);
+    }
+
+    #[test]
+    fn debug_hides_password() {
+        let c = NatsConfig::new("nats://x", "t").with_user("u", "secret");
+        assert!(!format!("{c:?}").contains("secret"));
+    }
+}

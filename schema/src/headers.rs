@@ -1,0 +1,49 @@
+//! Header names Ferry reads and writes, and helpers that build header maps.
+
+use async_nats::HeaderMap;
+
+use crate::Encoding;
+
+/// Standard content type header; selects the codec.
+pub const CONTENT_TYPE: &str = "Content-Type";
+/// Content type for JSON payloads.
+pub const CONTENT_TYPE_JSON: &str = "application/json";
+/// Content type for MessagePack payloads (also the default with no header).
+pub const CONTENT_TYPE_MSGPACK: &str = "application/msgpack";
+/// JetStream's de-duplication header; Ferry sets it to the event or reply id.
+pub const MSG_ID: &str = "Nats-Msg-Id";
+/// W3C trace context, carried from agent to reply.
+pub const TRACEPARENT: &str = "traceparent";
+/// Dead letters: the stable reason code (e.g. `missing_field`).
+pub const DEAD_REASON_CODE: &str = "Ferry-Dead-Reason-Code";
+/// Dead letters: the human-readable reason.
+pub const DEAD_REASON: &str = "Ferry-Dead-Reason";
+/// Dead letters: the stream the message came from.
+pub const DEAD_STREAM: &str = "Ferry-Dead-Stream";
+/// Dead letters: the consumer that gave up on it.
+pub const DEAD_CONSUMER: &str = "Ferry-Dead-Consumer";
+/// Dead letters: the original subject.
+pub const DEAD_SUBJECT: &str = "Ferry-Dead-Subject";
+/// Dead letters: the original stream sequence.
+pub const DEAD_SEQUENCE: &str = "Ferry-Dead-Sequence";
+/// Dead letters: how many times it was delivered.
+pub const DEAD_DELIVERIES: &str = "Ferry-Dead-Deliveries";
+/// Work hand-offs: the rule that handed the event on.
+pub const ROUTE_RULE: &str = "Ferry-Rule";
+
+/// Headers for a message Ferry publishes: its de-duplication id, its content
+/// type, and the trace context when there is one.
+pub fn for_publish(msg_id: &str, enc: Encoding, traceparent: Option<&str>) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert(MSG_ID, msg_id);
+    h.insert(CONTENT_TYPE, enc.content_type());
+    if let Some(tp) = traceparent {
+        h.insert(TRACEPARENT, tp);
+    }
+    h
+}
+
+/// The `traceparent` header of a message, if any.
+pub fn traceparent(h: Option<&HeaderMap>) -> Option<&str> {
+    h.and_then(|h| h.get(TRACEPARENT)).map(|v| v.as_str())
+}

@@ -1,0 +1,40 @@
+//! Ferry's wire contract: event and reply types, subjects, streams, consumers, codecs.
+//!
+//! Every other Ferry crate talks to NATS through the names and types defined
+//! here; no other crate spells a subject, a stream name or a header name.
+//!
+//! # Layout
+//!
+//! - [`agent_id`]: [`AgentId`], an agent's name validated as one subject token.
+//! - [`event`]: the event [`Envelope`] and its bodies (chat, activity,
+//!   heartbeat, prediction request), plus [`EventId`] (UUIDv7, also the
+//!   `Nats-Msg-Id`).
+//! - [`reply`]: [`Reply`] and its bodies (chat reply, prediction), addressed by
+//!   the id of the event they answer.
+//! - [`codec`]: MessagePack (default) and JSON (`Content-Type:
+//!   application/json`) encoding, size limit, typed [`DecodeError`]s.
+//! - [`subject`]: builders and parsers for every subject Ferry uses.
+//! - [`headers`]: header names and the header maps Ferry attaches.
+//! - [`topology`]: streams and consumers as code, and idempotent provisioning.
+//! - [`deadletter`]: what a dead letter carries and how it is published.
+//! - [`connect`]: connection settings shared by agent, workers and CLI.
+//!
+//! Start reading at [`event::Envelope`] and [`codec::decode_event`].
+
+pub mod agent_id;
+pub mod codec;
+pub mod connect;
+pub mod deadletter;
+pub mod event;
+pub mod headers;
+pub mod reply;
+pub mod subject;
+pub mod topology;
+
+pub use agent_id::{AgentId, InvalidAgentId};
+pub use codec::{DecodeError, Encoding};
+pub use event::{Envelope, EventBody, EventId, EventKind};
+pub use reply::{Reply, ReplyBody, ReplyId};
+
+/// The schema version written into every envelope and the only one accepted.
+pub const SCHEMA_VERSION: u16 = 1;

@@ -1,0 +1,462 @@
+//! Streams and consumers as code, and idempotent provisioning of both.
+//!
+//! Every limit is written out here rather than left to server defaults, so a
+//! reader can see what each role may have in flight and how long the broker
+//! waits before redelivering.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self,
+    consumer::{self, pull, AckPolicy, DeliverPolicy},
+    stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
+};
+
+use crate::{subject, AgentId, EventKind};
+
+/// Stream of every event (`events.>`), kept for replay.
+pub const EVENTS_STREAM: &str = "EVENTS";
+/// Stream of every reply (`replies.>`), so offline agents get theirs later.
+pub const REPLIES_STREAM: &str = "REPLIES";
+/// Work-queue stream for hand-offs between worker roles (`work.>`).
+pub const WORK_STREAM: &str = "WORK";
+/// Stream of dead letters (`deadletter.>`).
+pub const DEADLETTER_STREAM: &str = "DEADLETTER";
+
+/// Settings that shape the streams; the defaults suit one node.
+#[derive(Debug, Clone)]
+pub struct StreamSettings {
+    /// Stream replicas (1 on one node, 3 on a 3-node cluster).
+    pub replicas: usize,
+    /// How long events are kept for replay.
+    pub events_max_age: Duration,
+    /// How long replies wait for an offline agent.
+    pub replies_max_age: Duration,
+    /// How long dead letters are kept.
+    pub deadletter_max_age: Duration,
+    /// Window in which a repeated `Nats-Msg-Id` is dropped.
+    pub duplicate_window: Duration,
+    /// Largest message a stream accepts (the broker's `max_payload` is the
+    /// hard cap; Ferry's codec limit is lower, see [`crate::codec`]).
+    pub max_message_size: i32,
+    /// Bytes the events stream may use before the oldest are discarded.
+    pub events_max_bytes: i64,
+}
+
+impl Default for StreamSettings {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            events_max_age: Duration::from_secs(7 * 24 * 3600),
+            replies_max_age: Duration::from_secs(7 * 24 * 3600),
+            deadletter_max_age: Duration::from_secs(30 * 24 * 3600),
+            duplicate_window: Duration::from_secs(10 * 60),
+            max_message_size: 1024 * 1024,
+            events_max_bytes: 10 * 1024 * 1024 * 1024,
+        }
+    }
+}
+
+fn base_stream(name: &str, subjects: Vec<String>, s: &StreamSettings) -> stream::Config {
+    stream::Config {
+        name: name.to_string(),
+        subjects,
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        num_replicas: s.replicas,
+        duplicate_window: s.duplicate_window,
+        max_message_size: s.max_message_size,
+        discard: DiscardPolicy::Old,
+        ..Default::default()
+    }
+}
+
+/// `EVENTS`: all events, limits retention, kept `events_max_age` for replay.
+pub fn events_stream(s: &StreamSettings) -> stream::Config {
+    stream::Config {
+        description: Some("Every event from every agent; replayable.".into()),
+        max_age: s.events_max_age,
+        max_bytes: s.events_max_bytes,
+        ..base_stream(EVENTS_STREAM, vec![subject::all_events().to_string()], s)
+    }
+}
+
+/// `REPLIES`: all replies, kept until the agent fetches them or they age out.
+pub fn replies_stream(s: &StreamSettings) -> stream::Config {
+    stream::Config {
+        description: Some("Replies to agents, kept while agents are offline.".into()),
+        max_age: s.replies_max_age,
+        ..base_stream(REPLIES_STREAM, vec![subject::all_replies().to_string()], s)
+    }
+}
+
+/// `WORK`: hand-offs between roles; a message leaves when a worker acks it.
+pub fn work_stream(s: &StreamSettings) -> stream::Config {
+    stream::Config {
+        description: Some("Work handed from one worker role to another.".into()),
+        retention: RetentionPolicy::WorkQueue,
+        max_age: s.events_max_age,
+        ..base_stream(WORK_STREAM, vec![subject::all_work().to_string()], s)
+    }
+}
+
+/// `DEADLETTER`: poison messages with their reasons.
+pub fn deadletter_stream(s: &StreamSettings) -> stream::Config {
+    stream::Config {
+        description: Some("Messages a worker gave up on, with the reason.".into()),
+        max_age: s.deadletter_max_age,
+        ..base_stream(DEADLETTER_STREAM, vec![subject::all_dead_letters().to_string()], s)
+    }
+}
+
+/// Every stream Ferry needs.
+pub fn all_streams(s: &StreamSettings) -> Vec<stream::Config> {
+    vec![
+        events_stream(s),
+        replies_stream(s),
+        work_stream(s),
+        deadletter_stream(s),
+    ]
+}
+
+/// A worker role: one durable consumer shared by all replicas of the role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Keyword/regex rules, auto-replies, routing.
+    Rules,
+}
+
+impl Role {
+    /// Every role.
+    pub const ALL: [Role; 1] = [Role::Rules];
+
+    /// The role's name (also its consumer name and service name suffix).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rules => "rules",
+        }
+    }
+
+    /// The durable consumer every replica of this role pulls from.
+    pub fn consumer(self) -> ConsumerDef {
+        match self {
+            Self::Rules => ConsumerDef {
+                stream: EVENTS_STREAM,
+                config: pull::Config {
+                    durable_name: Some("rules".into()),
+                    description: Some("Rules worker: chat and activity rules.".into()),
+                    // Rules look at every kind (chat and activity now; metric
+                    // rules over heartbeats later) and ack the rest at once.
+                    filter_subject: subject::all_events().to_string(),
+                    deliver_policy: DeliverPolicy::All,
+                    ack_policy: AckPolicy::Explicit,
+                    // A rule takes microseconds; 30 s only covers a stalled
+                    // reply publish before another replica gets the event.
+                    ack_wait: Duration::from_secs(30),
+                    max_deliver: 5,
+                    // Shared by all replicas: the most events the role holds
+                    // unacknowledged at once.
+                    max_ack_pending: 2048,
+                    max_waiting: 512,
+                    ..Default::default()
+                },
+            },
+        }
+    }
+}
+
+/// A consumer definition: which stream and with what settings.
+#[derive(Debug, Clone)]
+pub struct ConsumerDef {
+    /// The stream the consumer reads.
+    pub stream: &'static str,
+    /// Its configuration; always durable.
+    pub config: pull::Config,
+}
+
+impl ConsumerDef {
+    /// The consumer's durable name.
+    pub fn name(&self) -> &str {
+        self.config.durable_name.as_deref().unwrap_or("")
+    }
+}
+
+/// Durable consumer name of an agent's replies (`agent-<id>`).
+pub fn agent_replies_consumer_name(agent: &AgentId) -> String {
+    format!("agent-{agent}")
+}
+
+/// The durable consumer through which `agent` reads its replies, including
+/// those published while it was offline. Only that agent may pull from it.
+pub fn agent_replies_consumer(agent: &AgentId) -> ConsumerDef {
+    ConsumerDef {
+        stream: REPLIES_STREAM,
+        config: pull::Config {
+            durable_name: Some(agent_replies_consumer_name(agent)),
+            description: Some(format!("Replies to agent {agent}.")),
+            filter_subject: subject::reply(agent).to_string(),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(30),
+            // A reply must reach its agent; the agent de-duplicates by reply id.
+            max_deliver: -1,
+            max_ack_pending: 256,
+            max_waiting: 16,
+            ..Default::default()
+        },
+    }
+}
+
+/// What provisioning did to one stream or consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// It did not exist and was created.
+    Created,
+    /// It existed with the wanted settings.
+    Unchanged,
+    /// It existed and these fields were updated (`field: old -> new`).
+    Updated(Vec<String>),
+}
+
+/// One line of a provisioning report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provisioned {
+    /// `stream EVENTS` or `consumer EVENTS/rules`.
+    pub what: String,
+    /// What happened to it.
+    pub change: Change,
+}
+
+/// Why provisioning failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// The broker refused or did not answer.
+    #[error("{what}: {action} failed: {source}")]
+    Broker {
+        /// The stream or consumer.
+        what: String,
+        /// `create`, `update` or `look up`.
+        action: &'static str,
+        /// The broker's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The existing object differs in a way the broker will not update.
+    #[error("{what} exists with different settings the broker would not update ({diff}): {source}; delete it or restore the old settings")]
+    Incompatible {
+        /// The stream or consumer.
+        what: String,
+        /// The differing fields.
+        diff: String,
+        /// The broker's refusal.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+fn diff_fields(pairs: &[(&str, String, String)]) -> Vec<String> {
+    pairs
+        .iter()
+        .filter(|(_, have, want)| have != want)
+        .map(|(name, have, want)| format!("{name}: {have} -> {want}"))
+        .collect()
+}
+
+fn stream_diff(have: &stream::Config, want: &stream::Config) -> Vec<String> {
+    diff_fields(&[
+        ("subjects", format!("{:?}", have.subjects), format!("{:?}", want.subjects)),
+        ("retention", format!("{:?}", have.retention), format!("{:?}", want.retention)),
+        ("storage", format!("{:?}", have.storage), format!("{:?}", want.storage)),
+        ("max_age", format!("{:?}", have.max_age), format!("{:?}", want.max_age)),
+        ("max_bytes", have.max_bytes.to_string(), want.max_bytes.to_string()),
+        (
+            "duplicate_window",
+            format!("{:?}", have.duplicate_window),
+            format!("{:?}", want.duplicate_window),
+        ),
+        (
+            "max_message_size",
+            have.max_message_size.to_string(),
+            want.max_message_size.to_string(),
+        ),
+        ("discard", format!("{:?}", have.discard), format!("{:?}", want.discard)),
+        (
+            "num_replicas",
+            have.num_replicas.max(1).to_string(),
+            want.num_replicas.max(1).to_string(),
+        ),
+    ])
+}
+
+fn consumer_diff(have: &consumer::Config, want: &pull::Config) -> Vec<String> {
+    diff_fields(&[
+        ("filter_subject", have.filter_subject.clone(), want.filter_subject.clone()),
+        (
+            "deliver_policy",
+            format!("{:?}", have.deliver_policy),
+            format!("{:?}", want.deliver_policy),
+        ),
+        ("ack_policy", format!("{:?}", have.ack_policy), format!("{:?}", want.ack_policy)),
+        ("ack_wait", format!("{:?}", have.ack_wait), format!("{:?}", want.ack_wait)),
+        ("max_deliver", have.max_deliver.to_string(), want.max_deliver.to_string()),
+        (
+            "max_ack_pending",
+            have.max_ack_pending.to_string(),
+            want.max_ack_pending.to_string(),
+        ),
+        ("backoff", format!("{:?}", have.backoff), format!("{:?}", want.backoff)),
+    ])
+}
+
+fn boxed<E: std::error::Error + Send + Sync + 'static>(
+    e: E,
+) -> Box<dyn std::error::Error + Send + Sync> {
+    Box::new(e)
+}
+
+/// Creates `want` or brings an existing stream of that name in line with it.
+pub async fn ensure_stream(
+    js: &jetstream::Context,
+    want: &stream::Config,
+) -> Result<Provisioned, ProvisionError> {
+    let what = format!("stream {}", want.name);
+    let existing = match js.get_stream(&want.name).await {
+        Ok(mut s) => Some(
+            s.info()
+                .await
+                .map_err(|e| ProvisionError::Broker {
+                    what: what.clone(),
+                    action: "look up",
+                    source: boxed(e),
+                })?
+                .config
+                .clone(),
+        ),
+        Err(e) => match e.kind() {
+            jetstream::context::GetStreamErrorKind::JetStream(js_err)
+                if js_err.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND =>
+            {
+                None
+            }
+            _ => {
+                return Err(ProvisionError::Broker {
+                    what,
+                    action: "look up",
+                    source: boxed(e),
+                })
+            }
+        },
+    };
+    let Some(have) = existing else {
+        js.create_stream(want.clone())
+            .await
+            .map_err(|e| ProvisionError::Broker {
+                what: what.clone(),
+                action: "create",
+                source: boxed(e),
+            })?;
+        return Ok(Provisioned {
+            what,
+            change: Change::Created,
+        });
+    };
+    let diff = stream_diff(&have, want);
+    if diff.is_empty() {
+        return Ok(Provisioned {
+            what,
+            change: Change::Unchanged,
+        });
+    }
+    js.update_stream(want.clone())
+        .await
+        .map_err(|e| ProvisionError::Incompatible {
+            what: what.clone(),
+            diff: diff.join(", "),
+            source: boxed(e),
+        })?;
+    Ok(Provisioned {
+        what,
+        change: Change::Updated(diff),
+    })
+}
+
+/// Creates the consumer `def` or brings an existing one in line with it.
+pub async fn ensure_consumer(
+    js: &jetstream::Context,
+    def: &ConsumerDef,
+) -> Result<Provisioned, ProvisionError> {
+    let what = format!("consumer {}/{}", def.stream, def.name());
+    let stream = js
+        .get_stream_no_info(def.stream)
+        .await
+        .map_err(|e| ProvisionError::Broker {
+            what: what.clone(),
+            action: "look up stream",
+            source: boxed(e),
+        })?;
+    let existing = match stream.consumer_info(def.name()).await {
+        Ok(info) => Some(info.config.clone()),
+        Err(e) => match e.kind() {
+            jetstream::context::ConsumerInfoErrorKind::NotFound => None,
+            _ => {
+                return Err(ProvisionError::Broker {
+                    what,
+                    action: "look up",
+                    source: boxed(e),
+                })
+            }
+        },
+    };
+    let change = match existing {
+        None => Change::Created,
+        Some(have) => {
+            let diff = consumer_diff(&have, &def.config);
+            if diff.is_empty() {
+                return Ok(Provisioned {
+                    what,
+                    change: Change::Unchanged,
+                });
+            }
+            Change::Updated(diff)
+        }
+    };
+    let created = stream.create_consumer(def.config.clone()).await;
+    match (created, change) {
+        (Ok(_), change) => Ok(Provisioned { what, change }),
+        (Err(e), Change::Updated(diff)) => Err(ProvisionError::Incompatible {
+            what,
+            diff: diff.join(", "),
+            source: boxed(e),
+        }),
+        (Err(e), _) => Err(ProvisionError::Broker {
+            what,
+            action: "create",
+            source: boxed(e),
+        }),
+    }
+}
+
+/// Provisions every stream, every role's consumer, and the reply consumer of
+/// each agent in `agents`. Safe to run any number of times.
+pub async fn provision(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    agents: &[AgentId],
+) -> Result<Vec<Provisioned>, ProvisionError> {
+    let mut report = Vec::new();
+    for s in all_streams(settings) {
+        report.push(ensure_stream(js, &s).await?);
+    }
+    for role in Role::ALL {
+        report.push(ensure_consumer(js, &role.consumer()).await?);
+    }
+    for agent in agents {
+        report.push(ensure_consumer(js, &agent_replies_consumer(agent)).await?);
+    }
+    Ok(report)
+}
+
+/// Subjects a role's consumer reads, for documentation and `ferry stats`.
+pub fn kinds_handled_by_rules() -> [EventKind; 2] {
+    [EventKind::Chat, EventKind::Activity]
+}
