@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::event::{Activity, ChatMessage, Heartbeat, PredictRequest};
-use crate::reply::{ChatReply, PredictionReply, ReplyKind};
+use crate::reply::{AlertReply, ChatReply, PredictionReply, ReplyKind};
 use crate::{
     headers, subject, AgentId, Envelope, EventBody, EventId, EventKind, InvalidAgentId, Reply,
     ReplyBody, ReplyId, SCHEMA_VERSION,
@@ -238,6 +238,7 @@ pub fn encode_reply(r: &Reply, enc: Encoding) -> Result<Vec<u8>, EncodeError> {
     match &r.body {
         ReplyBody::Chat(b) => encode(&wire(r, b), enc),
         ReplyBody::Prediction(b) => encode(&wire(r, b), enc),
+        ReplyBody::Alert(b) => encode(&wire(r, b), enc),
     }
 }
 
@@ -412,6 +413,7 @@ pub fn decode_reply(bytes: &[u8], enc: Encoding, limit: usize) -> Result<Reply, 
     let body = match kind {
         ReplyKind::Chat => ReplyBody::Chat(body::<ChatReply>(enc, bytes)?),
         ReplyKind::Prediction => ReplyBody::Prediction(body::<PredictionReply>(enc, bytes)?),
+        ReplyKind::Alert => ReplyBody::Alert(body::<AlertReply>(enc, bytes)?),
     };
     Ok(Reply {
         id: head.id,

@@ -57,17 +57,20 @@ pub enum ReplyKind {
     Chat,
     /// A next-activity prediction.
     Prediction,
+    /// An alert raised by a rule over activity (e.g. a forbidden site).
+    Alert,
 }
 
 impl ReplyKind {
     /// Every kind.
-    pub const ALL: [ReplyKind; 2] = [Self::Chat, Self::Prediction];
+    pub const ALL: [ReplyKind; 3] = [Self::Chat, Self::Prediction, Self::Alert];
 
     /// The name used on the wire.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Chat => "chat",
             Self::Prediction => "prediction",
+            Self::Alert => "alert",
         }
     }
 
@@ -110,6 +113,7 @@ impl Reply {
         match self.body {
             ReplyBody::Chat(_) => ReplyKind::Chat,
             ReplyBody::Prediction(_) => ReplyKind::Prediction,
+            ReplyBody::Alert(_) => ReplyKind::Alert,
         }
     }
 }
@@ -121,6 +125,8 @@ pub enum ReplyBody {
     Chat(ChatReply),
     /// See [`PredictionReply`].
     Prediction(PredictionReply),
+    /// See [`AlertReply`].
+    Alert(AlertReply),
 }
 
 /// What the agent should do with a chat message.
@@ -188,6 +194,18 @@ pub struct PredictionReply {
     pub confidence: f32,
     /// The model alias that predicted it.
     pub model: String,
+    /// Time spent, milliseconds.
+    pub processing_ms: f64,
+}
+
+/// An alert a rule raised about an activity, shown to the agent's user and
+/// to whoever watches alerts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertReply {
+    /// The rule that raised it.
+    pub rule: String,
+    /// What the user sees.
+    pub message: String,
     /// Time spent, milliseconds.
     pub processing_ms: f64,
 }

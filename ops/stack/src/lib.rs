@@ -1,1 +1,28 @@
-//! placeholder
+//! Starts Ferry's real parts as child processes, for `ferry up` and for tests.
+//!
+//! # Layout
+//!
+//! - [`install`]: finds a required program, or installs its Debian package
+//!   when this process may (root with apt), or says exactly what to run.
+//! - [`secrets`]: the passwords `nats.conf` reads from the environment.
+//! - [`nats`]: [`NatsServer`], a real `nats-server` with JetStream on a
+//!   chosen or free port, with Ferry's `nats.conf`; killed (and its temp dir
+//!   removed) on drop.
+//!
+//! Nothing here assumes a server is already running.
+
+pub mod install;
+pub mod nats;
+pub mod secrets;
+
+pub use nats::{NatsServer, NatsServerOptions, StackError};
+pub use secrets::Secrets;
+
+/// Ferry's broker configuration, as committed at the repository root.
+pub const NATS_CONF: &str = include_str!("../../../nats.conf");
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}

@@ -98,6 +98,11 @@ fn replies_round_trip_in_both_encodings() {
             model: "smollm2".into(),
             processing_ms: 812.0,
         }),
+        ReplyBody::Alert(crate::reply::AlertReply {
+            rule: "no-games".into(),
+            message: "Games are not allowed at the desk".into(),
+            processing_ms: 0.1,
+        }),
     ];
     for enc in [Encoding::MsgPack, Encoding::Json] {
         for body in bodies.clone() {

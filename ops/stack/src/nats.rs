@@ -1,0 +1,310 @@
+//! A real `nats-server` with JetStream, started with Ferry's `nats.conf`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_schema::connect::NatsConfig;
+use ferry_schema::{subject, AgentId};
+
+use crate::secrets::{Secrets, OPERATOR_USER, WORKERS_USER};
+use crate::{free_port, install, NATS_CONF};
+
+/// How long to wait for a started server to accept connections.
+const READY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why a part of the stack could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StackError {
+    /// A required program is not installed and could not be installed.
+    #[error("{program} is not installed; install it with: {command}")]
+    Missing {
+        /// The program.
+        program: String,
+        /// The command that installs it.
+        command: String,
+    },
+    /// A file or process operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The secrets file is unreadable.
+    #[error("secrets file {path} is invalid: {reason}; delete it to generate new passwords")]
+    Secrets {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The program exited right after starting.
+    #[error("{program} exited during start-up ({status}); its log ends with:\n{log_tail}")]
+    Exited {
+        /// The program.
+        program: String,
+        /// Its exit status.
+        status: String,
+        /// The last lines of its log.
+        log_tail: String,
+    },
+    /// The program did not become ready in time.
+    #[error("{program} did not accept connections within {waited:?}; its log ends with:\n{log_tail}")]
+    NotReady {
+        /// The program.
+        program: String,
+        /// How long we waited.
+        waited: Duration,
+        /// The last lines of its log.
+        log_tail: String,
+    },
+}
+
+/// How to start a [`NatsServer`].
+#[derive(Debug, Clone, Default)]
+pub struct NatsServerOptions {
+    /// Where the JetStream store, the log and the effective config live.
+    /// `None`: a temp dir removed on drop.
+    pub data_dir: Option<PathBuf>,
+    /// Client port; `None`: a free port.
+    pub port: Option<u16>,
+    /// Monitoring (HTTP) port; `None`: a free port.
+    pub monitor_port: Option<u16>,
+    /// Configuration file; `None`: the committed `nats.conf` (embedded).
+    pub conf: Option<PathBuf>,
+    /// Passwords; `None`: freshly generated.
+    pub secrets: Option<Secrets>,
+}
+
+/// A running `nats-server`. Dropping it kills the server and removes its temp
+/// dir (if it made one).
+#[derive(Debug)]
+pub struct NatsServer {
+    child: Option<Child>,
+    binary: PathBuf,
+    dir: PathBuf,
+    conf: PathBuf,
+    port: u16,
+    monitor_port: u16,
+    secrets: Secrets,
+    _temp: Option<tempfile::TempDir>,
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StackError {
+    let what = what.into();
+    move |source| StackError::Io { what, source }
+}
+
+impl NatsServer {
+    /// Starts a server with a temp store on free ports and fresh passwords:
+    /// what a test wants.
+    pub fn start_temp() -> Result<Self, StackError> {
+        Self::start(NatsServerOptions::default())
+    }
+
+    /// Starts a server and waits until it accepts connections. Installs
+    /// Debian's `nats-server` first when it is missing and this process may.
+    pub fn start(opts: NatsServerOptions) -> Result<Self, StackError> {
+        let binary = install::ensure("nats-server", "nats-server")?;
+        let (temp, dir) = match opts.data_dir {
+            Some(d) => (None, d),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("ferry-nats-")
+                    .tempdir()
+                    .map_err(io("create temp dir"))?;
+                let p = t.path().to_path_buf();
+                (Some(t), p)
+            }
+        };
+        std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
+        let conf = match opts.conf {
+            Some(c) => c,
+            None => {
+                let c = dir.join("nats.conf");
+                std::fs::write(&c, NATS_CONF).map_err(io(format!("write {}", c.display())))?;
+                c
+            }
+        };
+        let port = match opts.port {
+            Some(p) => p,
+            None => free_port().map_err(io("find a free port"))?,
+        };
+        let monitor_port = match opts.monitor_port {
+            Some(p) => p,
+            None => free_port().map_err(io("find a free port"))?,
+        };
+        let mut server = Self {
+            child: None,
+            binary,
+            dir,
+            conf,
+            port,
+            monitor_port,
+            secrets: opts.secrets.unwrap_or_else(Secrets::generate),
+            _temp: temp,
+        };
+        server.spawn()?;
+        Ok(server)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("nats-server.log")
+    }
+
+    fn spawn(&mut self) -> Result<(), StackError> {
+        let log_path = self.log_path();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io(format!("open {}", log_path.display())))?;
+        let log2 = log.try_clone().map_err(io("clone log handle"))?;
+        let child = Command::new(&self.binary)
+            .arg("-c")
+            .arg(&self.conf)
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-m", &self.monitor_port.to_string()])
+            .arg("-sd")
+            .arg(self.dir.join("store"))
+            .envs(self.secrets.env())
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(io(format!("start {}", self.binary.display())))?;
+        self.child = Some(child);
+        self.wait_ready()
+    }
+
+    fn wait_ready(&mut self) -> Result<(), StackError> {
+        let start = Instant::now();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    self.child = None;
+                    return Err(StackError::Exited {
+                        program: "nats-server".into(),
+                        status: status.to_string(),
+                        log_tail: self.log_tail(20),
+                    });
+                }
+            }
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if start.elapsed() > READY_TIMEOUT {
+                return Err(StackError::NotReady {
+                    program: "nats-server".into(),
+                    waited: READY_TIMEOUT,
+                    log_tail: self.log_tail(20),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The last `n` lines of the server's log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `http://127.0.0.1:<monitor port>`.
+    pub fn monitor_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.monitor_port)
+    }
+
+    /// The data dir (store, log, effective config).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The passwords the server was started with.
+    pub fn secrets(&self) -> &Secrets {
+        &self.secrets
+    }
+
+    /// Connection settings for the `operator` user.
+    pub fn operator(&self, name: &str) -> NatsConfig {
+        NatsConfig::new(self.url(), name).with_user(OPERATOR_USER, &self.secrets.operator)
+    }
+
+    /// Connection settings for the `workers` user.
+    pub fn workers(&self, name: &str) -> NatsConfig {
+        NatsConfig::new(self.url(), name).with_user(WORKERS_USER, &self.secrets.workers)
+    }
+
+    /// Connection settings for an agent user, with its inbox prefix; `None`
+    /// when the server's config has no user for it.
+    pub fn agent(&self, agent: &AgentId) -> Option<NatsConfig> {
+        let password = self.secrets.agent(agent.as_str())?;
+        let mut c = NatsConfig::new(self.url(), format!("agent-{agent}"))
+            .with_user(agent.as_str(), password);
+        c.inbox_prefix = Some(subject::agent_inbox_prefix(agent));
+        Some(c)
+    }
+
+    /// Kills the server with SIGKILL, as a crash would; the store stays.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops the server with SIGTERM and waits for it to exit (it flushes
+    /// JetStream first).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if let Ok(pid) = i32::try_from(child.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same ports and store (after
+    /// [`kill`](Self::kill) or [`stop`](Self::stop)).
+    pub fn restart(&mut self) -> Result<(), StackError> {
+        self.stop();
+        self.spawn()
+    }
+
+    /// Whether the server process is running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,118 @@
+//! `ferry-worker`: one binary for every worker role, one subcommand per role.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use ferry_schema::connect::{Auth, NatsConfig};
+use ferry_workers::{rules, runtime};
+use tokio_util::sync::CancellationToken;
+
+/// Ferry's workers. Each replica of a role pulls from the role's shared
+/// durable consumer, so adding replicas is how you scale.
+///
+/// Examples:
+///   ferry-worker --server nats://127.0.0.1:4222 --user workers --password "$PW" rules --rules rules.toml
+///   NATS_URL=nats://gpu-1:4222 NATS_CREDS=/etc/ferry/worker.creds ferry-worker rules --rules /etc/ferry/rules.toml
+#[derive(Debug, Parser)]
+#[command(version, about, verbatim_doc_comment)]
+struct Cli {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    role: RoleCmd,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct NatsArgs {
+    /// NATS server URL(s), comma separated.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
+    server: String,
+    /// NATS user (see nats.conf; workers use `workers`).
+    #[arg(long, env = "NATS_USER", global = true)]
+    user: Option<String>,
+    /// NATS password for --user.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true, global = true)]
+    password: Option<String>,
+    /// NATS credentials file (instead of --user/--password).
+    #[arg(long, env = "NATS_CREDS", global = true)]
+    creds: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum RoleCmd {
+    /// Keyword/regex rules: auto-replies, escalation, hand-off to inference.
+    Rules(RulesArgs),
+}
+
+#[derive(Debug, Args)]
+struct RulesArgs {
+    /// The rules file (TOML); see workers/rules.example.toml.
+    #[arg(long, env = "FERRY_RULES", default_value = "rules.toml")]
+    rules: PathBuf,
+    /// Events handled at once by this replica (also the pull batch size).
+    #[arg(long, default_value_t = 256)]
+    concurrency: usize,
+}
+
+fn nats_config(args: &NatsArgs, name: &str) -> anyhow::Result<NatsConfig> {
+    let mut cfg = NatsConfig::new(&args.server, name);
+    cfg.retry_initial_connect = true;
+    cfg.auth = match (&args.user, &args.password, &args.creds) {
+        (_, _, Some(path)) => Auth::CredsFile(path.clone()),
+        (Some(user), Some(password), None) => Auth::UserPassword {
+            user: user.clone(),
+            password: password.clone(),
+        },
+        (Some(_), None, None) => anyhow::bail!("--user needs --password (or NATS_PASSWORD)"),
+        (None, _, None) => Auth::None,
+    };
+    Ok(cfg)
+}
+
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logs(cli.log_format);
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        runtime::shutdown_signal().await;
+        tracing::info!("shutdown requested: finishing in-flight work");
+        on_signal.cancel();
+    });
+    match cli.role {
+        RoleCmd::Rules(args) => {
+            let mut cfg = rules::RulesConfig::new(&args.rules);
+            cfg.consume.max_in_flight = args.concurrency;
+            // Validate the rules before touching the network.
+            rules::config::load(&cfg.rules_path)?;
+            let client = nats_config(&cli.nats, "ferry-worker rules")?
+                .connect()
+                .await
+                .context("connecting to NATS")?;
+            let stats = rules::run(client, &cfg, shutdown).await?;
+            tracing::info!(stats = ?stats.snapshot(), "rules worker stopped");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,161 @@
+//! The rules handler: decode, decide, publish the reply or hand-off, report the outcome.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, context::PublishAckFuture};
+use bytes::Bytes;
+use ferry_schema::codec::{self, Encoding};
+use ferry_schema::reply::{AlertReply, AnsweredBy, ChatAction, ChatReply, ResponderKind};
+use ferry_schema::subject::{self, WorkQueue};
+use ferry_schema::{headers, Envelope, EventBody, Reply, ReplyBody};
+
+use super::engine::{Decision, RuleSet};
+use crate::runtime::{Handler, Outcome};
+
+/// Name of this responder; part of every reply id it makes.
+pub const RESPONDER: &str = "rules";
+
+/// How long to wait before retrying after a failed publish.
+const PUBLISH_RETRY: Duration = Duration::from_millis(500);
+
+/// Applies a [`RuleSet`] to events and publishes what it decides.
+#[derive(Debug)]
+pub struct RulesHandler {
+    js: jetstream::Context,
+    rules: Arc<RuleSet>,
+    max_payload: usize,
+}
+
+impl RulesHandler {
+    /// A handler publishing through `js`; payloads above `max_payload` bytes
+    /// are dead-lettered.
+    pub fn new(js: jetstream::Context, rules: Arc<RuleSet>, max_payload: usize) -> Self {
+        Self {
+            js,
+            rules,
+            max_payload,
+        }
+    }
+
+    async fn publish(
+        &self,
+        subject: async_nats::Subject,
+        headers: async_nats::HeaderMap,
+        payload: Bytes,
+    ) -> Outcome {
+        let ack: Result<PublishAckFuture, _> =
+            self.js.publish_with_headers(subject, headers, payload).await;
+        match ack {
+            Ok(ack) => match ack.await {
+                Ok(_) => Outcome::Done,
+                Err(e) => Outcome::retry(PUBLISH_RETRY, format!("publish not acknowledged: {e}")),
+            },
+            Err(e) => Outcome::retry(PUBLISH_RETRY, format!("publish failed: {e}")),
+        }
+    }
+
+    async fn reply(&self, env: &Envelope, enc: Encoding, tp: Option<&str>, body: ReplyBody) -> Outcome {
+        let reply = Reply::new(RESPONDER, env.id, env.agent.clone(), body);
+        let payload = match codec::encode_reply(&reply, enc) {
+            Ok(p) => p,
+            Err(e) => {
+                return Outcome::Poison {
+                    code: "encode",
+                    reason: e.to_string(),
+                }
+            }
+        };
+        let h = headers::for_publish(&reply.id.to_string(), enc, tp);
+        self.publish(subject::reply(&env.agent), h, payload.into()).await
+    }
+}
+
+fn chat_reply(
+    chat: &str,
+    action: ChatAction,
+    content: Option<String>,
+    confidence: f32,
+    rule: String,
+    started: Instant,
+) -> ReplyBody {
+    ReplyBody::Chat(ChatReply {
+        chat: chat.to_string(),
+        action,
+        content,
+        confidence,
+        answered_by: AnsweredBy {
+            kind: ResponderKind::Rule,
+            name: rule,
+        },
+        processing_ms: started.elapsed().as_secs_f64() * 1e3,
+        tokens: None,
+    })
+}
+
+impl Handler for RulesHandler {
+    async fn handle(&self, msg: &jetstream::Message) -> Outcome {
+        let started = Instant::now();
+        let decoded = codec::decode_event_message(
+            msg.subject.as_str(),
+            msg.headers.as_ref(),
+            &msg.payload,
+            self.max_payload,
+        );
+        let (env, enc) = match decoded {
+            Ok(d) => d,
+            Err(e) => {
+                return Outcome::Poison {
+                    code: e.code(),
+                    reason: e.to_string(),
+                }
+            }
+        };
+        let tp = headers::traceparent(msg.headers.as_ref());
+        let decision = self.rules.decide(&env);
+        tracing::debug!(event = %env.id, agent = %env.agent, kind = %env.kind(), ?decision, "decided");
+        let chat = match &env.body {
+            EventBody::Chat(c) => c.chat.as_str(),
+            _ => "",
+        };
+        match decision {
+            Decision::Nothing => Outcome::Done,
+            Decision::Reply {
+                rule,
+                text,
+                confidence,
+            } => {
+                let body = chat_reply(chat, ChatAction::Reply, Some(text), confidence, rule, started);
+                self.reply(&env, enc, tp, body).await
+            }
+            Decision::Escalate {
+                rule,
+                reason,
+                confidence,
+            } => {
+                let body = chat_reply(chat, ChatAction::Escalate, reason, confidence, rule, started);
+                self.reply(&env, enc, tp, body).await
+            }
+            Decision::Ignore { rule } => {
+                let body = chat_reply(chat, ChatAction::Ignore, None, 1.0, rule, started);
+                self.reply(&env, enc, tp, body).await
+            }
+            Decision::Alert { rule, message } => {
+                let body = ReplyBody::Alert(AlertReply {
+                    rule,
+                    message,
+                    processing_ms: started.elapsed().as_secs_f64() * 1e3,
+                });
+                self.reply(&env, enc, tp, body).await
+            }
+            Decision::Infer { rule } => {
+                // The original bytes go on unchanged, so the inference worker
+                // decodes exactly what the agent sent, in its encoding.
+                let mut h = headers::for_publish(&env.id.to_string(), enc, tp);
+                h.insert(headers::ROUTE_RULE, rule.as_str());
+                self.publish(WorkQueue::InferenceChat.subject(), h, msg.payload.clone())
+                    .await
+            }
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The rules worker: keyword/regex rules, auto-replies, escalation, routing to inference.
+//!
+//! - [`config`]: the TOML rules file and its validation.
+//! - [`engine`]: matching and templates (pure).
+//! - [`handler`]: one event in, one reply (or hand-off) out.
+//! - [`run`]: wires them to the shared consume loop and micro service.
+
+pub mod config;
+pub mod engine;
+pub mod handler;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use ferry_schema::codec::DEFAULT_MAX_PAYLOAD;
+use ferry_schema::topology::Role;
+use tokio_util::sync::CancellationToken;
+
+use crate::runtime::{self, service, ConsumeSettings, Stats};
+
+/// What a rules worker replica needs.
+#[derive(Debug, Clone)]
+pub struct RulesConfig {
+    /// The rules file.
+    pub rules_path: PathBuf,
+    /// Consume loop limits.
+    pub consume: ConsumeSettings,
+    /// Largest event payload decoded; larger ones are dead-lettered.
+    pub max_payload: usize,
+}
+
+impl RulesConfig {
+    /// Defaults for a rules file.
+    pub fn new(rules_path: impl Into<PathBuf>) -> Self {
+        Self {
+            rules_path: rules_path.into(),
+            consume: ConsumeSettings::default(),
+            max_payload: DEFAULT_MAX_PAYLOAD,
+        }
+    }
+}
+
+/// Why a rules worker stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The rules file is unusable.
+    #[error(transparent)]
+    Rules(#[from] config::RulesError),
+    /// The consume loop failed.
+    #[error(transparent)]
+    Consume(#[from] runtime::ConsumeError),
+    /// The micro service could not be registered.
+    #[error("cannot register the micro service: {0}")]
+    Service(async_nats::Error),
+}
+
+/// A JetStream context for a worker: publish acks bounded by the consume
+/// loop's `max_in_flight` (publishers wait rather than fail when it is full).
+pub fn jetstream_for(client: async_nats::Client, consume: &ConsumeSettings) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .max_ack_inflight(consume.max_in_flight.max(1) * 2)
+        .backpressure_on_inflight(true)
+        .build(client)
+}
+
+/// Runs one rules worker replica on `client` until `shutdown` is cancelled.
+/// Returns the replica's counters.
+pub async fn run(
+    client: async_nats::Client,
+    cfg: &RulesConfig,
+    shutdown: CancellationToken,
+) -> Result<Arc<Stats>, RunError> {
+    let rules = Arc::new(config::load(&cfg.rules_path)?);
+    tracing::info!(rules = rules.len(), path = %cfg.rules_path.display(), "rules loaded");
+    let js = jetstream_for(client.clone(), &cfg.consume);
+    let stats = Arc::new(Stats::default());
+    let svc = service::register(
+        &client,
+        Role::Rules.as_str(),
+        "Ferry rules worker: keyword/regex rules, auto-replies, routing",
+        stats.clone(),
+    )
+    .await
+    .map_err(RunError::Service)?;
+    let handler = Arc::new(handler::RulesHandler::new(js.clone(), rules, cfg.max_payload));
+    let def = Role::Rules.consumer();
+    let result = runtime::consume(
+        &js,
+        def.stream,
+        def.name(),
+        handler,
+        &cfg.consume,
+        stats.clone(),
+        shutdown,
+    )
+    .await;
+    if let Err(error) = svc.stop().await {
+        tracing::debug!(%error, "micro service stop failed");
+    }
+    if let Err(error) = client.flush().await {
+        tracing::warn!(%error, "flush on shutdown failed");
+    }
+    result?;
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,148 @@
+//! Data-driven tests of the rules file and engine: one `check` per case.
+
+use ferry_schema::event::{Activity, ChatMessage, ChatType, Heartbeat, MessageType};
+use ferry_schema::{AgentId, Envelope, EventBody};
+
+use super::config::parse;
+use super::engine::Decision;
+
+fn chat(agent: &str, sender: &str, text: &str) -> Envelope {
+    Envelope::new(
+        AgentId::new(agent).unwrap(),
+        EventBody::Chat(ChatMessage {
+            chat: sender.into(),
+            chat_type: ChatType::Direct,
+            sender: sender.into(),
+            text: text.into(),
+            msg_type: MessageType::Text,
+        }),
+    )
+}
+
+fn activity(app: &str, title: &str) -> Envelope {
+    Envelope::new(
+        AgentId::new("desk-1").unwrap(),
+        EventBody::Activity(Activity {
+            app: app.into(),
+            title: title.into(),
+            exe: None,
+            pid: None,
+            site: None,
+            afk: false,
+            duration_ms: 1000,
+        }),
+    )
+}
+
+const DEMO: &str = include_str!("../../../ops/demo/rules.toml");
+
+#[track_caller]
+fn check(rules: &str, env: Envelope, expect: Decision) {
+    let set = parse(rules, "test.toml").unwrap();
+    assert_eq!(set.decide(&env), expect);
+}
+
+fn reply(rule: &str, text: &str, confidence: f32) -> Decision {
+    Decision::Reply {
+        rule: rule.into(),
+        text: text.into(),
+        confidence,
+    }
+}
+
+#[test]
+fn demo_rules_decide() {
+    check(DEMO, chat("desk-1", "Alice", "Hello there"), reply("greeting", "Hello Alice! This is the desk-1 desk, how can I help?", 0.95));
+    check(DEMO, chat("desk-2", "王芳", "你好，我想问一下"), reply("greeting", "Hello 王芳! This is the desk-2 desk, how can I help?", 0.95));
+    // Not in the support group: greeting does not apply, catch-all does.
+    check(DEMO, chat("desk-9", "Zed", "hello"), reply("catch-all", "Thanks Zed, we received your message and will answer shortly.", 0.5));
+    check(
+        DEMO,
+        chat("desk-1", "Bob", "I want a REFUND now"),
+        Decision::Escalate {
+            rule: "refund".into(),
+            reason: Some("Refund request from Bob: a person will take over.".into()),
+            confidence: 0.9,
+        },
+    );
+    check(DEMO, chat("desk-1", "Li", "我要退款"), Decision::Escalate {
+        rule: "refund".into(),
+        reason: Some("Refund request from Li: a person will take over.".into()),
+        confidence: 0.9,
+    });
+    check(DEMO, chat("desk-1", "Eve", "Crypto Giveaway inside"), Decision::Ignore { rule: "spam".into() });
+    check(
+        DEMO,
+        activity("steam.exe", "Steam - Store"),
+        Decision::Alert {
+            rule: "no-games".into(),
+            message: "steam.exe is not allowed on the desk-1 desk (Steam - Store).".into(),
+        },
+    );
+    check(DEMO, activity("excel.exe", "Q3.xlsx"), Decision::Nothing);
+}
+
+#[test]
+fn unmatched_chat_default_and_skipped_kinds() {
+    let rules = "[[rule]]\nname = \"x\"\nkeywords = [\"zzz\"]\naction = \"ignore\"\n";
+    check(rules, chat("desk-1", "A", "hi"), Decision::Infer { rule: "default".into() });
+    let ignore = format!("[defaults]\nunmatched_chat = \"ignore\"\n{rules}");
+    check(&ignore, chat("desk-1", "A", "hi"), Decision::Ignore { rule: "default".into() });
+    let hb = Envelope::new(
+        AgentId::new("desk-1").unwrap(),
+        EventBody::Heartbeat(Heartbeat {
+            version: "0".into(),
+            cpu_percent: 0.0,
+            rss_bytes: 0,
+            spool_depth: 0,
+            oldest_unsent_ms: None,
+            components: vec![],
+        }),
+    );
+    check(rules, hb, Decision::Nothing);
+}
+
+#[test]
+fn regex_and_keywords_must_both_match() {
+    let rules = r#"
+[[rule]]
+name = "order"
+keywords = ["order"]
+regex = "\\d{4}"
+action = "reply"
+template = "Order noted: {text}"
+"#;
+    check(rules, chat("desk-1", "A", "order 1234"), reply("order", "Order noted: order 1234", 1.0));
+    check(rules, chat("desk-1", "A", "order please"), Decision::Infer { rule: "default".into() });
+}
+
+#[test]
+fn template_braces() {
+    let rules = "[[rule]]\nname = \"b\"\naction = \"reply\"\ntemplate = \"{{literal}} {sender}\"\n";
+    check(rules, chat("desk-1", "A", "x"), reply("b", "{literal} A", 1.0));
+}
+
+#[track_caller]
+fn check_err(rules: &str, expect: &str) {
+    let err = parse(rules, "rules.toml").unwrap_err().to_string();
+    assert!(err.contains(expect), "error {err:?} does not contain {expect:?}");
+}
+
+#[test]
+fn config_errors_name_rule_and_field() {
+    check_err("[[rule]]\nname = \"a\"\naction = \"reply\"\n", r#"rules file rules.toml: rule 1 ("a"): field `template`: is required"#);
+    check_err("[[rule]]\nname = \"a\"\naction = \"shout\"\n", "unknown variant `shout`, expected one of `reply`, `escalate`, `ignore`, `infer`, `alert`");
+    check_err("[[rule]]\nname = \"a\"\nkeywrods = [\"x\"]\naction = \"ignore\"\n", "unknown field `keywrods`");
+    check_err("[[rule]]\nname = \"a\"\nregex = \"(\"\naction = \"ignore\"\n", r#"rule 1 ("a"): field `regex`: invalid regex"#);
+    check_err("[[rule]]\nname = \"a\"\ngroups = [\"vip\"]\naction = \"ignore\"\n", r#"field `groups`: group "vip" is not defined in [groups]"#);
+    check_err("[[rule]]\nname = \"a\"\nkinds = [\"heartbeat\"]\naction = \"ignore\"\n", r#"field `kinds`: "heartbeat" is not a kind rules apply to"#);
+    check_err("[[rule]]\nname = \"a\"\nkinds = [\"activity\"]\naction = \"reply\"\ntemplate = \"x\"\n", "applies to chat events only");
+    check_err("[[rule]]\nname = \"a\"\naction = \"alert\"\ntemplate = \"x\"\n", "\"alert\" applies to activity events only");
+    check_err("[[rule]]\nname = \"a\"\naction = \"reply\"\ntemplate = \"{nope}\"\n", "unknown placeholder {nope}");
+    check_err("[[rule]]\nname = \"a\"\naction = \"reply\"\ntemplate = \"{title}\"\n", "placeholder {title} exists only for activity events");
+    check_err("[[rule]]\nname = \"a\"\naction = \"ignore\"\nconfidence = 2.0\n", "field `confidence`: 2 is outside 0.0..=1.0");
+    check_err("[[rule]]\nname = \"a\"\naction = \"ignore\"\n[[rule]]\nname = \"a\"\naction = \"ignore\"\n", r#"rule 2 ("a"): field `name`: another rule already has this name"#);
+    check_err("[groups]\nvip = [\"desk 1\"]\n", r#"[groups] "vip": agent id "desk 1""#);
+    check_err("[[rule]]\nname = \"a\"\nagents = [\"a.b\"]\naction = \"ignore\"\n", r#"field `agents`: agent id "a.b""#);
+    check_err("this is = not toml", "rules file rules.toml: TOML parse error at line 1");
+}

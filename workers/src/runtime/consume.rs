@@ -1,0 +1,329 @@
+//! The consume loop: pull, handle with bounded concurrency, ack by outcome, shut down in two phases.
+//!
+//! Phase one (running): a permit from a semaphore of `max_in_flight` is taken
+//! *before* the next message, so at most that many messages are being
+//! handled, and the pull batch is the same size, so the client never buffers
+//! much more than it can run. Phase two (on cancel): stop pulling, nak what
+//! was delivered but not started (another replica takes it at once), wait
+//! for in-flight handlers to finish and ack, then return.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{
+    self,
+    consumer::{pull, PullConsumer},
+    AckKind,
+};
+use ferry_schema::deadletter::{DeadLetter, Origin};
+use futures::{FutureExt, StreamExt};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{Handler, Outcome, Stats};
+
+/// Limits of one consume loop; every one is explicit.
+#[derive(Debug, Clone)]
+pub struct ConsumeSettings {
+    /// Messages handled at once by this replica; also the pull batch size and
+    /// so the bound on JetStream publish acks the handlers wait for.
+    pub max_in_flight: usize,
+    /// How long one pull request waits on the server for messages.
+    pub pull_expires: Duration,
+    /// Idle heartbeat of pull requests (detects a dead connection).
+    pub pull_heartbeat: Duration,
+    /// Send an in-progress ack this often while a handler runs (slow roles
+    /// such as inference); `None` for fast roles.
+    pub progress_every: Option<Duration>,
+    /// How long phase two waits for in-flight handlers before giving up (the
+    /// unfinished messages are redelivered after the consumer's `ack_wait`).
+    pub shutdown_grace: Duration,
+    /// Delay of the nak when a dead letter could not be published.
+    pub dead_letter_retry: Duration,
+}
+
+impl Default for ConsumeSettings {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 256,
+            pull_expires: Duration::from_secs(30),
+            pull_heartbeat: Duration::from_secs(5),
+            progress_every: None,
+            shutdown_grace: Duration::from_secs(30),
+            dead_letter_retry: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why the consume loop stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    /// The role's durable consumer does not exist.
+    #[error("consumer {consumer:?} on stream {stream:?} does not exist: run `ferry provision` (or `ferry up`) first ({source})")]
+    ConsumerMissing {
+        /// Stream name.
+        stream: String,
+        /// Consumer name.
+        consumer: String,
+        /// The broker's answer.
+        #[source]
+        source: jetstream::stream::ConsumerError,
+    },
+    /// Pulling from the consumer failed in a way that will not heal.
+    #[error("pulling from {stream}/{consumer} failed: {reason}")]
+    Pull {
+        /// Stream name.
+        stream: String,
+        /// Consumer name.
+        consumer: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// `max_in_flight` is zero.
+    #[error("max_in_flight must be at least 1")]
+    ZeroConcurrency,
+}
+
+/// Runs `handler` over the durable pull consumer `consumer` of `stream`
+/// until `shutdown` is cancelled, then shuts down in two phases.
+pub async fn consume<H: Handler>(
+    js: &jetstream::Context,
+    stream: &str,
+    consumer: &str,
+    handler: Arc<H>,
+    settings: &ConsumeSettings,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> Result<(), ConsumeError> {
+    if settings.max_in_flight == 0 {
+        return Err(ConsumeError::ZeroConcurrency);
+    }
+    let pull: PullConsumer = js
+        .get_consumer_from_stream::<pull::Config, _, _>(consumer, stream)
+        .await
+        .map_err(|source| ConsumeError::ConsumerMissing {
+            stream: stream.to_string(),
+            consumer: consumer.to_string(),
+            source,
+        })?;
+    let max_deliver = pull.cached_info().config.max_deliver;
+    let permits = Arc::new(Semaphore::new(settings.max_in_flight));
+    let tracker = TaskTracker::new();
+    let ctx = Arc::new(Ctx {
+        js: js.clone(),
+        stream: stream.to_string(),
+        consumer: consumer.to_string(),
+        max_deliver,
+        settings: settings.clone(),
+        stats,
+    });
+    tracing::info!(
+        stream,
+        consumer,
+        max_in_flight = settings.max_in_flight,
+        max_deliver,
+        "consuming"
+    );
+
+    let mut failures = 0u32;
+    'pulling: while !shutdown.is_cancelled() {
+        let messages = pull
+            .stream()
+            .max_messages_per_batch(settings.max_in_flight)
+            .expires(settings.pull_expires)
+            .heartbeat(settings.pull_heartbeat)
+            .messages()
+            .await;
+        let mut messages = match messages {
+            Ok(m) => m,
+            Err(error) => {
+                failures += 1;
+                let delay = ferry_schema::connect::reconnect_delay(failures as usize);
+                tracing::warn!(%error, stream, consumer, ?delay, "cannot start pulling; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'pulling,
+                    _ = tokio::time::sleep(delay) => continue 'pulling,
+                }
+            }
+        };
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    nak_buffered(&mut messages).await;
+                    break 'pulling;
+                }
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break 'pulling, // semaphore closed: never happens, we own it
+                },
+            };
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    nak_buffered(&mut messages).await;
+                    break 'pulling;
+                }
+                next = messages.next() => next,
+            };
+            match next {
+                Some(Ok(msg)) => {
+                    failures = 0;
+                    let handler = handler.clone();
+                    let ctx = ctx.clone();
+                    tracker.spawn(async move {
+                        ctx.handle_one(&*handler, msg).await;
+                        drop(permit);
+                    });
+                }
+                Some(Err(error)) => {
+                    use jetstream::consumer::pull::MessagesErrorKind as K;
+                    match error.kind() {
+                        K::ConsumerDeleted | K::NoResponders => {
+                            return Err(ConsumeError::Pull {
+                                stream: stream.to_string(),
+                                consumer: consumer.to_string(),
+                                reason: error.to_string(),
+                            });
+                        }
+                        _ => tracing::warn!(%error, stream, consumer, "pull error; continuing"),
+                    }
+                }
+                None => {
+                    tracing::warn!(stream, consumer, "pull stream ended; starting a new one");
+                    continue 'pulling;
+                }
+            }
+        }
+    }
+
+    // Phase two: nothing new is pulled; let in-flight handlers finish.
+    tracker.close();
+    let in_flight = tracker.len();
+    tracing::info!(stream, consumer, in_flight, "stopping: waiting for in-flight messages");
+    if tokio::time::timeout(settings.shutdown_grace, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            stream,
+            consumer,
+            left = tracker.len(),
+            "in-flight messages did not finish in time; the broker redelivers them after ack_wait"
+        );
+    }
+    Ok(())
+}
+
+/// Naks messages the client already holds but has not started, so another
+/// replica gets them now rather than after `ack_wait`.
+async fn nak_buffered(messages: &mut jetstream::consumer::pull::Stream) {
+    let mut returned = 0usize;
+    while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
+        if msg.ack_with(AckKind::Nak(None)).await.is_ok() {
+            returned += 1;
+        }
+    }
+    if returned > 0 {
+        tracing::info!(returned, "returned buffered messages to the broker");
+    }
+}
+
+struct Ctx {
+    js: jetstream::Context,
+    stream: String,
+    consumer: String,
+    max_deliver: i64,
+    settings: ConsumeSettings,
+    stats: Arc<Stats>,
+}
+
+impl Ctx {
+    async fn handle_one<H: Handler>(&self, handler: &H, msg: jetstream::Message) {
+        let started = Instant::now();
+        self.stats.start();
+        let (delivered, sequence) = msg
+            .info()
+            .map(|i| (i.delivered, i.stream_sequence))
+            .unwrap_or((1, 0));
+
+        let outcome = match self.settings.progress_every {
+            None => handler.handle(&msg).await,
+            Some(every) => {
+                let work = handler.handle(&msg);
+                tokio::pin!(work);
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                loop {
+                    tokio::select! {
+                        outcome = &mut work => break outcome,
+                        _ = tick.tick() => {
+                            if let Err(error) = msg.ack_with(AckKind::Progress).await {
+                                tracing::warn!(%error, sequence, "in-progress ack failed");
+                            }
+                        }
+                    }
+                }
+            }
+        };
+
+        // A retry on the last allowed delivery would leave the message
+        // stranded; it becomes a dead letter with the last reason instead.
+        let outcome = match outcome {
+            Outcome::RetryAfter { reason, .. } if self.max_deliver > 0 && delivered >= self.max_deliver => {
+                Outcome::Poison {
+                    code: "max_deliver",
+                    reason: format!("gave up after {delivered} deliveries: {reason}"),
+                }
+            }
+            other => other,
+        };
+
+        let ack = match &outcome {
+            Outcome::Done => AckKind::Ack,
+            Outcome::RetryAfter { delay, reason } => {
+                tracing::warn!(sequence, delivered, reason = %reason, ?delay, "retrying later");
+                AckKind::Nak(Some(*delay))
+            }
+            Outcome::Poison { code, reason } => {
+                match self.dead_letter(&msg, sequence, delivered, code, reason).await {
+                    Ok(()) => {
+                        tracing::warn!(sequence, subject = %msg.subject, code, reason = %reason, "dead-lettered");
+                        AckKind::Term
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, sequence, code, "cannot publish dead letter; retrying later");
+                        AckKind::Nak(Some(self.settings.dead_letter_retry))
+                    }
+                }
+            }
+        };
+        if let Err(error) = msg.ack_with(ack).await {
+            // The broker redelivers after ack_wait; handlers are idempotent.
+            self.stats.ack_failed();
+            tracing::warn!(%error, sequence, "ack failed; the message will be redelivered");
+        }
+        self.stats.finish(&outcome, started.elapsed());
+    }
+
+    async fn dead_letter(
+        &self,
+        msg: &jetstream::Message,
+        sequence: u64,
+        deliveries: i64,
+        code: &str,
+        reason: &str,
+    ) -> Result<(), async_nats::Error> {
+        let origin = Origin {
+            stream: self.stream.clone(),
+            consumer: self.consumer.clone(),
+            subject: msg.subject.to_string(),
+            sequence,
+            deliveries,
+        };
+        let dl = DeadLetter::new(&origin, msg.headers.as_ref(), msg.payload.clone(), code, reason);
+        self.js
+            .publish_with_headers(dl.subject, dl.headers, dl.payload)
+            .await?
+            .await?;
+        Ok(())
+    }
+}

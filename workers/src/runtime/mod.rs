@@ -1,0 +1,79 @@
+//! The runtime every worker role shares: outcome, consume loop, service, shutdown.
+
+mod consume;
+pub mod service;
+mod stats;
+
+use std::time::Duration;
+
+pub use consume::{consume, ConsumeError, ConsumeSettings};
+pub use stats::{Stats, StatsSnapshot};
+
+/// What a handler decided about one message; [`consume`] turns it into the ack.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Fully handled and its effect is durable (the reply's publish was
+    /// acknowledged by JetStream): ack.
+    Done,
+    /// A passing failure (broker busy, downstream down): nak with this delay
+    /// so this or another replica tries again. After the consumer's
+    /// `max_deliver`, the message is dead-lettered with the last reason.
+    RetryAfter {
+        /// How long the broker waits before redelivering.
+        delay: Duration,
+        /// Why, for logs and the eventual dead letter.
+        reason: String,
+    },
+    /// The message can never succeed: publish it to the dead-letter subject
+    /// with this reason, then terminate it.
+    Poison {
+        /// Stable reason code (e.g. `missing_field`).
+        code: &'static str,
+        /// Human-readable reason.
+        reason: String,
+    },
+}
+
+impl Outcome {
+    /// A retry after `delay` because of `reason`.
+    pub fn retry(delay: Duration, reason: impl std::fmt::Display) -> Self {
+        Self::RetryAfter {
+            delay,
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// One worker role's message handler.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one message and says what became of it. Must not ack.
+    fn handle(
+        &self,
+        msg: &async_nats::jetstream::Message,
+    ) -> impl std::future::Future<Output = Outcome> + Send;
+}
+
+/// Resolves when the process receives SIGINT or SIGTERM; binaries cancel
+/// their shutdown token with it.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the worker");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

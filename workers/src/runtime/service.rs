@@ -1,0 +1,70 @@
+//! Registers a worker as a NATS micro service (`nats micro ls/stats/info`).
+
+use std::sync::Arc;
+
+use async_nats::service::{Service, ServiceExt};
+use ferry_schema::subject;
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::Stats;
+
+/// The service name of a role (`ferry-rules`).
+pub fn service_name(role: &str) -> String {
+    format!("ferry-{role}")
+}
+
+/// What the status endpoint and the stats `data` field report.
+#[derive(Debug, Serialize)]
+struct Status<'a> {
+    role: &'a str,
+    version: &'a str,
+    #[serde(flatten)]
+    stats: super::StatsSnapshot,
+}
+
+/// Starts the micro service of one replica of `role`. It has one endpoint,
+/// `status` on `ferry.svc.<role>.status`, answering with the replica's
+/// counters, and reports the same counters as `data` in `nats micro stats`.
+/// The returned service must be kept alive; stop it on shutdown.
+pub async fn register(
+    client: &async_nats::Client,
+    role: &'static str,
+    description: &str,
+    stats: Arc<Stats>,
+) -> Result<Service, async_nats::Error> {
+    let version = env!("CARGO_PKG_VERSION");
+    let for_stats = stats.clone();
+    let service = client
+        .service_builder()
+        .description(description)
+        .stats_handler(move |_endpoint, _| {
+            serde_json::to_value(Status {
+                role,
+                version,
+                stats: for_stats.snapshot(),
+            })
+            .unwrap_or_default()
+        })
+        .start(service_name(role), version)
+        .await?;
+    let mut status = service
+        .endpoint_builder()
+        .name("status")
+        .add(subject::service_status(role).to_string())
+        .await?;
+    tokio::spawn(async move {
+        while let Some(request) = status.next().await {
+            let body = serde_json::to_vec(&Status {
+                role,
+                version,
+                stats: stats.snapshot(),
+            })
+            .unwrap_or_default();
+            if let Err(error) = request.respond(Ok(body.into())).await {
+                tracing::debug!(%error, "status reply failed");
+            }
+        }
+    });
+    Ok(service)
+}
