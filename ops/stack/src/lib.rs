@@ -5,6 +5,7 @@
 //! - [`install`]: finds a required program, or installs its Debian package
 //!   when this process may (root with apt), or says exactly what to run.
 //! - [`secrets`]: the passwords `nats.conf` reads from the environment.
+//! - [`inspect`]: reading streams back (tests, `ferry up`, benchmarks).
 //! - [`nats`]: [`NatsServer`], a real `nats-server` with JetStream on a
 //!   chosen or free port, with Ferry's `nats.conf`; killed (and its temp dir
 //!   removed) on drop.
@@ -12,6 +13,7 @@
 //! Nothing here assumes a server is already running.
 
 pub mod install;
+pub mod inspect;
 pub mod nats;
 pub mod secrets;
 

@@ -1,0 +1,115 @@
+//! Shared fixtures of the workers' integration tests: a real broker, provisioned, plus replicas.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream;
+use ferry_schema::codec::encode_event;
+use ferry_schema::event::{ChatMessage, ChatType, MessageType};
+use ferry_schema::topology::{self, Role, StreamSettings};
+use ferry_schema::{headers, subject, AgentId, Encoding, Envelope, EventBody};
+use ferry_stack::NatsServer;
+use ferry_workers::rules::{self, RulesConfig};
+use ferry_workers::runtime::Stats;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const RULES: &str = r#"
+[[rule]]
+name = "refund"
+keywords = ["refund"]
+action = "escalate"
+template = "refund for {sender}"
+
+[[rule]]
+name = "echo"
+action = "reply"
+template = "echo: {text}"
+"#;
+
+pub struct Stack {
+    pub nats: NatsServer,
+    pub op: async_nats::Client,
+    pub js: jetstream::Context,
+    pub rules_file: tempfile::NamedTempFile,
+    pub _dir: tempfile::TempDir,
+}
+
+/// A broker with Ferry's nats.conf, streams and consumers provisioned; the
+/// rules consumer gets `ack_wait` so redelivery tests finish quickly.
+pub async fn stack(rules: &str, ack_wait: Duration) -> Stack {
+    let nats = NatsServer::start_temp().expect("nats-server starts");
+    let op = nats.operator("test-operator").connect().await.expect("operator connects");
+    let js = jetstream::new(op.clone());
+    let agents = [AgentId::new("desk-1").unwrap(), AgentId::new("desk-2").unwrap()];
+    topology::provision(&js, &StreamSettings::default(), &agents)
+        .await
+        .expect("provision");
+    let mut def = Role::Rules.consumer();
+    def.config.ack_wait = ack_wait;
+    topology::ensure_consumer(&js, &def).await.expect("consumer");
+    let mut rules_file = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut rules_file, rules.as_bytes()).unwrap();
+    Stack {
+        nats,
+        op,
+        js,
+        rules_file,
+        _dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+pub struct Replica {
+    pub stop: CancellationToken,
+    pub task: JoinHandle<Result<Arc<Stats>, rules::RunError>>,
+}
+
+impl Stack {
+    /// Starts one rules worker replica with its own connection as `workers`.
+    pub async fn replica(&self, max_in_flight: usize) -> Replica {
+        let client = self.nats.workers("test-rules").connect().await.expect("workers connect");
+        let mut cfg = RulesConfig::new(self.rules_file.path());
+        cfg.consume.max_in_flight = max_in_flight;
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move { rules::run(client, &cfg, token).await });
+        Replica { stop, task }
+    }
+}
+
+pub fn chat(agent: &str, text: &str) -> Envelope {
+    Envelope::new(
+        AgentId::new(agent).unwrap(),
+        EventBody::Chat(ChatMessage {
+            chat: "Alice".into(),
+            chat_type: ChatType::Direct,
+            sender: "Alice".into(),
+            text: text.into(),
+            msg_type: MessageType::Text,
+        }),
+    )
+}
+
+/// Publishes `env` the way a plain client (`nats pub`) would, with its id as
+/// `Nats-Msg-Id` when `msg_id` is set, and waits for the stream's ack.
+pub async fn publish(
+    js: &jetstream::Context,
+    env: &Envelope,
+    enc: Encoding,
+    msg_id: bool,
+) -> jetstream::publish::PublishAck {
+    let mut h = async_nats::HeaderMap::new();
+    if enc == Encoding::Json {
+        h.insert(headers::CONTENT_TYPE, "application/json");
+    }
+    if msg_id {
+        h.insert(headers::MSG_ID, env.id.to_string().as_str());
+    }
+    let payload = encode_event(env, enc).unwrap();
+    js.publish_with_headers(subject::event(&env.agent, env.kind()), h, payload.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+}

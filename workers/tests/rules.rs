@@ -1,0 +1,255 @@
+//! The rules worker against a real nats-server: replies, encodings, dedup, replicas, poison.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::{chat, publish, stack, RULES};
+use ferry_schema::codec::{decode_reply, DEFAULT_MAX_PAYLOAD};
+use ferry_schema::reply::{ChatAction, ResponderKind};
+use ferry_schema::topology::{DEADLETTER_STREAM, EVENTS_STREAM, REPLIES_STREAM};
+use ferry_schema::{headers, subject, AgentId, Encoding, EventId, ReplyBody};
+use ferry_stack::inspect;
+use futures::StreamExt;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Every reply stored in REPLIES, decoded, with how often each event was answered.
+async fn stored_replies(js: &async_nats::jetstream::Context) -> HashMap<EventId, usize> {
+    let mut answered = HashMap::new();
+    for m in inspect::read_all(js, REPLIES_STREAM, "").await.unwrap() {
+        let enc = Encoding::from_headers(m.headers.as_ref()).unwrap();
+        let r = decode_reply(&m.payload, enc, DEFAULT_MAX_PAYLOAD).unwrap();
+        *answered.entry(r.in_reply_to).or_insert(0) += 1;
+    }
+    answered
+}
+
+#[tokio::test]
+async fn json_event_gets_json_reply_and_msgpack_gets_msgpack() {
+    let s = stack(RULES, Duration::from_secs(30)).await;
+    let agent = AgentId::new("desk-1").unwrap();
+    let mut replies = s.op.subscribe(subject::reply(&agent)).await.unwrap();
+    let _worker = s.replica(16).await;
+
+    for enc in [Encoding::Json, Encoding::MsgPack] {
+        let event = chat("desk-1", &format!("hello in {enc:?}"));
+        publish(&s.js, &event, enc, true).await;
+        let msg = tokio::time::timeout(WAIT, replies.next()).await.unwrap().unwrap();
+        let ct = msg.headers.as_ref().and_then(|h| h.get(headers::CONTENT_TYPE)).unwrap();
+        assert_eq!(ct.as_str(), enc.content_type());
+        if enc == Encoding::Json {
+            // A person reading `nats sub 'replies.>'` sees plain JSON.
+            let doc: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+            assert_eq!(doc["in_reply_to"], event.id.to_string());
+            assert_eq!(doc["body"]["content"], "echo: hello in Json");
+        }
+        let reply = decode_reply(&msg.payload, enc, DEFAULT_MAX_PAYLOAD).unwrap();
+        assert_eq!(reply.in_reply_to, event.id);
+        let ReplyBody::Chat(body) = reply.body else { panic!("not a chat reply") };
+        assert_eq!(body.action, ChatAction::Reply);
+        assert_eq!(body.content.as_deref(), Some(format!("echo: hello in {enc:?}").as_str()));
+        assert_eq!(body.answered_by.kind, ResponderKind::Rule);
+        assert_eq!(body.answered_by.name, "echo");
+    }
+}
+
+#[tokio::test]
+async fn same_event_id_twice_yields_one_reply() {
+    let s = stack(RULES, Duration::from_secs(30)).await;
+    let _worker = s.replica(16).await;
+
+    // With Nats-Msg-Id, as the agent publishes: the stream keeps one copy.
+    let a = chat("desk-1", "first");
+    let first = publish(&s.js, &a, Encoding::MsgPack, true).await;
+    let again = publish(&s.js, &a, Encoding::MsgPack, true).await;
+    assert!(!first.duplicate);
+    assert!(again.duplicate);
+
+    // Without the header (a careless `nats pub`): the stream stores both,
+    // the worker handles both, and the deterministic reply id makes
+    // REPLIES keep one reply.
+    let b = chat("desk-1", "second");
+    publish(&s.js, &b, Encoding::Json, false).await;
+    publish(&s.js, &b, Encoding::Json, false).await;
+    assert_eq!(inspect::count(&s.js, EVENTS_STREAM).await.unwrap(), 3);
+
+    // A sentinel published last: once it is answered, the others were handled.
+    let sentinel = chat("desk-1", "sentinel");
+    publish(&s.js, &sentinel, Encoding::MsgPack, true).await;
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, 3, WAIT).await.unwrap();
+    // Give a wrongly duplicated reply time to show up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let answered = stored_replies(&s.js).await;
+    assert_eq!(answered.get(&a.id), Some(&1));
+    assert_eq!(answered.get(&b.id), Some(&1));
+    assert_eq!(answered.get(&sentinel.id), Some(&1));
+    assert_eq!(answered.len(), 3);
+}
+
+#[tokio::test]
+async fn three_replicas_split_ten_thousand_events() {
+    const N: usize = 10_000;
+    let s = stack(RULES, Duration::from_secs(30)).await;
+    let replicas = [s.replica(64).await, s.replica(64).await, s.replica(64).await];
+
+    let events: Vec<_> = (0..N)
+        .map(|i| chat(if i % 2 == 0 { "desk-1" } else { "desk-2" }, &format!("message {i}")))
+        .collect();
+    let payloads = futures::stream::iter(events.iter())
+        .map(|e| publish(&s.js, e, Encoding::MsgPack, true))
+        .buffer_unordered(256);
+    let acks: Vec<_> = payloads.collect().await;
+    assert_eq!(acks.len(), N);
+
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, N as u64, Duration::from_secs(180))
+        .await
+        .unwrap();
+    let mut done = Vec::new();
+    for r in replicas {
+        r.stop.cancel();
+        let stats = r.task.await.unwrap().unwrap();
+        done.push(stats.snapshot().done);
+    }
+    let answered = stored_replies(&s.js).await;
+    assert_eq!(answered.len(), N, "every event answered");
+    assert!(answered.values().all(|&n| n == 1), "no event answered twice");
+    let ids: HashSet<_> = events.iter().map(|e| e.id).collect();
+    assert!(answered.keys().all(|id| ids.contains(id)));
+    assert!(done.iter().all(|&d| d > 0), "each replica did some: {done:?}");
+    assert!(done.iter().sum::<u64>() >= N as u64, "{done:?}");
+}
+
+#[tokio::test]
+async fn killed_replica_process_loses_nothing() {
+    const N: usize = 3_000;
+    // Short ack_wait: what the killed replica held is redelivered quickly.
+    let s = stack(RULES, Duration::from_secs(2)).await;
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ferry-worker"))
+            .args(["--server", &s.nats.url(), "--user", "workers"])
+            .args(["--password", &s.nats.secrets().workers])
+            .args(["rules", "--concurrency", "32", "--rules"])
+            .arg(s.rules_file.path())
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("ferry-worker starts")
+    };
+    let mut victim = spawn();
+    let mut survivors = [spawn(), spawn()];
+
+    let events: Vec<_> = (0..N).map(|i| chat("desk-1", &format!("m{i}"))).collect();
+    futures::stream::iter(events.iter())
+        .map(|e| publish(&s.js, e, Encoding::MsgPack, true))
+        .buffer_unordered(128)
+        .collect::<Vec<_>>()
+        .await;
+    // Kill one replica mid-run, with work in its hands.
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, (N / 10) as u64, WAIT).await.unwrap();
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, N as u64, Duration::from_secs(120))
+        .await
+        .unwrap();
+    let answered = stored_replies(&s.js).await;
+    assert_eq!(answered.len(), N);
+    assert!(answered.values().all(|&n| n == 1));
+    for c in &mut survivors {
+        // SIGTERM: the graceful path exits 0.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        assert!(c.wait().unwrap().success());
+    }
+}
+
+#[tokio::test]
+async fn poison_goes_to_dead_letters_with_distinct_reasons() {
+    let s = stack(RULES, Duration::from_secs(30)).await;
+    let _worker = s.replica(8).await;
+    let raw = |subject: &str, json: bool, payload: Vec<u8>| {
+        let js = s.js.clone();
+        let subject = subject.to_string();
+        async move {
+            let mut h = async_nats::HeaderMap::new();
+            if json {
+                h.insert(headers::CONTENT_TYPE, "application/json");
+            }
+            js.publish_with_headers(subject, h, payload.into()).await.unwrap().await.unwrap();
+        }
+    };
+    let valid = || serde_json::json!({
+        "id": EventId::new().to_string(), "agent": "desk-1", "kind": "chat",
+        "ts": "2026-11-22T10:00:00Z", "v": 1,
+        "body": {"chat": "c", "sender": "s", "text": "t"}
+    });
+    raw("events.desk-1.chat", false, b"\xc1\xff garbage \x00\x01".to_vec()).await;
+    let mut missing = valid();
+    missing["body"].as_object_mut().unwrap().remove("text");
+    raw("events.desk-1.chat", true, serde_json::to_vec(&missing).unwrap()).await;
+    let mut version = valid();
+    version["v"] = 42.into();
+    raw("events.desk-1.chat", true, serde_json::to_vec(&version).unwrap()).await;
+    let mut big = valid();
+    big["padding"] = "x".repeat(DEFAULT_MAX_PAYLOAD + 10).into();
+    raw("events.desk-1.chat", true, serde_json::to_vec(&big).unwrap()).await;
+    let mut bad_agent = valid();
+    bad_agent["agent"] = "desk.1".into();
+    raw("events.desk-1.chat", true, serde_json::to_vec(&bad_agent).unwrap()).await;
+
+    // Valid events after the poison are still answered.
+    let after: Vec<_> = (0..5).map(|i| chat("desk-1", &format!("after {i}"))).collect();
+    for e in &after {
+        publish(&s.js, e, Encoding::MsgPack, true).await;
+    }
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, 5, WAIT).await.unwrap();
+    inspect::wait_for_count(&s.js, DEADLETTER_STREAM, 5, WAIT).await.unwrap();
+
+    let dead = inspect::read_all(&s.js, DEADLETTER_STREAM, "").await.unwrap();
+    let mut codes = Vec::new();
+    for m in &dead {
+        assert_eq!(m.subject.as_str(), "deadletter.EVENTS.rules");
+        let h = m.headers.as_ref().unwrap();
+        codes.push(h.get(headers::DEAD_REASON_CODE).unwrap().to_string());
+        assert!(!h.get(headers::DEAD_REASON).unwrap().as_str().is_empty());
+        assert_eq!(h.get(headers::DEAD_SUBJECT).unwrap().as_str(), "events.desk-1.chat");
+    }
+    assert_eq!(
+        codes,
+        ["malformed", "missing_field", "unsupported_version", "too_large", "invalid_agent_id"]
+    );
+    let reason = |i: usize| dead[i].headers.as_ref().unwrap().get(headers::DEAD_REASON).unwrap().to_string();
+    assert_eq!(reason(1), "required field `body.text` is missing");
+    assert!(reason(3).contains("exceeds the 262144-byte limit"), "{}", reason(3));
+    // The original bytes are kept for re-driving after a fix.
+    assert_eq!(&dead[0].payload[..], b"\xc1\xff garbage \x00\x01");
+
+    let answered = stored_replies(&s.js).await;
+    assert!(after.iter().all(|e| answered.get(&e.id) == Some(&1)));
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_and_exits() {
+    let s = stack(RULES, Duration::from_secs(30)).await;
+    let worker = s.replica(64).await;
+    let events: Vec<_> = (0..500).map(|i| chat("desk-2", &format!("m{i}"))).collect();
+    futures::stream::iter(events.iter())
+        .map(|e| publish(&s.js, e, Encoding::MsgPack, true))
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await;
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, 50, WAIT).await.unwrap();
+    worker.stop.cancel();
+    let stats = worker.task.await.unwrap().unwrap().snapshot();
+    assert_eq!(stats.in_flight, 0, "phase two waited for in-flight work");
+    // What the stopped replica did not finish, a new one does.
+    let _next = s.replica(64).await;
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, 500, WAIT).await.unwrap();
+    let answered = stored_replies(&s.js).await;
+    assert_eq!(answered.len(), 500);
+    assert!(answered.values().all(|&n| n == 1));
+}
