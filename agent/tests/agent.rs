@@ -1,0 +1,289 @@
+//! The agent against a real nats-server and rules worker: confinement, offline replies, reconnect, CLI.
+
+use std::time::Duration;
+
+use async_nats::jetstream;
+use ferry_agent::run::{run_lines, Until};
+use ferry_agent::{Agent, AgentConfig};
+use ferry_schema::codec::encode_event;
+use ferry_schema::event::{ChatMessage, ChatType, MessageType};
+use ferry_schema::reply::ChatAction;
+use ferry_schema::topology::{self, StreamSettings, EVENTS_STREAM, REPLIES_STREAM};
+use ferry_schema::{headers, subject, AgentId, Encoding, Envelope, EventBody, ReplyBody};
+use ferry_stack::{inspect, NatsServer};
+use ferry_workers::rules::{self, RulesConfig};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const DEMO_RULES: &str = include_str!("../../ops/demo/rules.toml");
+const DEMO_CHAT: &str = include_str!("../../ops/demo/chat.jsonl");
+const WAIT: Duration = Duration::from_secs(60);
+
+fn desk(n: u8) -> AgentId {
+    AgentId::new(format!("desk-{n}")).unwrap()
+}
+
+struct Stack {
+    nats: NatsServer,
+    js: jetstream::Context,
+    rules_file: tempfile::NamedTempFile,
+}
+
+async fn stack() -> Stack {
+    let nats = NatsServer::start_temp().expect("nats-server starts");
+    let op = nats.operator("test-operator").connect().await.unwrap();
+    let js = jetstream::new(op);
+    topology::provision(&js, &StreamSettings::default(), &[desk(1), desk(2)])
+        .await
+        .unwrap();
+    let mut rules_file = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut rules_file, DEMO_RULES.as_bytes()).unwrap();
+    Stack { nats, js, rules_file }
+}
+
+impl Stack {
+    async fn rules_worker(&self) -> CancellationToken {
+        let client = self.nats.workers("test-rules").connect().await.unwrap();
+        let cfg = RulesConfig::new(self.rules_file.path());
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        tokio::spawn(async move { rules::run(client, &cfg, token).await });
+        stop
+    }
+
+    async fn agent(&self, id: &AgentId) -> Agent {
+        let nats = self.nats.agent(id).expect("demo agent has a user");
+        Agent::connect(AgentConfig::new(id.clone(), nats)).await.unwrap()
+    }
+}
+
+fn chat(agent: &AgentId, text: &str) -> Envelope {
+    Envelope::new(
+        agent.clone(),
+        EventBody::Chat(ChatMessage {
+            chat: "Bob".into(),
+            chat_type: ChatType::Direct,
+            sender: "Bob".into(),
+            text: text.into(),
+            msg_type: MessageType::Text,
+        }),
+    )
+}
+
+async fn next_error(errors: &mut mpsc::UnboundedReceiver<String>) -> String {
+    tokio::time::timeout(Duration::from_secs(10), errors.recv())
+        .await
+        .expect("the server reports the violation")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn broker_confines_an_agent_to_its_own_subjects() {
+    let s = stack().await;
+    // A plain client with desk-1's credentials, as a misbehaving agent would use.
+    let (tx, mut errors) = mpsc::unbounded_channel();
+    let client = async_nats::ConnectOptions::new()
+        .user_and_password("desk-1".into(), s.nats.secrets().agent("desk-1").unwrap().into())
+        .custom_inbox_prefix("_INBOX.desk-1")
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    let _ = tx.send(e.to_string());
+                }
+            }
+        })
+        .connect(s.nats.url())
+        .await
+        .unwrap();
+
+    // Its own subject works.
+    let js = jetstream::new(client.clone());
+    let own = encode_event(&chat(&desk(1), "mine"), Encoding::MsgPack).unwrap();
+    js.publish(subject::event(&desk(1), ferry_schema::EventKind::Chat), own.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    // Another agent's subject is refused.
+    let theirs = encode_event(&chat(&desk(2), "spoofed"), Encoding::MsgPack).unwrap();
+    client
+        .publish(subject::event(&desk(2), ferry_schema::EventKind::Chat), theirs.into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    let e = next_error(&mut errors).await;
+    assert!(e.contains("Permissions Violation for Publish to \"events.desk-2.chat\""), "{e}");
+
+    // So is listening to another agent's replies.
+    let _sub = client.subscribe(subject::reply(&desk(2))).await.unwrap();
+    client.flush().await.unwrap();
+    let e = next_error(&mut errors).await;
+    assert!(e.contains("Permissions Violation for Subscription to \"replies.desk-2\""), "{e}");
+
+    // And so is pulling from another agent's reply consumer.
+    let other = jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(client.clone());
+    let pulled = other
+        .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+            topology::agent_replies_consumer_name(&desk(2)),
+            REPLIES_STREAM,
+        )
+        .await;
+    assert!(pulled.is_err());
+    let e = next_error(&mut errors).await;
+    assert!(e.contains("Permissions Violation for Publish to \"$JS.API.CONSUMER.INFO.REPLIES.agent-desk-2\""), "{e}");
+
+    // Only the allowed publish reached the stream.
+    assert_eq!(inspect::count(&s.js, EVENTS_STREAM).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn offline_agent_gets_its_replies_after_reconnecting() {
+    let s = stack().await;
+    let _rules = s.rules_worker().await;
+    // desk-1 is offline: its events are published (say, by a previous run)
+    // and answered while nobody is listening.
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        let e = chat(&desk(1), &format!("question {i}"));
+        s.js.publish_with_headers(
+            subject::event(&desk(1), ferry_schema::EventKind::Chat),
+            headers::for_publish(&e.id.to_string(), Encoding::MsgPack, None),
+            encode_event(&e, Encoding::MsgPack).unwrap().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+        sent.push(e.id);
+    }
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, 5, WAIT).await.unwrap();
+
+    // The agent connects and receives all five.
+    let agent = s.agent(&desk(1)).await;
+    let (tx, mut rx) = mpsc::channel(16);
+    let stop = CancellationToken::new();
+    let receiver = tokio::spawn({
+        let (agent, stop) = (agent.clone(), stop.clone());
+        async move { agent.receive_replies(tx, stop).await }
+    });
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let r = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+        got.push(r.in_reply_to);
+    }
+    assert_eq!(got, sent, "all replies, in order");
+    stop.cancel();
+    receiver.await.unwrap().unwrap();
+
+    // They were acked: a new connection gets nothing again.
+    let again = s.agent(&desk(1)).await;
+    let (tx, mut rx) = mpsc::channel(16);
+    let stop = CancellationToken::new();
+    let h = tokio::spawn({
+        let stop = stop.clone();
+        async move { again.receive_replies(tx, stop).await }
+    });
+    assert!(tokio::time::timeout(Duration::from_secs(2), rx.recv()).await.is_err());
+    stop.cancel();
+    h.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn demo_lines_get_rule_replies_in_both_encodings() {
+    let s = stack().await;
+    let _rules = s.rules_worker().await;
+    for enc in [Encoding::MsgPack, Encoding::Json] {
+        let nats = s.nats.agent(&desk(2)).unwrap();
+        let mut cfg = AgentConfig::new(desk(2), nats);
+        cfg.encoding = enc;
+        let agent = Agent::connect(cfg).await.unwrap();
+        let (tx, mut rx) = mpsc::channel(64);
+        let report = run_lines(
+            &agent,
+            std::io::Cursor::new(DEMO_CHAT.as_bytes().to_vec()),
+            Until::Answered { idle_timeout: WAIT },
+            tx,
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        let lines = DEMO_CHAT.lines().filter(|l| !l.trim().is_empty()).count() as u64;
+        assert_eq!(report.published, lines);
+        assert_eq!(report.unanswered, 0);
+        let mut actions = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            if let ReplyBody::Chat(c) = r.body {
+                actions.push((c.answered_by.name, c.action));
+            }
+        }
+        for expected in [
+            ("greeting".to_string(), ChatAction::Reply),
+            ("refund".to_string(), ChatAction::Escalate),
+            ("spam".to_string(), ChatAction::Ignore),
+            ("catch-all".to_string(), ChatAction::Reply),
+        ] {
+            assert!(actions.contains(&expected), "{enc:?}: {expected:?} missing from {actions:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn agent_publishes_through_a_broker_restart() {
+    let mut s = stack().await;
+    let agent = s.agent(&desk(1)).await;
+    let stop = CancellationToken::new();
+    agent.publish(&chat(&desk(1), "before"), &stop).await.unwrap();
+
+    s.nats.kill();
+    let pending = tokio::spawn({
+        let (agent, stop) = (agent.clone(), stop.clone());
+        async move { agent.publish(&chat(&desk(1), "during outage"), &stop).await }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!pending.is_finished(), "nothing can ack while the broker is down");
+    s.nats.restart().unwrap();
+    let published = tokio::time::timeout(WAIT, pending).await.unwrap().unwrap().unwrap();
+    assert!(!published.duplicate);
+    let js = jetstream::new(s.nats.operator("after").connect().await.unwrap());
+    assert_eq!(inspect::count(&js, EVENTS_STREAM).await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn cli_prints_replies_as_json_lines() {
+    let s = stack().await;
+    let _rules = s.rules_worker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("chat.jsonl");
+    std::fs::write(&input, DEMO_CHAT).unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
+        .args(["--id", "desk-1", "--server", &s.nats.url()])
+        .args(["--password", s.nats.secrets().agent("desk-1").unwrap()])
+        .args(["run", "--until-answered", "--idle-timeout", "60", "--input"])
+        .arg(&input)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let replies: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let chats = replies.iter().filter(|r| r["kind"] == "chat").count();
+    assert_eq!(chats, 6, "{replies:#?}");
+    assert!(replies.iter().all(|r| r["agent"] == "desk-1"));
+
+    // A bad id is refused before connecting, naming the problem.
+    let bad = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
+        .args(["--id", "desk 1", "run"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains(r#"agent id "desk 1" is not a valid subject token"#), "{err}");
+}
