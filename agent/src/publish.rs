@@ -94,9 +94,11 @@ impl Agent {
         }
     }
 
-    /// Publishes `events` in order with at most `publish_window` awaiting
-    /// acks, calling `on_published` for each acknowledged one. Stops at the
-    /// first error (an unencodable event, or shutdown).
+    /// Publishes `events` with at most `publish_window` awaiting acks,
+    /// calling `on_published` for each acknowledged one (in ack order). Events
+    /// are sent in input order, so the stream stores them in that order
+    /// unless a retry is needed. Stops at the first error (an unencodable
+    /// event, or shutdown).
     pub async fn publish_all<S, F>(
         &self,
         events: S,
@@ -113,7 +115,7 @@ impl Agent {
                 let r = self.publish(&env, shutdown).await;
                 (env, r)
             })
-            .buffered(window);
+            .buffer_unordered(window);
         let mut results = std::pin::pin!(results);
         let mut count = 0;
         while let Some((env, r)) = results.next().await {

@@ -1,9 +1,11 @@
 //! Receiving replies: the agent's own durable consumer, de-duplicated by reply id.
 //!
 //! Replies live in the `REPLIES` stream, so those published while the agent
-//! was offline wait in its consumer `agent-<id>`. A reply is acked only
-//! after it has been handed on; one delivered again (ack lost, agent
-//! restarted) is recognised by its id and not handed on twice.
+//! was offline wait in its consumer `agent-<id>`. Replies are handed on in
+//! stream order and acked only after that, cumulatively (the consumer's ack
+//! policy is `All`): every few replies (at most 32), or when no more
+//! are waiting. One delivered again (ack lost, agent restarted) is
+//! recognised by its id and not handed on twice.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
@@ -12,7 +14,7 @@ use async_nats::jetstream::{consumer::pull, AckKind};
 use ferry_schema::codec::{decode_reply, DEFAULT_MAX_PAYLOAD};
 use ferry_schema::topology::{agent_replies_consumer_name, REPLIES_STREAM};
 use ferry_schema::{Encoding, Reply, ReplyId};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -80,6 +82,10 @@ impl Agent {
                 source,
             })?;
         let mut seen = Seen::default();
+        // Well below the consumer's max_ack_pending, so acks never stall delivery.
+        let ack_every = (self.cfg.reply_batch / 4).clamp(1, 32);
+        let mut unacked = 0usize;
+        let mut last: Option<async_nats::jetstream::Message> = None;
         'pulling: while !shutdown.is_cancelled() {
             let mut messages = match consumer
                 .stream()
@@ -98,16 +104,22 @@ impl Agent {
                     }
                 }
             };
+            // A message taken early to see whether more were waiting.
+            let mut ready = None;
             loop {
-                let next = tokio::select! {
-                    _ = shutdown.cancelled() => break 'pulling,
-                    n = messages.next() => n,
+                let next = match ready.take() {
+                    Some(n) => n,
+                    None => tokio::select! {
+                        _ = shutdown.cancelled() => break 'pulling,
+                        n = messages.next() => n,
+                    },
                 };
                 let msg = match next {
                     Some(Ok(m)) => m,
                     Some(Err(error)) => {
                         use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
                         if matches!(error.kind(), K::ConsumerDeleted) {
+                            ack_latest(&mut last, &mut unacked).await;
                             return Err(RepliesError::Pull(error.to_string()));
                         }
                         tracing::warn!(%error, "reply pull error; continuing");
@@ -117,31 +129,51 @@ impl Agent {
                 };
                 let decoded = Encoding::from_headers(msg.headers.as_ref())
                     .and_then(|enc| decode_reply(&msg.payload, enc, DEFAULT_MAX_PAYLOAD));
-                let ack = match decoded {
+                match decoded {
                     Err(error) => {
+                        // Terminated on its own, so the cumulative ack of a
+                        // later reply cannot hide it.
                         tracing::error!(%error, subject = %msg.subject, "undecodable reply dropped");
-                        AckKind::Term
+                        if let Err(error) = msg.ack_with(AckKind::Term).await {
+                            tracing::warn!(%error, "term of undecodable reply failed");
+                        }
+                        continue;
                     }
                     Ok(reply) if !seen.insert(reply.id) => {
                         tracing::debug!(reply = %reply.id, "duplicate reply ignored");
-                        AckKind::Ack
                     }
                     Ok(reply) => {
                         if tx.send(reply).await.is_err() {
-                            // Nobody takes replies any more: leave it for next time.
-                            let _ = msg.ack_with(AckKind::Nak(None)).await;
+                            // Nobody takes replies any more: what was handed on
+                            // is acked below; this one is left for next time.
                             break 'pulling;
                         }
-                        AckKind::Ack
                     }
-                };
-                if let Err(error) = msg.ack_with(ack).await {
-                    tracing::warn!(%error, "reply ack failed; it will be redelivered and de-duplicated");
+                }
+                unacked += 1;
+                last = Some(msg);
+                // Ack cumulatively every `ack_every` replies or when
+                // nothing more is waiting, so a quiet agent acks at once.
+                ready = messages.next().now_or_never();
+                if unacked >= ack_every || ready.is_none() {
+                    ack_latest(&mut last, &mut unacked).await;
                 }
             }
         }
+        ack_latest(&mut last, &mut unacked).await;
         Ok(())
     }
+}
+
+/// Acks `last` (the consumer's ack policy is `All`, so this acks every
+/// reply before it too).
+async fn ack_latest(last: &mut Option<async_nats::jetstream::Message>, unacked: &mut usize) {
+    if let Some(msg) = last.take() {
+        if let Err(error) = msg.ack().await {
+            tracing::warn!(%error, "reply ack failed; they will be redelivered and de-duplicated");
+        }
+    }
+    *unacked = 0;
 }
 
 #[cfg(test)]

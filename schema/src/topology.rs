@@ -66,6 +66,9 @@ fn base_stream(name: &str, subjects: Vec<String>, s: &StreamSettings) -> stream:
         num_replicas: s.replicas,
         duplicate_window: s.duplicate_window,
         max_message_size: s.max_message_size,
+        // -1 (no limit) as the server stores it, so a re-run compares equal.
+        max_bytes: -1,
+        max_messages: -1,
         discard: DiscardPolicy::Old,
         ..Default::default()
     }
@@ -196,11 +199,13 @@ pub fn agent_replies_consumer(agent: &AgentId) -> ConsumerDef {
             description: Some(format!("Replies to agent {agent}.")),
             filter_subject: subject::reply(agent).to_string(),
             deliver_policy: DeliverPolicy::All,
-            ack_policy: AckPolicy::Explicit,
+            // The agent hands replies on strictly in order, so one ack of
+            // the latest covers all before it (fewer acks per reply).
+            ack_policy: AckPolicy::All,
             ack_wait: Duration::from_secs(30),
             // A reply must reach its agent; the agent de-duplicates by reply id.
             max_deliver: -1,
-            max_ack_pending: 256,
+            max_ack_pending: 1024,
             max_waiting: 16,
             ..Default::default()
         },

@@ -56,7 +56,7 @@ enum RoleCmd {
 
 #[derive(Debug, Args)]
 struct RulesArgs {
-    /// The rules file (TOML); see workers/rules.example.toml.
+    /// The rules file (TOML); see ops/demo/rules.toml and workers/src/rules/config.rs.
     #[arg(long, env = "FERRY_RULES", default_value = "rules.toml")]
     rules: PathBuf,
     /// Events handled at once by this replica (also the pull batch size).

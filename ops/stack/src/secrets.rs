@@ -35,12 +35,23 @@ impl std::fmt::Debug for Secrets {
     }
 }
 
+/// A random 32-character password. nats-server parses an environment
+/// variable's value as a config token, so a value starting with a digit
+/// would be read as a number: passwords always start with a letter.
 fn random_password() -> String {
-    rand::thread_rng()
-        .sample_iter(&Alphanumeric)
-        .take(32)
-        .map(char::from)
+    let mut rng = rand::thread_rng();
+    let first = char::from(b'a' + rng.gen_range(0..26u8));
+    std::iter::once(first)
+        .chain(rng.sample_iter(&Alphanumeric).take(31).map(char::from))
         .collect()
+}
+
+/// Whether nats-server reads `p` back as the same string from the environment.
+fn is_safe_password(p: &str) -> bool {
+    p.len() >= 16
+        && p.starts_with(|c: char| c.is_ascii_alphabetic())
+        && p.chars().all(|c| c.is_ascii_alphanumeric())
+        && !["true", "false", "yes", "no", "on", "off"].contains(&p.to_ascii_lowercase().as_str())
 }
 
 /// Environment variable holding `agent`'s password (`FERRY_AGENT_DESK_1_PASSWORD`).
@@ -132,7 +143,16 @@ impl Secrets {
                 .ok_or_else(|| format!("line {}: expected NAME=value", n + 1))?;
             vars.insert(k.trim().to_string(), v.trim().to_string());
         }
-        let mut take = |k: &str| vars.remove(k).ok_or_else(|| format!("{k} is missing"));
+        let mut take = |k: &str| {
+            let v = vars.remove(k).ok_or_else(|| format!("{k} is missing"))?;
+            if is_safe_password(&v) {
+                Ok(v)
+            } else {
+                Err(format!(
+                    "{k} must be at least 16 letters and digits, starting with a letter (nats-server reads other values as numbers or booleans)"
+                ))
+            }
+        };
         let workers = take("FERRY_WORKERS_PASSWORD")?;
         let operator = take("FERRY_OPERATOR_PASSWORD")?;
         let agents = DEMO_AGENTS
@@ -165,10 +185,19 @@ mod tests {
     }
 
     #[test]
+    fn generated_passwords_survive_nats_config_parsing() {
+        for _ in 0..2000 {
+            assert!(is_safe_password(&random_password()));
+        }
+        assert!(!is_safe_password("7abcdefghijklmnopq"));
+        assert!(!is_safe_password("short"));
+    }
+
+    #[test]
     fn broken_file_names_the_missing_variable() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("secrets.env");
-        std::fs::write(&path, "FERRY_WORKERS_PASSWORD=x\n").unwrap();
+        std::fs::write(&path, "FERRY_WORKERS_PASSWORD=abcdefghijklmnopqrst\n").unwrap();
         let err = Secrets::load_or_create(&path).unwrap_err().to_string();
         assert!(err.contains("FERRY_OPERATOR_PASSWORD is missing"), "{err}");
     }

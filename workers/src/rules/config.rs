@@ -209,6 +209,12 @@ pub fn parse(text: &str, origin: &str) -> Result<RuleSet, RulesError> {
             .transpose()?;
         let chat_only = matches!(entry.action, ActionName::Reply | ActionName::Infer);
         let activity_only = matches!(entry.action, ActionName::Alert);
+        if entry.action == ActionName::Escalate && kinds.contains(&EventKind::Activity) {
+            return Err(invalid(
+                "action",
+                "\"escalate\" applies to chat events only; activity rules use \"alert\" or \"ignore\"".into(),
+            ));
+        }
         if chat_only && kinds.contains(&EventKind::Activity) {
             return Err(invalid(
                 "action",

@@ -175,6 +175,8 @@ impl RuleSet {
                 reason: t.as_ref().map(render),
                 confidence: rule.confidence,
             },
+            // Ignoring an activity means sending nothing at all.
+            Action::Ignore if kind == EventKind::Activity => Decision::Nothing,
             Action::Ignore => Decision::Ignore { rule: name },
             Action::Infer => Decision::Infer { rule: name },
             Action::Alert(t) => Decision::Alert {

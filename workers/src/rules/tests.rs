@@ -80,6 +80,8 @@ fn demo_rules_decide() {
         },
     );
     check(DEMO, activity("excel.exe", "Q3.xlsx"), Decision::Nothing);
+    let quiet = "[[rule]]\nname = \"q\"\nkinds = [\"activity\"]\naction = \"ignore\"\n";
+    check(quiet, activity("excel.exe", "Q3.xlsx"), Decision::Nothing);
 }
 
 #[test]
@@ -138,6 +140,7 @@ fn config_errors_name_rule_and_field() {
     check_err("[[rule]]\nname = \"a\"\nkinds = [\"heartbeat\"]\naction = \"ignore\"\n", r#"field `kinds`: "heartbeat" is not a kind rules apply to"#);
     check_err("[[rule]]\nname = \"a\"\nkinds = [\"activity\"]\naction = \"reply\"\ntemplate = \"x\"\n", "applies to chat events only");
     check_err("[[rule]]\nname = \"a\"\naction = \"alert\"\ntemplate = \"x\"\n", "\"alert\" applies to activity events only");
+    check_err("[[rule]]\nname = \"a\"\nkinds = [\"activity\"]\naction = \"escalate\"\n", "\"escalate\" applies to chat events only");
     check_err("[[rule]]\nname = \"a\"\naction = \"reply\"\ntemplate = \"{nope}\"\n", "unknown placeholder {nope}");
     check_err("[[rule]]\nname = \"a\"\naction = \"reply\"\ntemplate = \"{title}\"\n", "placeholder {title} exists only for activity events");
     check_err("[[rule]]\nname = \"a\"\naction = \"ignore\"\nconfidence = 2.0\n", "field `confidence`: 2 is outside 0.0..=1.0");

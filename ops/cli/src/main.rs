@@ -1,0 +1,91 @@
+//! `ferry`: the operators' command: run a local stack, provision, benchmark.
+
+mod bench;
+mod provision;
+mod up;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use ferry_schema::connect::{Auth, NatsConfig};
+
+/// Operate Ferry: run the whole pipeline locally, provision streams and
+/// consumers on a broker, and measure it.
+///
+/// Examples:
+///   ferry up                      # broker, provisioning, rules worker, demo agent; Ctrl-C stops
+///   ferry up --once               # same, exit after the demo agent got its replies
+///   ferry provision --user operator --password "$FERRY_OPERATOR_PASSWORD"
+///   ferry bench rules --events 20000
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Start the local pipeline: nats-server with nats.conf, provisioning,
+    /// the rules worker and a demo agent that prints its replies.
+    Up(up::UpArgs),
+    /// Create or update streams and consumers (idempotent; prints what changed).
+    Provision(provision::ProvisionArgs),
+    /// Benchmarks that run a baseline in the same run and print ratios.
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+}
+
+/// Connection flags, named as the `nats` CLI names them.
+#[derive(Debug, Clone, Args)]
+pub struct ConnArgs {
+    /// NATS server URL(s), comma separated.
+    #[arg(short = 's', long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub server: String,
+    /// User (operators use `operator`).
+    #[arg(long, env = "NATS_USER", default_value = "operator")]
+    pub user: String,
+    /// Password of --user (for `ferry up`'s broker: FERRY_OPERATOR_PASSWORD in .ferry/secrets.env).
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// Credentials file instead of --user/--password.
+    #[arg(long, env = "NATS_CREDS")]
+    pub creds: Option<PathBuf>,
+}
+
+impl ConnArgs {
+    /// Connection settings for these flags.
+    pub fn config(&self, name: &str) -> NatsConfig {
+        let mut c = NatsConfig::new(&self.server, name);
+        c.auth = match (&self.creds, &self.password) {
+            (Some(p), _) => Auth::CredsFile(p.clone()),
+            (None, Some(pw)) => Auth::UserPassword {
+                user: self.user.clone(),
+                password: pw.clone(),
+            },
+            (None, None) => Auth::None,
+        };
+        c
+    }
+}
+
+fn init_logs() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logs();
+    match cli.cmd {
+        Cmd::Up(args) => up::run(args).await,
+        Cmd::Provision(args) => provision::run(args).await,
+        Cmd::Bench(cmd) => bench::run(cmd).await,
+    }
+}

@@ -1,0 +1,177 @@
+//! `ferry up`: the whole local pipeline on this machine, with its defaults.
+//!
+//! Starts a real nats-server with `nats.conf` (its store under the data dir),
+//! provisions streams and consumers, runs the rules worker, and runs demo
+//! agent `desk-1`, which sends the bundled chat lines and prints each reply
+//! as a JSON line. Everything stops cleanly on Ctrl-C.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use clap::Args;
+use ferry_agent::run::{run_lines, Until};
+use ferry_agent::{Agent, AgentConfig};
+use ferry_schema::codec::encode_reply;
+use ferry_schema::topology::{self, StreamSettings};
+use ferry_schema::{AgentId, Encoding};
+use ferry_stack::secrets::DEMO_AGENTS;
+use ferry_stack::{NatsServer, NatsServerOptions, Secrets};
+use ferry_workers::rules::{self, RulesConfig};
+use ferry_workers::runtime::shutdown_signal;
+use tokio_util::sync::CancellationToken;
+
+const DEMO_RULES: &str = include_str!("../../demo/rules.toml");
+const DEMO_CHAT: &str = include_str!("../../demo/chat.jsonl");
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Where the broker's store, logs and generated secrets live.
+    #[arg(long, default_value = ".ferry")]
+    data_dir: PathBuf,
+    /// Client port of the broker.
+    #[arg(long, default_value_t = 4222)]
+    port: u16,
+    /// Monitoring port of the broker.
+    #[arg(long, default_value_t = 8222)]
+    monitor_port: u16,
+    /// Rules file for the rules worker (default: the bundled demo rules).
+    #[arg(long)]
+    rules: Option<PathBuf>,
+    /// JSON lines the demo agent sends (default: the bundled demo chat).
+    #[arg(long)]
+    demo: Option<PathBuf>,
+    /// Do not run the demo agent.
+    #[arg(long)]
+    no_demo: bool,
+    /// Exit once the demo agent got its replies (for scripts and CI).
+    #[arg(long)]
+    once: bool,
+}
+
+fn port_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    for (flag, port) in [("--port", args.port), ("--monitor-port", args.monitor_port)] {
+        anyhow::ensure!(
+            port_free(port),
+            "port {port} on 127.0.0.1 is in use (another `ferry up` or nats-server?); stop it or choose another with {flag}"
+        );
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
+    let secrets_path = args.data_dir.join("secrets.env");
+    let secrets = Secrets::load_or_create(&secrets_path)?;
+
+    eprintln!("ferry: starting nats-server (store in {}) ...", args.data_dir.join("nats").display());
+    let mut nats = NatsServer::start(NatsServerOptions {
+        data_dir: Some(args.data_dir.join("nats")),
+        port: Some(args.port),
+        monitor_port: Some(args.monitor_port),
+        conf: None,
+        secrets: Some(secrets),
+    })?;
+
+    let op = nats.operator("ferry up").connect().await?;
+    let js = jetstream::new(op.clone());
+    let agents: Vec<AgentId> = DEMO_AGENTS
+        .iter()
+        .map(|a| AgentId::new(*a))
+        .collect::<Result<_, _>>()?;
+    let report = topology::provision(&js, &StreamSettings::default(), &agents).await?;
+    eprintln!("ferry: provisioned\n{}", indent(&crate::provision::describe(&report)));
+
+    let rules_path = match &args.rules {
+        Some(p) => p.clone(),
+        None => {
+            let p = args.data_dir.join("demo-rules.toml");
+            std::fs::write(&p, DEMO_RULES).with_context(|| format!("writing {}", p.display()))?;
+            p
+        }
+    };
+    rules::config::load(&rules_path)?;
+    let shutdown = CancellationToken::new();
+    let worker = {
+        let client = nats.workers("ferry up: rules").connect().await?;
+        let cfg = RulesConfig::new(&rules_path);
+        let token = shutdown.clone();
+        tokio::spawn(async move { rules::run(client, &cfg, token).await })
+    };
+    eprintln!("ferry: rules worker running ({})", rules_path.display());
+
+    let mut demo_failed = None;
+    if !args.no_demo {
+        let id = AgentId::new("desk-1")?;
+        let conn = nats.agent(&id).context("nats.conf has no user for desk-1")?;
+        let agent = Agent::connect(AgentConfig::new(id.clone(), conn)).await?;
+        let input: Vec<u8> = match &args.demo {
+            Some(p) => std::fs::read(p).with_context(|| format!("reading --demo {}", p.display()))?,
+            None => DEMO_CHAT.as_bytes().to_vec(),
+        };
+        eprintln!("ferry: demo agent {id} sending {} events; replies:", count_lines(&input));
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let printer = tokio::spawn(async move {
+            while let Some(reply) = rx.recv().await {
+                if let Ok(line) = encode_reply(&reply, Encoding::Json) {
+                    println!("{}", String::from_utf8_lossy(&line));
+                }
+            }
+        });
+        let report = run_lines(
+            &agent,
+            std::io::Cursor::new(input),
+            Until::Answered {
+                idle_timeout: Duration::from_secs(30),
+            },
+            tx,
+            shutdown.child_token(),
+        )
+        .await?;
+        let _ = printer.await;
+        eprintln!(
+            "ferry: demo agent published {}, received {} replies, {} chats unanswered",
+            report.published, report.replies, report.unanswered
+        );
+        if report.unanswered > 0 {
+            demo_failed = Some(report.unanswered);
+        }
+    }
+
+    if !args.once {
+        eprintln!(
+            "ferry: running. NATS {} (monitoring {}), credentials in {}.\n       Try: nats --user operator --password \"$FERRY_OPERATOR_PASSWORD\" sub 'replies.>'  (after: source {})\n       Ctrl-C stops everything.",
+            nats.url(),
+            nats.monitor_url(),
+            secrets_path.display(),
+            secrets_path.display()
+        );
+        shutdown_signal().await;
+        eprintln!("ferry: stopping ...");
+    }
+    shutdown.cancel();
+    match worker.await {
+        Ok(Ok(stats)) => eprintln!("ferry: rules worker stopped ({:?})", stats.snapshot()),
+        Ok(Err(e)) => eprintln!("ferry: rules worker failed: {e}"),
+        Err(e) => eprintln!("ferry: rules worker task failed: {e}"),
+    }
+    nats.stop();
+    eprintln!("ferry: stopped");
+    if let Some(n) = demo_failed {
+        anyhow::bail!("{n} demo chat events got no reply");
+    }
+    Ok(())
+}
+
+fn indent(s: &str) -> String {
+    s.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+}
+
+fn count_lines(input: &[u8]) -> usize {
+    String::from_utf8_lossy(input)
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .count()
+}
