@@ -177,6 +177,7 @@ async fn ack_latest(last: &mut Option<async_nats::jetstream::Message>, unacked: 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

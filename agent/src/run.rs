@@ -164,13 +164,11 @@ where
     };
     stop.cancel();
     // Input errors are reported even if publishing had stopped first.
-    match reader.await {
-        Ok(Err(e)) => return Err(e),
-        Ok(Ok(())) | Err(_) => {}
+    if let Ok(Err(e)) = reader.await {
+        return Err(e);
     }
-    match receiver.await {
-        Ok(Err(e)) => return Err(e.into()),
-        Ok(Ok(())) | Err(_) => {}
+    if let Ok(Err(e)) = receiver.await {
+        return Err(e.into());
     }
     result?;
     report.unanswered = pending.len();

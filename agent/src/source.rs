@@ -63,6 +63,7 @@ pub fn parse_line(agent: &AgentId, line_no: usize, line: &str) -> Result<Option<
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use ferry_schema::EventBody;

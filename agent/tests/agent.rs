@@ -1,4 +1,5 @@
 //! The agent against a real nats-server and rules worker: confinement, offline replies, reconnect, CLI.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
 use std::time::Duration;
 

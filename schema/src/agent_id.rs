@@ -97,6 +97,7 @@ impl<'de> Deserialize<'de> for AgentId {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -425,4 +425,5 @@ pub fn decode_reply(bytes: &[u8], enc: Encoding, limit: usize) -> Result<Reply, 
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests;

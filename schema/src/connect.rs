@@ -158,6 +158,7 @@ pub fn reconnect_delay(attempt: usize) -> Duration {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

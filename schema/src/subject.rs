@@ -129,6 +129,7 @@ pub fn agent_inbox_prefix(agent: &AgentId) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

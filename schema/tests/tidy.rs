@@ -1,5 +1,6 @@
 //! Tidy checks over the whole workspace (like rust-analyzer's): every source
 //! file says what it is for in its first line, and no worker spells a subject.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
 use std::path::{Path, PathBuf};
 

@@ -1,4 +1,5 @@
 //! The rules worker against a real nats-server: replies, encodings, dedup, replicas, poison.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! The `ferry` command as an operator runs it: `up --once` and idempotent `provision`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
 use std::process::Command;
 use std::time::Duration;

@@ -147,8 +147,23 @@ impl NatsServer {
             secrets: opts.secrets.unwrap_or_else(Secrets::generate),
             _temp: temp,
         };
-        server.spawn()?;
-        Ok(server)
+        // A port found free can be taken by someone else before the server
+        // binds it; when we chose the ports, choose again and retry.
+        let chose_ports = opts.port.is_none() && opts.monitor_port.is_none();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match server.spawn() {
+                Err(StackError::Exited { ref log_tail, .. })
+                    if chose_ports && attempts < 5 && log_tail.contains("address already in use") =>
+                {
+                    server.port = free_port().map_err(io("find a free port"))?;
+                    server.monitor_port = free_port().map_err(io("find a free port"))?;
+                    tracing::debug!(attempts, "port taken before nats-server bound it; retrying");
+                }
+                other => return other.map(|()| server),
+            }
+        }
     }
 
     fn log_path(&self) -> PathBuf {

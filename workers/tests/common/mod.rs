@@ -1,5 +1,6 @@
 //! Shared fixtures of the workers' integration tests: a real broker, provisioned, plus replicas.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)] // shared by several test files
+
 
 use std::sync::Arc;
 use std::time::Duration;
