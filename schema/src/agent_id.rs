@@ -41,6 +41,14 @@ impl AgentId {
                 id.len()
             )));
         }
+        // The common case, checked byte by byte; the slower scan below only
+        // runs to describe what is wrong.
+        if id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Ok(Self(id));
+        }
         if let Some((pos, c)) = id
             .char_indices()
             .find(|(_, c)| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
@@ -111,26 +119,39 @@ mod tests {
     fn validation() {
         check("desk-7", Ok(()));
         check("DESK_7", Ok(()));
-        check("", Err(r#"agent id "" is not a valid subject token (it is empty)"#));
+        check(
+            "",
+            Err(r#"agent id "" is not a valid subject token (it is empty)"#),
+        );
         check(
             "desk 7",
-            Err(r#"agent id "desk 7" is not a valid subject token (whitespace ' ' at byte 4 is not allowed; use letters, digits, '-' and '_')"#),
+            Err(
+                r#"agent id "desk 7" is not a valid subject token (whitespace ' ' at byte 4 is not allowed; use letters, digits, '-' and '_')"#,
+            ),
         );
         check(
             "desk.7",
-            Err(r#"agent id "desk.7" is not a valid subject token ('.' separates subject tokens at byte 4 is not allowed; use letters, digits, '-' and '_')"#),
+            Err(
+                r#"agent id "desk.7" is not a valid subject token ('.' separates subject tokens at byte 4 is not allowed; use letters, digits, '-' and '_')"#,
+            ),
         );
         check(
             "desk*",
-            Err(r#"agent id "desk*" is not a valid subject token ('*' is a subject wildcard at byte 4 is not allowed; use letters, digits, '-' and '_')"#),
+            Err(
+                r#"agent id "desk*" is not a valid subject token ('*' is a subject wildcard at byte 4 is not allowed; use letters, digits, '-' and '_')"#,
+            ),
         );
         check(
             ">",
-            Err(r#"agent id ">" is not a valid subject token ('>' is a subject wildcard at byte 0 is not allowed; use letters, digits, '-' and '_')"#),
+            Err(
+                r#"agent id ">" is not a valid subject token ('>' is a subject wildcard at byte 0 is not allowed; use letters, digits, '-' and '_')"#,
+            ),
         );
         check(
             "桌子",
-            Err(r#"agent id "桌子" is not a valid subject token ('桌' at byte 0 is not allowed; use letters, digits, '-' and '_')"#),
+            Err(
+                r#"agent id "桌子" is not a valid subject token ('桌' at byte 0 is not allowed; use letters, digits, '-' and '_')"#,
+            ),
         );
         let long = "a".repeat(65);
         assert!(AgentId::new(long).is_err());

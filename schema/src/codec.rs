@@ -5,18 +5,15 @@
 //! named fields (a map, like JSON), so both encodings carry the same document
 //! and unknown fields are ignored in both.
 //!
-//! Decoding runs in three small passes so that each failure gets the right
-//! typed error: first the version alone (an unknown version is reported as
-//! such even if the rest changed shape), then the head fields, then the body
-//! for the kind the head names.
+//! Decoding reads the document once (see `decode`): an unknown version is
+//! reported as such even if the rest changed shape, and every other failure
+//! gets its own typed error.
 
 use async_nats::HeaderMap;
 use chrono::{DateTime, Utc};
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::event::{Activity, ChatMessage, Heartbeat, PredictRequest};
-use crate::reply::{AlertReply, ChatReply, PredictionReply, ReplyKind};
+use crate::reply::ReplyKind;
 use crate::{
     headers, subject, AgentId, Envelope, EventBody, EventId, EventKind, InvalidAgentId, Reply,
     ReplyBody, ReplyId, SCHEMA_VERSION,
@@ -54,7 +51,12 @@ impl Encoding {
             return Ok(Self::MsgPack);
         };
         let value = value.as_str();
-        let mime = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let mime = value
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         match mime.as_str() {
             "application/json" => Ok(Self::Json),
             "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => {
@@ -242,37 +244,10 @@ pub fn encode_reply(r: &Reply, enc: Encoding) -> Result<Vec<u8>, EncodeError> {
     }
 }
 
-#[derive(Deserialize)]
-struct Probe {
-    #[serde(default)]
-    v: Option<u64>,
-}
-
-#[derive(Deserialize)]
-struct EventHead {
-    id: EventId,
-    agent: String,
-    kind: String,
-    ts: DateTime<Utc>,
-}
-
-#[derive(Deserialize)]
-struct ReplyHead {
-    id: ReplyId,
-    in_reply_to: EventId,
-    agent: String,
-    kind: String,
-    ts: DateTime<Utc>,
-}
-
-#[derive(Deserialize)]
-struct BodyOf<B> {
-    body: B,
-}
-
 /// Where in the document a parse failed; decides how errors are classified.
 #[derive(Clone, Copy)]
 enum Part {
+    /// The document itself or a key.
     Probe,
     Head,
     Body,
@@ -286,7 +261,9 @@ fn encoding_name(enc: Encoding) -> &'static str {
 }
 
 fn classify(enc: Encoding, part: Part, syntax: bool, msg: String) -> DecodeError {
-    if syntax || matches!(part, Part::Probe) && msg.contains("expected struct") {
+    // Outside any field value (the document itself, a key) every error is
+    // structural.
+    if syntax || matches!(part, Part::Probe) {
         return DecodeError::Malformed {
             encoding: encoding_name(enc),
             detail: msg,
@@ -311,61 +288,27 @@ fn classify(enc: Encoding, part: Part, syntax: bool, msg: String) -> DecodeError
     }
 }
 
-fn parse<T: DeserializeOwned>(enc: Encoding, part: Part, bytes: &[u8]) -> Result<T, DecodeError> {
-    match enc {
-        Encoding::Json => serde_json::from_slice(bytes).map_err(|e| {
-            let syntax = !matches!(e.classify(), serde_json::error::Category::Data);
-            classify(enc, part, syntax, e.to_string())
-        }),
-        Encoding::MsgPack => rmp_serde::from_slice(bytes).map_err(|e| {
-            let syntax = !matches!(e, rmp_serde::decode::Error::Syntax(_));
-            classify(enc, part, syntax, e.to_string())
-        }),
-    }
-}
-
-fn check_size_and_version(bytes: &[u8], enc: Encoding, limit: usize) -> Result<(), DecodeError> {
+fn check_size(bytes: &[u8], limit: usize) -> Result<(), DecodeError> {
     if bytes.len() > limit {
         return Err(DecodeError::TooLarge {
             size: bytes.len(),
             limit,
         });
     }
-    let probe: Probe = parse(enc, Part::Probe, bytes)?;
-    match probe.v {
-        None => Err(DecodeError::MissingField { field: "v".into() }),
-        Some(v) if v == u64::from(SCHEMA_VERSION) => Ok(()),
-        Some(found) => Err(DecodeError::UnsupportedVersion {
-            found,
-            supported: SCHEMA_VERSION,
-        }),
-    }
-}
-
-fn body<B: DeserializeOwned>(enc: Encoding, bytes: &[u8]) -> Result<B, DecodeError> {
-    parse::<BodyOf<B>>(enc, Part::Body, bytes).map(|b| b.body)
+    Ok(())
 }
 
 /// Decodes an event payload. `limit` is the largest accepted payload in bytes.
 pub fn decode_event(bytes: &[u8], enc: Encoding, limit: usize) -> Result<Envelope, DecodeError> {
-    check_size_and_version(bytes, enc, limit)?;
-    let head: EventHead = parse(enc, Part::Head, bytes)?;
-    let agent = AgentId::new(head.agent)?;
-    let kind = EventKind::parse(&head.kind).ok_or_else(|| DecodeError::UnknownKind {
-        kind: head.kind.clone(),
-        expected: EventKind::ALL.map(EventKind::as_str).join(", "),
-    })?;
-    let body = match kind {
-        EventKind::Chat => EventBody::Chat(body::<ChatMessage>(enc, bytes)?),
-        EventKind::Activity => EventBody::Activity(body::<Activity>(enc, bytes)?),
-        EventKind::Heartbeat => EventBody::Heartbeat(body::<Heartbeat>(enc, bytes)?),
-        EventKind::Predict => EventBody::Predict(body::<PredictRequest>(enc, bytes)?),
-    };
+    check_size(bytes, limit)?;
+    let doc = decode::read::<EventKind>(bytes, enc)?;
+    let head = doc.validate(enc)?;
+    let id = EventId(decode::uuid("id", head.id)?);
     Ok(Envelope {
-        id: head.id,
-        agent,
+        id,
+        agent: AgentId::new(head.agent)?,
         ts: head.ts,
-        body,
+        body: head.body,
     })
 }
 
@@ -403,26 +346,21 @@ pub fn decode_event_message(
 
 /// Decodes a reply payload.
 pub fn decode_reply(bytes: &[u8], enc: Encoding, limit: usize) -> Result<Reply, DecodeError> {
-    check_size_and_version(bytes, enc, limit)?;
-    let head: ReplyHead = parse(enc, Part::Head, bytes)?;
-    let agent = AgentId::new(head.agent)?;
-    let kind = ReplyKind::parse(&head.kind).ok_or_else(|| DecodeError::UnknownKind {
-        kind: head.kind.clone(),
-        expected: ReplyKind::ALL.map(ReplyKind::as_str).join(", "),
-    })?;
-    let body = match kind {
-        ReplyKind::Chat => ReplyBody::Chat(body::<ChatReply>(enc, bytes)?),
-        ReplyKind::Prediction => ReplyBody::Prediction(body::<PredictionReply>(enc, bytes)?),
-        ReplyKind::Alert => ReplyBody::Alert(body::<AlertReply>(enc, bytes)?),
-    };
+    check_size(bytes, limit)?;
+    let doc = decode::read::<ReplyKind>(bytes, enc)?;
+    let head = doc.validate(enc)?;
+    let id = ReplyId(decode::uuid("id", head.id)?);
+    let in_reply_to = EventId(decode::uuid("in_reply_to", head.in_reply_to)?);
     Ok(Reply {
-        id: head.id,
-        in_reply_to: head.in_reply_to,
-        agent,
+        id,
+        in_reply_to,
+        agent: AgentId::new(head.agent)?,
         ts: head.ts,
-        body,
+        body: head.body,
     })
 }
+
+mod decode;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]

@@ -93,13 +93,12 @@ impl NatsConfig {
                 opts = opts.user_and_password(user.clone(), password.clone());
             }
             Auth::CredsFile(path) => {
-                opts = opts
-                    .credentials_file(path)
-                    .await
-                    .map_err(|source| ConnectError::Credentials {
+                opts = opts.credentials_file(path).await.map_err(|source| {
+                    ConnectError::Credentials {
                         path: path.clone(),
                         source,
-                    })?;
+                    }
+                })?;
             }
         }
         if let Some(prefix) = &self.inbox_prefix {

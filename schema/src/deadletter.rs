@@ -64,12 +64,18 @@ impl DeadLetter {
         );
         h.insert(headers::DEAD_REASON_CODE, code);
         // Header values are single lines.
-        h.insert(headers::DEAD_REASON, reason.replace(['\r', '\n'], " ").as_str());
+        h.insert(
+            headers::DEAD_REASON,
+            reason.replace(['\r', '\n'], " ").as_str(),
+        );
         h.insert(headers::DEAD_STREAM, origin.stream.as_str());
         h.insert(headers::DEAD_CONSUMER, origin.consumer.as_str());
         h.insert(headers::DEAD_SUBJECT, origin.subject.as_str());
         h.insert(headers::DEAD_SEQUENCE, origin.sequence.to_string().as_str());
-        h.insert(headers::DEAD_DELIVERIES, origin.deliveries.to_string().as_str());
+        h.insert(
+            headers::DEAD_DELIVERIES,
+            origin.deliveries.to_string().as_str(),
+        );
         Self {
             subject: subject::dead_letter(&origin.stream, &origin.consumer),
             headers: h,

@@ -143,9 +143,18 @@ mod tests {
         assert_eq!(event(&a, EventKind::Chat).as_str(), "events.desk-7.chat");
         assert_eq!(reply(&a).as_str(), "replies.desk-7");
         assert_eq!(events_of_agent(&a).as_str(), "events.desk-7.>");
-        assert_eq!(events_of_kind(EventKind::Predict).as_str(), "events.*.predict");
-        assert_eq!(dead_letter("EVENTS", "rules").as_str(), "deadletter.EVENTS.rules");
-        assert_eq!(WorkQueue::InferenceChat.subject().as_str(), "work.inference.chat");
+        assert_eq!(
+            events_of_kind(EventKind::Predict).as_str(),
+            "events.*.predict"
+        );
+        assert_eq!(
+            dead_letter("EVENTS", "rules").as_str(),
+            "deadletter.EVENTS.rules"
+        );
+        assert_eq!(
+            WorkQueue::InferenceChat.subject().as_str(),
+            "work.inference.chat"
+        );
         assert_eq!(agent_inbox_prefix(&a), "_INBOX.desk-7");
     }
 

@@ -108,7 +108,11 @@ pub fn deadletter_stream(s: &StreamSettings) -> stream::Config {
     stream::Config {
         description: Some("Messages a worker gave up on, with the reason.".into()),
         max_age: s.deadletter_max_age,
-        ..base_stream(DEADLETTER_STREAM, vec![subject::all_dead_letters().to_string()], s)
+        ..base_stream(
+            DEADLETTER_STREAM,
+            vec![subject::all_dead_letters().to_string()],
+            s,
+        )
     }
 }
 
@@ -269,11 +273,31 @@ fn diff_fields(pairs: &[(&str, String, String)]) -> Vec<String> {
 
 fn stream_diff(have: &stream::Config, want: &stream::Config) -> Vec<String> {
     diff_fields(&[
-        ("subjects", format!("{:?}", have.subjects), format!("{:?}", want.subjects)),
-        ("retention", format!("{:?}", have.retention), format!("{:?}", want.retention)),
-        ("storage", format!("{:?}", have.storage), format!("{:?}", want.storage)),
-        ("max_age", format!("{:?}", have.max_age), format!("{:?}", want.max_age)),
-        ("max_bytes", have.max_bytes.to_string(), want.max_bytes.to_string()),
+        (
+            "subjects",
+            format!("{:?}", have.subjects),
+            format!("{:?}", want.subjects),
+        ),
+        (
+            "retention",
+            format!("{:?}", have.retention),
+            format!("{:?}", want.retention),
+        ),
+        (
+            "storage",
+            format!("{:?}", have.storage),
+            format!("{:?}", want.storage),
+        ),
+        (
+            "max_age",
+            format!("{:?}", have.max_age),
+            format!("{:?}", want.max_age),
+        ),
+        (
+            "max_bytes",
+            have.max_bytes.to_string(),
+            want.max_bytes.to_string(),
+        ),
         (
             "duplicate_window",
             format!("{:?}", have.duplicate_window),
@@ -284,7 +308,11 @@ fn stream_diff(have: &stream::Config, want: &stream::Config) -> Vec<String> {
             have.max_message_size.to_string(),
             want.max_message_size.to_string(),
         ),
-        ("discard", format!("{:?}", have.discard), format!("{:?}", want.discard)),
+        (
+            "discard",
+            format!("{:?}", have.discard),
+            format!("{:?}", want.discard),
+        ),
         (
             "num_replicas",
             have.num_replicas.max(1).to_string(),
@@ -295,21 +323,41 @@ fn stream_diff(have: &stream::Config, want: &stream::Config) -> Vec<String> {
 
 fn consumer_diff(have: &consumer::Config, want: &pull::Config) -> Vec<String> {
     diff_fields(&[
-        ("filter_subject", have.filter_subject.clone(), want.filter_subject.clone()),
+        (
+            "filter_subject",
+            have.filter_subject.clone(),
+            want.filter_subject.clone(),
+        ),
         (
             "deliver_policy",
             format!("{:?}", have.deliver_policy),
             format!("{:?}", want.deliver_policy),
         ),
-        ("ack_policy", format!("{:?}", have.ack_policy), format!("{:?}", want.ack_policy)),
-        ("ack_wait", format!("{:?}", have.ack_wait), format!("{:?}", want.ack_wait)),
-        ("max_deliver", have.max_deliver.to_string(), want.max_deliver.to_string()),
+        (
+            "ack_policy",
+            format!("{:?}", have.ack_policy),
+            format!("{:?}", want.ack_policy),
+        ),
+        (
+            "ack_wait",
+            format!("{:?}", have.ack_wait),
+            format!("{:?}", want.ack_wait),
+        ),
+        (
+            "max_deliver",
+            have.max_deliver.to_string(),
+            want.max_deliver.to_string(),
+        ),
         (
             "max_ack_pending",
             have.max_ack_pending.to_string(),
             want.max_ack_pending.to_string(),
         ),
-        ("backoff", format!("{:?}", have.backoff), format!("{:?}", want.backoff)),
+        (
+            "backoff",
+            format!("{:?}", have.backoff),
+            format!("{:?}", want.backoff),
+        ),
     ])
 }
 

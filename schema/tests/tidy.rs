@@ -19,7 +19,10 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 #[test]
@@ -34,7 +37,10 @@ fn every_rust_file_starts_with_a_doc_line() {
             !text.starts_with("//!")
         })
         .collect();
-    assert!(missing.is_empty(), "files without a //! first line: {missing:#?}");
+    assert!(
+        missing.is_empty(),
+        "files without a //! first line: {missing:#?}"
+    );
 }
 
 #[test]
@@ -47,10 +53,20 @@ fn only_schema_spells_subjects() {
         .iter()
         .filter(|f| {
             let text = std::fs::read_to_string(f).unwrap();
-            ["\"events.", "\"replies.", "\"work.", "\"deadletter.", "\"Nats-Msg-Id\"", "\"Content-Type\""]
-                .iter()
-                .any(|lit| text.contains(lit))
+            [
+                "\"events.",
+                "\"replies.",
+                "\"work.",
+                "\"deadletter.",
+                "\"Nats-Msg-Id\"",
+                "\"Content-Type\"",
+            ]
+            .iter()
+            .any(|lit| text.contains(lit))
         })
         .collect();
-    assert!(offenders.is_empty(), "subject or header literals outside schema: {offenders:#?}");
+    assert!(
+        offenders.is_empty(),
+        "subject or header literals outside schema: {offenders:#?}"
+    );
 }

@@ -45,6 +45,9 @@ pub struct RulesBench {
     /// Publishes awaiting a JetStream ack (agent publish_window; same for the raw publisher).
     #[arg(long, default_value_t = 256)]
     window: usize,
+    /// Runs of each scenario; the table shows medians.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
 }
 
 const BENCH_RULES: &str = r#"
@@ -76,34 +79,50 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
 
 async fn rules_bench(args: RulesBench) -> anyhow::Result<()> {
     anyhow::ensure!(args.events > 0, "--events must be at least 1");
+    anyhow::ensure!(args.repeat > 0, "--repeat must be at least 1");
     eprintln!(
-        "ferry bench rules: {} events per scenario, concurrency {}, publish window {}, {} cores",
+        "ferry bench rules: {} events per scenario, concurrency {}, publish window {}, {} repeats, {} cores",
         args.events,
         args.concurrency,
         args.window,
+        args.repeat,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
-    let a_full = scenario(Path::Raw, None, &args).await.context("(a) full rate")?;
-    let b_full = scenario(Path::Ferry, None, &args).await.context("(b) full rate")?;
-    let half = a_full.events_per_s / 2.0;
-    let a_half = scenario(Path::Raw, Some(half), &args).await.context("(a) half rate")?;
-    let b_half = scenario(Path::Ferry, Some(half), &args).await.context("(b) half rate")?;
+    // (a) and (b) alternate, so drift on a shared machine hits both alike.
+    let mut full = (Vec::new(), Vec::new());
+    for i in 0..args.repeat {
+        eprintln!("  full rate, repeat {}/{}", i + 1, args.repeat);
+        full.0.push(scenario(Path::Raw, None, &args).await.context("(a) full rate")?);
+        full.1.push(scenario(Path::Ferry, None, &args).await.context("(b) full rate")?);
+    }
+    let half = median(&full.0, |m| m.events_per_s) / 2.0;
+    let mut halves = (Vec::new(), Vec::new());
+    for i in 0..args.repeat {
+        eprintln!("  half rate ({half:.0}/s), repeat {}/{}", i + 1, args.repeat);
+        halves.0.push(scenario(Path::Raw, Some(half), &args).await.context("(a) half rate")?);
+        halves.1.push(scenario(Path::Ferry, Some(half), &args).await.context("(b) half rate")?);
+    }
 
+    println!("Median of {} runs each:", args.repeat);
+    println!();
     println!("| scenario | rate | events/s | p50 ms | p99 ms |");
     println!("|---|---|---:|---:|---:|");
-    for (name, rate, m) in [
-        ("(a) raw JetStream round trip", "full", a_full),
-        ("(b) agent + rules worker", "full", b_full),
-        ("(a) raw JetStream round trip", &*format!("half ({half:.0}/s)"), a_half),
-        ("(b) agent + rules worker", &*format!("half ({half:.0}/s)"), b_half),
+    let half_label = format!("half ({half:.0}/s)");
+    for (name, rate, runs) in [
+        ("(a) raw JetStream round trip", "full", &full.0),
+        ("(b) agent + rules worker", "full", &full.1),
+        ("(a) raw JetStream round trip", half_label.as_str(), &halves.0),
+        ("(b) agent + rules worker", half_label.as_str(), &halves.1),
     ] {
         println!(
             "| {name} | {rate} | {:.0} | {:.2} | {:.2} |",
-            m.events_per_s, m.p50_ms, m.p99_ms
+            median(runs, |m| m.events_per_s),
+            median(runs, |m| m.p50_ms),
+            median(runs, |m| m.p99_ms)
         );
     }
-    let thr = b_full.events_per_s / a_full.events_per_s;
-    let p99 = b_half.p99_ms / a_half.p99_ms;
+    let thr = median(&full.1, |m| m.events_per_s) / median(&full.0, |m| m.events_per_s);
+    let p99 = median(&halves.1, |m| m.p99_ms) / median(&halves.0, |m| m.p99_ms);
     println!();
     println!(
         "throughput (b)/(a) at full rate: {thr:.2}x (target >= 0.80x) {}",
@@ -113,7 +132,23 @@ async fn rules_bench(args: RulesBench) -> anyhow::Result<()> {
         "p99 latency (b)/(a) at half rate: {p99:.2}x (target <= 1.50x) {}",
         verdict(p99 <= 1.5)
     );
+    let each = |runs: &(Vec<Measured>, Vec<Measured>), f: fn(&Measured) -> f64| {
+        runs.0
+            .iter()
+            .zip(&runs.1)
+            .map(|(a, b)| format!("{:.2}", f(b) / f(a)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("per repeat, throughput ratio: {}", each(&full, |m| m.events_per_s));
+    println!("per repeat, p99 ratio at half rate: {}", each(&halves, |m| m.p99_ms));
     Ok(())
+}
+
+fn median(runs: &[Measured], f: impl Fn(&Measured) -> f64) -> f64 {
+    let mut v: Vec<f64> = runs.iter().map(f).collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn verdict(ok: bool) -> &'static str {

@@ -1,7 +1,11 @@
 //! Data-driven codec tests: round trips, hand-typed JSON, and every decode error.
 
 use super::*;
-use crate::event::{ChatType, ComponentStatus, MessageType, RecentActivity};
+use crate::event::{
+    Activity, ChatMessage, ChatType, ComponentStatus, Heartbeat, MessageType, PredictRequest,
+    RecentActivity,
+};
+use crate::reply::{ChatReply, PredictionReply};
 use crate::reply::{AnsweredBy, ChatAction, ResponderKind};
 use serde_json::json;
 
@@ -117,9 +121,18 @@ fn replies_round_trip_in_both_encodings() {
 #[test]
 fn reply_ids_are_deterministic_per_responder() {
     let e = EventId::new();
-    assert_eq!(ReplyId::for_event(e, "rules"), ReplyId::for_event(e, "rules"));
-    assert_ne!(ReplyId::for_event(e, "rules"), ReplyId::for_event(e, "inference"));
-    assert_ne!(ReplyId::for_event(e, "rules"), ReplyId::for_event(EventId::new(), "rules"));
+    assert_eq!(
+        ReplyId::for_event(e, "rules"),
+        ReplyId::for_event(e, "rules")
+    );
+    assert_ne!(
+        ReplyId::for_event(e, "rules"),
+        ReplyId::for_event(e, "inference")
+    );
+    assert_ne!(
+        ReplyId::for_event(e, "rules"),
+        ReplyId::for_event(EventId::new(), "rules")
+    );
 }
 
 #[test]
@@ -175,7 +188,11 @@ fn valid_doc() -> serde_json::Value {
     })
 }
 
-fn with(mut doc: serde_json::Value, path: &[&str], value: Option<serde_json::Value>) -> serde_json::Value {
+fn with(
+    mut doc: serde_json::Value,
+    path: &[&str],
+    value: Option<serde_json::Value>,
+) -> serde_json::Value {
     let (last, parents) = path.split_last().unwrap();
     let mut node = &mut doc;
     for p in parents {
@@ -209,10 +226,26 @@ fn check_err(doc: &serde_json::Value, code: &str, message: &str) {
 #[test]
 fn decode_errors_are_typed() {
     let d = valid_doc;
-    check_err(&with(d(), &["body", "text"], None), "missing_field", "required field `body.text` is missing");
-    check_err(&with(d(), &["id"], None), "missing_field", "required field `id` is missing");
-    check_err(&with(d(), &["body"], None), "missing_field", "required field `body` is missing");
-    check_err(&with(d(), &["v"], None), "missing_field", "required field `v` is missing");
+    check_err(
+        &with(d(), &["body", "text"], None),
+        "missing_field",
+        "required field `body.text` is missing",
+    );
+    check_err(
+        &with(d(), &["id"], None),
+        "missing_field",
+        "required field `id` is missing",
+    );
+    check_err(
+        &with(d(), &["body"], None),
+        "missing_field",
+        "required field `body` is missing",
+    );
+    check_err(
+        &with(d(), &["v"], None),
+        "missing_field",
+        "required field `v` is missing",
+    );
     check_err(
         &with(d(), &["v"], Some(json!(99))),
         "unsupported_version",
@@ -234,15 +267,32 @@ fn decode_errors_are_typed() {
         "invalid_agent_id",
         r#"agent id "desk 7" is not a valid subject token (whitespace ' ' at byte 4"#,
     );
-    check_err(&with(d(), &["id"], Some(json!("nope"))), "invalid_field", r#"id "nope" is not a UUID"#);
-    check_err(&with(d(), &["ts"], Some(json!("yesterday"))), "invalid_field", "invalid field in head");
-    check_err(&with(d(), &["body", "text"], Some(json!(5))), "invalid_field", "invalid field in body");
+    check_err(
+        &with(d(), &["id"], Some(json!("nope"))),
+        "invalid_field",
+        r#"id "nope" is not a UUID"#,
+    );
+    check_err(
+        &with(d(), &["ts"], Some(json!("yesterday"))),
+        "invalid_field",
+        "invalid field in head",
+    );
+    check_err(
+        &with(d(), &["body", "text"], Some(json!(5))),
+        "invalid_field",
+        "invalid field in body",
+    );
 }
 
 #[test]
 fn garbage_and_size() {
     for enc in [Encoding::Json, Encoding::MsgPack] {
-        for garbage in [&b"\xc1\xc1\xc1 not a document"[..], b"", b"[1,2,3]", b"\x93\x01\x02\x03"] {
+        for garbage in [
+            &b"\xc1\xc1\xc1 not a document"[..],
+            b"",
+            b"[1,2,3]",
+            b"\x93\x01\x02\x03",
+        ] {
             let err = decode_event(garbage, enc, LIMIT).unwrap_err();
             assert_eq!(err.code(), "malformed", "{enc:?} {garbage:?}: {err}");
         }
@@ -250,7 +300,10 @@ fn garbage_and_size() {
         let err = decode_event(&big, enc, LIMIT).unwrap_err();
         assert_eq!(
             err.to_string(),
-            format!("payload of {} bytes exceeds the {LIMIT}-byte limit", LIMIT + 1)
+            format!(
+                "payload of {} bytes exceeds the {LIMIT}-byte limit",
+                LIMIT + 1
+            )
         );
     }
 }
@@ -286,4 +339,46 @@ fn subject_must_match_body() {
     assert_eq!(err.code(), "subject_mismatch");
     let err = decode_event_message("events.desk-7", None, &bytes, LIMIT).unwrap_err();
     assert_eq!(err.code(), "bad_subject");
+}
+
+/// Documents in Ferry's own field order (`v` and `kind` before `body`), so
+/// the body is decoded directly instead of buffered: same errors.
+#[test]
+fn errors_are_the_same_when_the_body_is_decoded_directly() {
+    #[derive(serde::Serialize)]
+    struct Ordered {
+        id: &'static str,
+        agent: &'static str,
+        kind: &'static str,
+        ts: &'static str,
+        v: u16,
+        body: serde_json::Value,
+    }
+    let doc = |v: u16, body: serde_json::Value| Ordered {
+        id: "0193f3a2-7c4e-7000-8000-000000000001",
+        agent: "desk-7",
+        kind: "chat",
+        ts: "2026-11-22T10:00:00Z",
+        v,
+        body,
+    };
+    let cases = [
+        (doc(1, json!({"chat": "c", "sender": "s"})), "missing_field", "required field `body.text` is missing"),
+        (doc(1, json!({"chat": "c", "sender": "s", "text": 5})), "invalid_field", "invalid field in body"),
+        (doc(1, json!([1, 2])), "invalid_field", "invalid field in body"),
+        (doc(7, json!({"anything": "else"})), "unsupported_version", "schema version 7"),
+    ];
+    for (d, code, message) in &cases {
+        for (enc, bytes) in [
+            (Encoding::Json, serde_json::to_vec(d).unwrap()),
+            (Encoding::MsgPack, rmp_serde::to_vec_named(d).unwrap()),
+        ] {
+            let err = decode_event(&bytes, enc, LIMIT).unwrap_err();
+            assert_eq!(err.code(), *code, "{enc:?}: {err}");
+            assert!(err.to_string().contains(message), "{enc:?}: {err}");
+        }
+    }
+    let ok = doc(1, json!({"chat": "c", "sender": "s", "text": "t"}));
+    let env = decode_event(&rmp_serde::to_vec_named(&ok).unwrap(), Encoding::MsgPack, LIMIT).unwrap();
+    assert_eq!(env.agent.as_str(), "desk-7");
 }
