@@ -65,7 +65,7 @@ struct RunArgs {
     /// Encoding of published events (replies come back in the same one).
     #[arg(long, value_enum, default_value = "msgpack")]
     encoding: Enc,
-    /// Exit once the input is done and every chat event got a reply.
+    /// Exit once the input is done and every chat and prediction request got a reply.
     #[arg(long)]
     until_answered: bool,
     /// With --until-answered: give up after this many seconds without a reply.
@@ -144,7 +144,7 @@ async fn main() -> anyhow::Result<()> {
         "agent stopped"
     );
     if report.unanswered > 0 {
-        anyhow::bail!("{} chat events got no reply", report.unanswered);
+        anyhow::bail!("{} chat or prediction events got no reply", report.unanswered);
     }
     Ok(())
 }

@@ -18,8 +18,9 @@ use crate::Agent;
 pub enum Until {
     /// Run until shutdown (a real agent).
     Shutdown,
-    /// Return once the input is exhausted and every chat event got a reply,
-    /// or after this long without a new reply (demo and scripts).
+    /// Return once the input is exhausted and every chat and prediction
+    /// request got a reply, or after this long without a new reply (demo and
+    /// scripts).
     Answered {
         /// Give up waiting after this long without progress.
         idle_timeout: Duration,
@@ -33,7 +34,7 @@ pub struct RunReport {
     pub published: u64,
     /// Replies handed on.
     pub replies: u64,
-    /// Chat events still without a reply when the run ended.
+    /// Chat events and prediction requests still without a reply when the run ended.
     pub unanswered: usize,
 }
 
@@ -106,7 +107,7 @@ where
             let events = tokio_stream_from(event_rx);
             agent
                 .publish_all(events, &stop, |env, _| {
-                    let _ = done_tx.send((env.id, matches!(env.body, EventBody::Chat(_))));
+                    let _ = done_tx.send((env.id, expects_reply(&env.body)));
                 })
                 .await
         })
@@ -121,9 +122,9 @@ where
         let publishing = publisher.is_some();
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
-            Some((id, is_chat)) = done_rx.recv() => {
+            Some((id, expects)) = done_rx.recv() => {
                 report.published += 1;
-                if is_chat && !answered_early.remove(&id) {
+                if expects && !answered_early.remove(&id) {
                     pending.insert(id);
                 }
             }
@@ -149,9 +150,9 @@ where
                     Err(join) => break Err(RunError::Read(std::io::Error::other(join.to_string()))),
                 }
                 // Drain acks reported just before the publisher finished.
-                while let Ok((id, is_chat)) = done_rx.try_recv() {
+                while let Ok((id, expects)) = done_rx.try_recv() {
                     report.published += 1;
-                    if is_chat && !answered_early.remove(&id) {
+                    if expects && !answered_early.remove(&id) {
                         pending.insert(id);
                     }
                 }
@@ -173,6 +174,11 @@ where
     result?;
     report.unanswered = pending.len();
     Ok(report)
+}
+
+/// Whether an event of this body is answered by a reply.
+fn expects_reply(body: &EventBody) -> bool {
+    matches!(body, EventBody::Chat(_) | EventBody::Predict(_))
 }
 
 fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::Receiver<T>) -> impl futures::Stream<Item = T> {

@@ -17,7 +17,18 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const DEMO_RULES: &str = include_str!("../../ops/demo/rules.toml");
-const DEMO_CHAT: &str = include_str!("../../ops/demo/chat.jsonl");
+const DEMO_LINES: &str = include_str!("../../ops/demo/chat.jsonl");
+/// The agent tests run no inference worker: a catch-all answers what the
+/// demo hands to the model, and the prediction request is left out.
+const CATCH_ALL: &str = "\n[[rule]]\nname = \"catch-all\"\naction = \"reply\"\ntemplate = \"Thanks {sender}, we will answer shortly.\"\n";
+
+fn demo_chat() -> String {
+    DEMO_LINES
+        .lines()
+        .filter(|l| !l.contains("\"kind\":\"predict\""))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
 const WAIT: Duration = Duration::from_secs(60);
 
 fn desk(n: u8) -> AgentId {
@@ -38,7 +49,7 @@ async fn stack() -> Stack {
         .await
         .unwrap();
     let mut rules_file = tempfile::NamedTempFile::new().unwrap();
-    std::io::Write::write_all(&mut rules_file, DEMO_RULES.as_bytes()).unwrap();
+    std::io::Write::write_all(&mut rules_file, format!("{DEMO_RULES}{CATCH_ALL}").as_bytes()).unwrap();
     Stack { nats, js, rules_file }
 }
 
@@ -205,14 +216,14 @@ async fn demo_lines_get_rule_replies_in_both_encodings() {
         let (tx, mut rx) = mpsc::channel(64);
         let report = run_lines(
             &agent,
-            std::io::Cursor::new(DEMO_CHAT.as_bytes().to_vec()),
+            std::io::Cursor::new(demo_chat().into_bytes()),
             Until::Answered { idle_timeout: WAIT },
             tx,
             CancellationToken::new(),
         )
         .await
         .unwrap();
-        let lines = DEMO_CHAT.lines().filter(|l| !l.trim().is_empty()).count() as u64;
+        let lines = demo_chat().lines().filter(|l| !l.trim().is_empty()).count() as u64;
         assert_eq!(report.published, lines);
         assert_eq!(report.unanswered, 0);
         let mut actions = Vec::new();
@@ -259,7 +270,7 @@ async fn cli_prints_replies_as_json_lines() {
     let _rules = s.rules_worker().await;
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("chat.jsonl");
-    std::fs::write(&input, DEMO_CHAT).unwrap();
+    std::fs::write(&input, demo_chat()).unwrap();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
         .args(["--id", "desk-1", "--server", &s.nats.url()])
         .args(["--password", s.nats.secrets().agent("desk-1").unwrap()])

@@ -126,50 +126,104 @@ pub fn all_streams(s: &StreamSettings) -> Vec<stream::Config> {
     ]
 }
 
-/// A worker role: one durable consumer shared by all replicas of the role.
+/// A worker role: durable consumers shared by all replicas of the role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     /// Keyword/regex rules, auto-replies, routing.
     Rules,
+    /// Model replies and next-activity predictions.
+    Inference,
 }
 
 impl Role {
     /// Every role.
-    pub const ALL: [Role; 1] = [Role::Rules];
+    pub const ALL: [Role; 2] = [Role::Rules, Role::Inference];
 
-    /// The role's name (also its consumer name and service name suffix).
+    /// The role's name (also its service name suffix).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Rules => "rules",
+            Self::Inference => "inference",
         }
     }
 
-    /// The durable consumer every replica of this role pulls from.
-    pub fn consumer(self) -> ConsumerDef {
+    /// The durable consumers every replica of this role pulls from.
+    pub fn consumers(self) -> Vec<ConsumerDef> {
         match self {
-            Self::Rules => ConsumerDef {
-                stream: EVENTS_STREAM,
-                config: pull::Config {
-                    durable_name: Some("rules".into()),
-                    description: Some("Rules worker: chat and activity rules.".into()),
-                    // Rules look at every kind (chat and activity now; metric
-                    // rules over heartbeats later) and ack the rest at once.
-                    filter_subject: subject::all_events().to_string(),
-                    deliver_policy: DeliverPolicy::All,
-                    ack_policy: AckPolicy::Explicit,
-                    // A rule takes microseconds; 30 s only covers a stalled
-                    // reply publish before another replica gets the event.
-                    ack_wait: Duration::from_secs(30),
-                    max_deliver: 5,
-                    // Shared by all replicas: the most events the role holds
-                    // unacknowledged at once.
-                    max_ack_pending: 2048,
-                    max_waiting: 512,
-                    ..Default::default()
-                },
-            },
+            Self::Rules => vec![rules_consumer()],
+            Self::Inference => vec![inference_chat_consumer(), inference_predict_consumer()],
         }
     }
+}
+
+/// `EVENTS/rules`: every event, for the rules worker.
+pub fn rules_consumer() -> ConsumerDef {
+    ConsumerDef {
+        stream: EVENTS_STREAM,
+        config: pull::Config {
+            durable_name: Some("rules".into()),
+            description: Some("Rules worker: chat and activity rules.".into()),
+            // Rules look at every kind (chat and activity now; metric rules
+            // over heartbeats later) and ack the rest at once.
+            filter_subject: subject::all_events().to_string(),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            // A rule takes microseconds; 30 s only covers a stalled reply
+            // publish before another replica gets the event.
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 5,
+            // Shared by all replicas: the most events the role holds
+            // unacknowledged at once.
+            max_ack_pending: 2048,
+            max_waiting: 512,
+            ..Default::default()
+        },
+    }
+}
+
+/// How long the broker waits for an inference ack: above the slowest
+/// generation (two model steps of at most 60 s each, see the inference
+/// config) plus margin. The worker also sends in-progress acks while it
+/// generates, so a live replica never loses its message to another.
+pub const INFERENCE_ACK_WAIT: Duration = Duration::from_secs(300);
+
+fn inference_consumer(name: &str, stream: &'static str, filter: String, what: &str) -> ConsumerDef {
+    ConsumerDef {
+        stream,
+        config: pull::Config {
+            durable_name: Some(name.into()),
+            description: Some(format!("Inference worker: {what}.")),
+            filter_subject: filter,
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: INFERENCE_ACK_WAIT,
+            max_deliver: 3,
+            // Generation is slow: few messages out at once across replicas.
+            max_ack_pending: 64,
+            max_waiting: 64,
+            ..Default::default()
+        },
+    }
+}
+
+/// `WORK/inference-chat`: chats the rules worker handed to inference.
+pub fn inference_chat_consumer() -> ConsumerDef {
+    inference_consumer(
+        "inference-chat",
+        WORK_STREAM,
+        subject::WorkQueue::InferenceChat.subject().to_string(),
+        "chat replies",
+    )
+}
+
+/// `EVENTS/inference-predict`: prediction requests from agents.
+pub fn inference_predict_consumer() -> ConsumerDef {
+    inference_consumer(
+        "inference-predict",
+        EVENTS_STREAM,
+        subject::events_of_kind(EventKind::Predict).to_string(),
+        "next-activity predictions",
+    )
 }
 
 /// A consumer definition: which stream and with what settings.
@@ -501,15 +555,12 @@ pub async fn provision(
         report.push(ensure_stream(js, &s).await?);
     }
     for role in Role::ALL {
-        report.push(ensure_consumer(js, &role.consumer()).await?);
+        for def in role.consumers() {
+            report.push(ensure_consumer(js, &def).await?);
+        }
     }
     for agent in agents {
         report.push(ensure_consumer(js, &agent_replies_consumer(agent)).await?);
     }
     Ok(report)
-}
-
-/// Subjects a role's consumer reads, for documentation and `ferry stats`.
-pub fn kinds_handled_by_rules() -> [EventKind; 2] {
-    [EventKind::Chat, EventKind::Activity]
 }

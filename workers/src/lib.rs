@@ -18,9 +18,11 @@
 //!
 //! - [`runtime`]: outcome, consume loop, dead letters, shutdown, service.
 //! - [`rules`]: keyword/regex rules, auto-replies, escalation, hand-off to inference.
+//! - [`inference`]: model replies and predictions on mistral.rs, with a fallback chain.
 //!
 //! Workers hold no state between messages that another replica would need:
 //! any replica can handle any event, and a killed replica loses nothing.
 
+pub mod inference;
 pub mod rules;
 pub mod runtime;

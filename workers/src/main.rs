@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use ferry_schema::connect::{Auth, NatsConfig};
-use ferry_workers::{rules, runtime};
+use ferry_workers::{inference, rules, runtime};
 use tokio_util::sync::CancellationToken;
 
 /// Ferry's workers. Each replica of a role pulls from the role's shared
@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 ///
 /// Examples:
 ///   ferry-worker --server nats://127.0.0.1:4222 --user workers --password "$PW" rules --rules rules.toml
+///   ferry-worker --user workers --password "$PW" inference --config inference.toml
 ///   NATS_URL=nats://gpu-1:4222 NATS_CREDS=/etc/ferry/worker.creds ferry-worker rules --rules /etc/ferry/rules.toml
 #[derive(Debug, Parser)]
 #[command(version, about, verbatim_doc_comment)]
@@ -52,6 +53,17 @@ struct NatsArgs {
 enum RoleCmd {
     /// Keyword/regex rules: auto-replies, escalation, hand-off to inference.
     Rules(RulesArgs),
+    /// Model replies to chats handed over by the rules, and next-activity
+    /// predictions, on mistral.rs.
+    Inference(InferenceArgs),
+}
+
+#[derive(Debug, Args)]
+struct InferenceArgs {
+    /// The inference config (TOML): models, routes, sampling, templates;
+    /// see workers/src/inference/config.rs and ops/demo/inference.toml.
+    #[arg(long, env = "FERRY_INFERENCE_CONFIG", default_value = "inference.toml")]
+    config: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -112,6 +124,17 @@ async fn main() -> anyhow::Result<()> {
                 .context("connecting to NATS")?;
             let stats = rules::run(client, &cfg, shutdown).await?;
             tracing::info!(stats = ?stats.snapshot(), "rules worker stopped");
+        }
+        RoleCmd::Inference(args) => {
+            let cfg = inference::InferenceConfig::new(&args.config);
+            // Validate the config before loading models or connecting.
+            inference::config::load(&cfg.config_path)?;
+            let client = nats_config(&cli.nats, "ferry-worker inference")?
+                .connect()
+                .await
+                .context("connecting to NATS")?;
+            let stats = inference::run(client, &cfg, shutdown).await?;
+            tracing::info!(stats = ?stats.snapshot(), "inference worker stopped");
         }
     }
     Ok(())

@@ -19,7 +19,7 @@ use clap::{Args, Subcommand};
 use ferry_agent::{Agent, AgentConfig};
 use ferry_schema::codec::encode_event;
 use ferry_schema::event::{ChatMessage, ChatType, MessageType};
-use ferry_schema::topology::{self, Role, StreamSettings, EVENTS_STREAM};
+use ferry_schema::topology::{self, StreamSettings, EVENTS_STREAM};
 use ferry_schema::{headers, subject, AgentId, Encoding, Envelope, EventBody, EventId};
 use ferry_stack::NatsServer;
 use ferry_workers::rules::{self, RulesConfig};
@@ -32,6 +32,8 @@ use tokio_util::sync::CancellationToken;
 pub enum BenchCmd {
     /// Raw JetStream round trip vs the real agent + rules worker.
     Rules(RulesBench),
+    /// llama.cpp vs mistral.rs in-process vs the inference worker end to end.
+    Inference(crate::bench_inference::InferenceBench),
 }
 
 #[derive(Debug, Args)]
@@ -74,6 +76,7 @@ enum Path {
 pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Rules(args) => rules_bench(args).await,
+        BenchCmd::Inference(args) => crate::bench_inference::run(args).await,
     }
 }
 
@@ -145,10 +148,13 @@ async fn rules_bench(args: RulesBench) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn median(runs: &[Measured], f: impl Fn(&Measured) -> f64) -> f64 {
-    let mut v: Vec<f64> = runs.iter().map(f).collect();
+pub(crate) fn median_of(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn median(runs: &[Measured], f: impl Fn(&Measured) -> f64) -> f64 {
+    median_of(runs.iter().map(f).collect())
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -368,7 +374,7 @@ async fn raw_republisher(
         .max_ack_inflight(concurrency * 2)
         .backpressure_on_inflight(true)
         .build(client);
-    let mut def = Role::Rules.consumer();
+    let mut def = topology::rules_consumer();
     def.config.durable_name = Some("bench-raw".into());
     topology::ensure_consumer(&js, &def).await?;
     let consumer = js

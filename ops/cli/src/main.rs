@@ -1,6 +1,7 @@
 //! `ferry`: the operators' command: run a local stack, provision, benchmark.
 
 mod bench;
+mod bench_inference;
 mod provision;
 mod up;
 
@@ -16,7 +17,8 @@ use ferry_schema::connect::{Auth, NatsConfig};
 ///   ferry up                      # broker, provisioning, rules worker, demo agent; Ctrl-C stops
 ///   ferry up --once               # same, exit after the demo agent got its replies
 ///   ferry provision --user operator --password "$FERRY_OPERATOR_PASSWORD"
-///   ferry bench rules --events 20000
+///   ferry bench rules --events 20000 --repeat 5
+///   ferry bench inference
 #[derive(Debug, Parser)]
 #[command(name = "ferry", version, about, verbatim_doc_comment)]
 struct Cli {

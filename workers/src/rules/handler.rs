@@ -1,23 +1,19 @@
 //! The rules handler: decode, decide, publish the reply or hand-off, report the outcome.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use async_nats::jetstream::{self, context::PublishAckFuture};
-use bytes::Bytes;
+use async_nats::jetstream;
 use ferry_schema::codec::{self, Encoding};
 use ferry_schema::reply::{AlertReply, AnsweredBy, ChatAction, ChatReply, ResponderKind};
-use ferry_schema::subject::{self, WorkQueue};
-use ferry_schema::{headers, Envelope, EventBody, Reply, ReplyBody};
+use ferry_schema::subject::WorkQueue;
+use ferry_schema::{headers, Envelope, EventBody, ReplyBody};
 
 use super::engine::{Decision, RuleSet};
-use crate::runtime::{Handler, Outcome};
+use crate::runtime::{publish, Handler, Outcome};
 
 /// Name of this responder; part of every reply id it makes.
 pub const RESPONDER: &str = "rules";
-
-/// How long to wait before retrying after a failed publish.
-const PUBLISH_RETRY: Duration = Duration::from_millis(500);
 
 /// Applies a [`RuleSet`] to events and publishes what it decides.
 #[derive(Debug)]
@@ -38,36 +34,8 @@ impl RulesHandler {
         }
     }
 
-    async fn publish(
-        &self,
-        subject: async_nats::Subject,
-        headers: async_nats::HeaderMap,
-        payload: Bytes,
-    ) -> Outcome {
-        let ack: Result<PublishAckFuture, _> =
-            self.js.publish_with_headers(subject, headers, payload).await;
-        match ack {
-            Ok(ack) => match ack.await {
-                Ok(_) => Outcome::Done,
-                Err(e) => Outcome::retry(PUBLISH_RETRY, format!("publish not acknowledged: {e}")),
-            },
-            Err(e) => Outcome::retry(PUBLISH_RETRY, format!("publish failed: {e}")),
-        }
-    }
-
     async fn reply(&self, env: &Envelope, enc: Encoding, tp: Option<&str>, body: ReplyBody) -> Outcome {
-        let reply = Reply::new(RESPONDER, env.id, env.agent.clone(), body);
-        let payload = match codec::encode_reply(&reply, enc) {
-            Ok(p) => p,
-            Err(e) => {
-                return Outcome::Poison {
-                    code: "encode",
-                    reason: e.to_string(),
-                }
-            }
-        };
-        let h = headers::for_publish(&reply.id.to_string(), enc, tp);
-        self.publish(subject::reply(&env.agent), h, payload.into()).await
+        publish::reply(&self.js, RESPONDER, env, enc, tp, body).await
     }
 }
 
@@ -88,7 +56,7 @@ fn chat_reply(
             kind: ResponderKind::Rule,
             name: rule,
         },
-        processing_ms: started.elapsed().as_secs_f64() * 1e3,
+        processing_ms: publish::elapsed_ms(started),
         tokens: None,
     })
 }
@@ -144,7 +112,7 @@ impl Handler for RulesHandler {
                 let body = ReplyBody::Alert(AlertReply {
                     rule,
                     message,
-                    processing_ms: started.elapsed().as_secs_f64() * 1e3,
+                    processing_ms: publish::elapsed_ms(started),
                 });
                 self.reply(&env, enc, tp, body).await
             }
@@ -153,7 +121,7 @@ impl Handler for RulesHandler {
                 // decodes exactly what the agent sent, in its encoding.
                 let mut h = headers::for_publish(&env.id.to_string(), enc, tp);
                 h.insert(headers::ROUTE_RULE, rule.as_str());
-                self.publish(WorkQueue::InferenceChat.subject(), h, msg.payload.clone())
+                publish::publish(&self.js, WorkQueue::InferenceChat.subject(), h, msg.payload.clone())
                     .await
             }
         }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use async_nats::jetstream;
 use ferry_schema::codec::DEFAULT_MAX_PAYLOAD;
-use ferry_schema::topology::Role;
+use ferry_schema::topology::{self, Role};
 use tokio_util::sync::CancellationToken;
 
 use crate::runtime::{self, service, ConsumeSettings, Stats};
@@ -79,12 +79,13 @@ pub async fn run(
         &client,
         Role::Rules.as_str(),
         "Ferry rules worker: keyword/regex rules, auto-replies, routing",
+        serde_json::json!({ "rules": rules.len(), "rules_file": cfg.rules_path.display().to_string() }),
         stats.clone(),
     )
     .await
     .map_err(RunError::Service)?;
     let handler = Arc::new(handler::RulesHandler::new(js.clone(), rules, cfg.max_payload));
-    let def = Role::Rules.consumer();
+    let def = topology::rules_consumer();
     let result = runtime::consume(
         &js,
         def.stream,

@@ -54,8 +54,9 @@ fn reply(rule: &str, text: &str, confidence: f32) -> Decision {
 fn demo_rules_decide() {
     check(DEMO, chat("desk-1", "Alice", "Hello there"), reply("greeting", "Hello Alice! This is the desk-1 desk, how can I help?", 0.95));
     check(DEMO, chat("desk-2", "王芳", "你好，我想问一下"), reply("greeting", "Hello 王芳! This is the desk-2 desk, how can I help?", 0.95));
-    // Not in the support group: greeting does not apply, catch-all does.
-    check(DEMO, chat("desk-9", "Zed", "hello"), reply("catch-all", "Thanks Zed, we received your message and will answer shortly.", 0.5));
+    // Not in the support group: greeting does not apply; the model answers.
+    check(DEMO, chat("desk-9", "Zed", "hello"), Decision::Infer { rule: "default".into() });
+    check(DEMO, chat("desk-1", "Erin", "Can you ship to Shenzhen?"), Decision::Infer { rule: "default".into() });
     check(
         DEMO,
         chat("desk-1", "Bob", "I want a REFUND now"),

@@ -34,7 +34,8 @@ pub struct ConsumeSettings {
     /// Idle heartbeat of pull requests (detects a dead connection).
     pub pull_heartbeat: Duration,
     /// Send an in-progress ack this often while a handler runs (slow roles
-    /// such as inference); `None` for fast roles.
+    /// such as inference); `None` for fast roles. Never less often than a
+    /// third of the consumer's `ack_wait`.
     pub progress_every: Option<Duration>,
     /// How long phase two waits for in-flight handlers before giving up (the
     /// unfinished messages are redelivered after the consumer's `ack_wait`).
@@ -108,6 +109,12 @@ pub async fn consume<H: Handler>(
             source,
         })?;
     let max_deliver = pull.cached_info().config.max_deliver;
+    let ack_wait = pull.cached_info().config.ack_wait;
+    let mut settings = settings.clone();
+    if let Some(every) = settings.progress_every {
+        settings.progress_every = Some(every.min(ack_wait / 3).max(std::time::Duration::from_millis(100)));
+    }
+    let settings = &settings;
     let permits = Arc::new(Semaphore::new(settings.max_in_flight));
     let tracker = TaskTracker::new();
     let ctx = Arc::new(Ctx {

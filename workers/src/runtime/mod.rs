@@ -1,6 +1,7 @@
 //! The runtime every worker role shares: outcome, consume loop, service, shutdown.
 
 mod consume;
+pub mod publish;
 pub mod service;
 mod stats;
 

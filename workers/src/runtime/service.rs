@@ -19,22 +19,28 @@ pub fn service_name(role: &str) -> String {
 struct Status<'a> {
     role: &'a str,
     version: &'a str,
+    /// What the role loaded at start (rules, models).
+    info: &'a serde_json::Value,
     #[serde(flatten)]
     stats: super::StatsSnapshot,
 }
 
 /// Starts the micro service of one replica of `role`. It has one endpoint,
-/// `status` on `ferry.svc.<role>.status`, answering with the replica's
-/// counters, and reports the same counters as `data` in `nats micro stats`.
+/// `status` on `ferry.svc.<role>.status`, answering with `info` (what the
+/// replica loaded at start) and its counters, and reports the same as `data`
+/// in `nats micro stats`.
 /// The returned service must be kept alive; stop it on shutdown.
 pub async fn register(
     client: &async_nats::Client,
     role: &'static str,
     description: &str,
+    info: serde_json::Value,
     stats: Arc<Stats>,
 ) -> Result<Service, async_nats::Error> {
     let version = env!("CARGO_PKG_VERSION");
+    let info = Arc::new(info);
     let for_stats = stats.clone();
+    let info_for_stats = info.clone();
     let service = client
         .service_builder()
         .description(description)
@@ -42,6 +48,7 @@ pub async fn register(
             serde_json::to_value(Status {
                 role,
                 version,
+                info: &info_for_stats,
                 stats: for_stats.snapshot(),
             })
             .unwrap_or_default()
@@ -58,6 +65,7 @@ pub async fn register(
             let body = serde_json::to_vec(&Status {
                 role,
                 version,
+                info: &info,
                 stats: stats.snapshot(),
             })
             .unwrap_or_default();

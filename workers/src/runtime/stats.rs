@@ -13,6 +13,7 @@ pub struct Stats {
     ack_failures: AtomicU64,
     in_flight: AtomicU64,
     busy_nanos: AtomicU64,
+    tokens: AtomicU64,
 }
 
 /// A point-in-time copy of [`Stats`], as JSON for `nats micro stats`.
@@ -30,6 +31,10 @@ pub struct StatsSnapshot {
     pub in_flight: u64,
     /// Mean handling time, milliseconds.
     pub avg_processing_ms: f64,
+    /// Tokens generated (inference).
+    pub tokens: u64,
+    /// Tokens generated per second of handling time (inference).
+    pub tokens_per_s: f64,
 }
 
 impl Stats {
@@ -49,6 +54,11 @@ impl Stats {
         self.busy_nanos.fetch_add(nanos, Ordering::Relaxed);
     }
 
+    /// Counts `n` generated tokens.
+    pub fn add_tokens(&self, n: u64) {
+        self.tokens.fetch_add(n, Ordering::Relaxed);
+    }
+
     pub(crate) fn ack_failed(&self) {
         self.ack_failures.fetch_add(1, Ordering::Relaxed);
     }
@@ -60,6 +70,7 @@ impl Stats {
         let poisoned = self.poisoned.load(Ordering::Relaxed);
         let handled = done + retried + poisoned;
         let busy = self.busy_nanos.load(Ordering::Relaxed);
+        let tokens = self.tokens.load(Ordering::Relaxed);
         StatsSnapshot {
             done,
             retried,
@@ -70,6 +81,12 @@ impl Stats {
                 0.0
             } else {
                 busy as f64 / handled as f64 / 1e6
+            },
+            tokens,
+            tokens_per_s: if busy == 0 {
+                0.0
+            } else {
+                tokens as f64 / (busy as f64 / 1e9)
             },
         }
     }

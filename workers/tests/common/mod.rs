@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use ferry_schema::codec::encode_event;
 use ferry_schema::event::{ChatMessage, ChatType, MessageType};
-use ferry_schema::topology::{self, Role, StreamSettings};
+use ferry_schema::topology::{self, StreamSettings};
 use ferry_schema::{headers, subject, AgentId, Encoding, Envelope, EventBody};
 use ferry_stack::NatsServer;
 use ferry_workers::rules::{self, RulesConfig};
@@ -47,7 +47,7 @@ pub async fn stack(rules: &str, ack_wait: Duration) -> Stack {
     topology::provision(&js, &StreamSettings::default(), &agents)
         .await
         .expect("provision");
-    let mut def = Role::Rules.consumer();
+    let mut def = topology::rules_consumer();
     def.config.ack_wait = ack_wait;
     topology::ensure_consumer(&js, &def).await.expect("consumer");
     let mut rules_file = tempfile::NamedTempFile::new().unwrap();

@@ -1,0 +1,244 @@
+//! `ferry bench inference`: llama.cpp vs mistral.rs in-process vs the inference worker end to end.
+//!
+//! In one run, on the default model and the same cores: (a) llama.cpp through
+//! llama-cpp-python (installed by `ops/bench/setup-llama-cpp.sh` into a venv
+//! the benchmark owns), single stream; (b) mistral.rs in-process through the
+//! worker's own engine, single stream; (c) the inference worker end to end
+//! (hand-off published to `work.inference.chat`, reply received on the
+//! agent's reply subject) at concurrency 1, 4 and 8. Prints tok/s and
+//! replies/s and the ratios of the targets.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use clap::Args;
+use ferry_schema::codec::{decode_reply, encode_event, DEFAULT_MAX_PAYLOAD};
+use ferry_schema::event::{ChatMessage, ChatType, MessageType};
+use ferry_schema::subject::{self, WorkQueue};
+use ferry_schema::topology::{self, StreamSettings};
+use ferry_schema::{headers, AgentId, Encoding, Envelope, EventBody, ReplyBody};
+use ferry_stack::NatsServer;
+use ferry_workers::inference::config::{self, ModelSpec, ModelSource, Sampling};
+use ferry_workers::inference::engine::{Engine, Generate};
+use ferry_workers::inference::prompt::{PromptMessage, Speaker};
+use ferry_workers::inference::{self as inference_worker, InferenceConfig};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::bench::median_of;
+
+#[derive(Debug, Args)]
+pub struct InferenceBench {
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Timed runs of the single-stream measurements (a) and (b).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Requests per concurrency level in (c), as a multiple of the level.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Skip (a) (no llama-cpp-python).
+    #[arg(long)]
+    no_llama_cpp: bool,
+}
+
+const SYSTEM: &str = "You are a helpful customer-service assistant. Answer briefly.";
+/// Asks for long output, so generations run to `max_tokens` and tok/s compares like with like.
+const PROMPT: &str = "A customer asks: please list every step of returning an order, in detail, numbered from 1 to 50.";
+
+fn repo_file(rel: &str) -> PathBuf {
+    // The binary runs from the repository (cargo run); fall back to the
+    // compile-time location.
+    let here = PathBuf::from(rel);
+    if here.exists() {
+        return here;
+    }
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join(rel)
+}
+
+/// (a): llama.cpp through llama-cpp-python, median tok/s.
+fn llama_cpp(model: &std::path::Path, args: &InferenceBench) -> anyhow::Result<f64> {
+    let setup = repo_file("ops/bench/setup-llama-cpp.sh");
+    eprintln!("  (a) preparing llama-cpp-python (first time: builds llama.cpp, takes minutes) ...");
+    let status = Command::new("bash").arg(&setup).status().context("running setup-llama-cpp.sh")?;
+    anyhow::ensure!(status.success(), "{} failed", setup.display());
+    let venv = std::env::var_os("FERRY_BENCH_VENV")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ferry/bench-venv")))
+        .context("HOME is not set")?;
+    let out = Command::new(venv.join("bin/python"))
+        .arg(repo_file("ops/bench/llama_cpp_bench.py"))
+        .arg("--model")
+        .arg(model)
+        .args(["--max-tokens", &args.max_tokens.to_string()])
+        .args(["--runs", &args.runs.to_string()])
+        .args(["--prompt", PROMPT])
+        .output()
+        .context("running llama_cpp_bench.py")?;
+    anyhow::ensure!(out.status.success(), "llama_cpp_bench.py failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(line).context("parsing llama_cpp_bench.py output")?;
+    if let Some(runs) = v["runs"].as_array() {
+        for r in runs {
+            eprintln!("  (a) run: {} tokens in {:.2}s", r["tokens"], r["seconds"].as_f64().unwrap_or(0.0));
+        }
+    }
+    v["tok_per_s_median"].as_f64().context("no tok_per_s_median in llama_cpp_bench.py output")
+}
+
+/// (b): mistral.rs in-process through the worker's engine, median tok/s.
+async fn mistral_in_process(model: &std::path::Path, args: &InferenceBench) -> anyhow::Result<f64> {
+    let spec = ModelSpec {
+        alias: "m".into(),
+        source: ModelSource::File(model.to_path_buf()),
+    };
+    let engine = Engine::load(&[spec], 1).await;
+    anyhow::ensure!(!engine.loaded().is_empty(), "model did not load: {:?}", engine.status());
+    let prompt = [
+        PromptMessage { speaker: Speaker::System, text: SYSTEM.into() },
+        PromptMessage { speaker: Speaker::User, text: PROMPT.into() },
+    ];
+    let sampling = Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        max_tokens: args.max_tokens,
+    };
+    let mut rates = Vec::new();
+    for i in 0..=args.runs {
+        let g = engine.generate("m", &prompt, &sampling, Duration::from_secs(600)).await?;
+        if i > 0 {
+            // Run 0 warms up.
+            rates.push(f64::from(g.tokens) / g.elapsed.as_secs_f64());
+            eprintln!("  (b) run {i}: {} tokens in {:.2}s", g.tokens, g.elapsed.as_secs_f64());
+        }
+    }
+    Ok(median_of(rates))
+}
+
+struct Level {
+    concurrency: usize,
+    tok_per_s: f64,
+    replies_per_s: f64,
+}
+
+/// (c): the worker end to end at one concurrency level.
+async fn worker_e2e(model: &std::path::Path, concurrency: usize, args: &InferenceBench) -> anyhow::Result<Level> {
+    let nats = NatsServer::start_temp()?;
+    let agent = AgentId::new("desk-1")?;
+    let op = nats.operator("bench").connect().await?;
+    let js = jetstream::new(op.clone());
+    topology::provision(&js, &StreamSettings::default(), std::slice::from_ref(&agent)).await?;
+    let cfg_path = nats.dir().join("inference.toml");
+    std::fs::write(
+        &cfg_path,
+        format!(
+            "concurrency = {concurrency}\nstep_timeout_secs = 600\nsystem_prompt = \"{SYSTEM}\"\n[models.m]\npath = \"{}\"\n[[route]]\nmodel = \"m\"\ntemperature = 0.0\ntop_p = 1.0\nmax_tokens = {}\n",
+            model.display(),
+            args.max_tokens
+        ),
+    )?;
+    config::load(&cfg_path)?;
+    let stop = CancellationToken::new();
+    let worker = {
+        let client = nats.workers("bench inference").connect().await?;
+        let cfg = InferenceConfig::new(&cfg_path);
+        let stop = stop.clone();
+        tokio::spawn(async move { inference_worker::run(client, &cfg, stop).await })
+    };
+    let mut replies = op.subscribe(subject::reply(&agent)).await?;
+    // Warm up: one request, not timed (model load, first-token kernels).
+    let send = |text: String| {
+        let js = js.clone();
+        let agent = agent.clone();
+        async move {
+            let env = Envelope::new(
+                agent,
+                EventBody::Chat(ChatMessage {
+                    chat: "bench".into(),
+                    chat_type: ChatType::Direct,
+                    sender: "bench".into(),
+                    text,
+                    msg_type: MessageType::Text,
+                }),
+            );
+            let h = headers::for_publish(&env.id.to_string(), Encoding::MsgPack, None);
+            js.publish_with_headers(WorkQueue::InferenceChat.subject(), h, encode_event(&env, Encoding::MsgPack)?.into())
+                .await?
+                .await?;
+            anyhow::Ok(())
+        }
+    };
+    send(PROMPT.to_string()).await?;
+    tokio::time::timeout(Duration::from_secs(600), replies.next()).await?.context("no warm-up reply")?;
+    let n = concurrency * args.rounds.max(1);
+    let started = Instant::now();
+    for i in 0..n {
+        send(format!("{PROMPT} (request {i})")).await?;
+    }
+    let mut tokens = 0u64;
+    for _ in 0..n {
+        let m = tokio::time::timeout(Duration::from_secs(900), replies.next())
+            .await?
+            .context("replies ended")?;
+        let r = decode_reply(&m.payload, Encoding::MsgPack, DEFAULT_MAX_PAYLOAD)?;
+        if let ReplyBody::Chat(c) = r.body {
+            tokens += u64::from(c.tokens.unwrap_or(0));
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    stop.cancel();
+    worker.await??;
+    eprintln!("  (c) concurrency {concurrency}: {n} replies, {tokens} tokens in {secs:.1}s");
+    Ok(Level {
+        concurrency,
+        tok_per_s: tokens as f64 / secs,
+        replies_per_s: n as f64 / secs,
+    })
+}
+
+pub async fn run(args: InferenceBench) -> anyhow::Result<()> {
+    let model = tokio::task::spawn_blocking(ferry_stack::model::ensure_default_model).await??;
+    eprintln!(
+        "ferry bench inference: {} ({} tokens per request, {} cores)",
+        model.display(),
+        args.max_tokens,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    let a = if args.no_llama_cpp {
+        None
+    } else {
+        Some(llama_cpp(&model, &args)?)
+    };
+    let b = mistral_in_process(&model, &args).await?;
+    let mut levels = Vec::new();
+    for c in [1, 4, 8] {
+        levels.push(worker_e2e(&model, c, &args).await?);
+    }
+    println!("| measurement | tok/s | replies/s |");
+    println!("|---|---:|---:|");
+    if let Some(a) = a {
+        println!("| (a) llama.cpp (llama-cpp-python), single stream | {a:.1} | |");
+    }
+    println!("| (b) mistral.rs in-process, single stream | {b:.1} | |");
+    for l in &levels {
+        println!(
+            "| (c) inference worker end to end, concurrency {} | {:.1} | {:.2} |",
+            l.concurrency, l.tok_per_s, l.replies_per_s
+        );
+    }
+    println!();
+    let c1 = levels[0].tok_per_s;
+    let c8 = levels[2].tok_per_s;
+    let ok = |b: bool| if b { "met" } else { "NOT met" };
+    println!("(c) at concurrency 1 vs (b): {:.2}x (target >= 0.95x) {}", c1 / b, ok(c1 / b >= 0.95));
+    if let Some(a) = a {
+        println!("(c) single stream vs (a): {:.2}x (target >= 1.00x) {}", c1 / a, ok(c1 >= a));
+        println!("(c) aggregate at concurrency 8 vs (a): {:.2}x (target >= 2.00x) {}", c8 / a, ok(c8 >= 2.0 * a));
+    }
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! The fallback chain: primary model, backup model, knowledge-base template, apology.
+//!
+//! A model error or timeout moves to the next step; every answer records the
+//! step that gave it. The chain always ends with an answer.
+
+use ferry_schema::reply::{AnsweredBy, ResponderKind};
+
+use super::config::{InferenceSettings, Route};
+use super::engine::{Generate, Generation};
+use super::prompt::PromptMessage;
+
+/// The chain's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    /// What to send.
+    pub text: String,
+    /// Which step answered.
+    pub by: AnsweredBy,
+    /// Tokens generated (model steps only).
+    pub tokens: Option<u32>,
+    /// Confidence, 0 to 1.
+    pub confidence: f32,
+    /// Why earlier steps were passed over, in order.
+    pub skipped: Vec<String>,
+}
+
+/// Runs the model steps of `route` (primary, then backup) and returns the
+/// first generation, or the reasons every step failed.
+pub async fn models<G: Generate>(
+    g: &G,
+    settings: &InferenceSettings,
+    route: Option<&Route>,
+    prompt: &[PromptMessage],
+) -> Result<(String, Generation), Vec<String>> {
+    let mut skipped = Vec::new();
+    let Some(route) = route else {
+        skipped.push("no route matches".to_string());
+        return Err(skipped);
+    };
+    for alias in std::iter::once(&route.model).chain(route.backup.as_ref()) {
+        match g.generate(alias, prompt, &route.sampling, settings.step_timeout).await {
+            Ok(gen) => return Ok((alias.clone(), gen)),
+            Err(e) => {
+                tracing::warn!(route = %route.name, alias = %alias, error = %e, "model step failed; falling back");
+                skipped.push(e.to_string());
+            }
+        }
+    }
+    Err(skipped)
+}
+
+/// Answers a chat message through the whole chain.
+pub async fn chat<G: Generate>(
+    g: &G,
+    settings: &InferenceSettings,
+    route: Option<&Route>,
+    prompt: &[PromptMessage],
+    message: &str,
+) -> Answer {
+    let skipped = match models(g, settings, route, prompt).await {
+        Ok((alias, gen)) => {
+            return Answer {
+                text: gen.text,
+                by: AnsweredBy {
+                    kind: ResponderKind::Model,
+                    name: alias,
+                },
+                tokens: Some(gen.tokens),
+                confidence: gen.confidence,
+                skipped: Vec::new(),
+            }
+        }
+        Err(skipped) => skipped,
+    };
+    if let Some(t) = settings.template_for(message) {
+        return Answer {
+            text: t.answer.clone(),
+            by: AnsweredBy {
+                kind: ResponderKind::KbTemplate,
+                name: t.keywords.first().cloned().unwrap_or_default(),
+            },
+            tokens: None,
+            confidence: 0.5,
+            skipped,
+        };
+    }
+    Answer {
+        text: settings.apology.clone(),
+        by: AnsweredBy {
+            kind: ResponderKind::Apology,
+            name: "apology".into(),
+        },
+        tokens: None,
+        confidence: 0.0,
+        skipped,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    //! The chain's own logic, with a scripted stand-in for the models (the
+    //! real engine is exercised by the integration tests).
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::inference::config::{parse, Sampling};
+    use crate::inference::engine::GenerateError;
+    use ferry_schema::AgentId;
+
+    /// Alias -> scripted result.
+    struct Script(HashMap<&'static str, Result<&'static str, GenerateError>>);
+
+    impl Generate for Script {
+        async fn generate(
+            &self,
+            alias: &str,
+            _: &[PromptMessage],
+            _: &Sampling,
+            _: Duration,
+        ) -> Result<Generation, GenerateError> {
+            match self.0.get(alias) {
+                Some(Ok(text)) => Ok(Generation {
+                    text: text.to_string(),
+                    tokens: 3,
+                    confidence: 0.8,
+                    elapsed: Duration::ZERO,
+                }),
+                Some(Err(e)) => Err(e.clone()),
+                None => Err(GenerateError::Unknown { alias: alias.into() }),
+            }
+        }
+    }
+
+    const CONFIG: &str = r#"
+apology = "sorry"
+[models.a]
+path = "/a.gguf"
+[models.b]
+path = "/b.gguf"
+[[route]]
+model = "a"
+backup = "b"
+max_tokens = 8
+[[template]]
+keywords = ["ship"]
+answer = "two days"
+"#;
+
+    fn broken(alias: &str) -> Result<&'static str, GenerateError> {
+        Err(GenerateError::Broken { alias: alias.into(), reason: "gone".into() })
+    }
+
+    #[track_caller]
+    fn check(script: Vec<(&'static str, Result<&'static str, GenerateError>)>, message: &str, kind: ResponderKind, name: &str, text: &str) {
+        let settings = parse(CONFIG, "t").unwrap();
+        let route = settings.route(crate::inference::config::Task::Chat, &AgentId::new("desk-1").unwrap());
+        let g = Script(script.into_iter().collect());
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let a = rt.block_on(chat(&g, &settings, route, &[], message));
+        assert_eq!((a.by.kind, a.by.name.as_str(), a.text.as_str()), (kind, name, text));
+    }
+
+    #[test]
+    fn each_step_in_order() {
+        check(vec![("a", Ok("from a")), ("b", Ok("from b"))], "hi", ResponderKind::Model, "a", "from a");
+        check(vec![("a", broken("a")), ("b", Ok("from b"))], "hi", ResponderKind::Model, "b", "from b");
+        let timeout = Err(GenerateError::Timeout { alias: "a".into(), after: Duration::from_secs(1) });
+        check(vec![("a", timeout), ("b", Ok("from b"))], "hi", ResponderKind::Model, "b", "from b");
+        check(vec![("a", broken("a")), ("b", broken("b"))], "do you SHIP to Paris?", ResponderKind::KbTemplate, "ship", "two days");
+        check(vec![("a", broken("a")), ("b", broken("b"))], "hello", ResponderKind::Apology, "apology", "sorry");
+    }
+}

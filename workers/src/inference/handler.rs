@@ -1,0 +1,129 @@
+//! The inference handlers: chat hand-offs in, model replies out; prediction requests in, predictions out.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_nats::jetstream;
+use ferry_schema::codec::{self, Encoding};
+use ferry_schema::reply::{ChatAction, ChatReply, PredictionReply};
+use ferry_schema::{headers, EventBody, ReplyBody};
+
+use super::config::{InferenceSettings, Task};
+use super::engine::Engine;
+use super::{fallback, prompt};
+use crate::runtime::{publish, Handler, Outcome, Stats};
+
+/// Name of this responder; part of every reply id it makes.
+pub const RESPONDER: &str = "inference";
+
+/// What both handlers share.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// For publishing replies.
+    pub js: jetstream::Context,
+    /// The models.
+    pub engine: Arc<Engine>,
+    /// The config.
+    pub settings: Arc<InferenceSettings>,
+    /// Counters (tokens).
+    pub stats: Arc<Stats>,
+    /// Largest payload decoded.
+    pub max_payload: usize,
+}
+
+/// Answers chats handed over by the rules worker (`work.inference.chat`).
+#[derive(Debug)]
+pub struct ChatHandler(pub Shared);
+
+/// Answers prediction requests (`events.*.predict`).
+#[derive(Debug)]
+pub struct PredictHandler(pub Shared);
+
+fn poison(e: codec::DecodeError) -> Outcome {
+    Outcome::Poison {
+        code: e.code(),
+        reason: e.to_string(),
+    }
+}
+
+impl Handler for ChatHandler {
+    async fn handle(&self, msg: &jetstream::Message) -> Outcome {
+        let s = &self.0;
+        let started = Instant::now();
+        // A hand-off carries the agent's original event bytes; the rules
+        // worker already checked them against their subject.
+        let decoded = Encoding::from_headers(msg.headers.as_ref())
+            .and_then(|enc| codec::decode_event(&msg.payload, enc, s.max_payload).map(|e| (e, enc)));
+        let (env, enc) = match decoded {
+            Ok(d) => d,
+            Err(e) => return poison(e),
+        };
+        let EventBody::Chat(chat) = &env.body else {
+            return Outcome::Poison {
+                code: "wrong_kind",
+                reason: format!("a chat hand-off carries a {} event", env.kind()),
+            };
+        };
+        let route = s.settings.route(Task::Chat, &env.agent);
+        let p = prompt::chat(&s.settings, chat);
+        let answer = fallback::chat(&*s.engine, &s.settings, route, &p, &chat.text).await;
+        if let Some(t) = answer.tokens {
+            s.stats.add_tokens(u64::from(t));
+        }
+        tracing::debug!(event = %env.id, by = ?answer.by, skipped = ?answer.skipped, "answered");
+        let body = ReplyBody::Chat(ChatReply {
+            chat: chat.chat.clone(),
+            action: ChatAction::Reply,
+            content: Some(answer.text),
+            confidence: answer.confidence,
+            answered_by: answer.by,
+            processing_ms: publish::elapsed_ms(started),
+            tokens: answer.tokens,
+        });
+        let tp = headers::traceparent(msg.headers.as_ref());
+        publish::reply(&s.js, RESPONDER, &env, enc, tp, body).await
+    }
+}
+
+impl Handler for PredictHandler {
+    async fn handle(&self, msg: &jetstream::Message) -> Outcome {
+        let s = &self.0;
+        let started = Instant::now();
+        let decoded = codec::decode_event_message(
+            msg.subject.as_str(),
+            msg.headers.as_ref(),
+            &msg.payload,
+            s.max_payload,
+        );
+        let (env, enc) = match decoded {
+            Ok(d) => d,
+            Err(e) => return poison(e),
+        };
+        let EventBody::Predict(req) = &env.body else {
+            // The consumer filters on predict subjects; anything else is not ours.
+            return Outcome::Done;
+        };
+        let route = s.settings.route(Task::Predict, &env.agent);
+        let p = prompt::predict(&s.settings, req);
+        let body = match fallback::models(&*s.engine, &s.settings, route, &p).await {
+            Ok((alias, gen)) => {
+                s.stats.add_tokens(u64::from(gen.tokens));
+                PredictionReply {
+                    prediction: gen.text,
+                    confidence: gen.confidence,
+                    model: alias,
+                    processing_ms: publish::elapsed_ms(started),
+                }
+            }
+            // No model could answer: say so rather than leave the agent waiting.
+            Err(skipped) => PredictionReply {
+                prediction: String::new(),
+                confidence: 0.0,
+                model: format!("none ({})", skipped.join("; ")),
+                processing_ms: publish::elapsed_ms(started),
+            },
+        };
+        let tp = headers::traceparent(msg.headers.as_ref());
+        publish::reply(&s.js, RESPONDER, &env, enc, tp, ReplyBody::Prediction(body)).await
+    }
+}

@@ -1,0 +1,327 @@
+//! The inference worker with the real model (SmolLM2-135M GGUF) on a real nats-server.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{publish, stack};
+use ferry_schema::codec::{decode_reply, DEFAULT_MAX_PAYLOAD};
+use ferry_schema::event::{ChatMessage, ChatType, MessageType, PredictRequest, RecentActivity};
+use ferry_schema::reply::ResponderKind;
+use ferry_schema::topology::{self, REPLIES_STREAM, WORK_STREAM};
+use ferry_schema::{AgentId, Encoding, Envelope, EventBody, EventId, Reply, ReplyBody};
+use ferry_stack::inspect;
+use ferry_workers::inference::{self, InferenceConfig};
+use ferry_workers::runtime::Stats;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(240);
+
+/// Every chat goes to inference.
+const TO_INFERENCE: &str = "[defaults]\nunmatched_chat = \"infer\"\n";
+
+fn model() -> String {
+    ferry_stack::model::ensure_default_model()
+        .expect("default model available")
+        .display()
+        .to_string()
+}
+
+fn config(extra: &str) -> String {
+    format!(
+        r#"
+concurrency = 4
+step_timeout_secs = 120
+apology = "sorry, later"
+[models.smollm2]
+path = "{model}"
+[[route]]
+model = "smollm2"
+temperature = 0.0
+max_tokens = 24
+{extra}
+"#,
+        model = model()
+    )
+}
+
+struct Inference {
+    stop: CancellationToken,
+    task: JoinHandle<Result<Arc<Stats>, inference::RunError>>,
+    _file: tempfile::NamedTempFile,
+}
+
+async fn inference_replica(s: &common::Stack, config: &str) -> Inference {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut file, config.as_bytes()).unwrap();
+    let client = s.nats.workers("test-inference").connect().await.unwrap();
+    let cfg = InferenceConfig::new(file.path());
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let task = tokio::spawn(async move { inference::run(client, &cfg, token).await });
+    Inference { stop, task, _file: file }
+}
+
+fn chat(agent: &str, text: &str) -> Envelope {
+    Envelope::new(
+        AgentId::new(agent).unwrap(),
+        EventBody::Chat(ChatMessage {
+            chat: "Bob".into(),
+            chat_type: ChatType::Direct,
+            sender: "Bob".into(),
+            text: text.into(),
+            msg_type: MessageType::Text,
+        }),
+    )
+}
+
+async fn replies(js: &async_nats::jetstream::Context) -> HashMap<EventId, Vec<Reply>> {
+    let mut out: HashMap<EventId, Vec<Reply>> = HashMap::new();
+    for m in inspect::read_all(js, REPLIES_STREAM, "").await.unwrap() {
+        let enc = Encoding::from_headers(m.headers.as_ref()).unwrap();
+        let r = decode_reply(&m.payload, enc, DEFAULT_MAX_PAYLOAD).unwrap();
+        out.entry(r.in_reply_to).or_default().push(r);
+    }
+    out
+}
+
+fn chat_body(r: &Reply) -> &ferry_schema::reply::ChatReply {
+    match &r.body {
+        ReplyBody::Chat(c) => c,
+        other => panic!("not a chat reply: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn chat_handed_over_by_rules_gets_a_model_reply() {
+    let s = stack(TO_INFERENCE, Duration::from_secs(30)).await;
+    let _rules = s.replica(16).await;
+    let _inf = inference_replica(&s, &config("")).await;
+    let event = chat("desk-1", "Hello! Where is my order?");
+    publish(&s.js, &event, Encoding::Json, true).await;
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, 1, WAIT).await.unwrap();
+    let all = replies(&s.js).await;
+    let r = &all[&event.id][0];
+    let c = chat_body(r);
+    assert!(!c.content.as_deref().unwrap_or("").trim().is_empty(), "{c:?}");
+    assert_eq!(c.answered_by.kind, ResponderKind::Model);
+    assert_eq!(c.answered_by.name, "smollm2");
+    assert!(c.tokens.unwrap() > 0);
+    assert!(c.processing_ms > 0.0);
+    assert!((0.0..=1.0).contains(&c.confidence));
+    // The hand-off was consumed from the work queue.
+    assert_eq!(inspect::count(&s.js, WORK_STREAM).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn prediction_request_gets_a_prediction() {
+    let s = stack(TO_INFERENCE, Duration::from_secs(30)).await;
+    let _inf = inference_replica(&s, &config("")).await;
+    let at = |t: &str| format!("2026-11-22T{t}Z").parse().unwrap();
+    let event = Envelope::new(
+        AgentId::new("desk-2").unwrap(),
+        EventBody::Predict(PredictRequest {
+            recent: vec![
+                RecentActivity { at: at("09:00:00"), app: "outlook.exe".into(), title: "Inbox (12)".into(), duration_ms: 300_000 },
+                RecentActivity { at: at("09:05:00"), app: "excel.exe".into(), title: "Orders.xlsx".into(), duration_ms: 900_000 },
+                RecentActivity { at: at("09:20:00"), app: "chrome.exe".into(), title: "Shipping - Admin".into(), duration_ms: 120_000 },
+            ],
+        }),
+    );
+    publish(&s.js, &event, Encoding::MsgPack, true).await;
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, 1, WAIT).await.unwrap();
+    let all = replies(&s.js).await;
+    let ReplyBody::Prediction(p) = &all[&event.id][0].body else {
+        panic!("not a prediction")
+    };
+    assert!(!p.prediction.trim().is_empty(), "{p:?}");
+    assert_eq!(p.model, "smollm2");
+    assert!(p.processing_ms > 0.0);
+}
+
+#[tokio::test]
+async fn routes_select_model_aliases() {
+    let s = stack(TO_INFERENCE, Duration::from_secs(30)).await;
+    let _rules = s.replica(16).await;
+    // The same file backs both aliases; a group of agents gets the other one.
+    let cfg = format!(
+        r#"
+concurrency = 2
+[models.general]
+path = "{m}"
+[models.vip]
+path = "{m}"
+[groups]
+vips = ["desk-2"]
+[[route]]
+groups = ["vips"]
+model = "vip"
+max_tokens = 8
+[[route]]
+model = "general"
+max_tokens = 8
+"#,
+        m = model()
+    );
+    let _inf = inference_replica(&s, &cfg).await;
+    let a = chat("desk-1", "hi");
+    let b = chat("desk-2", "hi");
+    publish(&s.js, &a, Encoding::MsgPack, true).await;
+    publish(&s.js, &b, Encoding::MsgPack, true).await;
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, 2, WAIT).await.unwrap();
+    let all = replies(&s.js).await;
+    assert_eq!(chat_body(&all[&a.id][0]).answered_by.name, "general");
+    assert_eq!(chat_body(&all[&b.id][0]).answered_by.name, "vip");
+}
+
+#[tokio::test]
+async fn fallback_chain_records_which_step_answered() {
+    let s = stack(TO_INFERENCE, Duration::from_secs(30)).await;
+    let _rules = s.replica(16).await;
+    // Primary broken, backup real: the backup answers.
+    let cfg = format!(
+        r#"
+apology = "sorry, later"
+[models.primary]
+path = "/nonexistent/primary.gguf"
+[models.backup]
+path = "{m}"
+[[route]]
+model = "primary"
+backup = "backup"
+max_tokens = 8
+"#,
+        m = model()
+    );
+    let inf = inference_replica(&s, &cfg).await;
+    let e1 = chat("desk-1", "hello");
+    publish(&s.js, &e1, Encoding::MsgPack, true).await;
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, 1, WAIT).await.unwrap();
+    inf.stop.cancel();
+    inf.task.await.unwrap().unwrap();
+
+    // Both broken: a template answers when one matches, else the apology.
+    let both_broken = r#"
+apology = "sorry, later"
+[models.primary]
+path = "/nonexistent/primary.gguf"
+[models.backup]
+path = "/nonexistent/backup.gguf"
+[[route]]
+model = "primary"
+backup = "backup"
+max_tokens = 8
+[[template]]
+keywords = ["ship"]
+answer = "We ship within two working days."
+"#;
+    let _inf = inference_replica(&s, both_broken).await;
+    let e2 = chat("desk-1", "Do you ship to Shenzhen?");
+    let e3 = chat("desk-1", "hello again");
+    publish(&s.js, &e2, Encoding::MsgPack, true).await;
+    publish(&s.js, &e3, Encoding::MsgPack, true).await;
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, 3, WAIT).await.unwrap();
+    let all = replies(&s.js).await;
+    let by = |id: &EventId| chat_body(&all[id][0]).answered_by.clone();
+    assert_eq!((by(&e1.id).kind, by(&e1.id).name.as_str()), (ResponderKind::Model, "backup"));
+    assert_eq!(by(&e2.id).kind, ResponderKind::KbTemplate);
+    assert_eq!(chat_body(&all[&e2.id][0]).content.as_deref(), Some("We ship within two working days."));
+    assert_eq!(by(&e3.id).kind, ResponderKind::Apology);
+    assert_eq!(chat_body(&all[&e3.id][0]).content.as_deref(), Some("sorry, later"));
+}
+
+#[tokio::test]
+async fn two_replicas_answer_every_request_once() {
+    const N: usize = 8;
+    let s = stack(TO_INFERENCE, Duration::from_secs(30)).await;
+    let _rules = s.replica(16).await;
+    let a = inference_replica(&s, &config("")).await;
+    let b = inference_replica(&s, &config("")).await;
+    let events: Vec<_> = (0..N).map(|i| chat("desk-1", &format!("question number {i}?"))).collect();
+    for e in &events {
+        publish(&s.js, e, Encoding::MsgPack, true).await;
+    }
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, N as u64, WAIT).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all = replies(&s.js).await;
+    assert_eq!(all.len(), N);
+    assert!(all.values().all(|r| r.len() == 1));
+    let mut done = 0;
+    for r in [a, b] {
+        r.stop.cancel();
+        done += r.task.await.unwrap().unwrap().snapshot().done;
+    }
+    assert_eq!(done, N as u64, "each request handled once across replicas");
+}
+
+#[tokio::test]
+async fn generation_longer_than_ack_wait_is_not_redelivered() {
+    let s = stack(TO_INFERENCE, Duration::from_secs(30)).await;
+    // The broker gives up on an unacknowledged message after 2 s.
+    let mut def = topology::inference_chat_consumer();
+    def.config.ack_wait = Duration::from_secs(2);
+    topology::ensure_consumer(&s.js, &def).await.unwrap();
+    let _rules = s.replica(16).await;
+    let long = config("").replace("max_tokens = 24", "max_tokens = 400");
+    let a = inference_replica(&s, &long).await;
+    let b = inference_replica(&s, &long).await;
+    let event = chat("desk-1", "Count from 1 to 200, separated by commas.");
+    publish(&s.js, &event, Encoding::MsgPack, true).await;
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, 1, WAIT).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let all = replies(&s.js).await;
+    let r = chat_body(&all[&event.id][0]);
+    assert!(r.processing_ms > 2000.0, "the generation must outlast ack_wait to test anything: {} ms", r.processing_ms);
+    assert_eq!(all[&event.id].len(), 1);
+    let stream = s.js.get_stream(topology::WORK_STREAM).await.unwrap();
+    let info = stream.consumer_info("inference-chat").await.unwrap();
+    assert_eq!(info.num_redelivered, 0, "in-progress acks kept the message with its replica");
+    let mut done = 0;
+    for r in [a, b] {
+        r.stop.cancel();
+        done += r.task.await.unwrap().unwrap().snapshot().done;
+    }
+    assert_eq!(done, 1);
+}
+
+#[tokio::test]
+async fn shutdown_while_generating_loses_nothing() {
+    const N: usize = 4;
+    let s = stack(TO_INFERENCE, Duration::from_secs(30)).await;
+    let _rules = s.replica(16).await;
+    let long = config("").replace("max_tokens = 24", "max_tokens = 64");
+    let first = inference_replica(&s, &long).await;
+    let events: Vec<_> = (0..N).map(|i| chat("desk-2", &format!("Tell me about product {i}."))).collect();
+    for e in &events {
+        publish(&s.js, e, Encoding::MsgPack, true).await;
+    }
+    // Stop while generations are under way (the replica holds messages and
+    // none is answered yet): phase two lets them finish and publish.
+    let work = s.js.get_stream(WORK_STREAM).await.unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        let info = work.consumer_info("inference-chat").await.unwrap();
+        if info.num_ack_pending > 0 {
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "inference never took the work");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(inspect::count(&s.js, REPLIES_STREAM).await.unwrap(), 0, "stopping before any reply");
+    first.stop.cancel();
+    let stats = first.task.await.unwrap().unwrap().snapshot();
+    assert_eq!(stats.in_flight, 0);
+    assert!(stats.done >= 1, "generations in flight at shutdown were finished: {stats:?}");
+    let answered_before = replies(&s.js).await.len() as u64;
+    assert_eq!(answered_before, stats.done, "every finished generation was published before exit");
+    // What the first replica did not take, a second one answers.
+    let _second = inference_replica(&s, &long).await;
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, N as u64, WAIT).await.unwrap();
+    let all = replies(&s.js).await;
+    assert_eq!(all.len(), N);
+    assert!(all.values().all(|r| r.len() == 1));
+}
