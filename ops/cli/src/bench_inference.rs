@@ -47,6 +47,10 @@ pub struct InferenceBench {
 }
 
 const SYSTEM: &str = "You are a helpful customer-service assistant. Answer briefly.";
+/// SmolLM2's end-of-generation tokens (`<|endoftext|>`, `<|im_end|>`,
+/// `<reponame>`), forbidden in every measurement so each generation runs to
+/// `--max-tokens`, as `llama_cpp_bench.py` does for llama.cpp.
+const END_TOKENS: [u32; 3] = [0, 2, 4];
 /// Asks for long output, so generations run to `max_tokens` and tok/s compares like with like.
 const PROMPT: &str = "A customer asks: please list every step of returning an order, in detail, numbered from 1 to 50.";
 
@@ -107,6 +111,7 @@ async fn mistral_in_process(model: &std::path::Path, args: &InferenceBench) -> a
         temperature: 0.0,
         top_p: 1.0,
         max_tokens: args.max_tokens,
+        logit_bias: END_TOKENS.iter().map(|&id| (id, -100.0)).collect(),
     };
     let mut rates = Vec::new();
     for i in 0..=args.runs {
@@ -137,9 +142,10 @@ async fn worker_e2e(model: &std::path::Path, concurrency: usize, args: &Inferenc
     std::fs::write(
         &cfg_path,
         format!(
-            "concurrency = {concurrency}\nstep_timeout_secs = 600\nsystem_prompt = \"{SYSTEM}\"\n[models.m]\npath = \"{}\"\n[[route]]\nmodel = \"m\"\ntemperature = 0.0\ntop_p = 1.0\nmax_tokens = {}\n",
+            "concurrency = {concurrency}\nstep_timeout_secs = 600\nsystem_prompt = \"{SYSTEM}\"\n[models.m]\npath = \"{}\"\n[[route]]\nmodel = \"m\"\ntemperature = 0.0\ntop_p = 1.0\nmax_tokens = {}\nlogit_bias = {{ {} }}\n",
             model.display(),
-            args.max_tokens
+            args.max_tokens,
+            END_TOKENS.map(|id| format!("\"{id}\" = -100.0")).join(", ")
         ),
     )?;
     config::load(&cfg_path)?;

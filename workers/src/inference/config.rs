@@ -23,6 +23,7 @@
 //! temperature = 0.3
 //! top_p = 0.9
 //! max_tokens = 96            # required: every route bounds its generation
+//! logit_bias = { "2" = -100.0 }  # optional: token id -> bias
 //!
 //! [[template]]               # knowledge-base answers for the fallback chain
 //! keywords = ["ship", "delivery"]
@@ -69,7 +70,7 @@ pub struct ModelSpec {
 }
 
 /// Sampling settings of a route; `max_tokens` is always set.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Sampling {
     /// Temperature (0 = greedy).
     pub temperature: f64,
@@ -77,6 +78,8 @@ pub struct Sampling {
     pub top_p: f64,
     /// Most tokens generated.
     pub max_tokens: usize,
+    /// Added to the logits of these token ids (e.g. -100 to forbid one).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 /// Which model answers which agents for which task.
@@ -253,6 +256,8 @@ struct RouteEntry {
     #[serde(default = "default_top_p")]
     top_p: f64,
     max_tokens: usize,
+    #[serde(default)]
+    logit_bias: BTreeMap<String, f32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -366,6 +371,15 @@ pub fn parse(text: &str, origin: &str) -> Result<InferenceSettings, ConfigError>
         if !(r.top_p > 0.0 && r.top_p <= 1.0) {
             return Err(invalid(what("top_p"), format!("{} is outside (0.0, 1.0]", r.top_p)));
         }
+        let logit_bias = r
+            .logit_bias
+            .iter()
+            .map(|(k, v)| {
+                k.parse::<u32>()
+                    .map(|id| (id, *v))
+                    .map_err(|_| invalid(what("logit_bias"), format!("key {k:?} is not a token id (a whole number)")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         routes.push(Route {
             name,
             tasks,
@@ -377,6 +391,7 @@ pub fn parse(text: &str, origin: &str) -> Result<InferenceSettings, ConfigError>
                 temperature: r.temperature,
                 top_p: r.top_p,
                 max_tokens: r.max_tokens,
+                logit_bias,
             },
         });
     }
@@ -427,6 +442,7 @@ mod tests {
         check_err("[models.m]\nhf = \"org/x\"\n", "`hf` needs `files`");
         check_err(&format!("concurrency = 0\n{BASE}"), "concurrency: must be at least 1");
         check_err(&format!("{BASE}[[route]]\nmodel = \"m\"\nmax_tokens = 8\nmax_tokenz = 8\n"), "unknown field `max_tokenz`");
+        check_err(&format!("{BASE}[[route]]\nmodel = \"m\"\nmax_tokens = 8\nlogit_bias = {{ \"eos\" = -100.0 }}\n"), "field `logit_bias`: key \"eos\" is not a token id");
     }
 
     #[test]

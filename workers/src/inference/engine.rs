@@ -10,7 +10,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mistralrs::{GgufModelBuilder, Model, RequestBuilder, TextMessageRole, TokenSource};
+use mistralrs::{
+    CustomLogitsProcessor, GgufModelBuilder, Model, RequestBuilder, Tensor, TextMessageRole,
+    TokenSource,
+};
 use tokio::sync::Semaphore;
 
 use super::config::{ModelSource, ModelSpec, Sampling};
@@ -175,6 +178,21 @@ impl Engine {
     }
 }
 
+/// Adds a fixed bias to the logits of some token ids.
+struct LogitBias(Vec<(u32, f32)>);
+
+impl CustomLogitsProcessor for LogitBias {
+    fn apply(&self, logits: &Tensor, _context: &[u32]) -> mistralrs::Result<Tensor> {
+        let mut v = logits.to_vec1::<f32>()?;
+        for &(id, bias) in &self.0 {
+            if let Some(x) = usize::try_from(id).ok().and_then(|i| v.get_mut(i)) {
+                *x += bias;
+            }
+        }
+        Tensor::from_vec(v, logits.shape(), logits.device())
+    }
+}
+
 fn role(s: Speaker) -> TextMessageRole {
     match s {
         Speaker::System => TextMessageRole::System,
@@ -206,6 +224,11 @@ impl Generate for Engine {
             .set_sampler_topp(sampling.top_p)
             .set_sampler_max_len(sampling.max_tokens)
             .return_logprobs(true);
+        if !sampling.logit_bias.is_empty() {
+            // mistral.rs 0.8.1 accepts `logits_bias` but its sampler never
+            // applies it; a logits processor does.
+            req = req.add_logits_processor(Arc::new(LogitBias(sampling.logit_bias.clone())));
+        }
         for m in prompt {
             req = req.add_message(role(m.speaker), &m.text);
         }
