@@ -16,6 +16,7 @@
 //!
 //! # Layout
 //!
+//! - [`groups`]: agent groups from a config's `[groups]` table.
 //! - [`runtime`]: outcome, consume loop, dead letters, shutdown, service.
 //! - [`rules`]: keyword/regex rules, auto-replies, escalation, hand-off to inference.
 //! - [`inference`]: model replies and predictions on mistral.rs, with a fallback chain.
@@ -23,6 +24,7 @@
 //! Workers hold no state between messages that another replica would need:
 //! any replica can handle any event, and a killed replica loses nothing.
 
+pub mod groups;
 pub mod inference;
 pub mod rules;
 pub mod runtime;

@@ -30,12 +30,14 @@
 //! answer = "We ship within two working days."
 //! ```
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_schema::AgentId;
 use serde::Deserialize;
+
+use crate::groups::AgentGroups;
 
 /// What a model is asked to do; routes are chosen per task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -129,19 +131,15 @@ pub struct InferenceSettings {
     pub routes: Vec<Route>,
     /// Template answers.
     pub templates: Vec<KbTemplate>,
-    agent_groups: HashMap<AgentId, Vec<String>>,
+    agent_groups: AgentGroups,
 }
 
 impl InferenceSettings {
     /// The route for `task` from `agent`: the first that matches.
     pub fn route(&self, task: Task, agent: &AgentId) -> Option<&Route> {
-        let groups = self.agent_groups.get(agent);
-        self.routes.iter().find(|r| {
-            r.tasks.contains(&task)
-                && (r.agents.is_empty() || r.agents.contains(agent))
-                && (r.groups.is_empty()
-                    || groups.is_some_and(|gs| gs.iter().any(|g| r.groups.contains(g))))
-        })
+        self.routes
+            .iter()
+            .find(|r| r.tasks.contains(&task) && self.agent_groups.admits(agent, &r.agents, &r.groups))
     }
 
     /// The template answer for `text`, if any keyword matches.
@@ -318,14 +316,8 @@ pub fn parse(text: &str, origin: &str) -> Result<InferenceSettings, ConfigError>
             source,
         });
     }
-    let mut agent_groups: HashMap<AgentId, Vec<String>> = HashMap::new();
-    for (group, members) in &file.groups {
-        for m in members {
-            let a = AgentId::new(m.as_str())
-                .map_err(|e| invalid(format!("[groups] {group:?}"), e.to_string()))?;
-            agent_groups.entry(a).or_default().push(group.clone());
-        }
-    }
+    let agent_groups = AgentGroups::parse(&file.groups)
+        .map_err(|e| invalid(format!("[groups] {:?}", e.group), e.source.to_string()))?;
     let mut routes = Vec::new();
     for (i, r) in file.routes.into_iter().enumerate() {
         let name = r.name.clone().unwrap_or_else(|| format!("route {}", i + 1));

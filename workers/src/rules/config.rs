@@ -21,13 +21,14 @@
 //!
 //! Rules are tried in file order; the first match wins.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use ferry_schema::{AgentId, EventKind};
 use serde::Deserialize;
 
 use super::engine::{Action, Rule, RuleSet, Template, UnmatchedChat};
+use crate::groups::AgentGroups;
 
 /// Why a rules file was rejected. The message names the file, the rule and
 /// the field, and what was expected.
@@ -146,17 +147,11 @@ pub fn parse(text: &str, origin: &str) -> Result<RuleSet, RulesError> {
         message: e.to_string().trim_end().to_string(),
     })?;
 
-    let mut agent_groups: HashMap<AgentId, Vec<String>> = HashMap::new();
-    for (group, members) in &file.groups {
-        for m in members {
-            let agent = AgentId::new(m.as_str()).map_err(|e| RulesError::Group {
-                path: origin.to_string(),
-                group: group.clone(),
-                message: e.to_string(),
-            })?;
-            agent_groups.entry(agent).or_default().push(group.clone());
-        }
-    }
+    let agent_groups = AgentGroups::parse(&file.groups).map_err(|e| RulesError::Group {
+        path: origin.to_string(),
+        group: e.group.clone(),
+        message: e.source.to_string(),
+    })?;
 
     let mut names = HashSet::new();
     let mut rules = Vec::with_capacity(file.rules.len());

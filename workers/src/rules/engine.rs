@@ -1,9 +1,11 @@
 //! Matching events against rules and rendering templates; pure logic, no I/O.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use ferry_schema::event::{Activity, ChatMessage};
 use ferry_schema::{AgentId, Envelope, EventBody, EventKind};
+
+use crate::groups::AgentGroups;
 
 /// A compiled rule.
 #[derive(Debug)]
@@ -59,7 +61,7 @@ pub const DEFAULT_RULE: &str = "default";
 #[derive(Debug)]
 pub struct RuleSet {
     rules: Vec<Rule>,
-    agent_groups: HashMap<AgentId, Vec<String>>,
+    agent_groups: AgentGroups,
     unmatched_chat: UnmatchedChat,
 }
 
@@ -109,7 +111,7 @@ impl RuleSet {
     /// Builds a rule set from compiled parts (see [`super::config`]).
     pub fn new(
         rules: Vec<Rule>,
-        agent_groups: HashMap<AgentId, Vec<String>>,
+        agent_groups: AgentGroups,
         unmatched_chat: UnmatchedChat,
     ) -> Self {
         Self {
@@ -137,12 +139,9 @@ impl RuleSet {
             EventBody::Heartbeat(_) | EventBody::Predict(_) => return Decision::Nothing,
         };
         let kind = env.kind();
-        let groups = self.agent_groups.get(&env.agent);
         let matched = self.rules.iter().find(|r| {
             r.kinds.contains(&kind)
-                && (r.agents.is_empty() || r.agents.contains(&env.agent))
-                && (r.groups.is_empty()
-                    || groups.is_some_and(|gs| gs.iter().any(|g| r.groups.contains(g))))
+                && self.agent_groups.admits(&env.agent, &r.agents, &r.groups)
                 && (r.keywords.is_empty() || r.keywords.iter().any(|k| haystack.contains(k)))
                 && r.regex.as_ref().is_none_or(|re| re.is_match(original_text(&env.body)))
         });
