@@ -24,6 +24,10 @@ const WAIT: Duration = Duration::from_secs(240);
 /// Every chat goes to inference.
 const TO_INFERENCE: &str = "[defaults]\nunmatched_chat = \"infer\"\n";
 
+/// Route setting that forbids SmolLM2's end tokens, so a generation runs to
+/// `max_tokens` (tests that need a generation of known length).
+const NO_END: &str = "logit_bias = { \"0\" = -100.0, \"2\" = -100.0, \"4\" = -100.0 }";
+
 fn model() -> String {
     ferry_stack::model::ensure_default_model()
         .expect("default model available")
@@ -266,7 +270,9 @@ async fn generation_longer_than_ack_wait_is_not_redelivered() {
     def.config.ack_wait = Duration::from_secs(2);
     topology::ensure_consumer(&s.js, &def).await.unwrap();
     let _rules = s.replica(16).await;
-    let long = config("").replace("max_tokens = 24", "max_tokens = 400");
+    // SmolLM2's end tokens are forbidden, so the generation surely runs
+    // 150 tokens: several seconds, well past the 2 s ack_wait.
+    let long = config(NO_END).replace("max_tokens = 24", "max_tokens = 150");
     let a = inference_replica(&s, &long).await;
     let b = inference_replica(&s, &long).await;
     let event = chat("desk-1", "Count from 1 to 200, separated by commas.");
@@ -276,6 +282,7 @@ async fn generation_longer_than_ack_wait_is_not_redelivered() {
     let all = replies(&s.js).await;
     let r = chat_body(&all[&event.id][0]);
     assert!(r.processing_ms > 2000.0, "the generation must outlast ack_wait to test anything: {} ms", r.processing_ms);
+    assert_eq!(r.tokens, Some(150), "logit_bias kept the end tokens out, so it ran to max_tokens");
     assert_eq!(all[&event.id].len(), 1);
     let stream = s.js.get_stream(topology::WORK_STREAM).await.unwrap();
     let info = stream.consumer_info("inference-chat").await.unwrap();
@@ -293,7 +300,7 @@ async fn shutdown_while_generating_loses_nothing() {
     const N: usize = 4;
     let s = stack(TO_INFERENCE, Duration::from_secs(30)).await;
     let _rules = s.replica(16).await;
-    let long = config("").replace("max_tokens = 24", "max_tokens = 64");
+    let long = config(NO_END).replace("max_tokens = 24", "max_tokens = 64");
     let first = inference_replica(&s, &long).await;
     let events: Vec<_> = (0..N).map(|i| chat("desk-2", &format!("Tell me about product {i}."))).collect();
     for e in &events {
