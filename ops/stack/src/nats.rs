@@ -311,11 +311,6 @@ impl NatsServer {
         self.stop();
         self.spawn()
     }
-
-    /// Whether the server process is running.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
 }
 
 impl Drop for NatsServer {

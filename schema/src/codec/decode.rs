@@ -129,10 +129,7 @@ struct LenientVersion;
 impl<'de> DeserializeSeed<'de> for LenientVersion {
     type Value = Lenient<u64>;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        match d.deserialize_any(LenientNumber)? {
-            Lenient::Ok(n) => Ok(Lenient::Ok(n)),
-            Lenient::Bad(b) => Ok(Lenient::Bad(b)),
-        }
+        d.deserialize_any(LenientNumber)
     }
 }
 

@@ -93,7 +93,7 @@ pub async fn run(
         shutdown_grace: cfg.shutdown_grace,
         ..ConsumeSettings::default()
     };
-    let js = crate::rules::jetstream_for(client.clone(), &consume);
+    let js = runtime::jetstream_for(client.clone(), &consume);
     let stats = Arc::new(Stats::default());
     let svc = service::register(
         &client,
@@ -123,8 +123,7 @@ pub async fn run(
     let predict_def = topology::inference_predict_consumer();
     let chat = runtime::consume(
         &js,
-        chat_def.stream,
-        chat_def.name(),
+        &chat_def,
         Arc::new(handler::ChatHandler(shared.clone())),
         &consume,
         stats.clone(),
@@ -132,20 +131,14 @@ pub async fn run(
     );
     let predict = runtime::consume(
         &js,
-        predict_def.stream,
-        predict_def.name(),
+        &predict_def,
         Arc::new(handler::PredictHandler(shared)),
         &consume,
         stats.clone(),
         shutdown.clone(),
     );
     let (a, b) = tokio::join!(chat, predict);
-    if let Err(error) = svc.stop().await {
-        tracing::debug!(%error, "micro service stop failed");
-    }
-    if let Err(error) = client.flush().await {
-        tracing::warn!(%error, "flush on shutdown failed");
-    }
+    runtime::finish(svc, &client).await;
     a?;
     b?;
     Ok(stats)

@@ -12,7 +12,6 @@ pub mod handler;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use async_nats::jetstream;
 use ferry_schema::codec::DEFAULT_MAX_PAYLOAD;
 use ferry_schema::topology::{self, Role};
 use tokio_util::sync::CancellationToken;
@@ -55,15 +54,6 @@ pub enum RunError {
     Service(async_nats::Error),
 }
 
-/// A JetStream context for a worker: publish acks bounded by the consume
-/// loop's `max_in_flight` (publishers wait rather than fail when it is full).
-pub fn jetstream_for(client: async_nats::Client, consume: &ConsumeSettings) -> jetstream::Context {
-    jetstream::ContextBuilder::new()
-        .max_ack_inflight(consume.max_in_flight.max(1) * 2)
-        .backpressure_on_inflight(true)
-        .build(client)
-}
-
 /// Runs one rules worker replica on `client` until `shutdown` is cancelled.
 /// Returns the replica's counters.
 pub async fn run(
@@ -73,7 +63,7 @@ pub async fn run(
 ) -> Result<Arc<Stats>, RunError> {
     let rules = Arc::new(config::load(&cfg.rules_path)?);
     tracing::info!(rules = rules.len(), path = %cfg.rules_path.display(), "rules loaded");
-    let js = jetstream_for(client.clone(), &cfg.consume);
+    let js = runtime::jetstream_for(client.clone(), &cfg.consume);
     let stats = Arc::new(Stats::default());
     let svc = service::register(
         &client,
@@ -85,23 +75,16 @@ pub async fn run(
     .await
     .map_err(RunError::Service)?;
     let handler = Arc::new(handler::RulesHandler::new(js.clone(), rules, cfg.max_payload));
-    let def = topology::rules_consumer();
     let result = runtime::consume(
         &js,
-        def.stream,
-        def.name(),
+        &topology::rules_consumer(),
         handler,
         &cfg.consume,
         stats.clone(),
         shutdown,
     )
     .await;
-    if let Err(error) = svc.stop().await {
-        tracing::debug!(%error, "micro service stop failed");
-    }
-    if let Err(error) = client.flush().await {
-        tracing::warn!(%error, "flush on shutdown failed");
-    }
+    runtime::finish(svc, &client).await;
     result?;
     Ok(stats)
 }

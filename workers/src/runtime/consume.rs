@@ -16,6 +16,7 @@ use async_nats::jetstream::{
     AckKind,
 };
 use ferry_schema::deadletter::{DeadLetter, Origin};
+use ferry_schema::topology::ConsumerDef;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -86,17 +87,17 @@ pub enum ConsumeError {
     ZeroConcurrency,
 }
 
-/// Runs `handler` over the durable pull consumer `consumer` of `stream`
-/// until `shutdown` is cancelled, then shuts down in two phases.
+/// Runs `handler` over the durable pull consumer `def` until `shutdown` is
+/// cancelled, then shuts down in two phases.
 pub async fn consume<H: Handler>(
     js: &jetstream::Context,
-    stream: &str,
-    consumer: &str,
+    def: &ConsumerDef,
     handler: Arc<H>,
     settings: &ConsumeSettings,
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) -> Result<(), ConsumeError> {
+    let (stream, consumer) = (def.stream, def.name());
     if settings.max_in_flight == 0 {
         return Err(ConsumeError::ZeroConcurrency);
     }

@@ -8,6 +8,28 @@ mod stats;
 use std::time::Duration;
 
 pub use consume::{consume, ConsumeError, ConsumeSettings};
+
+use async_nats::jetstream;
+
+/// A JetStream context for a worker: publish acks bounded by the consume
+/// loop's `max_in_flight` (publishers wait rather than fail when it is full).
+pub fn jetstream_for(client: async_nats::Client, consume: &ConsumeSettings) -> jetstream::Context {
+    jetstream::ContextBuilder::new()
+        .max_ack_inflight(consume.max_in_flight.max(1) * 2)
+        .backpressure_on_inflight(true)
+        .build(client)
+}
+
+/// The last step of every role's shutdown: leave the micro service, then
+/// flush what the client still buffers.
+pub async fn finish(svc: async_nats::service::Service, client: &async_nats::Client) {
+    if let Err(error) = svc.stop().await {
+        tracing::debug!(%error, "micro service stop failed");
+    }
+    if let Err(error) = client.flush().await {
+        tracing::warn!(%error, "flush on shutdown failed");
+    }
+}
 pub use stats::{Stats, StatsSnapshot};
 
 /// What a handler decided about one message; [`consume`] turns it into the ack.
