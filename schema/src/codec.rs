@@ -213,6 +213,26 @@ pub fn encode_event(env: &Envelope, enc: Encoding) -> Result<Vec<u8>, EncodeErro
     }
 }
 
+/// An event's body alone as JSON text, the way the archive stores it
+/// (`events.body`): the same fields as the `body` of the JSON encoding.
+pub fn event_body_json(body: &EventBody) -> Result<String, EncodeError> {
+    Ok(match body {
+        EventBody::Chat(b) => serde_json::to_string(b)?,
+        EventBody::Activity(b) => serde_json::to_string(b)?,
+        EventBody::Heartbeat(b) => serde_json::to_string(b)?,
+        EventBody::Predict(b) => serde_json::to_string(b)?,
+    })
+}
+
+/// A reply's body alone as JSON text (`replies.body` in the archive).
+pub fn reply_body_json(body: &ReplyBody) -> Result<String, EncodeError> {
+    Ok(match body {
+        ReplyBody::Chat(b) => serde_json::to_string(b)?,
+        ReplyBody::Prediction(b) => serde_json::to_string(b)?,
+        ReplyBody::Alert(b) => serde_json::to_string(b)?,
+    })
+}
+
 #[derive(Serialize)]
 struct WireReply<'a, B> {
     id: ReplyId,

@@ -133,17 +133,20 @@ pub enum Role {
     Rules,
     /// Model replies and next-activity predictions.
     Inference,
+    /// Every event and reply into PostgreSQL.
+    Archiver,
 }
 
 impl Role {
     /// Every role.
-    pub const ALL: [Role; 2] = [Role::Rules, Role::Inference];
+    pub const ALL: [Role; 3] = [Role::Rules, Role::Inference, Role::Archiver];
 
     /// The role's name (also its service name suffix).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Rules => "rules",
             Self::Inference => "inference",
+            Self::Archiver => "archiver",
         }
     }
 
@@ -152,6 +155,7 @@ impl Role {
         match self {
             Self::Rules => vec![rules_consumer()],
             Self::Inference => vec![inference_chat_consumer(), inference_predict_consumer()],
+            Self::Archiver => vec![archiver_events_consumer(), archiver_replies_consumer()],
         }
     }
 }
@@ -224,6 +228,44 @@ pub fn inference_predict_consumer() -> ConsumerDef {
         subject::events_of_kind(EventKind::Predict).to_string(),
         "next-activity predictions",
     )
+}
+
+/// How long the broker waits for an archiver ack. A batch commits in
+/// milliseconds; while PostgreSQL is down the archiver holds its messages
+/// and sends in-progress acks, so this only bounds how long a dead replica's
+/// messages wait before another replica gets them.
+pub const ARCHIVER_ACK_WAIT: Duration = Duration::from_secs(60);
+
+fn archiver_consumer(name: &str, stream: &'static str, filter: String, what: &str) -> ConsumerDef {
+    ConsumerDef {
+        stream,
+        config: pull::Config {
+            durable_name: Some(name.into()),
+            description: Some(format!("Archiver: {what} into PostgreSQL.")),
+            filter_subject: filter,
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: ARCHIVER_ACK_WAIT,
+            // Redeliveries come from crashed replicas, not from PostgreSQL
+            // outages (the archiver waits those out holding the messages), so
+            // ten deliveries means the message itself kills the archiver.
+            max_deliver: 10,
+            // Shared by all replicas: a few full batches each.
+            max_ack_pending: 8192,
+            max_waiting: 64,
+            ..Default::default()
+        },
+    }
+}
+
+/// `EVENTS/archiver-events`: every event, for the archive.
+pub fn archiver_events_consumer() -> ConsumerDef {
+    archiver_consumer("archiver-events", EVENTS_STREAM, subject::all_events().to_string(), "every event")
+}
+
+/// `REPLIES/archiver-replies`: every reply, for the archive.
+pub fn archiver_replies_consumer() -> ConsumerDef {
+    archiver_consumer("archiver-replies", REPLIES_STREAM, subject::all_replies().to_string(), "every reply")
 }
 
 /// A consumer definition: which stream and with what settings.

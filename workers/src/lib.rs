@@ -20,11 +20,16 @@
 //! - [`runtime`]: outcome, consume loop, dead letters, shutdown, service.
 //! - [`rules`]: keyword/regex rules, auto-replies, escalation, hand-off to inference.
 //! - [`inference`]: model replies and predictions on mistral.rs, with a fallback chain.
+//! - [`archiver`]: every event and reply into PostgreSQL, in batches.
+//! - [`state`]: what workers read and write in PostgreSQL: customers,
+//!   conversations, the knowledge base.
 //!
 //! Workers hold no state between messages that another replica would need:
 //! any replica can handle any event, and a killed replica loses nothing.
 
+pub mod archiver;
 pub mod groups;
 pub mod inference;
 pub mod rules;
 pub mod runtime;
+pub mod state;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use ferry_schema::connect::{Auth, NatsConfig};
-use ferry_workers::{inference, rules, runtime};
+use ferry_workers::{archiver, inference, rules, runtime};
 use tokio_util::sync::CancellationToken;
 
 /// Ferry's workers. Each replica of a role pulls from the role's shared
@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 ///   ferry-worker --server nats://127.0.0.1:4222 --user workers --password "$PW" rules --rules rules.toml
 ///   ferry-worker --user workers --password "$PW" inference --config inference.toml
 ///   NATS_URL=nats://gpu-1:4222 NATS_CREDS=/etc/ferry/worker.creds ferry-worker rules --rules /etc/ferry/rules.toml
+///   DATABASE_URL=postgres://ferry:PW@db:5432/ferry ferry-worker --user workers --password "$PW" archiver
 #[derive(Debug, Parser)]
 #[command(version, about, verbatim_doc_comment)]
 struct Cli {
@@ -56,6 +57,50 @@ enum RoleCmd {
     /// Model replies to chats handed over by the rules, and next-activity
     /// predictions, on mistral.rs.
     Inference(InferenceArgs),
+    /// Every event and reply into PostgreSQL, in batches, idempotent on
+    /// their ids, acked only after the commit. Needs the schema applied
+    /// (`ferry migrate`).
+    Archiver(ArchiverArgs),
+}
+
+#[derive(Debug, Args)]
+struct DbArgs {
+    /// PostgreSQL URL (postgres://user:password@host:port/database).
+    #[arg(long = "database-url", env = "DATABASE_URL", hide_env_values = true)]
+    url: Option<String>,
+    /// Connections in this replica's PostgreSQL pool.
+    #[arg(long, default_value_t = 8)]
+    db_pool: usize,
+}
+
+impl DbArgs {
+    fn config(&self) -> Option<ferry_workers::state::DbConfig> {
+        self.url.as_ref().map(|url| {
+            let mut c = ferry_workers::state::DbConfig::new(url);
+            c.pool_size = self.db_pool;
+            c
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+struct ArchiverArgs {
+    #[command(flatten)]
+    db: DbArgs,
+    /// Messages held at once per consumer (events, replies): the rows
+    /// waiting for a commit, and the pull batch size.
+    #[arg(long, default_value_t = 1024)]
+    concurrency: usize,
+    /// Most rows in one transaction.
+    #[arg(long, default_value_t = 500)]
+    batch_rows: usize,
+    /// How long the first row of a batch waits for more, in milliseconds.
+    #[arg(long, default_value_t = 20)]
+    batch_wait_ms: u64,
+    /// A conversation idle this many minutes is closed by the next chat,
+    /// which opens a new one.
+    #[arg(long, default_value_t = 30)]
+    conversation_idle_mins: u64,
 }
 
 #[derive(Debug, Args)]
@@ -64,6 +109,10 @@ struct InferenceArgs {
     /// see workers/src/inference/config.rs and ops/demo/inference.toml.
     #[arg(long, env = "FERRY_INFERENCE_CONFIG", default_value = "inference.toml")]
     config: PathBuf,
+    /// Conversation context and knowledge base: read from this PostgreSQL.
+    /// Without it, prompts hold the message only.
+    #[command(flatten)]
+    db: DbArgs,
 }
 
 #[derive(Debug, Args)]
@@ -74,6 +123,10 @@ struct RulesArgs {
     /// Events handled at once by this replica (also the pull batch size).
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
+    /// Customer tags for rules with `customer_tags`: read from this
+    /// PostgreSQL (required when a rule uses them).
+    #[command(flatten)]
+    db: DbArgs,
 }
 
 fn nats_config(args: &NatsArgs, name: &str) -> anyhow::Result<NatsConfig> {
@@ -116,6 +169,7 @@ async fn main() -> anyhow::Result<()> {
         RoleCmd::Rules(args) => {
             let mut cfg = rules::RulesConfig::new(&args.rules);
             cfg.consume.max_in_flight = args.concurrency;
+            cfg.db = args.db.config();
             // Validate the rules before touching the network.
             rules::config::load(&cfg.rules_path)?;
             let client = nats_config(&cli.nats, "ferry-worker rules")?
@@ -126,7 +180,8 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(stats = ?stats.snapshot(), "rules worker stopped");
         }
         RoleCmd::Inference(args) => {
-            let cfg = inference::InferenceConfig::new(&args.config);
+            let mut cfg = inference::InferenceConfig::new(&args.config);
+            cfg.db = args.db.config();
             // Validate the config before loading models or connecting.
             inference::config::load(&cfg.config_path)?;
             let client = nats_config(&cli.nats, "ferry-worker inference")?
@@ -135,6 +190,25 @@ async fn main() -> anyhow::Result<()> {
                 .context("connecting to NATS")?;
             let stats = inference::run(client, &cfg, shutdown).await?;
             tracing::info!(stats = ?stats.snapshot(), "inference worker stopped");
+        }
+        RoleCmd::Archiver(args) => {
+            let Some(db) = args.db.config() else {
+                anyhow::bail!("the archiver needs a database: pass --database-url or set DATABASE_URL (postgres://user:password@host:port/database)");
+            };
+            let mut cfg = archiver::ArchiverConfig::new(db.url.clone());
+            cfg.db = db;
+            cfg.consume.max_in_flight = args.concurrency.max(1);
+            cfg.batch.max_rows = args.batch_rows.max(1);
+            cfg.batch.max_wait = std::time::Duration::from_millis(args.batch_wait_ms);
+            cfg.conversation_idle = std::time::Duration::from_secs(args.conversation_idle_mins * 60);
+            // Check the URL before touching the network.
+            ferry_workers::state::parse_url(&cfg.db.url)?;
+            let client = nats_config(&cli.nats, "ferry-worker archiver")?
+                .connect()
+                .await
+                .context("connecting to NATS")?;
+            let stats = archiver::run(client, &cfg, shutdown).await?;
+            tracing::info!(stats = ?stats.snapshot(), "archiver stopped");
         }
     }
     Ok(())

@@ -25,9 +25,16 @@
 //! max_tokens = 96            # required: every route bounds its generation
 //! logit_bias = { "2" = -100.0 }  # optional: token id -> bias
 //!
-//! [[template]]               # knowledge-base answers for the fallback chain
+//! [[template]]               # template answers for the fallback chain (after KB articles)
 //! keywords = ["ship", "delivery"]
 //! answer = "We ship within two working days."
+//!
+//! [context]                  # used when the worker has --database-url
+//! turns = 6                  # last turns of the conversation in the prompt
+//! kb_articles = 3            # knowledge-base articles in the prompt
+//! kb_template_coverage = 0.6 # template step: answer with the top article when it
+//!                            # holds this share of the message's terms
+//! conversation_idle_mins = 30
 //! ```
 
 use std::collections::{BTreeMap, HashSet};
@@ -131,7 +138,43 @@ pub struct InferenceSettings {
     pub routes: Vec<Route>,
     /// Template answers.
     pub templates: Vec<KbTemplate>,
+    /// Conversation context and knowledge base (with a database).
+    pub context: ContextSettings,
     agent_groups: AgentGroups,
+}
+
+/// How much of PostgreSQL's state goes into a chat prompt.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContextSettings {
+    /// Last turns of the conversation in the prompt.
+    pub turns: usize,
+    /// Knowledge-base articles in the prompt.
+    pub kb_articles: usize,
+    /// The template step answers with the top article when it holds at least
+    /// this share (0 to 1) of the message's terms.
+    pub kb_template_coverage: f64,
+    /// Idle minutes after which a chat starts a new conversation (keep it
+    /// equal to the archiver's `--conversation-idle-mins`).
+    pub conversation_idle_mins: u64,
+}
+
+impl Default for ContextSettings {
+    fn default() -> Self {
+        Self {
+            turns: 6,
+            kb_articles: 3,
+            kb_template_coverage: 0.6,
+            conversation_idle_mins: 30,
+        }
+    }
+}
+
+impl ContextSettings {
+    /// The idle time as a duration.
+    pub fn conversation_idle(&self) -> Duration {
+        Duration::from_secs(self.conversation_idle_mins.saturating_mul(60))
+    }
 }
 
 impl InferenceSettings {
@@ -226,6 +269,8 @@ struct File {
     routes: Vec<RouteEntry>,
     #[serde(default, rename = "template")]
     templates: Vec<TemplateEntry>,
+    #[serde(default)]
+    context: ContextSettings,
 }
 
 #[derive(Debug, Deserialize)]
@@ -395,6 +440,12 @@ pub fn parse(text: &str, origin: &str) -> Result<InferenceSettings, ConfigError>
             answer: t.answer,
         })
         .collect();
+    if !(0.0..=1.0).contains(&file.context.kb_template_coverage) {
+        return Err(invalid(
+            "[context] kb_template_coverage".into(),
+            format!("{} is outside 0.0..=1.0", file.context.kb_template_coverage),
+        ));
+    }
     Ok(InferenceSettings {
         system_prompt: file.system_prompt,
         predict_prompt: file.predict_prompt,
@@ -404,6 +455,7 @@ pub fn parse(text: &str, origin: &str) -> Result<InferenceSettings, ConfigError>
         models,
         routes,
         templates,
+        context: file.context,
         agent_groups,
     })
 }

@@ -8,6 +8,7 @@ use ferry_schema::reply::{AnsweredBy, ResponderKind};
 use super::config::{InferenceSettings, Route};
 use super::engine::{Generate, Generation};
 use super::prompt::PromptMessage;
+use crate::state::kb::Hit;
 
 /// The chain's answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,6 +57,7 @@ pub async fn chat<G: Generate>(
     route: Option<&Route>,
     prompt: &[PromptMessage],
     message: &str,
+    kb: &[Hit],
 ) -> Answer {
     let skipped = match models(g, settings, route, prompt).await {
         Ok((alias, gen)) => {
@@ -72,6 +74,18 @@ pub async fn chat<G: Generate>(
         }
         Err(skipped) => skipped,
     };
+    if let Some(h) = kb.first().filter(|h| h.coverage >= settings.context.kb_template_coverage) {
+        return Answer {
+            text: h.body.clone(),
+            by: AnsweredBy {
+                kind: ResponderKind::KbTemplate,
+                name: h.slug.clone(),
+            },
+            tokens: None,
+            confidence: h.coverage as f32,
+            skipped,
+        };
+    }
     if let Some(t) = settings.template_for(message) {
         return Answer {
             text: t.answer.clone(),
@@ -154,11 +168,16 @@ answer = "two days"
 
     #[track_caller]
     fn check(script: Vec<(&'static str, Result<&'static str, GenerateError>)>, message: &str, kind: ResponderKind, name: &str, text: &str) {
+        check_kb(script, message, &[], kind, name, text)
+    }
+
+    #[track_caller]
+    fn check_kb(script: Vec<(&'static str, Result<&'static str, GenerateError>)>, message: &str, kb: &[Hit], kind: ResponderKind, name: &str, text: &str) {
         let settings = parse(CONFIG, "t").unwrap();
         let route = settings.route(crate::inference::config::Task::Chat, &AgentId::new("desk-1").unwrap());
         let g = Script(script.into_iter().collect());
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let a = rt.block_on(chat(&g, &settings, route, &[], message));
+        let a = rt.block_on(chat(&g, &settings, route, &[], message, kb));
         assert_eq!((a.by.kind, a.by.name.as_str(), a.text.as_str()), (kind, name, text));
     }
 
@@ -170,5 +189,18 @@ answer = "two days"
         check(vec![("a", timeout), ("b", Ok("from b"))], "hi", ResponderKind::Model, "b", "from b");
         check(vec![("a", broken("a")), ("b", broken("b"))], "do you SHIP to Paris?", ResponderKind::KbTemplate, "ship", "two days");
         check(vec![("a", broken("a")), ("b", broken("b"))], "hello", ResponderKind::Apology, "apology", "sorry");
+    }
+
+    #[test]
+    fn knowledge_base_article_before_config_templates() {
+        let hit = |coverage: f64| Hit { slug: "shipping".into(), title: "Shipping".into(), body: "We ship in 48 hours.".into(), score: 2.0, coverage };
+        let down = || vec![("a", broken("a")), ("b", broken("b"))];
+        // Covers enough of the message (default 0.6): the article answers.
+        check_kb(down(), "do you ship?", &[hit(0.75)], ResponderKind::KbTemplate, "shipping", "We ship in 48 hours.");
+        // Too weak a match: the config's keyword template, then the apology.
+        check_kb(down(), "do you ship?", &[hit(0.3)], ResponderKind::KbTemplate, "ship", "two days");
+        check_kb(down(), "hello", &[hit(0.3)], ResponderKind::Apology, "apology", "sorry");
+        // A working model still comes first.
+        check_kb(vec![("a", Ok("from a"))], "do you ship?", &[hit(1.0)], ResponderKind::Model, "a", "from a");
     }
 }

@@ -12,6 +12,8 @@ use super::config::{InferenceSettings, Task};
 use super::engine::Engine;
 use super::{fallback, prompt};
 use crate::runtime::{publish, Handler, Outcome, Stats};
+use crate::state::conversations::{self, Turn};
+use crate::state::kb::{self, Hit};
 
 /// Name of this responder; part of every reply id it makes.
 pub const RESPONDER: &str = "inference";
@@ -29,6 +31,39 @@ pub struct Shared {
     pub stats: Arc<Stats>,
     /// Largest payload decoded.
     pub max_payload: usize,
+    /// Conversation context and knowledge base, when the worker has a database.
+    pub db: Option<deadpool_postgres::Pool>,
+}
+
+/// The conversation's last turns and the knowledge-base articles for a chat.
+/// A database failure degrades the prompt (logged) rather than delaying the
+/// answer: the chain must always answer.
+async fn grounding(s: &Shared, env: &ferry_schema::Envelope, chat: &ferry_schema::event::ChatMessage) -> (Vec<Turn>, Vec<Hit>) {
+    let Some(pool) = &s.db else {
+        return (Vec::new(), Vec::new());
+    };
+    let ctx = &s.settings.context;
+    let result = async {
+        let client = pool.get().await.map_err(|e| e.to_string())?;
+        let turns = conversations::context(
+            &**client,
+            env.agent.as_str(),
+            &chat.sender,
+            env.id.0,
+            env.ts,
+            ctx.conversation_idle(),
+            ctx.turns,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let hits = kb::search(&**client, &chat.text, ctx.kb_articles).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((turns, hits))
+    }
+    .await;
+    result.unwrap_or_else(|error| {
+        tracing::warn!(event = %env.id, %error, "no conversation context or knowledge base for this chat (PostgreSQL unavailable)");
+        (Vec::new(), Vec::new())
+    })
 }
 
 /// Answers chats handed over by the rules worker (`work.inference.chat`).
@@ -65,12 +100,13 @@ impl Handler for ChatHandler {
             };
         };
         let route = s.settings.route(Task::Chat, &env.agent);
-        let p = prompt::chat(&s.settings, chat);
-        let answer = fallback::chat(&*s.engine, &s.settings, route, &p, &chat.text).await;
+        let (turns, hits) = grounding(s, &env, chat).await;
+        let p = prompt::chat(&s.settings, chat, &turns, &hits);
+        let answer = fallback::chat(&*s.engine, &s.settings, route, &p, &chat.text, &hits).await;
         if let Some(t) = answer.tokens {
             s.stats.add_tokens(u64::from(t));
         }
-        tracing::debug!(event = %env.id, by = ?answer.by, skipped = ?answer.skipped, "answered");
+        tracing::debug!(event = %env.id, by = ?answer.by, turns = turns.len(), kb = hits.len(), skipped = ?answer.skipped, "answered");
         let body = ReplyBody::Chat(ChatReply {
             chat: chat.chat.clone(),
             action: ChatAction::Reply,

@@ -35,6 +35,9 @@ pub struct InferenceConfig {
     pub progress_every: Duration,
     /// How long shutdown waits for generations in flight.
     pub shutdown_grace: Duration,
+    /// PostgreSQL for conversation context and the knowledge base; without
+    /// it prompts hold the message only.
+    pub db: Option<crate::state::DbConfig>,
 }
 
 impl InferenceConfig {
@@ -45,6 +48,7 @@ impl InferenceConfig {
             max_payload: DEFAULT_MAX_PAYLOAD,
             progress_every: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(120),
+            db: None,
         }
     }
 }
@@ -61,6 +65,9 @@ pub enum RunError {
     /// The micro service could not be registered.
     #[error("cannot register the micro service: {0}")]
     Service(async_nats::Error),
+    /// The database is unusable.
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
 }
 
 /// Runs one inference replica until `shutdown`; returns its counters.
@@ -70,6 +77,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<Arc<Stats>, RunError> {
     let settings = Arc::new(config::load(&cfg.config_path)?);
+    let db = match &cfg.db {
+        Some(db) => Some(crate::state::connect_checked(db).await?),
+        None => None,
+    };
     let engine = Arc::new(engine::Engine::load(&settings.models, settings.concurrency).await);
     let loaded = engine.loaded();
     if loaded.is_empty() {
@@ -85,7 +96,8 @@ pub async fn run(
         models = ?loaded,
         routes = settings.routes.len(),
         concurrency = settings.concurrency,
-        "inference ready; prompts hold the message only (conversation context and knowledge base come with the PostgreSQL state)"
+        grounding = if db.is_some() { "conversation context and knowledge base from PostgreSQL" } else { "none: no --database-url, prompts hold the message only" },
+        "inference ready"
     );
     let consume = ConsumeSettings {
         max_in_flight: settings.concurrency,
@@ -118,6 +130,7 @@ pub async fn run(
         settings,
         stats: stats.clone(),
         max_payload: cfg.max_payload,
+        db,
     };
     let chat_def = topology::inference_chat_consumer();
     let predict_def = topology::inference_predict_consumer();

@@ -3,6 +3,12 @@
 use ferry_schema::event::{ChatMessage, PredictRequest};
 
 use super::config::InferenceSettings;
+use crate::state::conversations::{self, Turn};
+use crate::state::kb::Hit;
+
+/// Longest article text put into a prompt, in characters: a small model's
+/// context is short, and the first part of an article carries its answer.
+const KB_EXCERPT_CHARS: usize = 600;
 
 /// Who says a prompt message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,11 +40,22 @@ fn msg(speaker: Speaker, text: impl Into<String>) -> PromptMessage {
 /// The prompt of a chat reply: the system prompt, then the message.
 /// Conversation turns and knowledge-base articles join here once the
 /// PostgreSQL state exists.
-pub fn chat(settings: &InferenceSettings, chat: &ChatMessage) -> Vec<PromptMessage> {
-    vec![
-        msg(Speaker::System, settings.system_prompt.clone()),
-        msg(Speaker::User, chat.text.clone()),
-    ]
+pub fn chat(settings: &InferenceSettings, chat: &ChatMessage, turns: &[Turn], kb: &[Hit]) -> Vec<PromptMessage> {
+    let mut system = settings.system_prompt.clone();
+    if !kb.is_empty() {
+        system.push_str("\n\nKnowledge base (answer from it when it covers the question):");
+        for (i, h) in kb.iter().enumerate() {
+            let body: String = h.body.chars().take(KB_EXCERPT_CHARS).collect();
+            system.push_str(&format!("\n[{}] {}: {}", i + 1, h.title, body.trim()));
+        }
+    }
+    let mut out = vec![msg(Speaker::System, system)];
+    out.extend(turns.iter().map(|t| match t.speaker {
+        conversations::Speaker::Customer => msg(Speaker::User, t.text.clone()),
+        conversations::Speaker::Agent => msg(Speaker::Assistant, t.text.clone()),
+    }));
+    out.push(msg(Speaker::User, chat.text.clone()));
+    out
 }
 
 fn duration(ms: u64) -> String {
@@ -94,9 +111,26 @@ mod tests {
             msg_type: MessageType::Text,
         };
         assert_eq!(
-            chat(&settings(), &c),
+            chat(&settings(), &c, &[], &[]),
             vec![msg(Speaker::System, "SYS"), msg(Speaker::User, "where is my order?")]
         );
+        let at = "2026-11-22T10:00:00Z".parse().unwrap();
+        let turns = [
+            Turn { speaker: conversations::Speaker::Customer, text: "hi".into(), ts: at },
+            Turn { speaker: conversations::Speaker::Agent, text: "hello!".into(), ts: at },
+        ];
+        let kb = [Hit {
+            slug: "orders".into(),
+            title: "Order status".into(),
+            body: format!("  Track it on the site.{}", "x".repeat(700)),
+            score: 3.0,
+            coverage: 1.0,
+        }];
+        let p = chat(&settings(), &c, &turns, &kb);
+        assert_eq!(p.len(), 4);
+        assert_eq!(p[1..], [msg(Speaker::User, "hi"), msg(Speaker::Assistant, "hello!"), msg(Speaker::User, "where is my order?")]);
+        let want = format!("SYS\n\nKnowledge base (answer from it when it covers the question):\n[1] Order status: Track it on the site.{}", "x".repeat(600 - 23));
+        assert_eq!(p[0], msg(Speaker::System, want));
     }
 
     #[test]

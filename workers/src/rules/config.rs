@@ -14,6 +14,8 @@
 //! agents = ["desk-1"]           # optional: only these agents
 //! keywords = ["hello", "你好"]   # optional: any of them, case-insensitive
 //! regex = "(?i)^hi\\b"           # optional: must also match
+//! customer_tags = ["vip"]       # optional, chat only: the customer has one of these tags
+//!                               # (needs the worker's --database-url)
 //! action = "reply"              # chat: reply | escalate | ignore | infer; activity: alert | ignore
 //! template = "Hello {sender}!"  # reply/escalate/alert text
 //! confidence = 0.9              # optional, default 1.0
@@ -126,6 +128,8 @@ struct RuleEntry {
     #[serde(default)]
     keywords: Vec<String>,
     regex: Option<String>,
+    #[serde(default)]
+    customer_tags: Vec<String>,
     action: ActionName,
     template: Option<String>,
     confidence: Option<f32>,
@@ -202,6 +206,15 @@ pub fn parse(text: &str, origin: &str) -> Result<RuleSet, RulesError> {
             .as_deref()
             .map(|r| regex::Regex::new(r).map_err(|e| invalid("regex", format!("invalid regex: {e}"))))
             .transpose()?;
+        if !entry.customer_tags.is_empty() && kinds.contains(&EventKind::Activity) {
+            return Err(invalid(
+                "customer_tags",
+                "applies to chat events only (activities have no customer)".into(),
+            ));
+        }
+        if let Some(t) = entry.customer_tags.iter().find(|t| t.trim().is_empty()) {
+            return Err(invalid("customer_tags", format!("{t:?}: a tag must not be empty")));
+        }
         let chat_only = matches!(entry.action, ActionName::Reply | ActionName::Infer);
         let activity_only = matches!(entry.action, ActionName::Alert);
         if entry.action == ActionName::Escalate && kinds.contains(&EventKind::Activity) {
@@ -256,6 +269,7 @@ pub fn parse(text: &str, origin: &str) -> Result<RuleSet, RulesError> {
             groups: entry.groups,
             keywords: entry.keywords.iter().map(|k| k.to_lowercase()).collect(),
             regex,
+            customer_tags: entry.customer_tags,
             action,
             confidence,
         });

@@ -22,6 +22,9 @@ pub struct Rule {
     pub keywords: Vec<String>,
     /// Must match too, when set.
     pub regex: Option<regex::Regex>,
+    /// The chat's customer must carry one of these tags (empty: any
+    /// customer). Tags come from PostgreSQL (`customers.tags`).
+    pub customer_tags: Vec<String>,
     /// What to do on a match.
     pub action: Action,
     /// Confidence recorded in the reply.
@@ -131,8 +134,15 @@ impl RuleSet {
         self.rules.is_empty()
     }
 
-    /// Decides what to do with `env`: the first matching rule wins.
-    pub fn decide(&self, env: &Envelope) -> Decision {
+    /// Whether some rule matches on customer tags, so the handler must look
+    /// the chat's customer up before deciding.
+    pub fn needs_customers(&self) -> bool {
+        self.rules.iter().any(|r| !r.customer_tags.is_empty())
+    }
+
+    /// Decides what to do with `env`, whose customer (for chats) carries
+    /// `customer_tags`: the first matching rule wins.
+    pub fn decide(&self, env: &Envelope, customer_tags: &[String]) -> Decision {
         let haystack = match &env.body {
             EventBody::Chat(c) => c.text.to_lowercase(),
             EventBody::Activity(a) => activity_haystack(a),
@@ -144,6 +154,7 @@ impl RuleSet {
                 && self.agent_groups.admits(&env.agent, &r.agents, &r.groups)
                 && (r.keywords.is_empty() || r.keywords.iter().any(|k| haystack.contains(k)))
                 && r.regex.as_ref().is_none_or(|re| re.is_match(original_text(&env.body)))
+                && (r.customer_tags.is_empty() || r.customer_tags.iter().any(|t| customer_tags.contains(t)))
         });
         let Some(rule) = matched else {
             return match (&env.body, self.unmatched_chat) {

@@ -21,7 +21,12 @@ pub struct RulesHandler {
     js: jetstream::Context,
     rules: Arc<RuleSet>,
     max_payload: usize,
+    customers: Option<deadpool_postgres::Pool>,
 }
+
+/// How long a chat waits before another try when its customer could not be
+/// looked up (PostgreSQL away).
+const CUSTOMER_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl RulesHandler {
     /// A handler publishing through `js`; payloads above `max_payload` bytes
@@ -31,7 +36,27 @@ impl RulesHandler {
             js,
             rules,
             max_payload,
+            customers: None,
         }
+    }
+
+    /// Looks chat customers up in `pool` (needed when rules use `customer_tags`).
+    pub fn with_customers(mut self, pool: deadpool_postgres::Pool) -> Self {
+        self.customers = Some(pool);
+        self
+    }
+
+    /// The tags of the chat's customer, creating the customer on its first
+    /// chat; empty when no rule needs them.
+    async fn customer_tags(&self, env: &Envelope) -> Result<Vec<String>, String> {
+        let (EventBody::Chat(c), Some(pool), true) = (&env.body, &self.customers, self.rules.needs_customers()) else {
+            return Ok(Vec::new());
+        };
+        let client = pool.get().await.map_err(|e| e.to_string())?;
+        crate::state::customers::identify(&**client, env.agent.as_str(), &c.sender, env.ts)
+            .await
+            .map(|k| k.tags)
+            .map_err(|e| e.to_string())
     }
 
     async fn reply(&self, env: &Envelope, enc: Encoding, tp: Option<&str>, body: ReplyBody) -> Outcome {
@@ -80,7 +105,11 @@ impl Handler for RulesHandler {
             }
         };
         let tp = headers::traceparent(msg.headers.as_ref());
-        let decision = self.rules.decide(&env);
+        let tags = match self.customer_tags(&env).await {
+            Ok(t) => t,
+            Err(e) => return Outcome::retry(CUSTOMER_RETRY, format!("customer lookup failed: {e}")),
+        };
+        let decision = self.rules.decide(&env, &tags);
         tracing::debug!(event = %env.id, agent = %env.agent, kind = %env.kind(), ?decision, "decided");
         let chat = match &env.body {
             EventBody::Chat(c) => c.chat.as_str(),

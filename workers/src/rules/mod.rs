@@ -27,6 +27,8 @@ pub struct RulesConfig {
     pub consume: ConsumeSettings,
     /// Largest event payload decoded; larger ones are dead-lettered.
     pub max_payload: usize,
+    /// PostgreSQL, for rules on customer tags (required when a rule has them).
+    pub db: Option<crate::state::DbConfig>,
 }
 
 impl RulesConfig {
@@ -36,6 +38,7 @@ impl RulesConfig {
             rules_path: rules_path.into(),
             consume: ConsumeSettings::default(),
             max_payload: DEFAULT_MAX_PAYLOAD,
+            db: None,
         }
     }
 }
@@ -52,6 +55,12 @@ pub enum RunError {
     /// The micro service could not be registered.
     #[error("cannot register the micro service: {0}")]
     Service(async_nats::Error),
+    /// A rule matches on customer tags but no database was given.
+    #[error("rules file {0}: a rule uses `customer_tags`, which needs PostgreSQL: pass --database-url or set DATABASE_URL")]
+    NeedsDatabase(String),
+    /// The database is unusable.
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
 }
 
 /// Runs one rules worker replica on `client` until `shutdown` is cancelled.
@@ -62,6 +71,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<Arc<Stats>, RunError> {
     let rules = Arc::new(config::load(&cfg.rules_path)?);
+    let customers = match (&cfg.db, rules.needs_customers()) {
+        (Some(db), true) => Some(crate::state::connect_checked(db).await?),
+        (None, true) => return Err(RunError::NeedsDatabase(cfg.rules_path.display().to_string())),
+        (_, false) => None,
+    };
     tracing::info!(rules = rules.len(), path = %cfg.rules_path.display(), "rules loaded");
     let js = runtime::jetstream_for(client.clone(), &cfg.consume);
     let stats = Arc::new(Stats::default());
@@ -74,7 +88,11 @@ pub async fn run(
     )
     .await
     .map_err(RunError::Service)?;
-    let handler = Arc::new(handler::RulesHandler::new(js.clone(), rules, cfg.max_payload));
+    let mut handler = handler::RulesHandler::new(js.clone(), rules.clone(), cfg.max_payload);
+    if let Some(pool) = customers {
+        handler = handler.with_customers(pool);
+    }
+    let handler = Arc::new(handler);
     let result = runtime::consume(
         &js,
         &topology::rules_consumer(),

@@ -38,8 +38,14 @@ const DEMO: &str = include_str!("../../../ops/demo/rules.toml");
 
 #[track_caller]
 fn check(rules: &str, env: Envelope, expect: Decision) {
+    check_tagged(rules, env, &[], expect);
+}
+
+#[track_caller]
+fn check_tagged(rules: &str, env: Envelope, tags: &[&str], expect: Decision) {
     let set = parse(rules, "test.toml").unwrap();
-    assert_eq!(set.decide(&env), expect);
+    let tags: Vec<String> = tags.iter().map(|t| t.to_string()).collect();
+    assert_eq!(set.decide(&env, &tags), expect);
 }
 
 fn reply(rule: &str, text: &str, confidence: f32) -> Decision {
@@ -120,6 +126,23 @@ template = "Order noted: {text}"
 }
 
 #[test]
+fn customer_tags_must_match_one() {
+    let rules = r#"
+[[rule]]
+name = "vip"
+customer_tags = ["vip", "gold"]
+action = "reply"
+template = "Welcome back, {sender}."
+"#;
+    let set = parse(rules, "t").unwrap();
+    assert!(set.needs_customers());
+    assert!(!parse(DEMO.replace("customer_tags", "# customer_tags").as_str(), "t").unwrap().needs_customers());
+    check_tagged(rules, chat("desk-1", "A", "hi"), &["gold"], reply("vip", "Welcome back, A.", 1.0));
+    check_tagged(rules, chat("desk-1", "A", "hi"), &["new"], Decision::Infer { rule: "default".into() });
+    check_tagged(rules, chat("desk-1", "A", "hi"), &[], Decision::Infer { rule: "default".into() });
+}
+
+#[test]
 fn template_braces() {
     let rules = "[[rule]]\nname = \"b\"\naction = \"reply\"\ntemplate = \"{{literal}} {sender}\"\n";
     check(rules, chat("desk-1", "A", "x"), reply("b", "{literal} A", 1.0));
@@ -148,5 +171,7 @@ fn config_errors_name_rule_and_field() {
     check_err("[[rule]]\nname = \"a\"\naction = \"ignore\"\n[[rule]]\nname = \"a\"\naction = \"ignore\"\n", r#"rule 2 ("a"): field `name`: another rule already has this name"#);
     check_err("[groups]\nvip = [\"desk 1\"]\n", r#"[groups] "vip": agent id "desk 1""#);
     check_err("[[rule]]\nname = \"a\"\nagents = [\"a.b\"]\naction = \"ignore\"\n", r#"field `agents`: agent id "a.b""#);
+    check_err("[[rule]]\nname = \"a\"\nkinds = [\"activity\"]\ncustomer_tags = [\"vip\"]\naction = \"ignore\"\n", "field `customer_tags`: applies to chat events only");
+    check_err("[[rule]]\nname = \"a\"\ncustomer_tags = [\" \"]\naction = \"ignore\"\n", "field `customer_tags`: \" \": a tag must not be empty");
     check_err("this is = not toml", "rules file rules.toml: TOML parse error at line 1");
 }

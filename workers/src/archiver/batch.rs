@@ -1,0 +1,254 @@
+//! Batching for the archiver: many handlers submit rows, one writer commits them together and answers each.
+//!
+//! A handler submits its row and waits; the writer gathers up to `max_rows`
+//! rows (or whatever arrived within `max_wait` of the first), writes them
+//! in one transaction through a [`Sink`], and only after the commit answers
+//! every handler `Done`, so the consume loop acks after the commit.
+//!
+//! - PostgreSQL unreachable (or any error that is not the data's fault):
+//!   the writer keeps the batch and retries with back-off. The handlers keep
+//!   waiting (the consume loop sends in-progress acks), their permits stay
+//!   taken, so the consume loop stops pulling until the database is back.
+//! - A data error (classes 22/23): the batch is written row by row; a row
+//!   that still fails is answered `Poison` with PostgreSQL's reason and goes
+//!   to dead letters, the others commit.
+//! - Shutdown while retrying: the batch is answered `RetryAfter` (a nak), so
+//!   another replica takes it at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::runtime::Outcome;
+use crate::state::{classify, Failure};
+
+/// Writes a batch of rows in one transaction of its own.
+pub trait Sink: Send + Sync + 'static {
+    /// One row.
+    type Row: Send + Sync + 'static;
+    /// Writes `rows` and commits; an error leaves nothing written.
+    fn write(
+        &self,
+        client: &mut tokio_postgres::Client,
+        rows: &[Self::Row],
+    ) -> impl std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send;
+}
+
+/// The writer's limits; every one explicit.
+#[derive(Debug, Clone)]
+pub struct BatchSettings {
+    /// Most rows in one transaction.
+    pub max_rows: usize,
+    /// How long the first row of a batch waits for company.
+    pub max_wait: Duration,
+    /// Rows waiting for the writer (the channel's bound).
+    pub queue: usize,
+    /// First retry delay after a failed write; doubles up to `backoff_max`.
+    pub backoff_min: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+}
+
+impl Default for BatchSettings {
+    fn default() -> Self {
+        Self {
+            max_rows: 500,
+            max_wait: Duration::from_millis(20),
+            queue: 1024,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+struct Item<R> {
+    row: R,
+    done: oneshot::Sender<Outcome>,
+}
+
+/// The handlers' side: submit a row, get its outcome after the commit.
+#[derive(Debug)]
+pub struct Batcher<R> {
+    tx: mpsc::Sender<Item<R>>,
+}
+
+impl<R> std::fmt::Debug for Item<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Item")
+    }
+}
+
+/// How long a handler's message waits before redelivery when the writer is gone.
+const WRITER_GONE_RETRY: Duration = Duration::from_secs(1);
+
+impl<R: Send + Sync + 'static> Batcher<R> {
+    /// Starts the writer task. It runs until every `Batcher` clone is
+    /// dropped and the queue is empty.
+    pub fn spawn<S: Sink<Row = R>>(
+        pool: Pool,
+        sink: Arc<S>,
+        settings: BatchSettings,
+        shutdown: CancellationToken,
+        what: &'static str,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(settings.queue.max(1));
+        let writer = Writer {
+            pool,
+            sink,
+            settings,
+            shutdown,
+            what,
+        };
+        (Self { tx }, tokio::spawn(writer.run(rx)))
+    }
+
+    /// Submits `row` and waits until it is committed (`Done`), can never be
+    /// stored (`Poison`), or should be redelivered (`RetryAfter`).
+    pub async fn submit(&self, row: R) -> Outcome {
+        let (done, rx) = oneshot::channel();
+        if self.tx.send(Item { row, done }).await.is_err() {
+            return Outcome::retry(WRITER_GONE_RETRY, "archive writer stopped");
+        }
+        rx.await
+            .unwrap_or_else(|_| Outcome::retry(WRITER_GONE_RETRY, "archive writer stopped"))
+    }
+}
+
+struct Writer<S: Sink> {
+    pool: Pool,
+    sink: Arc<S>,
+    settings: BatchSettings,
+    shutdown: CancellationToken,
+    what: &'static str,
+}
+
+enum WriteError {
+    Transient(String),
+    Data(String),
+}
+
+impl<S: Sink> Writer<S> {
+    async fn run(self, mut rx: mpsc::Receiver<Item<S::Row>>) {
+        let max = self.settings.max_rows.max(1);
+        let mut rows = Vec::with_capacity(max);
+        let mut dones = Vec::with_capacity(max);
+        while let Some(first) = rx.recv().await {
+            rows.push(first.row);
+            dones.push(first.done);
+            let deadline = Instant::now() + self.settings.max_wait;
+            while rows.len() < max {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(item)) => {
+                        rows.push(item.row);
+                        dones.push(item.done);
+                    }
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            let started = Instant::now();
+            let outcomes = self.flush(&rows).await;
+            tracing::debug!(what = self.what, rows = rows.len(), ms = started.elapsed().as_millis() as u64, "batch written");
+            for (done, outcome) in dones.drain(..).zip(outcomes) {
+                // A handler that gave up (shutdown grace over) just drops its end.
+                let _ = done.send(outcome);
+            }
+            rows.clear();
+        }
+    }
+
+    async fn write_once(&self, rows: &[S::Row]) -> Result<(), WriteError> {
+        let mut client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| WriteError::Transient(format!("no PostgreSQL connection: {e}")))?;
+        match self.sink.write(&mut client, rows).await {
+            Ok(()) => Ok(()),
+            Err(e) => match classify(&e) {
+                Failure::Data => Err(WriteError::Data(db_reason(&e))),
+                Failure::Transient => Err(WriteError::Transient(db_reason(&e))),
+            },
+        }
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let d = self.settings.backoff_min.saturating_mul(2u32.saturating_pow(attempt.min(16)));
+        d.min(self.settings.backoff_max)
+    }
+
+    /// Waits out a back-off; false when shutdown cut it short.
+    async fn wait(&self, attempt: u32) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(self.backoff(attempt)) => !self.shutdown.is_cancelled(),
+            _ = self.shutdown.cancelled() => false,
+        }
+    }
+
+    /// Writes `rows`, retrying transient failures, and returns each row's outcome.
+    async fn flush(&self, rows: &[S::Row]) -> Vec<Outcome> {
+        let mut attempt = 0;
+        loop {
+            match self.write_once(rows).await {
+                Ok(()) => {
+                    if attempt > 0 {
+                        tracing::info!(what = self.what, rows = rows.len(), attempts = attempt + 1, "archive write succeeded after retries");
+                    }
+                    return vec![Outcome::Done; rows.len()];
+                }
+                Err(WriteError::Data(reason)) if rows.len() > 1 => {
+                    tracing::warn!(what = self.what, rows = rows.len(), %reason, "batch refused for its data; writing rows one by one");
+                    let mut out = Vec::with_capacity(rows.len());
+                    for row in rows {
+                        out.push(self.flush_one(row).await);
+                    }
+                    return out;
+                }
+                Err(WriteError::Data(reason)) => return vec![unstorable(reason)],
+                Err(WriteError::Transient(reason)) => {
+                    tracing::warn!(what = self.what, rows = rows.len(), attempt, %reason, "archive write failed; holding the batch and retrying");
+                    if !self.wait(attempt).await {
+                        return vec![Outcome::retry(WRITER_GONE_RETRY, "shutting down while PostgreSQL is unavailable"); rows.len()];
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    async fn flush_one(&self, row: &S::Row) -> Outcome {
+        let mut attempt = 0;
+        loop {
+            match self.write_once(std::slice::from_ref(row)).await {
+                Ok(()) => return Outcome::Done,
+                Err(WriteError::Data(reason)) => return unstorable(reason),
+                Err(WriteError::Transient(reason)) => {
+                    tracing::warn!(what = self.what, attempt, %reason, "archive write failed; retrying");
+                    if !self.wait(attempt).await {
+                        return Outcome::retry(WRITER_GONE_RETRY, "shutting down while PostgreSQL is unavailable");
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+    }
+}
+
+fn unstorable(reason: String) -> Outcome {
+    Outcome::Poison {
+        code: "unstorable",
+        reason,
+    }
+}
+
+/// PostgreSQL's own message (with its SQLSTATE) rather than the driver's
+/// generic "db error".
+fn db_reason(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}

@@ -1,0 +1,85 @@
+//! The archiver's handlers: decode an event or reply, hand its row to the batch writer, return the commit's outcome.
+
+use async_nats::jetstream;
+use ferry_schema::codec::{self, Encoding};
+
+use super::batch::Batcher;
+use super::rows::{EventRow, ReplyRow};
+use crate::runtime::{Handler, Outcome};
+
+/// `EVENTS/archiver-events`.
+#[derive(Debug)]
+pub struct EventHandler {
+    /// The event writer.
+    pub batcher: Batcher<EventRow>,
+    /// Largest payload decoded.
+    pub max_payload: usize,
+}
+
+/// `REPLIES/archiver-replies`.
+#[derive(Debug)]
+pub struct ReplyHandler {
+    /// The reply writer.
+    pub batcher: Batcher<ReplyRow>,
+    /// Largest payload decoded.
+    pub max_payload: usize,
+}
+
+fn poison(code: &'static str, e: impl std::fmt::Display) -> Outcome {
+    Outcome::Poison {
+        code,
+        reason: e.to_string(),
+    }
+}
+
+fn stream_seq(msg: &jetstream::Message) -> i64 {
+    msg.info()
+        .map(|i| i64::try_from(i.stream_sequence).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Handler for EventHandler {
+    async fn handle(&self, msg: &jetstream::Message) -> Outcome {
+        let decoded = codec::decode_event_message(
+            msg.subject.as_str(),
+            msg.headers.as_ref(),
+            &msg.payload,
+            self.max_payload,
+        );
+        let env = match decoded {
+            Ok((env, _)) => env,
+            Err(e) => return poison(e.code(), e),
+        };
+        let body_json = match codec::event_body_json(&env.body) {
+            Ok(j) => j,
+            Err(e) => return poison("encode", e),
+        };
+        let row = EventRow {
+            env,
+            body_json,
+            stream_seq: stream_seq(msg),
+        };
+        self.batcher.submit(row).await
+    }
+}
+
+impl Handler for ReplyHandler {
+    async fn handle(&self, msg: &jetstream::Message) -> Outcome {
+        let decoded = Encoding::from_headers(msg.headers.as_ref())
+            .and_then(|enc| codec::decode_reply(&msg.payload, enc, self.max_payload));
+        let reply = match decoded {
+            Ok(r) => r,
+            Err(e) => return poison(e.code(), e),
+        };
+        let body_json = match codec::reply_body_json(&reply.body) {
+            Ok(j) => j,
+            Err(e) => return poison("encode", e),
+        };
+        let row = ReplyRow {
+            reply,
+            body_json,
+            stream_seq: stream_seq(msg),
+        };
+        self.batcher.submit(row).await
+    }
+}

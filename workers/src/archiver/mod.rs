@@ -1,0 +1,141 @@
+//! The archiver: every event and reply into PostgreSQL, in batches, idempotent, acked after commit.
+//!
+//! - [`batch`]: the batch writer (one transaction per batch, back-off while
+//!   PostgreSQL is away, row-by-row on bad data).
+//! - [`rows`]: the SQL: events, agents, activities, chats with customers and
+//!   conversations; replies, predictions, alerts.
+//! - [`handler`]: decode, submit, return the commit's outcome.
+//! - [`run`]: the pool and schema check, both consume loops, the service.
+
+pub mod batch;
+pub mod handler;
+pub mod rows;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_schema::codec::DEFAULT_MAX_PAYLOAD;
+use ferry_schema::topology::{self, Role};
+use tokio_util::sync::CancellationToken;
+
+use crate::runtime::{self, service, ConsumeSettings, Stats};
+use crate::state::{self, conversations, DbConfig};
+
+/// What an archiver replica needs.
+#[derive(Debug, Clone)]
+pub struct ArchiverConfig {
+    /// The database.
+    pub db: DbConfig,
+    /// Consume loop limits (per consumer); `max_in_flight` bounds the rows
+    /// waiting for a commit.
+    pub consume: ConsumeSettings,
+    /// Batch writer limits (per consumer).
+    pub batch: batch::BatchSettings,
+    /// Idle time after which a chat opens a new conversation.
+    pub conversation_idle: Duration,
+    /// Largest payload decoded; larger ones are dead-lettered.
+    pub max_payload: usize,
+}
+
+impl ArchiverConfig {
+    /// Defaults for `database_url`.
+    pub fn new(database_url: impl Into<String>) -> Self {
+        Self {
+            db: DbConfig::new(database_url),
+            consume: ConsumeSettings {
+                max_in_flight: 1024,
+                // Held messages (PostgreSQL away) stay ours: progress well
+                // inside the consumer's 60 s ack_wait.
+                progress_every: Some(Duration::from_secs(15)),
+                ..ConsumeSettings::default()
+            },
+            batch: batch::BatchSettings::default(),
+            conversation_idle: conversations::DEFAULT_IDLE,
+            max_payload: DEFAULT_MAX_PAYLOAD,
+        }
+    }
+}
+
+/// Why an archiver stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The database is unusable (bad URL, unreachable at start, old schema).
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    /// A consume loop failed.
+    #[error(transparent)]
+    Consume(#[from] runtime::ConsumeError),
+    /// The micro service could not be registered.
+    #[error("cannot register the micro service: {0}")]
+    Service(async_nats::Error),
+}
+
+/// Runs one archiver replica until `shutdown` is cancelled.
+pub async fn run(
+    client: async_nats::Client,
+    cfg: &ArchiverConfig,
+    shutdown: CancellationToken,
+) -> Result<Arc<Stats>, RunError> {
+    let pool = state::connect_checked(&cfg.db).await?;
+    tracing::info!(database = %state::parse_url(&cfg.db.url).map(|c| state::describe(&c)).unwrap_or_default(),
+        pool = cfg.db.pool_size, batch = cfg.batch.max_rows, "archiver ready");
+    let js = runtime::jetstream_for(client.clone(), &cfg.consume);
+    let stats = Arc::new(Stats::default());
+    let svc = service::register(
+        &client,
+        Role::Archiver.as_str(),
+        "Ferry archiver: every event and reply into PostgreSQL",
+        serde_json::json!({
+            "batch_rows": cfg.batch.max_rows,
+            "pool": cfg.db.pool_size,
+            "schema_version": ferry_schema::db::latest_version(),
+        }),
+        stats.clone(),
+    )
+    .await
+    .map_err(RunError::Service)?;
+    // The writers outlive the consume loops: they finish the batches the
+    // handlers still wait on during phase two of shutdown, and stop when the
+    // handlers (holding the senders) are dropped.
+    let (events, events_writer) = batch::Batcher::spawn(
+        pool.clone(),
+        Arc::new(rows::EventSink {
+            conversation_idle: cfg.conversation_idle,
+        }),
+        cfg.batch.clone(),
+        shutdown.clone(),
+        "events",
+    );
+    let (replies, replies_writer) =
+        batch::Batcher::spawn(pool, Arc::new(rows::ReplySink), cfg.batch.clone(), shutdown.clone(), "replies");
+    let (ev_def, rp_def) = (topology::archiver_events_consumer(), topology::archiver_replies_consumer());
+    let ev = runtime::consume(
+        &js,
+        &ev_def,
+        Arc::new(handler::EventHandler {
+            batcher: events,
+            max_payload: cfg.max_payload,
+        }),
+        &cfg.consume,
+        stats.clone(),
+        shutdown.clone(),
+    );
+    let rp = runtime::consume(
+        &js,
+        &rp_def,
+        Arc::new(handler::ReplyHandler {
+            batcher: replies,
+            max_payload: cfg.max_payload,
+        }),
+        &cfg.consume,
+        stats.clone(),
+        shutdown,
+    );
+    let (a, b) = tokio::join!(ev, rp);
+    // The handlers (and their senders) are gone: the writers drain and stop.
+    let _ = tokio::join!(events_writer, replies_writer);
+    runtime::finish(svc, &client).await;
+    a?;
+    b?;
+    Ok(stats)
+}

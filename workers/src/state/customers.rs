@@ -1,0 +1,97 @@
+//! Customers: a chat sender as one agent sees it, found or created on the first chat.
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::GenericClient;
+use unicode_normalization::UnicodeNormalization;
+
+/// A customer as the workers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Customer {
+    /// Database id.
+    pub id: i64,
+    /// Tags set by operators (rules can match on them).
+    pub tags: Vec<String>,
+}
+
+/// The key a sender is known by: NFKC (full-width letters and digits become
+/// ASCII, compatibility forms fold), trimmed, inner whitespace collapsed to
+/// one space, lower case. "  Ａlice　Chen " and "alice chen" are one customer.
+pub fn normalise(sender: &str) -> String {
+    let folded: String = sender.nfkc().collect::<String>().to_lowercase();
+    folded.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Finds the customer `sender` of `agent`, creating it on first sight, and
+/// moves its `last_seen` forward to `ts`. Idempotent and safe under
+/// concurrency (one upsert on the `(agent, sender_key)` key).
+pub async fn identify<C: GenericClient>(
+    client: &C,
+    agent: &str,
+    sender: &str,
+    ts: DateTime<Utc>,
+) -> Result<Customer, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "INSERT INTO customers (agent, sender_key, display_name, first_seen, last_seen)
+             VALUES ($1, $2, $3, $4, $4)
+             ON CONFLICT (agent, sender_key) DO UPDATE
+                SET last_seen = GREATEST(customers.last_seen, EXCLUDED.last_seen),
+                    first_seen = LEAST(customers.first_seen, EXCLUDED.first_seen)
+             RETURNING id, tags",
+            &[&agent, &normalise(sender), &sender.trim(), &ts],
+        )
+        .await?;
+    Ok(Customer {
+        id: row.get(0),
+        tags: row.get(1),
+    })
+}
+
+/// Looks a customer up without creating it.
+pub async fn find<C: GenericClient>(
+    client: &C,
+    agent: &str,
+    sender: &str,
+) -> Result<Option<Customer>, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT id, tags FROM customers WHERE agent = $1 AND sender_key = $2",
+            &[&agent, &normalise(sender)],
+        )
+        .await?;
+    Ok(row.map(|r| Customer {
+        id: r.get(0),
+        tags: r.get(1),
+    }))
+}
+
+/// Replaces a customer's tags (operators; tests).
+pub async fn set_tags<C: GenericClient>(
+    client: &C,
+    id: i64,
+    tags: &[String],
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute("UPDATE customers SET tags = $2 WHERE id = $1", &[&id, &tags])
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalise;
+
+    #[test]
+    fn senders_normalise() {
+        for (raw, key) in [
+            ("Alice", "alice"),
+            ("  Ａlice　Chen ", "alice chen"),
+            ("alice\tchen", "alice chen"),
+            ("王小明", "王小明"),
+            (" 王小明 ", "王小明"),
+            ("ＶＩＰ客户０１", "vip客户01"),
+        ] {
+            assert_eq!(normalise(raw), key, "{raw:?}");
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The state workers share through PostgreSQL: pool, schema check, customers, conversations, knowledge base.
+//!
+//! Workers keep no state of their own; what they know about a customer, a
+//! conversation or the knowledge base they read here, per message.
+//!
+//! - [`connect`]: a `deadpool-postgres` pool from a `DATABASE_URL`, checked
+//!   against the migrations this binary needs.
+//! - [`customers`]: sender normalisation and identify-or-create.
+//! - [`conversations`]: open/close by idle time, and the last N turns.
+//! - [`kb`]: the Chinese/English term scheme, article upserts and top-k search.
+
+pub mod conversations;
+pub mod customers;
+pub mod kb;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use ferry_schema::db;
+
+/// What a worker needs to reach the database.
+#[derive(Debug, Clone)]
+pub struct DbConfig {
+    /// A libpq-style URL: `postgres://user:password@host:port/db`.
+    pub url: String,
+    /// Connections in this replica's pool: the most queries it runs at once.
+    pub pool_size: usize,
+    /// How long a query waits for a free connection before it fails.
+    pub wait_timeout: Duration,
+}
+
+impl DbConfig {
+    /// Defaults for `url`: 8 connections, 5 s wait.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            pool_size: 8,
+            wait_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why the database could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// `DATABASE_URL` did not parse.
+    #[error("DATABASE_URL is not a valid PostgreSQL URL ({reason}); expected postgres://user:password@host:port/database")]
+    BadUrl {
+        /// What the parser said.
+        reason: String,
+    },
+    /// The pool could not be built.
+    #[error("cannot build the PostgreSQL pool: {0}")]
+    Pool(String),
+    /// No connection could be had.
+    #[error("cannot connect to PostgreSQL at {target}: {reason}")]
+    Connect {
+        /// Host and port (no password).
+        target: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The schema is missing migrations or unreadable.
+    #[error(transparent)]
+    Schema(#[from] db::SchemaError),
+    /// A query failed.
+    #[error("PostgreSQL query failed: {0}")]
+    Query(#[from] tokio_postgres::Error),
+}
+
+impl From<deadpool_postgres::PoolError> for StateError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        Self::Connect {
+            target: "the pool".into(),
+            reason: e.to_string(),
+        }
+    }
+}
+
+/// Host and port of a URL, for messages (never the password).
+pub fn describe(pg: &tokio_postgres::Config) -> String {
+    let host = pg
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(s) => s.clone(),
+            #[cfg(unix)]
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_else(|| "localhost".into());
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let db = pg.get_dbname().unwrap_or("(default)");
+    format!("{host}:{port}/{db}")
+}
+
+/// Parses a URL into a client config.
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, StateError> {
+    let mut pg = tokio_postgres::Config::from_str(url).map_err(|e| StateError::BadUrl {
+        reason: e.to_string(),
+    })?;
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(Duration::from_secs(5));
+    }
+    Ok(pg)
+}
+
+/// Builds a pool without connecting (connections are made on first use,
+/// and again after the server comes back).
+pub fn pool(cfg: &DbConfig) -> Result<Pool, StateError> {
+    let pg = parse_url(&cfg.url)?;
+    let mgr = Manager::from_config(
+        pg,
+        tokio_postgres::NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(mgr)
+        .max_size(cfg.pool_size.max(1))
+        .wait_timeout(Some(cfg.wait_timeout))
+        .create_timeout(Some(Duration::from_secs(10)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .map_err(|e| StateError::Pool(e.to_string()))
+}
+
+/// Builds a pool, connects once, and checks that every migration this
+/// binary needs is applied: a worker calls this before it consumes anything.
+pub async fn connect_checked(cfg: &DbConfig) -> Result<Pool, StateError> {
+    let pg = parse_url(&cfg.url)?;
+    let pool = pool(cfg)?;
+    let client = pool.get().await.map_err(|e| StateError::Connect {
+        target: describe(&pg),
+        reason: e.to_string(),
+    })?;
+    db::check(&client, None).await?;
+    drop(client);
+    Ok(pool)
+}
+
+/// One plain connection (no pool) with its driver task spawned: for the
+/// CLI and migrations.
+pub async fn connect_one(url: &str) -> Result<tokio_postgres::Client, StateError> {
+    let pg = parse_url(url)?;
+    let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| StateError::Connect {
+        target: describe(&pg),
+        reason: e.to_string(),
+    })?;
+    tokio::spawn(async move {
+        if let Err(error) = conn.await {
+            tracing::debug!(%error, "PostgreSQL connection ended");
+        }
+    });
+    Ok(client)
+}
+
+/// How a failed query should be treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The server, the connection or a lock: try the same thing again later.
+    Transient,
+    /// This data can never be stored (PostgreSQL error classes 22 and 23).
+    Data,
+}
+
+/// Classifies an error: bad data (classes 22 "data exception" and 23
+/// "integrity constraint violation") is the row's fault; everything else
+/// (no connection, server shutting down, deadlock, a missing table after
+/// a botched deploy) is retried rather than blamed on the message.
+pub fn classify(e: &tokio_postgres::Error) -> Failure {
+    match e.code() {
+        Some(code) if code.code().starts_with("22") || code.code().starts_with("23") => Failure::Data,
+        _ => Failure::Transient,
+    }
+}

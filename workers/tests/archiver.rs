@@ -1,0 +1,372 @@
+//! The archiver against a real nats-server and a real PostgreSQL: exactly once, through replays, crashes and outages.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{chat, publish, stack, Stack, RULES};
+use ferry_schema::event::{Activity, Heartbeat};
+use ferry_schema::topology::{self, DEADLETTER_STREAM};
+use ferry_schema::{headers, subject, AgentId, Encoding, Envelope, EventBody};
+use ferry_stack::{inspect, PgServer};
+use ferry_workers::archiver::{self, ArchiverConfig};
+use ferry_workers::runtime::Stats;
+use ferry_workers::state;
+use futures::StreamExt;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+struct Db {
+    pg: PgServer,
+}
+
+async fn db() -> Db {
+    // Logs of the in-process workers show up in a failing test's output.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    let pg = tokio::task::spawn_blocking(PgServer::start_temp).await.unwrap().expect("PostgreSQL starts");
+    let mut c = state::connect_one(&pg.url()).await.unwrap();
+    ferry_schema::db::migrate(&mut c, None).await.unwrap();
+    Db { pg }
+}
+
+impl Db {
+    async fn client(&self) -> tokio_postgres::Client {
+        state::connect_one(&self.pg.url()).await.unwrap()
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        self.client().await.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    async fn ids(&self, sql: &str) -> HashSet<Uuid> {
+        self.client().await.query(sql, &[]).await.unwrap().iter().map(|r| r.get(0)).collect()
+    }
+
+    /// Waits until `sql` (a count) reaches `n`, then checks it stays there.
+    async fn wait_count(&self, sql: &str, n: i64) {
+        let start = Instant::now();
+        loop {
+            let got = match state::connect_one(&self.pg.url()).await {
+                Ok(c) => c.query_one(sql, &[]).await.map(|r| r.get::<_, i64>(0)).unwrap_or(-1),
+                Err(_) => -1,
+            };
+            if got == n {
+                return;
+            }
+            assert!(got <= n, "{sql}: {got} rows, more than the {n} published");
+            assert!(start.elapsed() < WAIT, "{sql}: {got} of {n} rows after {WAIT:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+struct Archiver {
+    stop: CancellationToken,
+    task: JoinHandle<Result<Arc<Stats>, archiver::RunError>>,
+}
+
+impl Archiver {
+    async fn stop(self) -> Arc<Stats> {
+        self.stop.cancel();
+        self.task.await.unwrap().unwrap()
+    }
+}
+
+async fn archiver(s: &Stack, db: &Db) -> Archiver {
+    let client = s.nats.workers("test-archiver").connect().await.unwrap();
+    let mut cfg = ArchiverConfig::new(db.pg.url());
+    cfg.batch.backoff_max = Duration::from_millis(500);
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let task = tokio::spawn(async move { archiver::run(client, &cfg, token).await });
+    Archiver { stop, task }
+}
+
+fn activity(agent: &str, i: usize) -> Envelope {
+    Envelope::new(
+        AgentId::new(agent).unwrap(),
+        EventBody::Activity(Activity {
+            app: "excel.exe".into(),
+            title: format!("Book{i}.xlsx"),
+            exe: None,
+            pid: Some(42),
+            site: None,
+            afk: false,
+            duration_ms: 1000 + i as u64,
+        }),
+    )
+}
+
+fn heartbeat(agent: &str) -> Envelope {
+    Envelope::new(
+        AgentId::new(agent).unwrap(),
+        EventBody::Heartbeat(Heartbeat {
+            version: "0.1.0".into(),
+            cpu_percent: 1.0,
+            rss_bytes: 1 << 20,
+            spool_depth: 0,
+            oldest_unsent_ms: None,
+            components: vec![],
+        }),
+    )
+}
+
+/// `n` events over two agents: every third a chat (the rules worker answers
+/// it), the rest activities, plus one heartbeat each.
+fn mixed(n: usize) -> Vec<Envelope> {
+    let mut v: Vec<Envelope> = (0..n)
+        .map(|i| {
+            let agent = if i % 2 == 0 { "desk-1" } else { "desk-2" };
+            if i % 3 == 0 {
+                let mut e = chat(agent, &format!("message {i}"));
+                if let EventBody::Chat(c) = &mut e.body {
+                    c.sender = format!("customer-{}", i % 7);
+                }
+                e
+            } else {
+                activity(agent, i)
+            }
+        })
+        .collect();
+    v.push(heartbeat("desk-1"));
+    v.push(heartbeat("desk-2"));
+    v
+}
+
+async fn publish_all(s: &Stack, events: &[Envelope], enc: Encoding, msg_id: bool) {
+    futures::stream::iter(events.iter())
+        .map(|e| publish(&s.js, e, enc, msg_id))
+        .buffer_unordered(128)
+        .collect::<Vec<_>>()
+        .await;
+}
+
+fn chats(events: &[Envelope]) -> usize {
+    events.iter().filter(|e| matches!(e.body, EventBody::Chat(_))).count()
+}
+
+async fn consumer_drained(s: &Stack, def: &topology::ConsumerDef) {
+    let start = Instant::now();
+    loop {
+        let mut c = s
+            .js
+            .get_stream(def.stream)
+            .await
+            .unwrap()
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(def.name())
+            .await
+            .unwrap();
+        let info = c.info().await.unwrap();
+        if info.num_pending == 0 && info.num_ack_pending == 0 {
+            return;
+        }
+        assert!(start.elapsed() < WAIT, "{} not drained: {info:?}", def.name());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_event_and_reply_stored_once_across_replays() {
+    let s = stack(RULES, Duration::from_secs(30)).await;
+    let db = db().await;
+    let _rules = s.replica(64).await;
+    let a = archiver(&s, &db).await;
+
+    let events = mixed(1500);
+    let n = events.len() as i64;
+    let n_chats = chats(&events) as i64;
+    // Half in each encoding.
+    let (js_half, mp_half) = events.split_at(events.len() / 2);
+    publish_all(&s, js_half, Encoding::Json, true).await;
+    publish_all(&s, mp_half, Encoding::MsgPack, true).await;
+
+    db.wait_count("SELECT count(*) FROM events", n).await;
+    db.wait_count("SELECT count(*) FROM replies", n_chats).await;
+    let want: HashSet<Uuid> = events.iter().map(|e| e.id.0).collect();
+    assert_eq!(db.ids("SELECT id FROM events").await, want);
+    assert_eq!(db.count("SELECT count(*) FROM chat_messages").await, n_chats);
+    assert_eq!(db.count("SELECT count(*) FROM activities").await, n - n_chats - 2);
+    assert_eq!(db.count("SELECT count(*) FROM agents WHERE last_heartbeat IS NOT NULL AND version = '0.1.0'").await, 2);
+    assert_eq!(db.count("SELECT count(*) FROM customers").await, 14, "7 senders on each of 2 agents");
+    assert_eq!(
+        db.count("SELECT count(*) FROM replies r JOIN chat_messages m ON m.event_id = r.in_reply_to").await,
+        n_chats,
+        "every reply links to the chat it answers"
+    );
+
+    // The same events again without Nats-Msg-Id (so the stream stores them
+    // a second time), and a full replay of both streams from the start.
+    publish_all(&s, &events[..300], Encoding::MsgPack, false).await;
+    a.stop().await;
+    for def in [topology::archiver_events_consumer(), topology::archiver_replies_consumer()] {
+        s.js.get_stream(def.stream).await.unwrap().delete_consumer(def.name()).await.unwrap();
+        topology::ensure_consumer(&s.js, &def).await.unwrap();
+    }
+    let a = archiver(&s, &db).await;
+    for def in [topology::archiver_events_consumer(), topology::archiver_replies_consumer()] {
+        consumer_drained(&s, &def).await;
+    }
+    let stats = a.stop().await;
+    assert!(stats.snapshot().done as i64 >= n + 300 + n_chats, "the replay went through: {:?}", stats.snapshot());
+    assert_eq!(db.count("SELECT count(*) FROM events").await, n);
+    // The rules worker answered the re-sent chats again, under the same
+    // reply ids: REPLIES dropped those copies, and the archive has one each.
+    assert_eq!(db.count("SELECT count(*) FROM replies").await, n_chats);
+    assert_eq!(db.count("SELECT count(*) FROM chat_messages").await, n_chats);
+    assert_eq!(db.count("SELECT count(*) FROM customers").await, 14);
+    assert_eq!(inspect::count(&s.js, DEADLETTER_STREAM).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn killed_archiver_process_loses_and_doubles_nothing() {
+    let s = stack(RULES, Duration::from_secs(30)).await;
+    let db = db().await;
+    // Short ack_wait: what the killed process held (committed or not) comes back quickly.
+    for mut def in [topology::archiver_events_consumer(), topology::archiver_replies_consumer()] {
+        def.config.ack_wait = Duration::from_secs(2);
+        topology::ensure_consumer(&s.js, &def).await.unwrap();
+    }
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ferry-worker"))
+            .args(["--server", &s.nats.url(), "--user", "workers"])
+            .args(["--password", &s.nats.secrets().workers])
+            .args(["archiver", "--batch-rows", "50", "--database-url", &db.pg.url()])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("ferry-worker starts")
+    };
+    let mut victim = spawn();
+    let events: Vec<Envelope> = (0..4000).map(|i| activity("desk-1", i)).collect();
+    publish_all(&s, &events, Encoding::MsgPack, true).await;
+    // Kill it mid-run: some batches committed but not acked, some in flight.
+    let start = Instant::now();
+    while db.count("SELECT count(*) FROM events").await < 500 {
+        assert!(start.elapsed() < WAIT, "archiver made no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let mut survivor = spawn();
+    db.wait_count("SELECT count(*) FROM events", 4000).await;
+    db.wait_count("SELECT count(*) FROM activities", 4000).await;
+    consumer_drained(&s, &topology::archiver_events_consumer()).await;
+    let info = s
+        .js
+        .get_stream(topology::EVENTS_STREAM)
+        .await
+        .unwrap()
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("archiver-events")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    // Every delivery bumps the consumer sequence; more deliveries than
+    // messages means the kill forced redeliveries.
+    assert!(
+        info.delivered.consumer_sequence > info.delivered.stream_sequence,
+        "the kill forced redeliveries: {:?}",
+        info.delivered
+    );
+    let want: HashSet<Uuid> = events.iter().map(|e| e.id.0).collect();
+    assert_eq!(db.ids("SELECT id FROM events").await, want);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(survivor.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(survivor.wait().unwrap().success());
+}
+
+#[tokio::test]
+async fn postgres_outage_under_load_loses_nothing() {
+    let s = stack(RULES, Duration::from_secs(30)).await;
+    let mut db = db().await;
+    let a = archiver(&s, &db).await;
+    let events: Vec<Envelope> = (0..6000).map(|i| activity(if i % 2 == 0 { "desk-1" } else { "desk-2" }, i)).collect();
+    let (first, rest) = events.split_at(2000);
+    publish_all(&s, first, Encoding::MsgPack, true).await;
+    // Stop the database the hard way while events keep arriving.
+    let js = s.js.clone();
+    let rest_owned = rest.to_vec();
+    let publisher = tokio::spawn(async move {
+        for chunk in rest_owned.chunks(200) {
+            let sends = chunk.iter().cloned().map(|e| {
+                let js = js.clone();
+                async move { publish(&js, &e, Encoding::MsgPack, true).await }
+            });
+            futures::future::join_all(sends).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    db.pg.kill();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let held = inspect::count(&s.js, topology::EVENTS_STREAM).await.unwrap();
+    assert!(held > 2000, "events kept arriving during the outage");
+    db.pg.restart().unwrap();
+    publisher.await.unwrap();
+    db.wait_count("SELECT count(*) FROM events", 6000).await;
+    consumer_drained(&s, &topology::archiver_events_consumer()).await;
+    let want: HashSet<Uuid> = events.iter().map(|e| e.id.0).collect();
+    assert_eq!(db.ids("SELECT id FROM events").await, want);
+    assert_eq!(db.count("SELECT count(*) FROM activities").await, 6000);
+    assert_eq!(inspect::count(&s.js, DEADLETTER_STREAM).await.unwrap(), 0, "an outage poisons nothing");
+    let stats = a.stop().await.snapshot();
+    assert_eq!(stats.poisoned, 0, "{stats:?}");
+}
+
+#[tokio::test]
+async fn unstorable_and_undecodable_messages_go_to_dead_letters() {
+    let s = stack(RULES, Duration::from_secs(30)).await;
+    let db = db().await;
+    let a = archiver(&s, &db).await;
+    // PostgreSQL's jsonb refuses U+0000; the events around it are stored.
+    let good: Vec<Envelope> = (0..20).map(|i| activity("desk-1", i)).collect();
+    let bad = chat("desk-1", "nul \u{0} inside");
+    let mut all = good.clone();
+    all.insert(10, bad.clone());
+    for e in &all {
+        publish(&s.js, e, Encoding::Json, true).await;
+    }
+    // Not an event at all.
+    s.js.publish(subject::event(&AgentId::new("desk-2").unwrap(), ferry_schema::EventKind::Chat), "{not json".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    db.wait_count("SELECT count(*) FROM events", 20).await;
+    let dead_letters = async {
+        let start = Instant::now();
+        loop {
+            let letters: Vec<(String, String)> = inspect::read_all(&s.js, DEADLETTER_STREAM, "")
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|m| m.subject.as_str() == subject::dead_letter(topology::EVENTS_STREAM, "archiver-events").as_str())
+                .map(|m| {
+                    let h = m.headers.unwrap();
+                    (h.get(headers::DEAD_REASON_CODE).unwrap().to_string(), h.get(headers::DEAD_REASON).unwrap().to_string())
+                })
+                .collect();
+            if letters.len() >= 2 || start.elapsed() > WAIT {
+                return letters;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    .await;
+    let mut codes: Vec<&str> = dead_letters.iter().map(|(c, _)| c.as_str()).collect();
+    codes.sort();
+    assert_eq!(codes, ["malformed", "unstorable"], "{dead_letters:?}");
+    let unstorable = &dead_letters.iter().find(|(c, _)| c == "unstorable").unwrap().1;
+    assert!(unstorable.contains("22P05"), "PostgreSQL's reason is kept: {unstorable}");
+    assert_eq!(db.count("SELECT count(*) FROM events").await, 20);
+    assert_eq!(a.stop().await.snapshot().poisoned, 2);
+}
