@@ -189,6 +189,148 @@ pub async fn search<C: GenericClient>(client: &C, query: &str, k: usize) -> Resu
         .collect())
 }
 
+/// Why articles could not be read from a file or folder.
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    /// A file or folder could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The path.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file's content is not a valid article.
+    #[error("{origin}: {message}")]
+    Invalid {
+        /// File (and line, for JSONL).
+        origin: String,
+        /// What is wrong and what was expected.
+        message: String,
+    },
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JsonArticle {
+    slug: Option<String>,
+    title: String,
+    body: String,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+/// A slug from a title: lower-case ASCII letters and digits joined by `-`;
+/// other characters (CJK too) are kept as they are.
+pub fn slugify(title: &str) -> String {
+    let mut out = String::new();
+    for c in title.trim().chars().flat_map(char::to_lowercase) {
+        if c.is_alphanumeric() {
+            out.push(c);
+        } else if !out.ends_with('-') && !out.is_empty() {
+            out.push('-');
+        }
+    }
+    out.trim_end_matches('-').to_string()
+}
+
+fn check(a: Article, origin: &str) -> Result<Article, ImportError> {
+    let invalid = |message: &str| ImportError::Invalid {
+        origin: origin.to_string(),
+        message: message.to_string(),
+    };
+    if a.slug.trim().is_empty() {
+        return Err(invalid("the slug is empty (give a `slug`, or a title with letters or digits)"));
+    }
+    if a.title.trim().is_empty() {
+        return Err(invalid("the title is empty"));
+    }
+    if a.body.trim().is_empty() {
+        return Err(invalid("the body is empty"));
+    }
+    Ok(a)
+}
+
+/// Articles from JSON lines: `{"slug"?, "title", "body", "tags"?}` per line;
+/// blank lines and lines starting with `#` are skipped.
+pub fn parse_jsonl(text: &str, origin: &str) -> Result<Vec<Article>, ImportError> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = format!("{origin}:{}", i + 1);
+        let j: JsonArticle = serde_json::from_str(line).map_err(|e| ImportError::Invalid {
+            origin: at.clone(),
+            message: format!("{e} (expected {{\"title\": ..., \"body\": ..., \"slug\"?: ..., \"tags\"?: [...]}})"),
+        })?;
+        let slug = j.slug.unwrap_or_else(|| slugify(&j.title));
+        out.push(check(Article { slug, title: j.title, body: j.body, tags: j.tags }, &at)?);
+    }
+    Ok(out)
+}
+
+/// One article from Markdown: the first `# ` line is the title, an optional
+/// `tags: a, b` line right after it sets tags, the rest is the body. The
+/// slug is the file's stem.
+pub fn parse_markdown(text: &str, stem: &str, origin: &str) -> Result<Article, ImportError> {
+    let mut lines = text.lines().skip_while(|l| l.trim().is_empty());
+    let title = lines
+        .next()
+        .and_then(|l| l.trim().strip_prefix("# "))
+        .map(|t| t.trim().to_string())
+        .ok_or_else(|| ImportError::Invalid {
+            origin: origin.to_string(),
+            message: "the first line must be the title, as `# Title`".into(),
+        })?;
+    let mut rest: Vec<&str> = lines.collect();
+    let mut tags = Vec::new();
+    if let Some(i) = rest.iter().position(|l| !l.trim().is_empty()) {
+        if let Some(t) = rest[i].trim().strip_prefix("tags:") {
+            tags = t.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+            rest.remove(i);
+        }
+    }
+    let body = rest.join("\n").trim().to_string();
+    check(Article { slug: stem.to_string(), title, body, tags }, origin)
+}
+
+/// Articles from a `.jsonl` file, a `.md` file, or a folder of `.md` files
+/// (sorted by name).
+pub fn load_path(path: &std::path::Path) -> Result<Vec<Article>, ImportError> {
+    let read = |p: &std::path::Path| {
+        std::fs::read_to_string(p).map_err(|source| ImportError::Read { path: p.to_path_buf(), source })
+    };
+    let origin = |p: &std::path::Path| p.display().to_string();
+    let stem = |p: &std::path::Path| p.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+    if path.is_dir() {
+        let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(path)
+            .map_err(|source| ImportError::Read { path: path.to_path_buf(), source })?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "md"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(ImportError::Invalid {
+                origin: origin(path),
+                message: "the folder holds no .md files".into(),
+            });
+        }
+        return files.iter().map(|f| parse_markdown(&read(f)?, &stem(f), &origin(f))).collect();
+    }
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("jsonl") | Some("json") => parse_jsonl(&read(path)?, &origin(path)),
+        Some("md") => Ok(vec![parse_markdown(&read(path)?, &stem(path), &origin(path))?]),
+        _ => Err(ImportError::Invalid {
+            origin: origin(path),
+            message: "expected a .jsonl file, a .md file, or a folder of .md files".into(),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,8 +348,42 @@ mod tests {
         check("VIP会员 Discount", &["vip", "会员", "discount"]);
         check("ＲＥＦＵＮＤ　退", &["refund", "退"]);
         check("the is a", &[]);
-        check("包邮吗？shipping to Paris", &["包邮", "邮吗", "shipping", "pari"]);
+        check("包邮吗？shipping to Paris", &["包邮", "邮吗", "shipping", "paris"]);
         check("", &[]);
+    }
+
+    #[test]
+    fn markdown_and_jsonl_articles() {
+        let a = parse_markdown("\n# Refunds 退款\ntags: refund, money\n\nWithin 7 days.\n\n7天内退款。\n", "refunds", "refunds.md").unwrap();
+        assert_eq!(a, Article {
+            slug: "refunds".into(),
+            title: "Refunds 退款".into(),
+            body: "Within 7 days.\n\n7天内退款。".into(),
+            tags: vec!["refund".into(), "money".into()],
+        });
+        let b = parse_markdown("# Hours\nOpen 9-18.", "hours", "hours.md").unwrap();
+        assert_eq!((b.tags.len(), b.body.as_str()), (0, "Open 9-18."));
+        let j = parse_jsonl("# comment\n{\"title\": \"Opening Hours!\", \"body\": \"9-18\"}\n\n{\"slug\": \"x\", \"title\": \"T\", \"body\": \"B\", \"tags\": [\"a\"]}\n", "kb.jsonl").unwrap();
+        assert_eq!(j.iter().map(|a| a.slug.as_str()).collect::<Vec<_>>(), ["opening-hours", "x"]);
+        assert_eq!(slugify("  Payment / 支付方式 "), "payment-支付方式");
+    }
+
+    #[test]
+    fn article_errors_name_the_file_and_what_is_wrong() {
+        let err = |r: Result<Vec<Article>, ImportError>| r.unwrap_err().to_string();
+        assert_eq!(err(parse_markdown("Refunds\nbody", "r", "r.md").map(|a| vec![a])), "r.md: the first line must be the title, as `# Title`");
+        assert_eq!(err(parse_markdown("# T\n\n", "r", "r.md").map(|a| vec![a])), "r.md: the body is empty");
+        assert!(err(parse_jsonl("{\"title\": \"T\"}", "kb.jsonl")).starts_with("kb.jsonl:1: missing field `body`"));
+        assert!(err(parse_jsonl("\n{\"title\": \"T\", \"body\": \"B\", \"tag\": 1}", "kb.jsonl")).starts_with("kb.jsonl:2: unknown field `tag`"));
+        assert_eq!(err(parse_jsonl("{\"title\": \"!!\", \"body\": \"B\"}", "kb.jsonl")), "kb.jsonl:1: the slug is empty (give a `slug`, or a title with letters or digits)");
+    }
+
+    #[test]
+    fn the_demo_knowledge_base_parses() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/demo/kb");
+        let all = load_path(&dir).unwrap();
+        assert_eq!(all.len(), 6);
+        assert!(all.iter().all(|a| !a.tags.is_empty()), "every demo article has tags");
     }
 
     #[test]
