@@ -260,7 +260,7 @@ fn archiver_consumer(name: &str, stream: &'static str, filter: String, what: &st
 
 /// `EVENTS/archiver-events`: every event, for the archive.
 pub fn archiver_events_consumer() -> ConsumerDef {
-    archiver_consumer("archiver-events", EVENTS_STREAM, subject::all_events().to_string(), "every event")
+    archiver_consumer("archiver-events", EVENTS_STREAM, String::new(), "every event")
 }
 
 /// `REPLIES/archiver-replies`: every reply, for the archive.

@@ -4,6 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+
+/// mimalloc: fewer cycles in allocation than glibc's malloc on the
+/// message paths (measured with `ferry bench archiver`, see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ferry_schema::connect::{Auth, NatsConfig};
 use ferry_workers::{archiver, inference, rules, runtime};
 use tokio_util::sync::CancellationToken;

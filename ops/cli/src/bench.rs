@@ -34,6 +34,8 @@ pub enum BenchCmd {
     Rules(RulesBench),
     /// llama.cpp vs mistral.rs in-process vs the inference worker end to end.
     Inference(crate::bench_inference::InferenceBench),
+    /// Raw COPY into the events table vs the archiver from JetStream.
+    Archiver(crate::bench_archiver::ArchiverBench),
 }
 
 #[derive(Debug, Args)]
@@ -77,6 +79,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Rules(args) => rules_bench(args).await,
         BenchCmd::Inference(args) => crate::bench_inference::run(args).await,
+        BenchCmd::Archiver(args) => crate::bench_archiver::run(args).await,
     }
 }
 

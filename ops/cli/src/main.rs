@@ -1,24 +1,36 @@
 //! `ferry`: the operators' command: run a local stack, provision, benchmark.
 
 mod bench;
+mod bench_archiver;
 mod bench_inference;
+mod db;
+mod down;
 mod provision;
 mod up;
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+
+/// mimalloc: fewer cycles in allocation than glibc's malloc on the
+/// message paths (measured with `ferry bench archiver`, see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ferry_schema::connect::{Auth, NatsConfig};
 
 /// Operate Ferry: run the whole pipeline locally, provision streams and
 /// consumers on a broker, and measure it.
 ///
 /// Examples:
-///   ferry up                      # broker, provisioning, rules worker, demo agent; Ctrl-C stops
+///   ferry up                      # broker, PostgreSQL, workers, demo agent; Ctrl-C or `ferry down` stops
 ///   ferry up --once               # same, exit after the demo agent got its replies
+///   ferry down                    # stop what `ferry up` started (also after a crash)
 ///   ferry provision --user operator --password "$FERRY_OPERATOR_PASSWORD"
+///   ferry migrate --database-url postgres://ferry:PW@db:5432/ferry
+///   ferry kb import ops/demo/kb   # into ferry up's database
 ///   ferry bench rules --events 20000 --repeat 5
 ///   ferry bench inference
+///   ferry bench archiver --events 100000
 #[derive(Debug, Parser)]
 #[command(name = "ferry", version, about, verbatim_doc_comment)]
 struct Cli {
@@ -29,8 +41,16 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Start the local pipeline: nats-server with nats.conf, provisioning,
-    /// the rules worker and a demo agent that prints its replies.
+    /// PostgreSQL, the archiver, rules and inference workers, and a demo
+    /// agent that prints its replies.
     Up(up::UpArgs),
+    /// Stop what `ferry up` started: its workers, broker and PostgreSQL.
+    Down(down::DownArgs),
+    /// Apply the PostgreSQL migrations (idempotent; prints what it applied).
+    Migrate(db::MigrateArgs),
+    /// The knowledge base: import articles, try a search.
+    #[command(subcommand)]
+    Kb(db::KbCmd),
     /// Create or update streams and consumers (idempotent; prints what changed).
     Provision(provision::ProvisionArgs),
     /// Benchmarks that run a baseline in the same run and print ratios.
@@ -87,6 +107,9 @@ async fn main() -> anyhow::Result<()> {
     init_logs();
     match cli.cmd {
         Cmd::Up(args) => up::run(args).await,
+        Cmd::Down(args) => down::run(args),
+        Cmd::Migrate(args) => db::run_migrate(args).await,
+        Cmd::Kb(cmd) => db::run_kb(cmd).await,
         Cmd::Provision(args) => provision::run(args).await,
         Cmd::Bench(cmd) => bench::run(cmd).await,
     }

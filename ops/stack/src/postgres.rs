@@ -85,6 +85,55 @@ fn debian_bin_dir() -> Option<PathBuf> {
     versions.pop().map(|(_, p)| p)
 }
 
+/// A server program, run as `postgres` when `as_postgres`.
+fn server_command(bin: &Path, as_postgres: bool, program: &str) -> Command {
+    let path = bin.join(program);
+    if as_postgres {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(path);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+/// Stops a cluster under `dir` (as [`PgServer`] lays it out) that some
+/// earlier process left running, e.g. a `ferry up` killed with SIGKILL.
+/// Returns whether one was running.
+pub fn stop_existing(dir: &Path) -> Result<bool, StackError> {
+    let data = dir.join("data");
+    if !data.join("postmaster.pid").is_file() {
+        return Ok(false);
+    }
+    let bin = bin_dir()?;
+    let as_postgres = nix::unistd::Uid::effective().is_root();
+    let status = server_command(&bin, as_postgres, "pg_ctl")
+        .arg("-D")
+        .arg(&data)
+        .arg("status")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io("run pg_ctl status"))?;
+    if !status.status.success() {
+        return Ok(false);
+    }
+    let out = server_command(&bin, as_postgres, "pg_ctl")
+        .arg("-D")
+        .arg(&data)
+        .args(["stop", "-m", "fast", "-w", "-t", "60"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io("run pg_ctl stop"))?;
+    if !out.status.success() {
+        return Err(StackError::Exited {
+            program: "pg_ctl stop".into(),
+            status: out.status.to_string(),
+            log_tail: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    Ok(true)
+}
+
 impl PgServer {
     /// A fresh cluster in a temp dir on a free port, tuned for tests.
     pub fn start_temp() -> Result<Self, StackError> {
@@ -181,14 +230,7 @@ impl PgServer {
     }
 
     fn command(&self, program: &str) -> Command {
-        let path = self.bin.join(program);
-        if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(path);
-            c
-        } else {
-            Command::new(path)
-        }
+        server_command(&self.bin, self.as_postgres, program)
     }
 
     fn chown_to_postgres(&self, path: &Path) -> Result<(), StackError> {

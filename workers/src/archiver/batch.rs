@@ -51,6 +51,9 @@ pub struct BatchSettings {
     pub backoff_min: Duration,
     /// Longest retry delay.
     pub backoff_max: Duration,
+    /// Transactions in flight at once: while one writer commits, another
+    /// gathers the next batch (each needs a pooled connection).
+    pub writers: usize,
 }
 
 impl Default for BatchSettings {
@@ -61,6 +64,7 @@ impl Default for BatchSettings {
             queue: 1024,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            writers: 2,
         }
     }
 }
@@ -96,14 +100,23 @@ impl<R: Send + Sync + 'static> Batcher<R> {
         what: &'static str,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(settings.queue.max(1));
-        let writer = Writer {
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let writer = Arc::new(Writer {
             pool,
             sink,
             settings,
             shutdown,
             what,
-        };
-        (Self { tx }, tokio::spawn(writer.run(rx)))
+        });
+        let tasks: Vec<_> = (0..writer.settings.writers.max(1))
+            .map(|_| tokio::spawn(writer.clone().run(rx.clone())))
+            .collect();
+        let all = tokio::spawn(async move {
+            for t in tasks {
+                let _ = t.await;
+            }
+        });
+        (Self { tx }, all)
     }
 
     /// Submits `row` and waits until it is committed (`Done`), can never be
@@ -132,21 +145,27 @@ enum WriteError {
 }
 
 impl<S: Sink> Writer<S> {
-    async fn run(self, mut rx: mpsc::Receiver<Item<S::Row>>) {
+    /// One writer: takes the queue, gathers a batch, lets the queue go,
+    /// writes the batch; until the queue is closed and empty.
+    async fn run(self: Arc<Self>, rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Item<S::Row>>>>) {
         let max = self.settings.max_rows.max(1);
         let mut rows = Vec::with_capacity(max);
         let mut dones = Vec::with_capacity(max);
-        while let Some(first) = rx.recv().await {
-            rows.push(first.row);
-            dones.push(first.done);
-            let deadline = Instant::now() + self.settings.max_wait;
-            while rows.len() < max {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(item)) => {
-                        rows.push(item.row);
-                        dones.push(item.done);
+        loop {
+            {
+                let mut rx = rx.lock().await;
+                let Some(first) = rx.recv().await else { break };
+                rows.push(first.row);
+                dones.push(first.done);
+                let deadline = Instant::now() + self.settings.max_wait;
+                while rows.len() < max {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(item)) => {
+                            rows.push(item.row);
+                            dones.push(item.done);
+                        }
+                        Ok(None) | Err(_) => break,
                     }
-                    Ok(None) | Err(_) => break,
                 }
             }
             let started = Instant::now();

@@ -66,6 +66,60 @@ pub async fn record_chat<C: GenericClient>(
     Ok(row.get(0))
 }
 
+/// One customer's chats in a batch, with no gap longer than the idle time
+/// between them.
+#[derive(Debug, Clone)]
+pub struct Span<'a> {
+    /// The customer.
+    pub customer_id: i64,
+    /// The agent.
+    pub agent: &'a str,
+    /// The chat (of the first message).
+    pub chat: &'a str,
+    /// First message time.
+    pub first: DateTime<Utc>,
+    /// Last message time.
+    pub last: DateTime<Utc>,
+}
+
+/// [`record_chat`] for many customers at once: each span closes its
+/// customer's conversation when idle before `first`, then opens one or
+/// moves `last_activity` to `last`. Two statements whatever the number of
+/// customers (each customer at most once). Returns conversation ids by
+/// customer id.
+pub async fn record_spans<C: GenericClient>(
+    client: &C,
+    spans: &[Span<'_>],
+    idle: Duration,
+) -> Result<std::collections::HashMap<i64, i64>, tokio_postgres::Error> {
+    let ids: Vec<i64> = spans.iter().map(|s| s.customer_id).collect();
+    let agents: Vec<&str> = spans.iter().map(|s| s.agent).collect();
+    let chats: Vec<&str> = spans.iter().map(|s| s.chat).collect();
+    let first: Vec<DateTime<Utc>> = spans.iter().map(|s| s.first).collect();
+    let last: Vec<DateTime<Utc>> = spans.iter().map(|s| s.last).collect();
+    client
+        .execute(
+            "UPDATE conversations c SET status = 'closed', closed_at = c.last_activity
+               FROM unnest($1::int8[], $2::timestamptz[]) AS u(cid, f)
+              WHERE c.customer_id = u.cid AND c.status = 'open'
+                AND c.last_activity < u.f - make_interval(secs => $3::float8)",
+            &[&ids, &first, &secs(idle)],
+        )
+        .await?;
+    let rows = client
+        .query(
+            "INSERT INTO conversations (customer_id, agent, chat, status, opened_at, last_activity)
+             SELECT cid, a, ch, 'open', f, l
+               FROM unnest($1::int8[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[]) AS u(cid, a, ch, f, l)
+             ON CONFLICT (customer_id) WHERE status = 'open' DO UPDATE
+                SET last_activity = GREATEST(conversations.last_activity, EXCLUDED.last_activity)
+             RETURNING customer_id, id",
+            &[&ids, &agents, &chats, &first, &last],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// The last `n` turns (oldest first) before the chat `event` sent at `ts`
 /// by `sender` to `agent`, from the conversation that chat belongs to: the
 /// customer's latest conversation opened at or before `ts` and active

@@ -47,6 +47,61 @@ pub async fn identify<C: GenericClient>(
     })
 }
 
+/// One sender seen in a batch of chats.
+#[derive(Debug, Clone)]
+pub struct Seen<'a> {
+    /// The agent.
+    pub agent: &'a str,
+    /// [`normalise`]d sender.
+    pub key: &'a str,
+    /// The sender as first written (the display name of a new customer).
+    pub display: &'a str,
+    /// Earliest chat time in the batch.
+    pub first: DateTime<Utc>,
+    /// Latest chat time in the batch.
+    pub last: DateTime<Utc>,
+}
+
+/// [`identify`] for many senders at once (the archiver's batches), in three
+/// statements whatever their number. New customers are created; known ones
+/// get `last_seen` moved at most once a minute, so concurrent batches seldom
+/// wait on a customer's row lock. Returns the ids by `(agent, key)`.
+pub async fn identify_many<C: GenericClient>(
+    client: &C,
+    seen: &[Seen<'_>],
+) -> Result<std::collections::HashMap<(String, String), i64>, tokio_postgres::Error> {
+    let agents: Vec<&str> = seen.iter().map(|s| s.agent).collect();
+    let keys: Vec<&str> = seen.iter().map(|s| s.key).collect();
+    let names: Vec<&str> = seen.iter().map(|s| s.display.trim()).collect();
+    let first: Vec<DateTime<Utc>> = seen.iter().map(|s| s.first).collect();
+    let last: Vec<DateTime<Utc>> = seen.iter().map(|s| s.last).collect();
+    client
+        .execute(
+            "INSERT INTO customers (agent, sender_key, display_name, first_seen, last_seen)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[])
+             ON CONFLICT (agent, sender_key) DO NOTHING",
+            &[&agents, &keys, &names, &first, &last],
+        )
+        .await?;
+    client
+        .execute(
+            "UPDATE customers c SET last_seen = GREATEST(c.last_seen, u.l), first_seen = LEAST(c.first_seen, u.f)
+               FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[]) AS u(a, k, f, l)
+              WHERE c.agent = u.a AND c.sender_key = u.k
+                AND (c.last_seen < u.l - interval '1 minute' OR c.first_seen > u.f)",
+            &[&agents, &keys, &first, &last],
+        )
+        .await?;
+    let rows = client
+        .query(
+            "SELECT c.id, c.agent, c.sender_key FROM customers c
+               JOIN unnest($1::text[], $2::text[]) AS u(a, k) ON c.agent = u.a AND c.sender_key = u.k",
+            &[&agents, &keys],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| ((r.get(1), r.get(2)), r.get(0))).collect())
+}
+
 /// Looks a customer up without creating it.
 pub async fn find<C: GenericClient>(
     client: &C,

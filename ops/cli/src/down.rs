@@ -1,0 +1,88 @@
+//! `ferry down`: stop what `ferry up` started, including what a killed `ferry up` left running.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::up::PID_FILE;
+
+#[derive(Debug, Args)]
+pub struct DownArgs {
+    /// `ferry up`'s data dir.
+    #[arg(long, default_value = ".ferry")]
+    data_dir: PathBuf,
+    /// How long to wait for `ferry up` to finish its in-flight work.
+    #[arg(long, default_value_t = 180)]
+    wait_secs: u64,
+}
+
+/// Whether `pid` is alive and runs a program whose command line contains `name`
+/// (a pid file can outlive its process and the pid be reused).
+fn running(pid: i32, name: &str) -> bool {
+    pid > 0
+        && kill(Pid::from_raw(pid), None).is_ok()
+        && std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).contains(name))
+            .unwrap_or(false)
+}
+
+fn pids(file: &Path) -> Vec<(String, i32)> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .filter_map(|(k, v)| Some((k.trim().to_string(), v.trim().parse().ok()?)))
+        .collect()
+}
+
+/// Sends SIGTERM and waits; true when the process ended.
+fn terminate(pid: i32, name: &str, wait: Duration) -> bool {
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    let start = Instant::now();
+    let mut said = Instant::now();
+    while running(pid, name) {
+        if start.elapsed() > wait {
+            return false;
+        }
+        if said.elapsed() > Duration::from_secs(5) {
+            eprintln!("ferry: waiting for {name} (pid {pid}) to finish its in-flight work ...");
+            said = Instant::now();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    true
+}
+
+pub fn run(args: DownArgs) -> anyhow::Result<()> {
+    let file = args.data_dir.join(PID_FILE);
+    let mut stopped = Vec::new();
+    for (what, pid) in pids(&file) {
+        let name = match what.as_str() {
+            "ferry" => "ferry",
+            "nats" => "nats-server",
+            _ => continue,
+        };
+        if running(pid, name) {
+            eprintln!("ferry: stopping {name} (pid {pid}) ...");
+            anyhow::ensure!(
+                terminate(pid, name, Duration::from_secs(args.wait_secs)),
+                "{name} (pid {pid}) did not stop within {}s; kill it with: kill -9 {pid}",
+                args.wait_secs
+            );
+            stopped.push(name);
+        }
+    }
+    let _ = std::fs::remove_file(&file);
+    if ferry_stack::postgres::stop_existing(&args.data_dir.join("postgres"))? {
+        stopped.push("PostgreSQL");
+    }
+    if stopped.is_empty() {
+        eprintln!("ferry: nothing was running from {}", args.data_dir.display());
+    } else {
+        eprintln!("ferry: stopped {}", stopped.join(", "));
+    }
+    Ok(())
+}
