@@ -169,7 +169,7 @@ pub fn rules_consumer() -> ConsumerDef {
             description: Some("Rules worker: chat and activity rules.".into()),
             // Rules look at every kind (chat and activity now; metric rules
             // over heartbeats later) and ack the rest at once.
-            filter_subject: subject::all_events().to_string(),
+            filter_subject: String::new(),
             deliver_policy: DeliverPolicy::All,
             ack_policy: AckPolicy::Explicit,
             // A rule takes microseconds; 30 s only covers a stalled reply
