@@ -239,6 +239,55 @@ answer = "We ship within two working days."
 }
 
 #[tokio::test]
+async fn knowledge_base_from_postgres_answers_when_the_models_cannot() {
+    let s = stack(TO_INFERENCE, Duration::from_secs(30)).await;
+    let pg = common::migrated_pg().await;
+    let c = ferry_workers::state::connect_one(&pg.url()).await.unwrap();
+    let kb_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/demo/kb");
+    for a in ferry_workers::state::kb::load_path(&kb_dir).unwrap() {
+        ferry_workers::state::kb::upsert(&c, &a).await.unwrap();
+    }
+    let _rules = s.replica(16).await;
+    let cfg = r#"
+apology = "sorry, later"
+[models.primary]
+path = "/nonexistent/primary.gguf"
+[[route]]
+model = "primary"
+max_tokens = 8
+"#;
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut file, cfg.as_bytes()).unwrap();
+    let client = s.nats.workers("test-inference").connect().await.unwrap();
+    let mut icfg = InferenceConfig::new(file.path());
+    icfg.db = Some(ferry_workers::state::DbConfig::new(pg.url()));
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let task = tokio::spawn(async move { inference::run(client, &icfg, token).await });
+
+    let zh = chat("desk-1", "退款需要多久才能到账？");
+    let en = chat("desk-1", "Do you accept WeChat Pay or Alipay?");
+    let none = chat("desk-1", "hello again");
+    for e in [&zh, &en, &none] {
+        publish(&s.js, e, Encoding::MsgPack, true).await;
+    }
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, 3, WAIT).await.unwrap();
+    let all = replies(&s.js).await;
+    let answer = |e: &Envelope| {
+        let c = chat_body(&all[&e.id][0]);
+        (c.answered_by.kind, c.answered_by.name.clone(), c.content.clone().unwrap_or_default())
+    };
+    let (kind, name, text) = answer(&zh);
+    assert_eq!((kind, name.as_str()), (ResponderKind::KbTemplate, "refunds"));
+    assert!(text.contains("3-5个工作日"), "{text}");
+    let (kind, name, _) = answer(&en);
+    assert_eq!((kind, name.as_str()), (ResponderKind::KbTemplate, "payment"));
+    assert_eq!(answer(&none).0, ResponderKind::Apology);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
 async fn two_replicas_answer_every_request_once() {
     const N: usize = 8;
     let s = stack(TO_INFERENCE, Duration::from_secs(30)).await;

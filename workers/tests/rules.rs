@@ -254,3 +254,59 @@ async fn shutdown_finishes_in_flight_and_exits() {
     assert_eq!(answered.len(), 500);
     assert!(answered.values().all(|&n| n == 1));
 }
+
+#[tokio::test]
+async fn rules_match_customer_tags_from_postgres() {
+    let rules = r#"
+[[rule]]
+name = "vip"
+customer_tags = ["vip"]
+action = "escalate"
+template = "VIP {sender}"
+
+[[rule]]
+name = "everyone"
+action = "reply"
+template = "hi {sender}"
+"#;
+    let s = stack(rules, Duration::from_secs(30)).await;
+    let pg = common::migrated_pg().await;
+    let c = ferry_workers::state::connect_one(&pg.url()).await.unwrap();
+    // 王芳 is a known VIP (any spelling of her name); Alice is new.
+    let vip = ferry_workers::state::customers::identify(&c, "desk-1", "王芳", chrono::Utc::now()).await.unwrap();
+    ferry_workers::state::customers::set_tags(&c, vip.id, &["vip".to_string()]).await.unwrap();
+
+    // Without a database the worker refuses to start, saying why.
+    let client = s.nats.workers("t").connect().await.unwrap();
+    let cfg = ferry_workers::rules::RulesConfig::new(s.rules_file.path());
+    let err = ferry_workers::rules::run(client, &cfg, tokio_util::sync::CancellationToken::new()).await.unwrap_err();
+    assert!(err.to_string().contains("needs PostgreSQL: pass --database-url"), "{err}");
+
+    let client = s.nats.workers("t").connect().await.unwrap();
+    let mut cfg = ferry_workers::rules::RulesConfig::new(s.rules_file.path());
+    cfg.db = Some(ferry_workers::state::DbConfig::new(pg.url()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let token = stop.clone();
+    let task = tokio::spawn(async move { ferry_workers::rules::run(client, &cfg, token).await });
+    let mut from_vip = chat("desk-1", "在吗");
+    if let ferry_schema::EventBody::Chat(m) = &mut from_vip.body {
+        m.sender = " 王芳 ".into();
+    }
+    let from_new = chat("desk-1", "hello");
+    publish(&s.js, &from_vip, Encoding::Json, true).await;
+    publish(&s.js, &from_new, Encoding::Json, true).await;
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, 2, WAIT).await.unwrap();
+    let mut by = HashMap::new();
+    for m in inspect::read_all(&s.js, REPLIES_STREAM, "").await.unwrap() {
+        let r = decode_reply(&m.payload, Encoding::Json, DEFAULT_MAX_PAYLOAD).unwrap();
+        if let ReplyBody::Chat(c) = r.body {
+            by.insert(r.in_reply_to, c.answered_by.name);
+        }
+    }
+    assert_eq!(by[&from_vip.id], "vip");
+    assert_eq!(by[&from_new.id], "everyone");
+    // The first chat from Alice created her customer record.
+    assert!(ferry_workers::state::customers::find(&c, "desk-1", "alice").await.unwrap().is_some());
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}

@@ -10,7 +10,9 @@
 //!   character is a term of its own.
 //!
 //! A query is cut the same way; an article matches when it shares a term
-//! (GIN-indexed `&&`), and ranks by matched terms, title terms counting twice.
+//! (GIN-indexed `&&`), and ranks by matched terms, title terms counting
+//! twice. Its coverage is the share of the query's known terms (those some
+//! article contains) that it holds; the fallback's template step uses it.
 
 use std::collections::BTreeSet;
 
@@ -41,7 +43,10 @@ pub struct Hit {
     pub body: String,
     /// Matched terms, title terms counting twice (the rank).
     pub score: f64,
-    /// Share of the query's terms the article contains, 0 to 1.
+    /// Share of the query's terms the article contains, 0 to 1, counting
+    /// only terms some article contains: a chat's other words (and the
+    /// bigrams that straddle Chinese word boundaries) say nothing about
+    /// which article fits.
     pub coverage: f64,
 }
 
@@ -162,7 +167,11 @@ pub async fn search<C: GenericClient>(client: &C, query: &str, k: usize) -> Resu
     let limit = i64::try_from(k).unwrap_or(i64::MAX);
     let rows = client
         .query(
-            "SELECT slug, title, body, matched, in_title FROM (
+            "WITH known AS (
+                SELECT count(*) AS n FROM unnest($1::text[]) t
+                 WHERE EXISTS (SELECT 1 FROM kb_articles k WHERE k.terms @> ARRAY[t])
+             )
+             SELECT slug, title, body, matched, in_title, (SELECT n FROM known) FROM (
                 SELECT a.slug, a.title, a.body,
                        (SELECT count(*) FROM unnest($1::text[]) t WHERE t = ANY (a.terms)) AS matched,
                        (SELECT count(*) FROM unnest($1::text[]) t WHERE t = ANY (a.title_terms)) AS in_title
@@ -172,12 +181,12 @@ pub async fn search<C: GenericClient>(client: &C, query: &str, k: usize) -> Resu
             &[&q, &limit],
         )
         .await?;
-    let n = q.len() as f64;
     Ok(rows
         .iter()
         .map(|r| {
             let matched: i64 = r.get(3);
             let in_title: i64 = r.get(4);
+            let n = r.get::<_, i64>(5).max(1) as f64;
             Hit {
                 slug: r.get(0),
                 title: r.get(1),

@@ -114,3 +114,14 @@ pub async fn publish(
         .await
         .unwrap()
 }
+
+/// A throwaway PostgreSQL with Ferry's migrations applied.
+pub async fn migrated_pg() -> ferry_stack::PgServer {
+    let pg = tokio::task::spawn_blocking(ferry_stack::PgServer::start_temp)
+        .await
+        .unwrap()
+        .expect("PostgreSQL starts");
+    let mut c = ferry_workers::state::connect_one(&pg.url()).await.unwrap();
+    ferry_schema::db::migrate(&mut c, None).await.unwrap();
+    pg
+}
