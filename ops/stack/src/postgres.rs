@@ -10,7 +10,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use crate::nats::StackError;
 use crate::{free_port, install};
@@ -330,8 +329,14 @@ impl PgServer {
     }
 
     fn create_database(&self) -> Result<(), StackError> {
+        self.createdb(&["-O", DB_USER, DB_NAME])
+    }
+
+    /// Runs `createdb` as the `ferry` role with `args`.
+    fn createdb(&self, args: &[&str]) -> Result<(), StackError> {
         let out = Command::new(self.bin.join("createdb"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", DB_USER, "-O", DB_USER, DB_NAME])
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", DB_USER])
+            .args(args)
             .env("PGPASSWORD", &self.password)
             .stdin(Stdio::null())
             .output()
@@ -358,19 +363,7 @@ impl PgServer {
 
     /// Creates another empty database owned by `ferry` and returns its URL.
     pub fn create_extra_database(&self, name: &str) -> Result<String, StackError> {
-        let out = Command::new(self.bin.join("createdb"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", DB_USER, name])
-            .env("PGPASSWORD", &self.password)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(io("run createdb"))?;
-        if !out.status.success() {
-            return Err(StackError::Exited {
-                program: "createdb".into(),
-                status: out.status.to_string(),
-                log_tail: String::from_utf8_lossy(&out.stderr).into_owned(),
-            });
-        }
+        self.createdb(&[name])?;
         Ok(self.url_for(name))
     }
 
@@ -417,9 +410,6 @@ impl PgServer {
     pub fn is_running(&self) -> bool {
         self.running
     }
-
-    /// How long [`stop`](Self::stop) may take at most.
-    pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 }
 
 impl Drop for PgServer {

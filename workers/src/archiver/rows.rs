@@ -102,7 +102,7 @@ async fn insert_new(
     }
 }
 
-fn first_of_each<'a, T>(rows: &'a [T], id: impl Fn(&T) -> Uuid) -> Vec<&'a T> {
+fn first_of_each<T>(rows: &[T], id: impl Fn(&T) -> Uuid) -> Vec<&T> {
     let mut seen = HashSet::with_capacity(rows.len());
     rows.iter().filter(|r| seen.insert(id(r))).collect()
 }
