@@ -154,7 +154,10 @@ fn row(e: &Envelope) -> EventRow {
 #[tokio::test]
 async fn conversation_context_is_the_last_turns_in_order() {
     let pg = server().await;
-    let mut c = migrated(&pg).await;
+    migrated(&pg).await;
+    // The sinks write through a pooled client, as in the archiver.
+    let pool = state::pool(&state::DbConfig::new(pg.url())).unwrap();
+    let mut c = pool.get().await.unwrap();
     let idle = Duration::from_secs(30 * 60);
     let sink = EventSink { conversation_idle: idle };
     // Five exchanges, a minute apart, Chinese and English mixed, written by
@@ -169,7 +172,7 @@ async fn conversation_context_is_the_last_turns_in_order() {
 
     // The sixth message, not archived yet: its context is the last four turns.
     let next = chat_at("王芳", "能快点吗", at(6));
-    let turns = conversations::context(&c, "desk-1", "王芳", next.id.0, next.ts, idle, 4).await.unwrap();
+    let turns = conversations::context(&**c, "desk-1", "王芳", next.id.0, next.ts, idle, 4).await.unwrap();
     let got: Vec<(Speaker, &str)> = turns.iter().map(|t| (t.speaker, t.text.as_str())).collect();
     assert_eq!(
         got,
@@ -182,15 +185,15 @@ async fn conversation_context_is_the_last_turns_in_order() {
     );
     // Archived, the message is not part of its own context.
     sink.write(&mut c, &[row(&next)]).await.unwrap();
-    let again = conversations::context(&c, "desk-1", "王芳", next.id.0, next.ts, idle, 4).await.unwrap();
+    let again = conversations::context(&**c, "desk-1", "王芳", next.id.0, next.ts, idle, 4).await.unwrap();
     assert_eq!(again, turns);
     // Another customer's conversation is not mixed in.
     let other = chat_at("Bob", "hello", at(7));
-    assert!(conversations::context(&c, "desk-1", "Bob", other.id.0, other.ts, idle, 4).await.unwrap().is_empty());
+    assert!(conversations::context(&**c, "desk-1", "Bob", other.id.0, other.ts, idle, 4).await.unwrap().is_empty());
 
     // Two hours later the conversation has gone idle: a new one starts.
     let later = chat_at("王芳", "new question", at(130));
-    assert!(conversations::context(&c, "desk-1", "王芳", later.id.0, later.ts, idle, 4).await.unwrap().is_empty());
+    assert!(conversations::context(&**c, "desk-1", "王芳", later.id.0, later.ts, idle, 4).await.unwrap().is_empty());
     sink.write(&mut c, &[row(&later)]).await.unwrap();
     let rows = c
         .query("SELECT status FROM conversations ORDER BY opened_at", &[])

@@ -30,10 +30,12 @@ use crate::state::{classify, Failure};
 pub trait Sink: Send + Sync + 'static {
     /// One row.
     type Row: Send + Sync + 'static;
-    /// Writes `rows` and commits; an error leaves nothing written.
+    /// Writes `rows` and commits; an error leaves nothing written. The
+    /// client is a pooled one, so statements can be prepared once per
+    /// connection (`prepare_cached`).
     fn write(
         &self,
-        client: &mut tokio_postgres::Client,
+        client: &mut deadpool_postgres::ClientWrapper,
         rows: &[Self::Row],
     ) -> impl std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send;
 }
