@@ -49,6 +49,9 @@ pub struct ArchiverBench {
     /// Archiver: how long the first row of a batch waits for more, ms.
     #[arg(long, default_value_t = 20)]
     batch_wait_ms: u64,
+    /// Archiver: transactions in flight per consumer.
+    #[arg(long, default_value_t = 2)]
+    writers: usize,
 }
 
 fn events(n: usize, chat_percent: usize) -> anyhow::Result<Vec<Envelope>> {
@@ -138,6 +141,7 @@ async fn archiver_run(
     cfg.batch.max_rows = args.batch_rows;
     cfg.consume.max_in_flight = args.concurrency;
     cfg.batch.max_wait = Duration::from_millis(args.batch_wait_ms);
+    cfg.batch.writers = args.writers;
     let stop = CancellationToken::new();
     let worker_client = nats.workers("bench archiver").connect().await?;
     let token = stop.clone();
