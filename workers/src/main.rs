@@ -94,10 +94,10 @@ struct ArchiverArgs {
     db: DbArgs,
     /// Messages held at once per consumer (events, replies): the rows
     /// waiting for a commit, and the pull batch size.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 2048)]
     concurrency: usize,
     /// Most rows in one transaction.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 1000)]
     batch_rows: usize,
     /// How long the first row of a batch waits for more, in milliseconds.
     #[arg(long, default_value_t = 20)]

@@ -41,16 +41,16 @@ pub struct ArchiverBench {
     #[arg(long, default_value_t = 3)]
     repeat: usize,
     /// Archiver: rows per transaction.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 1000)]
     batch_rows: usize,
     /// Archiver: messages held at once (the pull batch).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 2048)]
     concurrency: usize,
     /// Archiver: how long the first row of a batch waits for more, ms.
     #[arg(long, default_value_t = 20)]
     batch_wait_ms: u64,
     /// Archiver: transactions in flight per consumer.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     writers: usize,
 }
 

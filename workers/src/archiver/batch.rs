@@ -61,12 +61,14 @@ pub struct BatchSettings {
 impl Default for BatchSettings {
     fn default() -> Self {
         Self {
-            max_rows: 500,
+            max_rows: 1000,
             max_wait: Duration::from_millis(20),
-            queue: 1024,
+            queue: 2048,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
-            writers: 2,
+            // Measured with `ferry bench archiver` on 2 cores: 3 writers of
+            // 1000 rows beat 2 of 500 by ~13% (BENCHMARKS.md).
+            writers: 3,
         }
     }
 }

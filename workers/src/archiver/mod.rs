@@ -43,7 +43,7 @@ impl ArchiverConfig {
         Self {
             db: DbConfig::new(database_url),
             consume: ConsumeSettings {
-                max_in_flight: 1024,
+                max_in_flight: 2048,
                 // Held messages (PostgreSQL away) stay ours: progress well
                 // inside the consumer's 60 s ack_wait.
                 progress_every: Some(Duration::from_secs(15)),

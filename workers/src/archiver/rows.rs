@@ -195,7 +195,7 @@ impl EventSink {
     /// each customer whose chats in this batch have no idle gap; the rare
     /// others are filed one chat at a time, in time order), then the
     /// messages in one insert.
-    async fn write_chats(&self, tx: &tokio_postgres::Transaction<'_>, rows: &[&EventRow]) -> Result<(), tokio_postgres::Error> {
+    async fn write_chats(&self, tx: &deadpool_postgres::Transaction<'_>, rows: &[&EventRow]) -> Result<(), tokio_postgres::Error> {
         let mut chats: Vec<(String, &EventRow, &ferry_schema::event::ChatMessage)> = rows
             .iter()
             .filter_map(|r| match &r.env.body {
@@ -243,7 +243,7 @@ impl EventSink {
                 });
             } else {
                 for (_, r, c) in g.iter() {
-                    let conv = conversations::record_chat(tx, cid, r.env.agent.as_str(), &c.chat, r.env.ts, idle).await?;
+                    let conv = conversations::record_chat(&**tx, cid, r.env.agent.as_str(), &c.chat, r.env.ts, idle).await?;
                     conversation_of_event.insert(r.env.id.0, conv);
                 }
             }
@@ -273,11 +273,16 @@ impl EventSink {
                 );
             }
         }
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO chat_messages (event_id, agent, chat, chat_type, sender, msg_type, text, ts, customer_id, conversation_id)
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                                      $8::timestamptz[], $9::int8[], $10::int8[])
+                 ON CONFLICT (event_id) DO NOTHING",
+            )
+            .await?;
         tx.execute(
-            "INSERT INTO chat_messages (event_id, agent, chat, chat_type, sender, msg_type, text, ts, customer_id, conversation_id)
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                                  $8::timestamptz[], $9::int8[], $10::int8[])
-             ON CONFLICT (event_id) DO NOTHING",
+            &insert,
             &[&ev, &agents, &chat, &chat_type, &sender, &msg_type, &text, &ts, &cust, &conv],
         )
         .await?;

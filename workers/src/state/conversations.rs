@@ -87,7 +87,7 @@ pub struct Span<'a> {
 /// moves `last_activity` to `last`. Two statements whatever the number of
 /// customers (each customer at most once). Returns conversation ids by
 /// customer id.
-pub async fn record_spans<C: GenericClient>(
+pub async fn record_spans<C: deadpool_postgres::GenericClient + Sync>(
     client: &C,
     spans: &[Span<'_>],
     idle: Duration,
@@ -99,21 +99,21 @@ pub async fn record_spans<C: GenericClient>(
     let last: Vec<DateTime<Utc>> = spans.iter().map(|s| s.last).collect();
     client
         .execute(
-            "UPDATE conversations c SET status = 'closed', closed_at = c.last_activity
+            &client.prepare_cached("UPDATE conversations c SET status = 'closed', closed_at = c.last_activity
                FROM unnest($1::int8[], $2::timestamptz[]) AS u(cid, f)
               WHERE c.customer_id = u.cid AND c.status = 'open'
-                AND c.last_activity < u.f - make_interval(secs => $3::float8)",
+                AND c.last_activity < u.f - make_interval(secs => $3::float8)").await?,
             &[&ids, &first, &secs(idle)],
         )
         .await?;
     let rows = client
         .query(
-            "INSERT INTO conversations (customer_id, agent, chat, status, opened_at, last_activity)
+            &client.prepare_cached("INSERT INTO conversations (customer_id, agent, chat, status, opened_at, last_activity)
              SELECT cid, a, ch, 'open', f, l
                FROM unnest($1::int8[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[]) AS u(cid, a, ch, f, l)
              ON CONFLICT (customer_id) WHERE status = 'open' DO UPDATE
                 SET last_activity = GREATEST(conversations.last_activity, EXCLUDED.last_activity)
-             RETURNING customer_id, id",
+             RETURNING customer_id, id").await?,
             &[&ids, &agents, &chats, &first, &last],
         )
         .await?;

@@ -63,10 +63,11 @@ pub struct Seen<'a> {
 }
 
 /// [`identify`] for many senders at once (the archiver's batches), in three
-/// statements whatever their number. New customers are created; known ones
+/// statements whatever their number, each prepared once per pooled
+/// connection. New customers are created; known ones
 /// get `last_seen` moved at most once a minute, so concurrent batches seldom
 /// wait on a customer's row lock. Returns the ids by `(agent, key)`.
-pub async fn identify_many<C: GenericClient>(
+pub async fn identify_many<C: deadpool_postgres::GenericClient + Sync>(
     client: &C,
     seen: &[Seen<'_>],
 ) -> Result<std::collections::HashMap<(String, String), i64>, tokio_postgres::Error> {
@@ -77,25 +78,25 @@ pub async fn identify_many<C: GenericClient>(
     let last: Vec<DateTime<Utc>> = seen.iter().map(|s| s.last).collect();
     client
         .execute(
-            "INSERT INTO customers (agent, sender_key, display_name, first_seen, last_seen)
+            &client.prepare_cached("INSERT INTO customers (agent, sender_key, display_name, first_seen, last_seen)
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[])
-             ON CONFLICT (agent, sender_key) DO NOTHING",
+             ON CONFLICT (agent, sender_key) DO NOTHING").await?,
             &[&agents, &keys, &names, &first, &last],
         )
         .await?;
     client
         .execute(
-            "UPDATE customers c SET last_seen = GREATEST(c.last_seen, u.l), first_seen = LEAST(c.first_seen, u.f)
+            &client.prepare_cached("UPDATE customers c SET last_seen = GREATEST(c.last_seen, u.l), first_seen = LEAST(c.first_seen, u.f)
                FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[]) AS u(a, k, f, l)
               WHERE c.agent = u.a AND c.sender_key = u.k
-                AND (c.last_seen < u.l - interval '1 minute' OR c.first_seen > u.f)",
+                AND (c.last_seen < u.l - interval '1 minute' OR c.first_seen > u.f)").await?,
             &[&agents, &keys, &first, &last],
         )
         .await?;
     let rows = client
         .query(
-            "SELECT c.id, c.agent, c.sender_key FROM customers c
-               JOIN unnest($1::text[], $2::text[]) AS u(a, k) ON c.agent = u.a AND c.sender_key = u.k",
+            &client.prepare_cached("SELECT c.id, c.agent, c.sender_key FROM customers c
+               JOIN unnest($1::text[], $2::text[]) AS u(a, k) ON c.agent = u.a AND c.sender_key = u.k").await?,
             &[&agents, &keys],
         )
         .await?;
