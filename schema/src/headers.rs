@@ -28,6 +28,16 @@ pub const DEAD_SUBJECT: &str = "Ferry-Dead-Subject";
 pub const DEAD_SEQUENCE: &str = "Ferry-Dead-Sequence";
 /// Dead letters: how many times it was delivered.
 pub const DEAD_DELIVERIES: &str = "Ferry-Dead-Deliveries";
+/// Every header a dead letter adds (so a re-drive can strip them).
+pub const DEAD_HEADERS: [&str; 7] = [
+    DEAD_REASON_CODE,
+    DEAD_REASON,
+    DEAD_STREAM,
+    DEAD_CONSUMER,
+    DEAD_SUBJECT,
+    DEAD_SEQUENCE,
+    DEAD_DELIVERIES,
+];
 /// Work hand-offs: the rule that handed the event on.
 pub const ROUTE_RULE: &str = "Ferry-Rule";
 

@@ -4,8 +4,10 @@ mod bench;
 mod bench_archiver;
 mod bench_inference;
 mod db;
+mod dlq;
 mod down;
 mod provision;
+mod tap;
 mod up;
 
 use std::path::PathBuf;
@@ -28,6 +30,8 @@ use ferry_schema::connect::{Auth, NatsConfig};
 ///   ferry provision --user operator --password "$FERRY_OPERATOR_PASSWORD"
 ///   ferry migrate --database-url postgres://ferry:PW@db:5432/ferry
 ///   ferry kb import ops/demo/kb   # into ferry up's database
+///   ferry tap 'events.>'          # live events, decoded to JSON
+///   ferry dlq list                # dead letters and why
 ///   ferry bench rules --events 20000 --repeat 5
 ///   ferry bench inference
 ///   ferry bench archiver --events 100000
@@ -51,6 +55,11 @@ enum Cmd {
     /// The knowledge base: import articles, try a search.
     #[command(subcommand)]
     Kb(db::KbCmd),
+    /// Watch a subject live, decoded to JSON lines.
+    Tap(tap::TapArgs),
+    /// Dead letters: list them, re-drive them after a fix.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCmd),
     /// Create or update streams and consumers (idempotent; prints what changed).
     Provision(provision::ProvisionArgs),
     /// Benchmarks that run a baseline in the same run and print ratios.
@@ -110,6 +119,8 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Down(args) => down::run(args),
         Cmd::Migrate(args) => db::run_migrate(args).await,
         Cmd::Kb(cmd) => db::run_kb(cmd).await,
+        Cmd::Tap(args) => tap::run(args).await,
+        Cmd::Dlq(cmd) => dlq::run(cmd).await,
         Cmd::Provision(args) => provision::run(args).await,
         Cmd::Bench(cmd) => bench::run(cmd).await,
     }

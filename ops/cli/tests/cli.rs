@@ -189,3 +189,91 @@ async fn provision_is_idempotent_and_reports_changes() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot connect to NATS at"), "{err}");
 }
+
+#[tokio::test]
+async fn tap_decodes_live_events_and_dlq_lists_and_redrives() {
+    use ferry_schema::event::{ChatMessage, ChatType, MessageType};
+    use ferry_schema::{codec, subject, AgentId, Encoding, Envelope, EventBody};
+    let nats = NatsServer::start_temp().unwrap();
+    let op = nats.operator("t").connect().await.unwrap();
+    let js = jetstream::new(op.clone());
+    topology::provision(&js, &topology::StreamSettings::default(), &[]).await.unwrap();
+    let conn = |cmd: &mut Command| {
+        cmd.args(["--server", &nats.url(), "--password", &nats.secrets().operator]);
+    };
+
+    // tap: a MessagePack event comes out as its JSON form.
+    let mut tap = ferry();
+    tap.args(["tap", "events.>", "--count", "1", "--headers"]).stdout(std::process::Stdio::piped());
+    conn(&mut tap);
+    let tap = tap.spawn().unwrap();
+    let env = Envelope::new(
+        AgentId::new("desk-1").unwrap(),
+        EventBody::Chat(ChatMessage {
+            chat: "Alice".into(),
+            chat_type: ChatType::Direct,
+            sender: "Alice".into(),
+            text: "你好 tap".into(),
+            msg_type: MessageType::Text,
+        }),
+    );
+    let payload = codec::encode_event(&env, Encoding::MsgPack).unwrap();
+    let tapper = tokio::task::spawn_blocking(move || tap.wait_with_output().unwrap());
+    // Publish until the tap (which may still be subscribing) has its message.
+    for _ in 0..100 {
+        op.publish(subject::event(&env.agent, env.kind()), payload.clone().into()).await.unwrap();
+        op.flush().await.unwrap();
+        if tapper.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = tapper.await.unwrap();
+    assert!(out.status.success());
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["subject"], "events.desk-1.chat");
+    assert_eq!(line["data"]["body"]["text"], "你好 tap");
+    assert_eq!(line["data"]["id"], env.id.to_string());
+
+    // dlq: a rules worker dead-letters JSON sent without its Content-Type.
+    let mut rules = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut rules, include_bytes!("../../demo/rules.toml")).unwrap();
+    let client = nats.workers("t").connect().await.unwrap();
+    let cfg = ferry_workers::rules::RulesConfig::new(rules.path());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let token = stop.clone();
+    let worker = tokio::spawn(async move { ferry_workers::rules::run(client, &cfg, token).await });
+    let json = codec::encode_event(&env, Encoding::Json).unwrap();
+    js.publish(subject::event(&env.agent, env.kind()), json.into()).await.unwrap().await.unwrap();
+    let dl = topology::DEADLETTER_STREAM;
+    ferry_stack::inspect::wait_for_count(&js, dl, 1, Duration::from_secs(30)).await.unwrap();
+    let run = |args: &[&str]| {
+        let mut c = ferry();
+        c.args(args);
+        conn(&mut c);
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let list = run(&["dlq", "list"]);
+    let first = list.lines().next().unwrap();
+    assert!(first.contains("malformed") && first.contains("EVENTS/rules") && first.contains("events.desk-1.chat"), "{list}");
+    let seq = first.split_whitespace().next().unwrap().to_string();
+    assert_eq!(run(&["dlq", "list", "--code", "max_deliver"]).trim(), "no dead letters");
+    // Re-driven: back on its subject, out of DEADLETTER, and through the
+    // worker again (which dead-letters it again: it is still malformed).
+    let events_before = ferry_stack::inspect::count(&js, topology::EVENTS_STREAM).await.unwrap();
+    assert!(run(&["dlq", "redrive", "--seq", &seq]).contains(&format!("re-drove {seq} (malformed) to events.desk-1.chat")));
+    assert_eq!(ferry_stack::inspect::count(&js, topology::EVENTS_STREAM).await.unwrap(), events_before + 1);
+    ferry_stack::inspect::wait_for_count(&js, dl, 1, Duration::from_secs(30)).await.unwrap();
+    let again = run(&["dlq", "list"]);
+    assert_eq!(again.lines().count(), 1, "{again}");
+    assert!(!again.starts_with(&format!("{seq:>6} ")), "the old letter is gone: {again}");
+    let mut bad = ferry();
+    bad.args(["dlq", "redrive"]);
+    conn(&mut bad);
+    let err = bad.output().unwrap();
+    assert!(String::from_utf8_lossy(&err.stderr).contains("say which dead letters"));
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+}

@@ -1,0 +1,144 @@
+//! `ferry dlq`: list dead letters with their reasons, and re-drive them to their original subject after a fix.
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use clap::{Args, Subcommand};
+use ferry_schema::headers;
+use ferry_schema::topology::DEADLETTER_STREAM;
+
+use crate::ConnArgs;
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCmd {
+    /// List dead letters: sequence, reason code, where it failed, why.
+    ///
+    /// Example: ferry dlq list --code unstorable
+    List(ListArgs),
+    /// Publish dead letters again on their original subject (without their
+    /// `Nats-Msg-Id`, so the stream stores them again; every worker is
+    /// idempotent on the event id), then delete them from DEADLETTER.
+    ///
+    /// Examples:
+    ///   ferry dlq redrive --seq 12 --seq 13
+    ///   ferry dlq redrive --code max_deliver     # after the outage is over
+    #[command(verbatim_doc_comment)]
+    Redrive(RedriveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only dead letters with this reason code.
+    #[arg(long)]
+    code: Option<String>,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RedriveArgs {
+    /// DEADLETTER sequence to re-drive (repeatable).
+    #[arg(long = "seq")]
+    seqs: Vec<u64>,
+    /// Re-drive every dead letter with this reason code.
+    #[arg(long)]
+    code: Option<String>,
+    /// Show what would be re-driven, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+/// One stored dead letter.
+#[derive(Debug)]
+pub struct Letter {
+    pub seq: u64,
+    pub code: String,
+    pub reason: String,
+    pub origin: String,
+    pub subject: String,
+    pub msg: async_nats::jetstream::message::StreamMessage,
+}
+
+fn header(m: &async_nats::jetstream::message::StreamMessage, name: &str) -> String {
+    m.headers.get(name).map(|v| v.to_string()).unwrap_or_default()
+}
+
+/// Every dead letter in the stream, oldest first.
+pub async fn letters(js: &jetstream::Context) -> anyhow::Result<Vec<Letter>> {
+    let mut stream = js.get_stream(DEADLETTER_STREAM).await.context("looking up DEADLETTER (run `ferry provision`)")?;
+    let state = stream.info().await?.state.clone();
+    let mut out = Vec::new();
+    if state.messages == 0 {
+        return Ok(out);
+    }
+    for seq in state.first_sequence..=state.last_sequence {
+        // Deleted sequences (re-driven letters) leave gaps.
+        let Ok(msg) = stream.get_raw_message(seq).await else { continue };
+        out.push(Letter {
+            seq,
+            code: header(&msg, headers::DEAD_REASON_CODE),
+            reason: header(&msg, headers::DEAD_REASON),
+            origin: format!("{}/{}", header(&msg, headers::DEAD_STREAM), header(&msg, headers::DEAD_CONSUMER)),
+            subject: header(&msg, headers::DEAD_SUBJECT),
+            msg,
+        });
+    }
+    Ok(out)
+}
+
+pub async fn run(cmd: DlqCmd) -> anyhow::Result<()> {
+    match cmd {
+        DlqCmd::List(args) => {
+            let js = jetstream::new(args.conn.config("ferry dlq").connect().await?);
+            let all = letters(&js).await?;
+            let shown: Vec<&Letter> = all.iter().filter(|l| args.code.as_ref().is_none_or(|c| &l.code == c)).collect();
+            if shown.is_empty() {
+                println!("no dead letters");
+            }
+            for l in shown {
+                println!("{:>6}  {:<20}  {:<28}  {:<24}  {}", l.seq, l.code, l.origin, l.subject, l.reason);
+            }
+        }
+        DlqCmd::Redrive(args) => {
+            anyhow::ensure!(
+                !args.seqs.is_empty() || args.code.is_some(),
+                "say which dead letters: --seq N (repeatable) or --code CODE (see `ferry dlq list`)"
+            );
+            let js = jetstream::new(args.conn.config("ferry dlq").connect().await?);
+            let chosen: Vec<Letter> = letters(&js)
+                .await?
+                .into_iter()
+                .filter(|l| args.seqs.contains(&l.seq) || args.code.as_ref().is_some_and(|c| &l.code == c))
+                .collect();
+            if let Some(missing) = args.seqs.iter().find(|s| !chosen.iter().any(|l| l.seq == **s)) {
+                anyhow::bail!("DEADLETTER has no message {missing} (see `ferry dlq list`)");
+            }
+            let stream = js.get_stream(DEADLETTER_STREAM).await?;
+            for l in &chosen {
+                anyhow::ensure!(!l.subject.is_empty(), "dead letter {} has no {} header", l.seq, headers::DEAD_SUBJECT);
+                if args.dry_run {
+                    println!("would re-drive {} ({}) to {}", l.seq, l.code, l.subject);
+                    continue;
+                }
+                let mut h = async_nats::HeaderMap::new();
+                for (name, values) in l.msg.headers.iter() {
+                    let n: &str = name.as_ref();
+                    if n == headers::MSG_ID || headers::DEAD_HEADERS.contains(&n) {
+                        continue;
+                    }
+                    for v in values {
+                        h.append(name.clone(), v.clone());
+                    }
+                }
+                js.publish_with_headers(l.subject.clone(), h, l.msg.payload.clone())
+                    .await?
+                    .await
+                    .with_context(|| format!("re-driving {} to {}", l.seq, l.subject))?;
+                stream.delete_message(l.seq).await.with_context(|| format!("deleting dead letter {}", l.seq))?;
+                println!("re-drove {} ({}) to {}", l.seq, l.code, l.subject);
+            }
+        }
+    }
+    Ok(())
+}
