@@ -122,6 +122,18 @@ pub fn service_status(role: &str) -> Subject {
     Subject::from(format!("ferry.svc.{role}.status"))
 }
 
+/// `$SRV.STATS`: the NATS micro-service stats request every service
+/// instance answers (`nats micro stats`); Ferry's workers put their
+/// counters in each endpoint's `data`.
+pub fn all_service_stats() -> Subject {
+    Subject::from_static("$SRV.STATS")
+}
+
+/// `events.*.heartbeat`: every agent's heartbeats.
+pub fn all_heartbeats() -> Subject {
+    Subject::from_static("events.*.heartbeat")
+}
+
 /// Inbox prefix for an agent's connection (`_INBOX.<agent>`), so the broker
 /// can allow each agent to subscribe to its own inboxes and nothing else.
 pub fn agent_inbox_prefix(agent: &AgentId) -> String {

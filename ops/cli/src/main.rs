@@ -7,6 +7,7 @@ mod db;
 mod dlq;
 mod down;
 mod provision;
+mod stats;
 mod tap;
 mod up;
 
@@ -32,6 +33,7 @@ use ferry_schema::connect::{Auth, NatsConfig};
 ///   ferry kb import ops/demo/kb   # into ferry up's database
 ///   ferry tap 'events.>'          # live events, decoded to JSON
 ///   ferry dlq list                # dead letters and why
+///   ferry stats --watch 2         # lag per worker role, replicas, agents
 ///   ferry bench rules --events 20000 --repeat 5
 ///   ferry bench inference
 ///   ferry bench archiver --events 100000
@@ -57,6 +59,8 @@ enum Cmd {
     Kb(db::KbCmd),
     /// Watch a subject live, decoded to JSON lines.
     Tap(tap::TapArgs),
+    /// Streams, consumer lag, worker replicas online, agents' heartbeats.
+    Stats(stats::StatsArgs),
     /// Dead letters: list them, re-drive them after a fix.
     #[command(subcommand)]
     Dlq(dlq::DlqCmd),
@@ -120,6 +124,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Migrate(args) => db::run_migrate(args).await,
         Cmd::Kb(cmd) => db::run_kb(cmd).await,
         Cmd::Tap(args) => tap::run(args).await,
+        Cmd::Stats(args) => stats::run(args).await,
         Cmd::Dlq(cmd) => dlq::run(cmd).await,
         Cmd::Provision(args) => provision::run(args).await,
         Cmd::Bench(cmd) => bench::run(cmd).await,

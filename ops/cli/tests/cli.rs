@@ -277,3 +277,75 @@ async fn tap_decodes_live_events_and_dlq_lists_and_redrives() {
     stop.cancel();
     worker.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn stats_match_what_was_published_and_consumed() {
+    use ferry_schema::event::Heartbeat;
+    use ferry_schema::{codec, subject, AgentId, Encoding, Envelope, EventBody};
+    let nats = NatsServer::start_temp().unwrap();
+    let op = nats.operator("t").connect().await.unwrap();
+    let js = jetstream::new(op.clone());
+    topology::provision(&js, &topology::StreamSettings::default(), &[AgentId::new("desk-1").unwrap()]).await.unwrap();
+    let mut rules = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut rules, b"[[rule]]\nname = \"echo\"\naction = \"reply\"\ntemplate = \"echo\"\n").unwrap();
+    let client = nats.workers("t").connect().await.unwrap();
+    let cfg = ferry_workers::rules::RulesConfig::new(rules.path());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let token = stop.clone();
+    let worker = tokio::spawn(async move { ferry_workers::rules::run(client, &cfg, token).await });
+
+    let chat = |text: &str| {
+        Envelope::new(
+            AgentId::new("desk-1").unwrap(),
+            EventBody::Chat(ferry_schema::event::ChatMessage {
+                chat: "A".into(),
+                chat_type: Default::default(),
+                sender: "A".into(),
+                text: text.into(),
+                msg_type: Default::default(),
+            }),
+        )
+    };
+    let hb = Envelope::new(
+        AgentId::new("desk-2").unwrap(),
+        EventBody::Heartbeat(Heartbeat {
+            version: "1".into(),
+            cpu_percent: 0.0,
+            rss_bytes: 0,
+            spool_depth: 0,
+            oldest_unsent_ms: None,
+            components: vec![],
+        }),
+    );
+    for e in [chat("a"), chat("b"), hb.clone()] {
+        let p = codec::encode_event(&e, Encoding::MsgPack).unwrap();
+        js.publish(subject::event(&e.agent, e.kind()), p.into()).await.unwrap().await.unwrap();
+    }
+    ferry_stack::inspect::wait_for_count(&js, topology::REPLIES_STREAM, 2, Duration::from_secs(30)).await.unwrap();
+    // The rules consumer has acked all three (the heartbeat without a reply).
+    let start = std::time::Instant::now();
+    let text = loop {
+        // Off the test's runtime thread: the rules worker on it must answer.
+        let mut cmd = ferry();
+        cmd.args(["stats", "--server", &nats.url(), "--password", &nats.secrets().operator]);
+        let out = tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        if text.contains(" done         3") || start.elapsed() > Duration::from_secs(20) {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let line = |prefix: &str| text.lines().find(|l| l.trim_start().starts_with(prefix)).unwrap_or_else(|| panic!("no {prefix:?} in\n{text}")).to_string();
+    assert!(line("EVENTS").contains(" 3 msgs"), "{text}");
+    assert!(line("REPLIES").contains(" 2 msgs"), "{text}");
+    assert!(line("rules ").contains("pending        0  ack pending      0"), "{text}");
+    assert!(line("agent-desk-1").contains("pending        2"), "replies wait for the agent: {text}");
+    assert!(text.contains("workers online: 1"), "{text}");
+    let rules_line = line("ferry-rules");
+    assert!(rules_line.contains(" done         3") && rules_line.contains("poisoned     0"), "{text}");
+    assert!(text.contains("agents with heartbeats: 1"), "{text}");
+    assert!(line("desk-2").contains(&format!("last heartbeat {}", hb.ts.to_rfc3339())), "{text}");
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+}

@@ -1,0 +1,139 @@
+//! `ferry stats`: streams, consumer lag per worker role, worker replicas online, agents and their last heartbeat.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream;
+use clap::Args;
+use ferry_schema::codec::{self, DEFAULT_MAX_PAYLOAD};
+use ferry_schema::topology::{DEADLETTER_STREAM, EVENTS_STREAM, REPLIES_STREAM, WORK_STREAM};
+use ferry_schema::{subject, Encoding};
+use futures::StreamExt;
+
+use crate::ConnArgs;
+
+/// Shows, from the broker alone:
+/// - each stream: messages, bytes, first and last message time;
+/// - each consumer: pending (not yet delivered), ack pending (delivered, not
+///   yet acked) and redelivered: a worker role's lag;
+/// - each worker replica online (answering `$SRV.STATS`) with its counters;
+/// - each agent that sent a heartbeat, with the time of its last one.
+///
+/// Examples:
+///   ferry stats
+///   ferry stats --watch 2
+#[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
+pub struct StatsArgs {
+    /// Refresh every this many seconds until Ctrl-C.
+    #[arg(long, value_name = "SECS")]
+    watch: Option<u64>,
+    /// How long to wait for worker replicas to answer.
+    #[arg(long, default_value_t = 500)]
+    wait_ms: u64,
+    #[command(flatten)]
+    conn: ConnArgs,
+}
+
+async fn streams(js: &jetstream::Context, out: &mut String) -> anyhow::Result<()> {
+    out.push_str("streams\n");
+    for name in [EVENTS_STREAM, REPLIES_STREAM, WORK_STREAM, DEADLETTER_STREAM] {
+        let mut s = js.get_stream(name).await.with_context(|| format!("looking up stream {name} (run `ferry provision`)"))?;
+        let st = s.info().await?.state.clone();
+        out.push_str(&format!(
+            "  {name:<11} {:>9} msgs {:>12} bytes  first {}  last {}\n",
+            st.messages, st.bytes, st.first_timestamp, st.last_timestamp
+        ));
+        let mut consumers = s.consumers();
+        let mut rows = Vec::new();
+        while let Some(c) = consumers.next().await {
+            let c = c?;
+            rows.push(format!(
+                "    {:<22} pending {:>8}  ack pending {:>6}  redelivered {:>6}  waiting pulls {:>3}\n",
+                c.name, c.num_pending, c.num_ack_pending, c.num_redelivered, c.num_waiting
+            ));
+        }
+        rows.sort();
+        out.extend(rows);
+    }
+    Ok(())
+}
+
+async fn workers(client: &async_nats::Client, wait: Duration, out: &mut String) -> anyhow::Result<()> {
+    let inbox = client.new_inbox();
+    let mut sub = client.subscribe(inbox.clone()).await?;
+    client.publish_with_reply(subject::all_service_stats(), inbox, "".into()).await?;
+    client.flush().await?;
+    let mut rows = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&msg.payload) else { continue };
+        let name = v["name"].as_str().unwrap_or("?").to_string();
+        let id = v["id"].as_str().unwrap_or("?").to_string();
+        // Ferry's counters ride in each endpoint's `data`; the first will do.
+        let data = v["endpoints"].get(0).map(|e| e["data"].clone()).unwrap_or_default();
+        rows.push(format!(
+            "  {name:<16} {id:<24} done {:>9}  retried {:>6}  poisoned {:>5}  in flight {:>5}  avg {:>7.2} ms\n",
+            data["done"].as_u64().unwrap_or(0),
+            data["retried"].as_u64().unwrap_or(0),
+            data["poisoned"].as_u64().unwrap_or(0),
+            data["in_flight"].as_u64().unwrap_or(0),
+            data["avg_processing_ms"].as_f64().unwrap_or(0.0),
+        ));
+    }
+    rows.sort();
+    out.push_str(&format!("workers online: {}\n", rows.len()));
+    out.extend(rows);
+    Ok(())
+}
+
+async fn agents(js: &jetstream::Context, out: &mut String) -> anyhow::Result<()> {
+    let s = js.get_stream(EVENTS_STREAM).await?;
+    let mut subjects = Vec::new();
+    let mut listing = s.info_with_subjects(subject::all_heartbeats().to_string()).await?;
+    while let Some(entry) = listing.next().await {
+        subjects.push(entry?.0);
+    }
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    for subj in &subjects {
+        let Ok(msg) = s.get_last_raw_message_by_subject(subj).await else { continue };
+        let enc = Encoding::from_headers(Some(&msg.headers)).unwrap_or(Encoding::MsgPack);
+        if let Ok(e) = codec::decode_event(&msg.payload, enc, DEFAULT_MAX_PAYLOAD) {
+            last.insert(e.agent.to_string(), e.ts.to_rfc3339());
+        }
+    }
+    out.push_str(&format!("agents with heartbeats: {}\n", last.len()));
+    for (agent, ts) in last {
+        out.push_str(&format!("  {agent:<24} last heartbeat {ts}\n"));
+    }
+    Ok(())
+}
+
+/// The whole report as text.
+pub async fn report(client: &async_nats::Client, wait: Duration) -> anyhow::Result<String> {
+    let js = jetstream::new(client.clone());
+    let mut out = String::new();
+    streams(&js, &mut out).await?;
+    workers(client, wait, &mut out).await?;
+    agents(&js, &mut out).await?;
+    Ok(out)
+}
+
+pub async fn run(args: StatsArgs) -> anyhow::Result<()> {
+    let client = args.conn.config("ferry stats").connect().await?;
+    let wait = Duration::from_millis(args.wait_ms);
+    loop {
+        let text = report(&client, wait).await?;
+        if args.watch.is_some() {
+            // Clear the screen and home the cursor between refreshes.
+            print!("\x1b[2J\x1b[H");
+        }
+        print!("{text}");
+        let Some(secs) = args.watch else { return Ok(()) };
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(secs.max(1))) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
