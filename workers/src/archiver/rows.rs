@@ -273,12 +273,15 @@ impl EventSink {
                 );
             }
         }
+        // A plain insert: these events were inserted by this transaction, so
+        // no message row can exist for them (its foreign key needs the
+        // event), and a concurrent insert of the same event waits on the
+        // events key first.
         let insert = tx
             .prepare_cached(
                 "INSERT INTO chat_messages (event_id, agent, chat, chat_type, sender, msg_type, text, ts, customer_id, conversation_id)
                  SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                                      $8::timestamptz[], $9::int8[], $10::int8[])
-                 ON CONFLICT (event_id) DO NOTHING",
+                                      $8::timestamptz[], $9::int8[], $10::int8[])",
             )
             .await?;
         tx.execute(

@@ -84,17 +84,15 @@ pub struct Span<'a> {
 
 /// [`record_chat`] for many customers at once: each span closes its
 /// customer's conversation when idle before `first`, then opens one or
-/// moves `last_activity` to `last`. Two statements whatever the number of
-/// customers (each customer at most once). Returns conversation ids by
-/// customer id.
+/// moves `last_activity` to `last` (to the minute). A few statements
+/// whatever the number of customers (each customer at most once). Returns
+/// conversation ids by customer id.
 pub async fn record_spans<C: deadpool_postgres::GenericClient + Sync>(
     client: &C,
     spans: &[Span<'_>],
     idle: Duration,
 ) -> Result<std::collections::HashMap<i64, i64>, tokio_postgres::Error> {
     let ids: Vec<i64> = spans.iter().map(|s| s.customer_id).collect();
-    let agents: Vec<&str> = spans.iter().map(|s| s.agent).collect();
-    let chats: Vec<&str> = spans.iter().map(|s| s.chat).collect();
     let first: Vec<DateTime<Utc>> = spans.iter().map(|s| s.first).collect();
     let last: Vec<DateTime<Utc>> = spans.iter().map(|s| s.last).collect();
     client
@@ -106,17 +104,44 @@ pub async fn record_spans<C: deadpool_postgres::GenericClient + Sync>(
             &[&ids, &first, &secs(idle)],
         )
         .await?;
-    let rows = client
-        .query(
-            &client.prepare_cached("INSERT INTO conversations (customer_id, agent, chat, status, opened_at, last_activity)
-             SELECT cid, a, ch, 'open', f, l
-               FROM unnest($1::int8[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[]) AS u(cid, a, ch, f, l)
-             ON CONFLICT (customer_id) WHERE status = 'open' DO UPDATE
-                SET last_activity = GREATEST(conversations.last_activity, EXCLUDED.last_activity)
-             RETURNING customer_id, id").await?,
-            &[&ids, &agents, &chats, &first, &last],
+    // Most customers have an open conversation: read those, open the
+    // missing ones (ON CONFLICT covers a concurrent batch opening the same),
+    // and move `last_activity` only when it advanced by a minute (idle time
+    // is counted in tens of minutes), so a batch seldom rewrites rows.
+    let select = client
+        .prepare_cached(
+            "SELECT c.customer_id, c.id FROM conversations c
+               JOIN unnest($1::int8[]) AS u(cid) ON c.customer_id = u.cid AND c.status = 'open'",
         )
         .await?;
+    let mut rows = client.query(&select, &[&ids]).await?;
+    if rows.len() < spans.len() {
+        let open: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+        let new: Vec<&Span<'_>> = spans.iter().filter(|s| !open.contains(&s.customer_id)).collect();
+        let n_ids: Vec<i64> = new.iter().map(|s| s.customer_id).collect();
+        let n_agents: Vec<&str> = new.iter().map(|s| s.agent).collect();
+        let n_chats: Vec<&str> = new.iter().map(|s| s.chat).collect();
+        let n_first: Vec<DateTime<Utc>> = new.iter().map(|s| s.first).collect();
+        let n_last: Vec<DateTime<Utc>> = new.iter().map(|s| s.last).collect();
+        let insert = client
+            .prepare_cached(
+                "INSERT INTO conversations (customer_id, agent, chat, status, opened_at, last_activity)
+                 SELECT cid, a, ch, 'open', f, l
+                   FROM unnest($1::int8[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[]) AS u(cid, a, ch, f, l)
+                 ON CONFLICT (customer_id) WHERE status = 'open' DO NOTHING",
+            )
+            .await?;
+        client.execute(&insert, &[&n_ids, &n_agents, &n_chats, &n_first, &n_last]).await?;
+        rows.extend(client.query(&select, &[&n_ids]).await?);
+    }
+    let touch = client
+        .prepare_cached(
+            "UPDATE conversations c SET last_activity = u.l
+               FROM unnest($1::int8[], $2::timestamptz[]) AS u(cid, l)
+              WHERE c.customer_id = u.cid AND c.status = 'open' AND c.last_activity < u.l - interval '1 minute'",
+        )
+        .await?;
+    client.execute(&touch, &[&ids, &last]).await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 

@@ -73,33 +73,46 @@ pub async fn identify_many<C: deadpool_postgres::GenericClient + Sync>(
 ) -> Result<std::collections::HashMap<(String, String), i64>, tokio_postgres::Error> {
     let agents: Vec<&str> = seen.iter().map(|s| s.agent).collect();
     let keys: Vec<&str> = seen.iter().map(|s| s.key).collect();
-    let names: Vec<&str> = seen.iter().map(|s| s.display.trim()).collect();
     let first: Vec<DateTime<Utc>> = seen.iter().map(|s| s.first).collect();
     let last: Vec<DateTime<Utc>> = seen.iter().map(|s| s.last).collect();
-    client
-        .execute(
-            &client.prepare_cached("INSERT INTO customers (agent, sender_key, display_name, first_seen, last_seen)
-             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[])
-             ON CONFLICT (agent, sender_key) DO NOTHING").await?,
-            &[&agents, &keys, &names, &first, &last],
+    let select = client
+        .prepare_cached(
+            "SELECT c.id, c.agent, c.sender_key FROM customers c
+               JOIN unnest($1::text[], $2::text[]) AS u(a, k) ON c.agent = u.a AND c.sender_key = u.k",
         )
         .await?;
-    client
-        .execute(
-            &client.prepare_cached("UPDATE customers c SET last_seen = GREATEST(c.last_seen, u.l), first_seen = LEAST(c.first_seen, u.f)
+    let mut rows = client.query(&select, &[&agents, &keys]).await?;
+    // Most senders are known: insert only the others (ON CONFLICT covers a
+    // concurrent batch creating the same customer), then read them too.
+    if rows.len() < seen.len() {
+        let known: std::collections::HashSet<(String, String)> =
+            rows.iter().map(|r| (r.get(1), r.get(2))).collect();
+        let new: Vec<&Seen<'_>> =
+            seen.iter().filter(|s| !known.contains(&(s.agent.to_string(), s.key.to_string()))).collect();
+        let n_agents: Vec<&str> = new.iter().map(|s| s.agent).collect();
+        let n_keys: Vec<&str> = new.iter().map(|s| s.key).collect();
+        let n_names: Vec<&str> = new.iter().map(|s| s.display.trim()).collect();
+        let n_first: Vec<DateTime<Utc>> = new.iter().map(|s| s.first).collect();
+        let n_last: Vec<DateTime<Utc>> = new.iter().map(|s| s.last).collect();
+        let insert = client
+            .prepare_cached(
+                "INSERT INTO customers (agent, sender_key, display_name, first_seen, last_seen)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[])
+                 ON CONFLICT (agent, sender_key) DO NOTHING",
+            )
+            .await?;
+        client.execute(&insert, &[&n_agents, &n_keys, &n_names, &n_first, &n_last]).await?;
+        rows.extend(client.query(&select, &[&n_agents, &n_keys]).await?);
+    }
+    let touch = client
+        .prepare_cached(
+            "UPDATE customers c SET last_seen = GREATEST(c.last_seen, u.l), first_seen = LEAST(c.first_seen, u.f)
                FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[]) AS u(a, k, f, l)
               WHERE c.agent = u.a AND c.sender_key = u.k
-                AND (c.last_seen < u.l - interval '1 minute' OR c.first_seen > u.f)").await?,
-            &[&agents, &keys, &first, &last],
+                AND (c.last_seen < u.l - interval '1 minute' OR c.first_seen > u.f)",
         )
         .await?;
-    let rows = client
-        .query(
-            &client.prepare_cached("SELECT c.id, c.agent, c.sender_key FROM customers c
-               JOIN unnest($1::text[], $2::text[]) AS u(a, k) ON c.agent = u.a AND c.sender_key = u.k").await?,
-            &[&agents, &keys],
-        )
-        .await?;
+    client.execute(&touch, &[&agents, &keys, &first, &last]).await?;
     Ok(rows.iter().map(|r| ((r.get(1), r.get(2)), r.get(0))).collect())
 }
 
