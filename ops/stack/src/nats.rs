@@ -42,6 +42,12 @@ pub enum StackError {
         reason: String,
     },
     /// The program exited right after starting.
+    /// An existing PostgreSQL cluster was to be started without its password.
+    #[error("the PostgreSQL cluster in {dir} exists, but no password for its `ferry` role was given (ferry up keeps it as FERRY_POSTGRES_PASSWORD in .ferry/secrets.env)")]
+    PgPassword {
+        /// The cluster's directory.
+        dir: PathBuf,
+    },
     #[error("{program} exited during start-up ({status}); its log ends with:\n{log_tail}")]
     Exited {
         /// The program.

@@ -166,12 +166,7 @@ impl PgServer {
         let password = match (opts.password, fresh) {
             (Some(p), _) => p,
             (None, true) => crate::secrets::generate_password(),
-            (None, false) => {
-                return Err(StackError::Secrets {
-                    path: dir.clone(),
-                    reason: "an existing cluster needs its password (see .ferry/secrets.env)".into(),
-                })
-            }
+            (None, false) => return Err(StackError::PgPassword { dir: dir.clone() }),
         };
         let mut pg = Self {
             bin,
