@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use ferry_schema::db;
-use ferry_stack::secrets::POSTGRES_ENV;
+use ferry_stack::Secrets;
 use ferry_workers::state::{self, kb};
 
 /// Default port of the PostgreSQL cluster `ferry up` runs (not 5432, so it
@@ -38,17 +38,13 @@ pub fn local_url(password: &str, port: u16) -> String {
 }
 
 fn password_from(secrets: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(secrets).with_context(|| {
+    let found = Secrets::load(secrets)?.with_context(|| {
         format!(
             "no --database-url (or DATABASE_URL) given, and no local cluster's password in {} (run `ferry up` first, or pass --database-url)",
             secrets.display()
         )
     })?;
-    text.lines()
-        .filter_map(|l| l.trim().split_once('='))
-        .find(|(k, _)| k.trim() == POSTGRES_ENV)
-        .map(|(_, v)| v.trim().to_string())
-        .with_context(|| format!("{} has no {POSTGRES_ENV}; run `ferry up` once to add it", secrets.display()))
+    Ok(found.postgres)
 }
 
 impl DbArgs {

@@ -102,6 +102,30 @@ impl Secrets {
         self.agents.get(agent).map(String::as_str)
     }
 
+    /// Loads secrets from an existing env file, without creating or
+    /// completing it. `Ok(None)` when the file does not exist; an error when
+    /// it is unreadable, invalid, or lacks the PostgreSQL password.
+    pub fn load(path: &Path) -> Result<Option<Self>, StackError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StackError::Io {
+                    what: format!("read {}", path.display()),
+                    source,
+                })
+            }
+        };
+        let invalid = |reason: String| StackError::Secrets {
+            path: path.to_path_buf(),
+            reason,
+        };
+        match Self::parse(&text).map_err(invalid)? {
+            (s, true) => Ok(Some(s)),
+            (_, false) => Err(invalid(format!("{POSTGRES_ENV} is missing; run `ferry up` once to add it"))),
+        }
+    }
+
     /// Loads secrets from an env file written by [`Secrets::save`], or
     /// generates and saves new ones (mode 0600) when it does not exist.
     pub fn load_or_create(path: &Path) -> Result<Self, StackError> {

@@ -39,7 +39,7 @@ pub struct ReplyRow {
     pub stream_seq: i64,
 }
 
-/// Writes events (and agents, activities, chats with their customers and
+/// Writes events (and agents, chats with their customers and
 /// conversations).
 #[derive(Debug, Clone)]
 pub struct EventSink {
