@@ -7,6 +7,8 @@
 //! | `work.inference.<kind>`          | rules → inference hand-off (stream `WORK`)|
 //! | `deadletter.<stream>.<consumer>` | poison messages with reasons (`DEADLETTER`)|
 //! | `ferry.svc.<role>.status`        | a worker's status endpoint (micro service)|
+//! | `shadow.<run>.<subject>`         | a shadow replay's output (`ferry replay --shadow`), core NATS only |
+//! | `debug.replay`                   | default target of `ferry replay --to` (core NATS only) |
 
 use async_nats::Subject;
 
@@ -20,6 +22,8 @@ const REPLIES: &str = "replies";
 const WORK: &str = "work";
 /// Prefix of every dead-letter subject.
 const DEADLETTER: &str = "deadletter";
+/// Prefix of shadow replay output.
+const SHADOW: &str = "shadow";
 
 /// A subject that is not one Ferry recognises.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -81,6 +85,11 @@ pub fn reply(agent: &AgentId) -> Subject {
     Subject::from(format!("{REPLIES}.{agent}"))
 }
 
+/// Whether `subject` is a reply subject (`replies.<agent>`).
+pub fn is_reply(subject: &str) -> bool {
+    subject.strip_prefix(REPLIES).is_some_and(|rest| rest.starts_with('.'))
+}
+
 /// `replies.>`: every reply.
 pub fn all_replies() -> Subject {
     Subject::from_static("replies.>")
@@ -134,6 +143,47 @@ pub fn all_heartbeats() -> Subject {
     Subject::from_static("events.*.heartbeat")
 }
 
+/// Whether a message published on `subject` is stored by one of Ferry's
+/// streams (and so reaches workers or agents): `events.`, `replies.`,
+/// `work.`, `deadletter.`. `ferry replay --to` refuses such targets.
+pub fn is_stored(subject: &str) -> bool {
+    let first = subject.split('.').next().unwrap_or_default();
+    [EVENTS, REPLIES, WORK, DEADLETTER].contains(&first) || first == "*" || first == ">"
+}
+
+/// `debug.replay`: where `ferry replay --to` sends events unless told otherwise.
+pub fn replay_debug() -> Subject {
+    Subject::from_static("debug.replay")
+}
+
+/// `shadow.<run>.<subject>`: where a worker in shadow mode publishes what it
+/// would have published on `subject`. No stream captures `shadow.>`, so a
+/// shadow run never reaches an agent or another worker.
+pub fn shadow(run: &str, subject: &str) -> Subject {
+    Subject::from(format!("{SHADOW}.{run}.{subject}"))
+}
+
+/// `shadow.<run>.>`: everything one shadow run published.
+pub fn all_shadow(run: &str) -> Subject {
+    Subject::from(format!("{SHADOW}.{run}.>"))
+}
+
+/// `shadow.<run>.end`: the marker a shadow replay publishes after its last
+/// event. Messages from one connection arrive in order, so once a
+/// subscriber of `shadow.<run>.>` sees it, it has seen the whole run.
+pub fn shadow_end(run: &str) -> Subject {
+    Subject::from(format!("{SHADOW}.{run}.end"))
+}
+
+/// The subject a shadow subject of `run` stands for, if it is one.
+pub fn unshadow<'a>(run: &str, subject: &'a str) -> Option<&'a str> {
+    subject
+        .strip_prefix(SHADOW)?
+        .strip_prefix('.')?
+        .strip_prefix(run)?
+        .strip_prefix('.')
+}
+
 /// Inbox prefix for an agent's connection (`_INBOX.<agent>`), so the broker
 /// can allow each agent to subscribe to its own inboxes and nothing else.
 pub fn agent_inbox_prefix(agent: &AgentId) -> String {
@@ -147,6 +197,20 @@ mod tests {
 
     fn agent(s: &str) -> AgentId {
         AgentId::new(s).unwrap()
+    }
+
+    #[test]
+    fn shadow_subjects_round_trip_and_are_not_stored() {
+        let s = shadow("r1", "replies.desk-7");
+        assert_eq!(s.as_str(), "shadow.r1.replies.desk-7");
+        assert_eq!(unshadow("r1", s.as_str()), Some("replies.desk-7"));
+        assert_eq!(unshadow("r2", s.as_str()), None);
+        assert_eq!(all_shadow("r1").as_str(), "shadow.r1.>");
+        assert!(!is_stored(s.as_str()));
+        assert!(!is_stored(replay_debug().as_str()));
+        for stored in ["events.a.chat", "replies.a", "work.inference.chat", "deadletter.x.y", ">", "*.a"] {
+            assert!(is_stored(stored), "{stored}");
+        }
     }
 
     #[test]

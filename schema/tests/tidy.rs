@@ -58,6 +58,8 @@ fn only_schema_spells_subjects() {
                 "\"replies.",
                 "\"work.",
                 "\"deadletter.",
+                "\"shadow.",
+                "\"debug.",
                 "\"Nats-Msg-Id\"",
                 "\"Content-Type\"",
             ]

@@ -30,6 +30,7 @@
 pub mod archiver;
 pub mod groups;
 pub mod inference;
+pub mod metrics;
 pub mod rules;
 pub mod runtime;
 pub mod state;

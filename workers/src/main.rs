@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 ///   ferry-worker --user workers --password "$PW" inference --config inference.toml
 ///   NATS_URL=nats://gpu-1:4222 NATS_CREDS=/etc/ferry/worker.creds ferry-worker rules --rules /etc/ferry/rules.toml
 ///   DATABASE_URL=postgres://ferry:PW@db:5432/ferry ferry-worker --user workers --password "$PW" archiver
+///   ferry-worker --metrics-listen 0.0.0.0:9464 --log-format json --user workers --password "$PW" rules
 #[derive(Debug, Parser)]
 #[command(version, about, verbatim_doc_comment)]
 struct Cli {
@@ -29,6 +30,10 @@ struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value = "text", global = true)]
     log_format: LogFormat,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9464):
+    /// messages by outcome, handling time, in flight, consumer lag, tokens.
+    #[arg(long, env = "FERRY_METRICS_LISTEN", value_name = "ADDR", global = true)]
+    metrics_listen: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     role: RoleCmd,
 }
@@ -163,6 +168,8 @@ fn init_logs(format: LogFormat) {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logs(cli.log_format);
+    // Served until the worker exits.
+    let _metrics = cli.metrics_listen.map(ferry_workers::metrics::serve).transpose()?;
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {

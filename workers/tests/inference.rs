@@ -119,6 +119,16 @@ async fn chat_handed_over_by_rules_gets_a_model_reply() {
     assert!((0.0..=1.0).contains(&c.confidence));
     // The hand-off was consumed from the work queue.
     assert_eq!(inspect::count(&s.js, WORK_STREAM).await.unwrap(), 0);
+    // The tokens are in the metrics, under the model's alias (other tests
+    // in this process add to the same counter, so at least these).
+    let text = ferry_workers::metrics::global().encode();
+    let series = format!("{}_total{{role=\"inference\",model=\"smollm2\"}} ", ferry_workers::metrics::MODEL_TOKENS);
+    let counted: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{series} missing in\n{text}"));
+    assert!(counted >= u64::from(c.tokens.unwrap()), "{counted} < {:?}", c.tokens);
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@ mod db;
 mod dlq;
 mod down;
 mod provision;
+mod replay;
 mod stats;
 mod tap;
 mod up;
@@ -31,6 +32,8 @@ use ferry_schema::connect::{Auth, NatsConfig};
 ///   ferry provision --user operator --password "$FERRY_OPERATOR_PASSWORD"
 ///   ferry migrate --database-url postgres://ferry:PW@db:5432/ferry
 ///   ferry kb import ops/demo/kb   # into ferry up's database
+///   ferry replay --agent desk-1 --since 1h                  # stored events as JSON lines
+///   ferry replay --kind chat --shadow rules --rules new.toml # what a rules change would do
 ///   ferry tap 'events.>'          # live events, decoded to JSON
 ///   ferry dlq list                # dead letters and why
 ///   ferry stats --watch 2         # lag per worker role, replicas, agents
@@ -57,6 +60,9 @@ enum Cmd {
     /// The knowledge base: import articles, try a search.
     #[command(subcommand)]
     Kb(db::KbCmd),
+    /// Replay stored events: print them, re-send them to a debug subject,
+    /// run them through a worker in shadow mode and diff, or trace one event.
+    Replay(Box<replay::ReplayArgs>),
     /// Watch a subject live, decoded to JSON lines.
     Tap(tap::TapArgs),
     /// Streams, consumer lag, worker replicas online, agents' heartbeats.
@@ -123,6 +129,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Down(args) => down::run(args),
         Cmd::Migrate(args) => db::run_migrate(args).await,
         Cmd::Kb(cmd) => db::run_kb(cmd).await,
+        Cmd::Replay(args) => replay::run(*args).await,
         Cmd::Tap(args) => tap::run(args).await,
         Cmd::Stats(args) => stats::run(args).await,
         Cmd::Dlq(cmd) => dlq::run(cmd).await,

@@ -81,6 +81,9 @@ pub struct UpArgs {
     /// Port of the local PostgreSQL cluster (under <data-dir>/postgres).
     #[arg(long, default_value_t = crate::db::LOCAL_PG_PORT)]
     pg_port: u16,
+    /// Port of the workers' Prometheus metrics on 127.0.0.1 (0: any free port).
+    #[arg(long, default_value_t = 9464)]
+    metrics_port: u16,
 }
 
 fn port_free(port: u16) -> bool {
@@ -103,6 +106,17 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let secrets_path = args.data_dir.join("secrets.env");
     let secrets = Secrets::load_or_create(&secrets_path)?;
 
+    // Metrics are a convenience here: a busy port is reported, not fatal.
+    let _metrics = match ferry_workers::metrics::serve((std::net::Ipv4Addr::LOCALHOST, args.metrics_port).into()) {
+        Ok(m) => {
+            eprintln!("ferry: metrics at http://{}/metrics", m.addr());
+            Some(m)
+        }
+        Err(e) => {
+            eprintln!("ferry: not serving metrics: {e} (choose another port with --metrics-port)");
+            None
+        }
+    };
     eprintln!("ferry: starting nats-server (store in {}) ...", args.data_dir.join("nats").display());
     let mut nats = NatsServer::start(NatsServerOptions {
         data_dir: Some(args.data_dir.join("nats")),

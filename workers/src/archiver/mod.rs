@@ -80,7 +80,7 @@ pub async fn run(
     tracing::info!(database = %state::parse_url(&cfg.db.url).map(|c| state::describe(&c)).unwrap_or_default(),
         pool = cfg.db.pool_size, batch = cfg.batch.max_rows, "archiver ready");
     let js = runtime::jetstream_for(client.clone(), &cfg.consume);
-    let stats = Arc::new(Stats::default());
+    let stats = Arc::new(Stats::for_role(Role::Archiver.as_str()));
     let svc = service::register(
         &client,
         Role::Archiver.as_str(),

@@ -21,8 +21,8 @@ pub const RESPONDER: &str = "inference";
 /// What both handlers share.
 #[derive(Debug, Clone)]
 pub struct Shared {
-    /// For publishing replies.
-    pub js: jetstream::Context,
+    /// For publishing replies (JetStream, or shadow mode).
+    pub publisher: crate::runtime::publish::Publisher,
     /// The models.
     pub engine: Arc<Engine>,
     /// The config.
@@ -104,7 +104,7 @@ impl Handler for ChatHandler {
         let p = prompt::chat(&s.settings, chat, &turns, &hits);
         let answer = fallback::chat(&*s.engine, &s.settings, route, &p, &chat.text, &hits).await;
         if let Some(t) = answer.tokens {
-            s.stats.add_tokens(u64::from(t));
+            s.stats.add_tokens(&answer.by.name, u64::from(t));
         }
         tracing::debug!(event = %env.id, by = ?answer.by, turns = turns.len(), kb = hits.len(), skipped = ?answer.skipped, "answered");
         let body = ReplyBody::Chat(ChatReply {
@@ -117,7 +117,7 @@ impl Handler for ChatHandler {
             tokens: answer.tokens,
         });
         let tp = headers::traceparent(msg.headers.as_ref());
-        publish::reply(&s.js, RESPONDER, &env, enc, tp, body).await
+        publish::reply(&s.publisher, RESPONDER, &env, enc, tp, body).await
     }
 }
 
@@ -143,7 +143,7 @@ impl Handler for PredictHandler {
         let p = prompt::predict(&s.settings, req);
         let body = match fallback::models(&*s.engine, &s.settings, route, &p).await {
             Ok((alias, gen)) => {
-                s.stats.add_tokens(u64::from(gen.tokens));
+                s.stats.add_tokens(&alias, u64::from(gen.tokens));
                 PredictionReply {
                     prediction: gen.text,
                     confidence: gen.confidence,
@@ -160,6 +160,6 @@ impl Handler for PredictHandler {
             },
         };
         let tp = headers::traceparent(msg.headers.as_ref());
-        publish::reply(&s.js, RESPONDER, &env, enc, tp, ReplyBody::Prediction(body)).await
+        publish::reply(&s.publisher, RESPONDER, &env, enc, tp, ReplyBody::Prediction(body)).await
     }
 }

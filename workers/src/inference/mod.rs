@@ -106,7 +106,7 @@ pub async fn run(
         ..ConsumeSettings::default()
     };
     let js = runtime::jetstream_for(client.clone(), &consume);
-    let stats = Arc::new(Stats::default());
+    let stats = Arc::new(Stats::for_role(Role::Inference.as_str()));
     let svc = service::register(
         &client,
         Role::Inference.as_str(),
@@ -125,7 +125,7 @@ pub async fn run(
     .await
     .map_err(RunError::Service)?;
     let shared = handler::Shared {
-        js: js.clone(),
+        publisher: js.clone().into(),
         engine,
         settings,
         stats: stats.clone(),

@@ -10,7 +10,8 @@ use ferry_schema::subject::WorkQueue;
 use ferry_schema::{headers, Envelope, EventBody, ReplyBody};
 
 use super::engine::{Decision, RuleSet};
-use crate::runtime::{publish, Handler, Outcome};
+use crate::runtime::publish::{self, Publisher};
+use crate::runtime::{Handler, Outcome};
 
 /// Name of this responder; part of every reply id it makes.
 pub const RESPONDER: &str = "rules";
@@ -18,7 +19,7 @@ pub const RESPONDER: &str = "rules";
 /// Applies a [`RuleSet`] to events and publishes what it decides.
 #[derive(Debug)]
 pub struct RulesHandler {
-    js: jetstream::Context,
+    publisher: Publisher,
     rules: Arc<RuleSet>,
     max_payload: usize,
     customers: Option<deadpool_postgres::Pool>,
@@ -29,11 +30,12 @@ pub struct RulesHandler {
 const CUSTOMER_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl RulesHandler {
-    /// A handler publishing through `js`; payloads above `max_payload` bytes
+    /// A handler publishing through `publisher` (a JetStream context, or
+    /// shadow mode for `ferry replay`); payloads above `max_payload` bytes
     /// are dead-lettered.
-    pub fn new(js: jetstream::Context, rules: Arc<RuleSet>, max_payload: usize) -> Self {
+    pub fn new(publisher: impl Into<Publisher>, rules: Arc<RuleSet>, max_payload: usize) -> Self {
         Self {
-            js,
+            publisher: publisher.into(),
             rules,
             max_payload,
             customers: None,
@@ -60,7 +62,7 @@ impl RulesHandler {
     }
 
     async fn reply(&self, env: &Envelope, enc: Encoding, tp: Option<&str>, body: ReplyBody) -> Outcome {
-        publish::reply(&self.js, RESPONDER, env, enc, tp, body).await
+        publish::reply(&self.publisher, RESPONDER, env, enc, tp, body).await
     }
 }
 
@@ -150,7 +152,8 @@ impl Handler for RulesHandler {
                 // decodes exactly what the agent sent, in its encoding.
                 let mut h = headers::for_publish(&env.id.to_string(), enc, tp);
                 h.insert(headers::ROUTE_RULE, rule.as_str());
-                publish::publish(&self.js, WorkQueue::InferenceChat.subject(), h, msg.payload.clone())
+                self.publisher
+                    .publish(WorkQueue::InferenceChat.subject(), h, msg.payload.clone())
                     .await
             }
         }

@@ -78,7 +78,7 @@ pub async fn run(
     };
     tracing::info!(rules = rules.len(), path = %cfg.rules_path.display(), "rules loaded");
     let js = runtime::jetstream_for(client.clone(), &cfg.consume);
-    let stats = Arc::new(Stats::default());
+    let stats = Arc::new(Stats::for_role(Role::Rules.as_str()));
     let svc = service::register(
         &client,
         Role::Rules.as_str(),

@@ -43,6 +43,8 @@ pub struct ConsumeSettings {
     pub shutdown_grace: Duration,
     /// Delay of the nak when a dead letter could not be published.
     pub dead_letter_retry: Duration,
+    /// How often the loop reads its consumer's info for the lag metrics.
+    pub lag_every: Duration,
 }
 
 impl Default for ConsumeSettings {
@@ -54,6 +56,7 @@ impl Default for ConsumeSettings {
             progress_every: None,
             shutdown_grace: Duration::from_secs(30),
             dead_letter_retry: Duration::from_secs(1),
+            lag_every: Duration::from_secs(5),
         }
     }
 }
@@ -118,7 +121,10 @@ pub async fn consume<H: Handler>(
     let settings = &settings;
     let permits = Arc::new(Semaphore::new(settings.max_in_flight));
     let tracker = TaskTracker::new();
+    let metrics = crate::metrics::global().for_loop(stats.role(), consumer);
+    let lag = tokio::spawn(watch_lag(pull.clone(), metrics.clone(), settings.lag_every, shutdown.clone()));
     let ctx = Arc::new(Ctx {
+        metrics,
         js: js.clone(),
         stream: stream.to_string(),
         consumer: consumer.to_string(),
@@ -205,6 +211,7 @@ pub async fn consume<H: Handler>(
     }
 
     // Phase two: nothing new is pulled; let in-flight handlers finish.
+    lag.abort();
     tracker.close();
     let in_flight = tracker.len();
     tracing::info!(stream, consumer, in_flight, "stopping: waiting for in-flight messages");
@@ -222,6 +229,28 @@ pub async fn consume<H: Handler>(
     Ok(())
 }
 
+/// Keeps the lag gauges of one consume loop current: the consumer's
+/// pending, ack-pending and redelivered counts, as the broker reports them.
+async fn watch_lag(mut pull: PullConsumer, m: crate::metrics::LoopMetrics, every: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match pull.info().await {
+            Ok(info) => {
+                let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                m.pending.set(gauge(info.num_pending));
+                m.ack_pending.set(i64::try_from(info.num_ack_pending).unwrap_or(i64::MAX));
+                m.redelivered.set(i64::try_from(info.num_redelivered).unwrap_or(i64::MAX));
+            }
+            Err(error) => tracing::debug!(%error, "consumer info for the lag metrics failed"),
+        }
+    }
+}
+
 /// Naks messages the client already holds but has not started, so another
 /// replica gets them now rather than after `ack_wait`.
 async fn nak_buffered(messages: &mut jetstream::consumer::pull::Stream) {
@@ -237,6 +266,7 @@ async fn nak_buffered(messages: &mut jetstream::consumer::pull::Stream) {
 }
 
 struct Ctx {
+    metrics: crate::metrics::LoopMetrics,
     js: jetstream::Context,
     stream: String,
     consumer: String,
@@ -249,6 +279,7 @@ impl Ctx {
     async fn handle_one<H: Handler>(&self, handler: &H, msg: jetstream::Message) {
         let started = Instant::now();
         self.stats.start();
+        self.metrics.in_flight.inc();
         let (delivered, sequence) = msg
             .info()
             .map(|i| (i.delivered, i.stream_sequence))
@@ -307,9 +338,18 @@ impl Ctx {
         if let Err(error) = msg.ack_with(ack).await {
             // The broker redelivers after ack_wait; handlers are idempotent.
             self.stats.ack_failed();
+            self.metrics.ack_failures.inc();
             tracing::warn!(%error, sequence, "ack failed; the message will be redelivered");
         }
-        self.stats.finish(&outcome, started.elapsed());
+        let elapsed = started.elapsed();
+        self.stats.finish(&outcome, elapsed);
+        self.metrics.in_flight.dec();
+        self.metrics.handling.observe(elapsed.as_secs_f64());
+        match &outcome {
+            Outcome::Done => self.metrics.done.inc(),
+            Outcome::RetryAfter { .. } => self.metrics.retry.inc(),
+            Outcome::Poison { .. } => self.metrics.poison.inc(),
+        };
     }
 
     async fn dead_letter(

@@ -1,4 +1,4 @@
-//! Publishing from a handler: wait for JetStream's ack, turn failures into outcomes.
+//! Publishing from a handler: wait for JetStream's ack (or, in shadow mode, only publish under `shadow.<run>.`), turn failures into outcomes.
 
 use std::time::{Duration, Instant};
 
@@ -12,28 +12,56 @@ use super::Outcome;
 /// How long to wait before retrying after a failed publish.
 pub const PUBLISH_RETRY: Duration = Duration::from_millis(500);
 
-/// Publishes and waits for the stream's ack: `Done` once stored, a retry
-/// otherwise (the message is redelivered and published again with the same
-/// `Nats-Msg-Id`, which the stream de-duplicates).
-pub async fn publish(
-    js: &jetstream::Context,
-    subject: async_nats::Subject,
-    headers: async_nats::HeaderMap,
-    payload: Bytes,
-) -> Outcome {
-    match js.publish_with_headers(subject, headers, payload).await {
-        Ok(ack) => match ack.await {
-            Ok(_) => Outcome::Done,
-            Err(e) => Outcome::retry(PUBLISH_RETRY, format!("publish not acknowledged: {e}")),
-        },
-        Err(e) => Outcome::retry(PUBLISH_RETRY, format!("publish failed: {e}")),
+/// Where a handler's replies and hand-offs go.
+#[derive(Debug, Clone)]
+pub enum Publisher {
+    /// The real thing: publish to JetStream and wait for the stream's ack.
+    JetStream(jetstream::Context),
+    /// Shadow mode (`ferry replay --shadow`): every subject is rewritten to
+    /// `shadow.<run>.<subject>` and published with core NATS. No stream
+    /// captures those subjects, so nothing reaches an agent or a worker.
+    Shadow {
+        /// The connection to publish on.
+        client: async_nats::Client,
+        /// The replay run's name (one subject token).
+        run: String,
+    },
+}
+
+impl From<jetstream::Context> for Publisher {
+    fn from(js: jetstream::Context) -> Self {
+        Self::JetStream(js)
+    }
+}
+
+impl Publisher {
+    /// Publishes and, for JetStream, waits for the stream's ack: `Done` once
+    /// stored, a retry otherwise (the message is redelivered and published
+    /// again with the same `Nats-Msg-Id`, which the stream de-duplicates).
+    pub async fn publish(&self, subject: async_nats::Subject, headers: async_nats::HeaderMap, payload: Bytes) -> Outcome {
+        match self {
+            Self::JetStream(js) => match js.publish_with_headers(subject, headers, payload).await {
+                Ok(ack) => match ack.await {
+                    Ok(_) => Outcome::Done,
+                    Err(e) => Outcome::retry(PUBLISH_RETRY, format!("publish not acknowledged: {e}")),
+                },
+                Err(e) => Outcome::retry(PUBLISH_RETRY, format!("publish failed: {e}")),
+            },
+            Self::Shadow { client, run } => {
+                let shadow = subject::shadow(run, subject.as_str());
+                match client.publish_with_headers(shadow, headers, payload).await {
+                    Ok(()) => Outcome::Done,
+                    Err(e) => Outcome::retry(PUBLISH_RETRY, format!("shadow publish failed: {e}")),
+                }
+            }
+        }
     }
 }
 
 /// Publishes `responder`'s reply to `env` on the agent's reply subject, in
 /// the event's encoding, carrying its trace context.
 pub async fn reply(
-    js: &jetstream::Context,
+    publisher: &Publisher,
     responder: &str,
     env: &Envelope,
     enc: Encoding,
@@ -51,7 +79,7 @@ pub async fn reply(
         }
     };
     let h = headers::for_publish(&reply.id.to_string(), enc, traceparent);
-    publish(js, subject::reply(&env.agent), h, payload.into()).await
+    publisher.publish(subject::reply(&env.agent), h, payload.into()).await
 }
 
 /// Milliseconds since `started`, as replies record them.

@@ -1,0 +1,298 @@
+//! Every Prometheus metric a Ferry process exports, named in this one module, and the HTTP endpoint that serves them.
+//!
+//! | metric | type | labels | what |
+//! |---|---|---|---|
+//! | `ferry_worker_messages_total` | counter | role, consumer, outcome | messages handled, by outcome (`done`, `retry`, `poison`) |
+//! | `ferry_worker_handling_seconds` | histogram | role, consumer | time from delivery to ack decision |
+//! | `ferry_worker_in_flight` | gauge | role, consumer | messages being handled now |
+//! | `ferry_worker_ack_failures_total` | counter | role, consumer | acks that did not reach the broker |
+//! | `ferry_worker_model_tokens_total` | counter | role, model | tokens generated (inference) |
+//! | `ferry_worker_consumer_pending` | gauge | role, consumer | messages not yet delivered (lag), as the worker last saw it |
+//! | `ferry_worker_consumer_ack_pending` | gauge | role, consumer | delivered, not yet acknowledged |
+//! | `ferry_worker_consumer_redelivered` | gauge | role, consumer | delivered more than once, not yet acknowledged |
+//!
+//! Metrics live in one process-wide registry ([`global`]): `ferry-worker`
+//! runs one role per process, `ferry up` several, told apart by `role`.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Messages handled, by outcome.
+pub const MESSAGES: &str = "ferry_worker_messages";
+/// Handling time.
+pub const HANDLING_SECONDS: &str = "ferry_worker_handling_seconds";
+/// Messages in flight.
+pub const IN_FLIGHT: &str = "ferry_worker_in_flight";
+/// Acks that failed.
+pub const ACK_FAILURES: &str = "ferry_worker_ack_failures";
+/// Model tokens generated.
+pub const MODEL_TOKENS: &str = "ferry_worker_model_tokens";
+/// Consumer lag: not yet delivered.
+pub const CONSUMER_PENDING: &str = "ferry_worker_consumer_pending";
+/// Delivered, not yet acknowledged.
+pub const CONSUMER_ACK_PENDING: &str = "ferry_worker_consumer_ack_pending";
+/// Redelivered, not yet acknowledged.
+pub const CONSUMER_REDELIVERED: &str = "ferry_worker_consumer_redelivered";
+
+/// The `/metrics` content type (OpenMetrics text, which Prometheus reads).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Labels of a consume loop's metrics.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoopLabels {
+    /// Worker role.
+    pub role: String,
+    /// Durable consumer.
+    pub consumer: String,
+}
+
+/// Labels of [`MESSAGES`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// Worker role.
+    pub role: String,
+    /// Durable consumer.
+    pub consumer: String,
+    /// `done`, `retry` or `poison`.
+    pub outcome: &'static str,
+}
+
+/// Labels of [`MODEL_TOKENS`].
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    /// Worker role.
+    pub role: String,
+    /// Model alias.
+    pub model: String,
+}
+
+type HistogramFamily = Family<LoopLabels, Histogram, fn() -> Histogram>;
+
+/// The process's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    messages: Family<OutcomeLabels, Counter>,
+    handling: HistogramFamily,
+    in_flight: Family<LoopLabels, Gauge>,
+    ack_failures: Family<LoopLabels, Counter>,
+    tokens: Family<ModelLabels, Counter>,
+    pending: Family<LoopLabels, Gauge>,
+    ack_pending: Family<LoopLabels, Gauge>,
+    redelivered: Family<LoopLabels, Gauge>,
+}
+
+fn handling_histogram() -> Histogram {
+    // 0.25 ms .. ~8 s: rules and the archiver answer in milliseconds,
+    // inference in seconds.
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::default();
+        let messages = Family::<OutcomeLabels, Counter>::default();
+        registry.register(MESSAGES, "Messages handled, by outcome", messages.clone());
+        let handling: HistogramFamily = Family::new_with_constructor(handling_histogram);
+        registry.register(HANDLING_SECONDS, "Seconds from delivery to the ack decision", handling.clone());
+        let in_flight = Family::<LoopLabels, Gauge>::default();
+        registry.register(IN_FLIGHT, "Messages being handled now", in_flight.clone());
+        let ack_failures = Family::<LoopLabels, Counter>::default();
+        registry.register(ACK_FAILURES, "Acks that did not reach the broker", ack_failures.clone());
+        let tokens = Family::<ModelLabels, Counter>::default();
+        registry.register(MODEL_TOKENS, "Tokens generated", tokens.clone());
+        let pending = Family::<LoopLabels, Gauge>::default();
+        registry.register(CONSUMER_PENDING, "Messages the consumer has not delivered yet (lag)", pending.clone());
+        let ack_pending = Family::<LoopLabels, Gauge>::default();
+        registry.register(CONSUMER_ACK_PENDING, "Messages delivered and not yet acknowledged", ack_pending.clone());
+        let redelivered = Family::<LoopLabels, Gauge>::default();
+        registry.register(CONSUMER_REDELIVERED, "Messages redelivered and not yet acknowledged", redelivered.clone());
+        Self {
+            registry,
+            messages,
+            handling,
+            in_flight,
+            ack_failures,
+            tokens,
+            pending,
+            ack_pending,
+            redelivered,
+        }
+    }
+
+    /// The handles one consume loop updates.
+    pub fn for_loop(&self, role: &str, consumer: &str) -> LoopMetrics {
+        let l = LoopLabels {
+            role: role.to_string(),
+            consumer: consumer.to_string(),
+        };
+        let outcome = |outcome| OutcomeLabels {
+            role: role.to_string(),
+            consumer: consumer.to_string(),
+            outcome,
+        };
+        LoopMetrics {
+            done: self.messages.get_or_create_owned(&outcome("done")),
+            retry: self.messages.get_or_create_owned(&outcome("retry")),
+            poison: self.messages.get_or_create_owned(&outcome("poison")),
+            handling: self.handling.get_or_create_owned(&l),
+            in_flight: self.in_flight.get_or_create_owned(&l),
+            ack_failures: self.ack_failures.get_or_create_owned(&l),
+            pending: self.pending.get_or_create_owned(&l),
+            ack_pending: self.ack_pending.get_or_create_owned(&l),
+            redelivered: self.redelivered.get_or_create_owned(&l),
+        }
+    }
+
+    /// Counts `n` tokens generated by `model` in `role`.
+    pub fn add_tokens(&self, role: &str, model: &str, n: u64) {
+        self.tokens
+            .get_or_create(&ModelLabels {
+                role: role.to_string(),
+                model: model.to_string(),
+            })
+            .inc_by(n);
+    }
+
+    /// The metrics in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// One consume loop's metric handles (cheap clones of shared atomics).
+#[derive(Debug, Clone)]
+pub struct LoopMetrics {
+    pub(crate) done: Counter,
+    pub(crate) retry: Counter,
+    pub(crate) poison: Counter,
+    pub(crate) handling: Histogram,
+    pub(crate) in_flight: Gauge,
+    pub(crate) ack_failures: Counter,
+    pub(crate) pending: Gauge,
+    pub(crate) ack_pending: Gauge,
+    pub(crate) redelivered: Gauge,
+}
+
+/// The process-wide metrics.
+pub fn global() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+/// Why the metrics endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve metrics on {addr}: {reason}")]
+pub struct ServeError {
+    /// The address asked for.
+    pub addr: SocketAddr,
+    /// What went wrong.
+    pub reason: String,
+}
+
+/// A running metrics endpoint; dropping it stops it.
+pub struct MetricsServer {
+    server: Arc<tiny_http::Server>,
+    addr: SocketAddr,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for MetricsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsServer").field("addr", &self.addr).finish_non_exhaustive()
+    }
+}
+
+impl MetricsServer {
+    /// The address it listens on (the port chosen when asked for port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Serves [`global`] metrics at `http://addr/metrics` on a thread of its
+/// own (a scrape never waits on the workers' runtime, nor they on it).
+pub fn serve(addr: SocketAddr) -> Result<MetricsServer, ServeError> {
+    let server = tiny_http::Server::http(addr).map_err(|e| ServeError {
+        addr,
+        reason: e.to_string(),
+    })?;
+    let bound = server
+        .server_addr()
+        .to_ip()
+        .ok_or_else(|| ServeError {
+            addr,
+            reason: "not an IP listener".into(),
+        })?;
+    let server = Arc::new(server);
+    let s = server.clone();
+    let thread = std::thread::Builder::new()
+        .name("ferry-metrics".into())
+        .spawn(move || {
+            for request in s.incoming_requests() {
+                let response = if request.url() == "/metrics" || request.url().starts_with("/metrics?") {
+                    let header = tiny_http::Header::from_bytes("Content-Type", CONTENT_TYPE).ok();
+                    let mut r = tiny_http::Response::from_string(global().encode());
+                    if let Some(h) = header {
+                        r.add_header(h);
+                    }
+                    r
+                } else {
+                    tiny_http::Response::from_string("Ferry serves Prometheus metrics at /metrics\n").with_status_code(404)
+                };
+                if let Err(error) = request.respond(response) {
+                    tracing::debug!(%error, "metrics response failed");
+                }
+            }
+        })
+        .map_err(|e| ServeError {
+            addr,
+            reason: e.to_string(),
+        })?;
+    tracing::info!(addr = %bound, "serving Prometheus metrics at /metrics");
+    Ok(MetricsServer {
+        server,
+        addr: bound,
+        thread: Some(thread),
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_labels_in_the_text_format() {
+        let m = global().for_loop("test-role", "test-consumer");
+        m.done.inc();
+        m.handling.observe(0.003);
+        global().add_tokens("test-role", "smol", 7);
+        let text = global().encode();
+        assert!(
+            text.contains(r#"ferry_worker_messages_total{role="test-role",consumer="test-consumer",outcome="done"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"ferry_worker_handling_seconds_count{role="test-role",consumer="test-consumer"} 1"#), "{text}");
+        assert!(text.contains(r#"ferry_worker_model_tokens_total{role="test-role",model="smol"} 7"#), "{text}");
+    }
+}
