@@ -103,12 +103,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let secrets_path = args.data_dir.join("secrets.env");
     let secrets = Secrets::load_or_create(&secrets_path)?;
 
+    // nats.conf with the nkey users of the agents `ferry agent add`
+    // registered, and its store dir (so `ferry agent` can reload it).
+    let registry = crate::agent_registry::Registry::load(&crate::agent_registry::registry_path(&args.data_dir))?;
+    let conf = args.data_dir.join("nats").join("nats.conf");
+    let store = std::path::absolute(args.data_dir.join("nats").join("store")).context("resolving the store dir")?;
+    let conf_text = ferry_stack::nats::with_store_dir(&registry.splice_into(ferry_stack::NATS_CONF, "nats.conf")?, &store);
+    crate::agent_registry::write_atomic(&conf, conf_text.as_bytes(), 0o644)?;
     eprintln!("ferry: starting nats-server (store in {}) ...", args.data_dir.join("nats").display());
     let mut nats = NatsServer::start(NatsServerOptions {
         data_dir: Some(args.data_dir.join("nats")),
         port: Some(args.port),
         monitor_port: Some(args.monitor_port),
-        conf: None,
+        conf: Some(conf),
         secrets: Some(secrets.clone()),
     })?;
     let pid_file = args.data_dir.join(PID_FILE);
@@ -122,7 +129,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let js = jetstream::new(op.clone());
     let agents: Vec<AgentId> = DEMO_AGENTS
         .iter()
-        .map(|a| AgentId::new(*a))
+        .copied()
+        .chain(registry.active().map(|a| a.id.as_str()))
+        .map(AgentId::new)
         .collect::<Result<_, _>>()?;
     let report = topology::provision(&js, &StreamSettings::default(), &agents).await?;
     eprintln!("ferry: provisioned\n{}", indent(&crate::provision::describe(&report)));
