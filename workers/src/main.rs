@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 /// Examples:
 ///   ferry-worker --server nats://127.0.0.1:4222 --user workers --password "$PW" rules --rules rules.toml
 ///   ferry-worker --user workers --password "$PW" inference --config inference.toml
+///   ferry-worker --user workers --password "$PW" rules --rules rules.toml --groups .ferry/groups.toml
 ///   NATS_URL=nats://gpu-1:4222 NATS_CREDS=/etc/ferry/worker.creds ferry-worker rules --rules /etc/ferry/rules.toml
 ///   DATABASE_URL=postgres://ferry:PW@db:5432/ferry ferry-worker --user workers --password "$PW" archiver
 ///   ferry-worker --check rules --rules rules.toml   # validate before deploying; connects to nothing
@@ -121,6 +122,10 @@ struct InferenceArgs {
     /// see workers/src/inference/config.rs and ops/demo/inference.toml.
     #[arg(long, env = "FERRY_INFERENCE_CONFIG", default_value = "inference.toml")]
     config: PathBuf,
+    /// Groups file completing the config's [groups] (`ferry agent add
+    /// --group` writes it: <data dir>/groups.toml); read at start.
+    #[arg(long, env = "FERRY_GROUPS")]
+    groups: Option<PathBuf>,
     /// Conversation context and knowledge base: read from this PostgreSQL.
     /// Without it, prompts hold the message only.
     #[command(flatten)]
@@ -132,6 +137,10 @@ struct RulesArgs {
     /// The rules file (TOML); see ops/demo/rules.toml and workers/src/rules/config.rs.
     #[arg(long, env = "FERRY_RULES", default_value = "rules.toml")]
     rules: PathBuf,
+    /// Groups file completing the rules file's [groups] (`ferry agent add
+    /// --group` writes it: <data dir>/groups.toml); read at start.
+    #[arg(long, env = "FERRY_GROUPS")]
+    groups: Option<PathBuf>,
     /// Events handled at once by this replica (also the pull batch size).
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
@@ -222,8 +231,9 @@ async fn main() -> anyhow::Result<()> {
             let mut cfg = rules::RulesConfig::new(&args.rules);
             cfg.consume.max_in_flight = args.concurrency;
             cfg.db = args.db.config();
+            cfg.groups_path = args.groups.clone();
             // Validate the rules before touching the network.
-            let set = rules::config::load(&cfg.rules_path)?;
+            let set = rules::config::load_with_groups(&cfg.rules_path, cfg.groups_path.as_deref())?;
             let nats = nats_config(&cli.nats, "ferry-worker rules")?;
             if cli.check {
                 check_db(cfg.db.as_ref())?;
@@ -243,8 +253,9 @@ async fn main() -> anyhow::Result<()> {
         RoleCmd::Inference(args) => {
             let mut cfg = inference::InferenceConfig::new(&args.config);
             cfg.db = args.db.config();
+            cfg.groups_path = args.groups.clone();
             // Validate the config before loading models or connecting.
-            let settings = inference::config::load(&cfg.config_path)?;
+            let settings = inference::config::load_with_groups(&cfg.config_path, cfg.groups_path.as_deref())?;
             let nats = nats_config(&cli.nats, "ferry-worker inference")?;
             if cli.check {
                 check_db(cfg.db.as_ref())?;

@@ -178,7 +178,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             p
         }
     };
-    rules::config::load(&rules_path)?;
+    // Agent groups from `ferry agent add --group`, for rules and routes.
+    let groups_path = crate::agent_registry::groups_path(&args.data_dir);
+    crate::agent_registry::write_atomic(&groups_path, registry.groups_toml()?.as_bytes(), 0o644)?;
+    rules::config::load_with_groups(&rules_path, Some(&groups_path))?;
     let shutdown = CancellationToken::new();
     let archiver_worker = {
         let client = nats.workers("ferry up: archiver").connect().await?;
@@ -191,6 +194,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let client = nats.workers("ferry up: rules").connect().await?;
         let mut cfg = RulesConfig::new(&rules_path);
         cfg.db = Some(db.clone());
+        cfg.groups_path = Some(groups_path.clone());
         let token = shutdown.clone();
         tokio::spawn(async move { rules::run(client, &cfg, token).await })
     };
@@ -210,10 +214,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 p
             }
         };
-        inference::config::load(&config_path)?;
+        inference::config::load_with_groups(&config_path, Some(&groups_path))?;
         let client = nats.workers("ferry up: inference").connect().await?;
         let mut cfg = InferenceConfig::new(&config_path);
         cfg.db = Some(db.clone());
+        cfg.groups_path = Some(groups_path.clone());
         let token = shutdown.clone();
         eprintln!("ferry: inference worker starting ({}); loading models ...", config_path.display());
         Some(tokio::spawn(async move { inference::run(client, &cfg, token).await }))
