@@ -244,3 +244,79 @@ fn offline_add_only_writes_files_and_every_command_has_help_with_examples() {
         assert!(help.contains("Examples:") && help.contains(&format!("ferry agent {sub}")), "{help}");
     }
 }
+
+/// A data dir for `ferry up`. When tests run as root, PostgreSQL runs as
+/// the `postgres` user, which must be able to enter it.
+fn up_data_dir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+/// Starts `ferry up` without inference and demo; returns once it runs.
+fn up(data: &Path, port: u16, pg_port: u16) -> std::process::Child {
+    use std::io::BufRead;
+    let mut child = ferry()
+        .args(["up", "--no-inference", "--no-demo", "--data-dir"])
+        .arg(data)
+        .args(["--port", &port.to_string(), "--monitor-port", &ferry_stack::free_port().unwrap().to_string()])
+        .args(["--pg-port", &pg_port.to_string()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = String::new();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.starts_with("ferry: running") {
+            // Keep reading, so its shutdown messages find an open pipe.
+            std::thread::spawn(move || lines.for_each(drop));
+            return child;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("ferry up did not start:\n{seen}");
+}
+
+#[tokio::test]
+async fn agent_add_on_ferry_up_needs_no_flags_and_survives_a_restart() {
+    let data = up_data_dir();
+    let (port, pg_port) = (ferry_stack::free_port().unwrap(), ferry_stack::free_port().unwrap());
+    let url = format!("nats://127.0.0.1:{port}");
+    let mut stack = up(data.path(), port, pg_port);
+
+    // The broker's pid, its nats.conf and the operator password all come from the data dir.
+    let out = ok(ferry()
+        .args(["agent", "add", "desk-7", "--group", "support", "--data-dir"])
+        .arg(data.path())
+        .args(["--server", &url])
+        .output()
+        .unwrap());
+    assert!(out.contains("desk-7 connected with its seed and read its consumer: ok"), "{out}");
+    let seed = seed_of(data.path(), "desk-7");
+
+    // `ferry up` started again puts desk-7 back into nats.conf and its group into groups.toml.
+    ok(ferry().args(["down", "--data-dir"]).arg(data.path()).output().unwrap());
+    stack.wait().unwrap();
+    let mut stack = up(data.path(), port, pg_port);
+    let client = async_nats::ConnectOptions::new()
+        .nkey(seed)
+        .custom_inbox_prefix(subject::agent_inbox_prefix(&agent("desk-7")))
+        .connect(url.as_str())
+        .await
+        .unwrap();
+    jetstream::new(client)
+        .publish(subject::event(&agent("desk-7"), EventKind::Heartbeat), "{}".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let groups = std::fs::read_to_string(data.path().join("groups.toml")).unwrap();
+    assert!(groups.contains("support = [\"desk-7\"]"), "{groups}");
+    ok(ferry().args(["down", "--data-dir"]).arg(data.path()).output().unwrap());
+    stack.wait().unwrap();
+}
