@@ -21,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 ///   ferry-agent --id desk-1 --user desk-1 --password "$PW" run --input chat.jsonl --until-answered
 ///   # read events from stdin and keep running
 ///   tail -f events.jsonl | ferry-agent --id desk-1 --user desk-1 --password "$PW" run
+///   # an agent added with `ferry agent add desk-7`: its nkey seed file
+///   ferry-agent --id desk-7 --nkey desk-7.nk --server nats://broker:4222 run --input chat.jsonl
 ///
 /// Input lines look like {"kind":"chat","body":{"chat":"Alice","sender":"Alice","text":"hi"}}.
 #[derive(Debug, Parser)]
@@ -41,6 +43,9 @@ struct Cli {
     /// NATS credentials file (instead of --user/--password).
     #[arg(long, env = "NATS_CREDS", global = true)]
     creds: Option<PathBuf>,
+    /// nkey seed file from `ferry agent add` (instead of --user/--password).
+    #[arg(long, env = "FERRY_AGENT_NKEY", global = true, conflicts_with_all = ["creds", "password"])]
+    nkey: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -87,13 +92,14 @@ async fn main() -> anyhow::Result<()> {
     let agent_id = AgentId::new(id).context("--id")?;
     let mut nats = NatsConfig::new(&cli.server, format!("ferry-agent {agent_id}"));
     nats.retry_initial_connect = true;
-    nats.auth = match (&cli.creds, &cli.password) {
-        (Some(path), _) => Auth::CredsFile(path.clone()),
-        (None, Some(password)) => Auth::UserPassword {
+    nats.auth = match (&cli.nkey, &cli.creds, &cli.password) {
+        (Some(path), _, _) => Auth::nkey_file(path)?,
+        (None, Some(path), _) => Auth::CredsFile(path.clone()),
+        (None, None, Some(password)) => Auth::UserPassword {
             user: cli.user.clone().unwrap_or_else(|| agent_id.to_string()),
             password: password.clone(),
         },
-        (None, None) => Auth::None,
+        (None, None, None) => Auth::None,
     };
     let Cmd::Run(args) = cli.cmd;
     let mut cfg = AgentConfig::new(agent_id, nats);

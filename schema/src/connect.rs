@@ -26,6 +26,65 @@ pub enum Auth {
     },
     /// A NATS credentials file (user JWT and nkey seed).
     CredsFile(PathBuf),
+    /// An nkey user: the seed (`SU...`) whose public key `nats.conf` lists
+    /// (what `ferry agent add` creates). Read one with [`Auth::nkey_file`].
+    Nkey {
+        /// The user's seed; secret.
+        seed: String,
+    },
+}
+
+impl Auth {
+    /// Reads an nkey seed file (`ferry agent add` writes `<id>.nk`): the
+    /// first line that is not empty and not a `#` comment is the seed, and
+    /// it must be a user seed.
+    pub fn nkey_file(path: &std::path::Path) -> Result<Self, NkeyFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| NkeyFileError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let seed = text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'))
+            .unwrap_or_default();
+        let invalid = |reason: String| NkeyFileError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let pair = nkeys::KeyPair::from_seed(seed).map_err(|e| invalid(e.to_string()))?;
+        if !matches!(pair.key_pair_type(), nkeys::KeyPairType::User) {
+            return Err(invalid(format!(
+                "it holds a {:?} seed, not a user seed (SU...)",
+                pair.key_pair_type()
+            )));
+        }
+        Ok(Self::Nkey {
+            seed: seed.to_string(),
+        })
+    }
+}
+
+/// Why an nkey seed file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum NkeyFileError {
+    /// The file could not be read.
+    #[error("cannot read nkey seed file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file holds no valid user seed.
+    #[error("nkey seed file {path} holds no valid user seed: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl std::fmt::Debug for Auth {
@@ -34,6 +93,7 @@ impl std::fmt::Debug for Auth {
             Self::None => f.write_str("None"),
             Self::UserPassword { user, .. } => write!(f, "UserPassword({user}, ***)"),
             Self::CredsFile(p) => write!(f, "CredsFile({})", p.display()),
+            Self::Nkey { .. } => f.write_str("Nkey(***)"),
         }
     }
 }
@@ -100,6 +160,9 @@ impl NatsConfig {
                     }
                 })?;
             }
+            Auth::Nkey { seed } => {
+                opts = opts.nkey(seed.clone());
+            }
         }
         if let Some(prefix) = &self.inbox_prefix {
             opts = opts.custom_inbox_prefix(prefix);
@@ -107,7 +170,11 @@ impl NatsConfig {
         if self.retry_initial_connect {
             opts = opts.retry_on_initial_connect();
         }
-        opts.connect(self.url.as_str())
+        // Several servers (a cluster) are comma separated; the client
+        // connects to one and fails over to the others. async-nats reads a
+        // single string as one URL.
+        let servers: Vec<&str> = self.url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+        opts.connect(servers)
             .await
             .map_err(|source| ConnectError::Connect {
                 url: self.url.clone(),
@@ -172,6 +239,29 @@ mod tests {
             assert!(d >= ceiling / 2 && d <= ceiling, "attempt {attempt}: {d:?}");
         }
         assert!(reconnect_delay(30) >= BACKOFF_CAP / 2);
+    }
+
+    #[test]
+    fn nkey_file_reads_a_user_seed_and_hides_it() {
+        let dir = std::env::temp_dir().join(format!("ferry-nkey-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let seed = nkeys::KeyPair::new_user().seed().unwrap();
+        let path = dir.join("a.nk");
+        std::fs::write(&path, format!("# desk-7\n\n{seed}\n")).unwrap();
+        let auth = Auth::nkey_file(&path).unwrap();
+        assert!(matches!(&auth, Auth::Nkey { seed: s } if *s == seed));
+        assert_eq!(format!("{auth:?}"), "Nkey(***)");
+
+        let account = nkeys::KeyPair::new_account().seed().unwrap();
+        std::fs::write(&path, account).unwrap();
+        let err = Auth::nkey_file(&path).unwrap_err().to_string();
+        assert!(err.contains("not a user seed"), "{err}");
+        std::fs::write(&path, "SUNOTASEED").unwrap();
+        let err = Auth::nkey_file(&path).unwrap_err().to_string();
+        assert!(err.contains("holds no valid user seed"), "{err}");
+        let err = Auth::nkey_file(&dir.join("missing.nk")).unwrap_err().to_string();
+        assert!(err.contains("cannot read nkey seed file"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

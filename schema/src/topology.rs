@@ -316,6 +316,33 @@ pub fn agent_replies_consumer(agent: &AgentId) -> ConsumerDef {
     }
 }
 
+/// What the broker lets an agent do: the allow-lists of its user in
+/// `nats.conf`. Everything else is denied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentPermissions {
+    /// Subjects it may publish to: its own events, and the JetStream API
+    /// calls that read and ack its own reply consumer.
+    pub publish: Vec<String>,
+    /// Subjects it may subscribe to: its own inboxes.
+    pub subscribe: Vec<String>,
+}
+
+/// The permissions of `agent`'s user: publish only `events.<id>.>`, read and
+/// ack only its consumer `agent-<id>` on `REPLIES`, and receive only on
+/// `_INBOX.<id>.>` (the prefix [`subject::agent_inbox_prefix`] sets).
+pub fn agent_permissions(agent: &AgentId) -> AgentPermissions {
+    let consumer = agent_replies_consumer_name(agent);
+    AgentPermissions {
+        publish: vec![
+            subject::events_of_agent(agent).to_string(),
+            format!("$JS.API.CONSUMER.INFO.{REPLIES_STREAM}.{consumer}"),
+            format!("$JS.API.CONSUMER.MSG.NEXT.{REPLIES_STREAM}.{consumer}"),
+            format!("$JS.ACK.{REPLIES_STREAM}.{consumer}.>"),
+        ],
+        subscribe: vec![format!("{}.>", subject::agent_inbox_prefix(agent))],
+    }
+}
+
 /// What provisioning did to one stream or consumer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -589,6 +616,39 @@ pub async fn ensure_consumer(
     }
 }
 
+/// Deletes `agent`'s reply consumer (`REPLIES/agent-<id>`), with the replies
+/// it still held for the agent; `Ok(false)` when it did not exist.
+pub async fn remove_agent_consumer(
+    js: &jetstream::Context,
+    agent: &AgentId,
+) -> Result<bool, ProvisionError> {
+    let name = agent_replies_consumer_name(agent);
+    let what = format!("consumer {REPLIES_STREAM}/{name}");
+    let stream = js
+        .get_stream_no_info(REPLIES_STREAM)
+        .await
+        .map_err(|e| ProvisionError::Broker {
+            what: what.clone(),
+            action: "look up stream",
+            source: boxed(e),
+        })?;
+    match stream.delete_consumer(&name).await {
+        Ok(_) => Ok(true),
+        Err(e) => match e.kind() {
+            jetstream::stream::ConsumerErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND =>
+            {
+                Ok(false)
+            }
+            _ => Err(ProvisionError::Broker {
+                what,
+                action: "delete",
+                source: boxed(e),
+            }),
+        },
+    }
+}
+
 /// Provisions every stream, every role's consumer, and the reply consumer of
 /// each agent in `agents`. Safe to run any number of times.
 pub async fn provision(
@@ -609,4 +669,24 @@ pub async fn provision(
         report.push(ensure_consumer(js, &agent_replies_consumer(agent)).await?);
     }
     Ok(report)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// The committed `nats.conf` gives demo agent desk-1 exactly the
+    /// permissions `ferry agent add` generates for an agent.
+    #[test]
+    fn agent_permissions_match_the_demo_entry_in_nats_conf() {
+        let conf = include_str!("../../nats.conf");
+        let start = conf.find("user: desk-1,").expect("desk-1 entry");
+        let entry = &conf[start..];
+        let entry = &entry[..entry.find("\n      }").expect("end of entry")];
+        let quoted: Vec<&str> = entry.split('"').skip(1).step_by(2).collect();
+        let p = agent_permissions(&AgentId::new("desk-1").unwrap());
+        let want: Vec<&str> = p.publish.iter().chain(&p.subscribe).map(String::as_str).collect();
+        assert_eq!(quoted, want);
+    }
 }

@@ -19,9 +19,11 @@ use tokio_util::sync::CancellationToken;
 /// Examples:
 ///   ferry-worker --server nats://127.0.0.1:4222 --user workers --password "$PW" rules --rules rules.toml
 ///   ferry-worker --user workers --password "$PW" inference --config inference.toml
+///   ferry-worker --user workers --password "$PW" rules --rules rules.toml --groups .ferry/groups.toml
 ///   NATS_URL=nats://gpu-1:4222 NATS_CREDS=/etc/ferry/worker.creds ferry-worker rules --rules /etc/ferry/rules.toml
 ///   DATABASE_URL=postgres://ferry:PW@db:5432/ferry ferry-worker --user workers --password "$PW" archiver
 ///   ferry-worker --metrics-listen 0.0.0.0:9464 --log-format json --user workers --password "$PW" rules
+///   ferry-worker --check rules --rules rules.toml   # validate before deploying; connects to nothing
 #[derive(Debug, Parser)]
 #[command(version, about, verbatim_doc_comment)]
 struct Cli {
@@ -34,6 +36,12 @@ struct Cli {
     /// messages by outcome, handling time, in flight, consumer lag, tokens.
     #[arg(long, env = "FERRY_METRICS_LISTEN", value_name = "ADDR", global = true)]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Check and exit: parse the flags, load and validate the role's files
+    /// (rules file, inference config, database URL) and the credentials,
+    /// print a summary, and connect to nothing. Exits non-zero, naming the
+    /// problem, when the worker would refuse to start.
+    #[arg(long, global = true)]
+    check: bool,
     #[command(subcommand)]
     role: RoleCmd,
 }
@@ -119,6 +127,10 @@ struct InferenceArgs {
     /// see workers/src/inference/config.rs and ops/demo/inference.toml.
     #[arg(long, env = "FERRY_INFERENCE_CONFIG", default_value = "inference.toml")]
     config: PathBuf,
+    /// Groups file completing the config's [groups] (`ferry agent add
+    /// --group` writes it: <data dir>/groups.toml); read at start.
+    #[arg(long, env = "FERRY_GROUPS")]
+    groups: Option<PathBuf>,
     /// Conversation context and knowledge base: read from this PostgreSQL.
     /// Without it, prompts hold the message only.
     #[command(flatten)]
@@ -130,6 +142,10 @@ struct RulesArgs {
     /// The rules file (TOML); see ops/demo/rules.toml and workers/src/rules/config.rs.
     #[arg(long, env = "FERRY_RULES", default_value = "rules.toml")]
     rules: PathBuf,
+    /// Groups file completing the rules file's [groups] (`ferry agent add
+    /// --group` writes it: <data dir>/groups.toml); read at start.
+    #[arg(long, env = "FERRY_GROUPS")]
+    groups: Option<PathBuf>,
     /// Events handled at once by this replica (also the pull batch size).
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
@@ -154,6 +170,46 @@ fn nats_config(args: &NatsArgs, name: &str) -> anyhow::Result<NatsConfig> {
     Ok(cfg)
 }
 
+/// `--check`: the database URL, when one is given, parses.
+fn check_db(db: Option<&ferry_workers::state::DbConfig>) -> anyhow::Result<()> {
+    if let Some(db) = db {
+        describe_db(&db.url)?;
+    }
+    Ok(())
+}
+
+/// `ferry@host:port/database` of a PostgreSQL URL, without its password.
+fn describe_db(url: &str) -> anyhow::Result<String> {
+    let pg = ferry_workers::state::parse_url(url)?;
+    let host = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    Ok(format!(
+        "{}@{host}:{port}/{}",
+        pg.get_user().unwrap_or("?"),
+        pg.get_dbname().unwrap_or("?")
+    ))
+}
+
+/// `--check`: a model file that is not there is a warning, not an error:
+/// the worker starts without it and the fallback chain skips it.
+fn check_models(settings: &inference::config::InferenceSettings) {
+    for m in &settings.models {
+        if let inference::config::ModelSource::File(path) = &m.source {
+            if !path.is_file() {
+                eprintln!(
+                    "warning: model {}: {} is not a file here; a worker that cannot load it skips to the next step of the fallback chain",
+                    m.alias,
+                    path.display()
+                );
+            }
+        }
+    }
+}
+
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -168,8 +224,11 @@ fn init_logs(format: LogFormat) {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logs(cli.log_format);
-    // Served until the worker exits.
-    let _metrics = cli.metrics_listen.map(ferry_workers::metrics::serve).transpose()?;
+    // Served until the worker exits (never with --check, which binds nothing).
+    let _metrics = match (cli.check, cli.metrics_listen) {
+        (false, Some(addr)) => Some(ferry_workers::metrics::serve(addr)?),
+        _ => None,
+    };
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
@@ -182,9 +241,19 @@ async fn main() -> anyhow::Result<()> {
             let mut cfg = rules::RulesConfig::new(&args.rules);
             cfg.consume.max_in_flight = args.concurrency;
             cfg.db = args.db.config();
+            cfg.groups_path = args.groups.clone();
             // Validate the rules before touching the network.
-            rules::config::load(&cfg.rules_path)?;
-            let client = nats_config(&cli.nats, "ferry-worker rules")?
+            let set = rules::config::load_with_groups(&cfg.rules_path, cfg.groups_path.as_deref())?;
+            let nats = nats_config(&cli.nats, "ferry-worker rules")?;
+            if cli.check {
+                check_db(cfg.db.as_ref())?;
+                if set.needs_customers() && cfg.db.is_none() {
+                    return Err(rules::RunError::NeedsDatabase(cfg.rules_path.display().to_string()).into());
+                }
+                println!("ferry-worker rules: ok: {} rules in {}", set.len(), cfg.rules_path.display());
+                return Ok(());
+            }
+            let client = nats
                 .connect()
                 .await
                 .context("connecting to NATS")?;
@@ -194,9 +263,23 @@ async fn main() -> anyhow::Result<()> {
         RoleCmd::Inference(args) => {
             let mut cfg = inference::InferenceConfig::new(&args.config);
             cfg.db = args.db.config();
+            cfg.groups_path = args.groups.clone();
             // Validate the config before loading models or connecting.
-            inference::config::load(&cfg.config_path)?;
-            let client = nats_config(&cli.nats, "ferry-worker inference")?
+            let settings = inference::config::load_with_groups(&cfg.config_path, cfg.groups_path.as_deref())?;
+            let nats = nats_config(&cli.nats, "ferry-worker inference")?;
+            if cli.check {
+                check_db(cfg.db.as_ref())?;
+                check_models(&settings);
+                println!(
+                    "ferry-worker inference: ok: {} models, {} routes, {} templates in {}",
+                    settings.models.len(),
+                    settings.routes.len(),
+                    settings.templates.len(),
+                    cfg.config_path.display()
+                );
+                return Ok(());
+            }
+            let client = nats
                 .connect()
                 .await
                 .context("connecting to NATS")?;
@@ -215,7 +298,12 @@ async fn main() -> anyhow::Result<()> {
             cfg.conversation_idle = std::time::Duration::from_secs(args.conversation_idle_mins * 60);
             // Check the URL before touching the network.
             ferry_workers::state::parse_url(&cfg.db.url)?;
-            let client = nats_config(&cli.nats, "ferry-worker archiver")?
+            let nats = nats_config(&cli.nats, "ferry-worker archiver")?;
+            if cli.check {
+                println!("ferry-worker archiver: ok: database {}", describe_db(&cfg.db.url)?);
+                return Ok(());
+            }
+            let client = nats
                 .connect()
                 .await
                 .context("connecting to NATS")?;

@@ -21,7 +21,7 @@ pub struct DownArgs {
 
 /// Whether `pid` is alive and runs a program whose command line contains `name`
 /// (a pid file can outlive its process and the pid be reused).
-fn running(pid: i32, name: &str) -> bool {
+pub(crate) fn running(pid: i32, name: &str) -> bool {
     pid > 0
         && kill(Pid::from_raw(pid), None).is_ok()
         && std::fs::read(format!("/proc/{pid}/cmdline"))
@@ -29,7 +29,7 @@ fn running(pid: i32, name: &str) -> bool {
             .unwrap_or(false)
 }
 
-fn pids(file: &Path) -> Vec<(String, i32)> {
+pub(crate) fn pids(file: &Path) -> Vec<(String, i32)> {
     std::fs::read_to_string(file)
         .unwrap_or_default()
         .lines()

@@ -1,5 +1,7 @@
 //! `ferry`: the operators' command: run a local stack, provision, benchmark.
 
+mod agent;
+mod agent_registry;
 mod bench;
 mod bench_archiver;
 mod bench_inference;
@@ -37,6 +39,7 @@ use ferry_schema::connect::{Auth, NatsConfig};
 ///   ferry tap 'events.>'          # live events, decoded to JSON
 ///   ferry dlq list                # dead letters and why
 ///   ferry stats --watch 2         # lag per worker role, replicas, agents
+///   ferry agent add desk-7 --group support   # an agent's nkey and permissions, reloaded into the broker
 ///   ferry bench rules --events 20000 --repeat 5
 ///   ferry bench inference
 ///   ferry bench archiver --events 100000
@@ -70,6 +73,9 @@ enum Cmd {
     /// Dead letters: list them, re-drive them after a fix.
     #[command(subcommand)]
     Dlq(dlq::DlqCmd),
+    /// Agents' credentials: add (an nkey and its permissions), list, revoke.
+    #[command(subcommand)]
+    Agent(agent::AgentCmd),
     /// Create or update streams and consumers (idempotent; prints what changed).
     Provision(provision::ProvisionArgs),
     /// Benchmarks that run a baseline in the same run and print ratios.
@@ -133,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Tap(args) => tap::run(args).await,
         Cmd::Stats(args) => stats::run(args).await,
         Cmd::Dlq(cmd) => dlq::run(cmd).await,
+        Cmd::Agent(cmd) => agent::run(cmd).await,
         Cmd::Provision(args) => provision::run(args).await,
         Cmd::Bench(cmd) => bench::run(cmd).await,
     }

@@ -117,12 +117,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             None
         }
     };
+    // nats.conf with the nkey users of the agents `ferry agent add`
+    // registered, and its store dir (so `ferry agent` can reload it).
+    let registry = crate::agent_registry::Registry::load(&crate::agent_registry::registry_path(&args.data_dir))?;
+    let conf = args.data_dir.join("nats").join("nats.conf");
+    let store = std::path::absolute(args.data_dir.join("nats").join("store")).context("resolving the store dir")?;
+    let conf_text = ferry_stack::nats::with_store_dir(&registry.splice_into(ferry_stack::NATS_CONF, "nats.conf")?, &store);
+    crate::agent_registry::write_atomic(&conf, conf_text.as_bytes(), 0o644)?;
     eprintln!("ferry: starting nats-server (store in {}) ...", args.data_dir.join("nats").display());
     let mut nats = NatsServer::start(NatsServerOptions {
         data_dir: Some(args.data_dir.join("nats")),
         port: Some(args.port),
         monitor_port: Some(args.monitor_port),
-        conf: None,
+        conf: Some(conf),
         secrets: Some(secrets.clone()),
     })?;
     let pid_file = args.data_dir.join(PID_FILE);
@@ -136,7 +143,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let js = jetstream::new(op.clone());
     let agents: Vec<AgentId> = DEMO_AGENTS
         .iter()
-        .map(|a| AgentId::new(*a))
+        .copied()
+        .chain(registry.active().map(|a| a.id.as_str()))
+        .map(AgentId::new)
         .collect::<Result<_, _>>()?;
     let report = topology::provision(&js, &StreamSettings::default(), &agents).await?;
     eprintln!("ferry: provisioned\n{}", indent(&crate::provision::describe(&report)));
@@ -183,7 +192,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             p
         }
     };
-    rules::config::load(&rules_path)?;
+    // Agent groups from `ferry agent add --group`, for rules and routes.
+    let groups_path = crate::agent_registry::groups_path(&args.data_dir);
+    crate::agent_registry::write_atomic(&groups_path, registry.groups_toml()?.as_bytes(), 0o644)?;
+    rules::config::load_with_groups(&rules_path, Some(&groups_path))?;
     let shutdown = CancellationToken::new();
     let archiver_worker = {
         let client = nats.workers("ferry up: archiver").connect().await?;
@@ -196,6 +208,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         let client = nats.workers("ferry up: rules").connect().await?;
         let mut cfg = RulesConfig::new(&rules_path);
         cfg.db = Some(db.clone());
+        cfg.groups_path = Some(groups_path.clone());
         let token = shutdown.clone();
         tokio::spawn(async move { rules::run(client, &cfg, token).await })
     };
@@ -215,10 +228,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 p
             }
         };
-        inference::config::load(&config_path)?;
+        inference::config::load_with_groups(&config_path, Some(&groups_path))?;
         let client = nats.workers("ferry up: inference").connect().await?;
         let mut cfg = InferenceConfig::new(&config_path);
         cfg.db = Some(db.clone());
+        cfg.groups_path = Some(groups_path.clone());
         let token = shutdown.clone();
         eprintln!("ferry: inference worker starting ({}); loading models ...", config_path.display());
         Some(tokio::spawn(async move { inference::run(client, &cfg, token).await }))

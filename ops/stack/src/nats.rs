@@ -131,7 +131,9 @@ impl NatsServer {
             Some(c) => c,
             None => {
                 let c = dir.join("nats.conf");
-                std::fs::write(&c, NATS_CONF).map_err(io(format!("write {}", c.display())))?;
+                let store = std::path::absolute(dir.join("store")).map_err(io("resolve the store dir"))?;
+                std::fs::write(&c, with_store_dir(NATS_CONF, &store))
+                    .map_err(io(format!("write {}", c.display())))?;
                 c
             }
         };
@@ -184,13 +186,19 @@ impl NatsServer {
             .open(&log_path)
             .map_err(io(format!("open {}", log_path.display())))?;
         let log2 = log.try_clone().map_err(io("clone log handle"))?;
-        let child = Command::new(&self.binary)
-            .arg("-c")
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("-c")
             .arg(&self.conf)
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-m", &self.monitor_port.to_string()])
-            .arg("-sd")
-            .arg(self.dir.join("store"))
+            .args(["-m", &self.monitor_port.to_string()]);
+        // A store dir given with -sd makes every later reload fail (see
+        // `with_store_dir`); pass it only when the config does not set one.
+        let conf_text = std::fs::read_to_string(&self.conf)
+            .map_err(io(format!("read {}", self.conf.display())))?;
+        if !sets_store_dir(&conf_text) {
+            cmd.arg("-sd").arg(self.dir.join("store"));
+        }
+        let child = cmd
             .envs(self.secrets.env())
             .stdin(Stdio::null())
             .stdout(log)
@@ -324,8 +332,55 @@ impl NatsServer {
     }
 }
 
+/// `conf` with `store_dir: "<store>"` as the first line of its top-level
+/// `jetstream` block (unchanged when it sets a store dir already or has no
+/// such block). nats-server (2.9, and 2.10 too: nats-server issue 6606)
+/// refuses every config reload of a server whose store dir came from the
+/// command line (`-sd`): "config reload not supported for jetstream storage
+/// dir". A config that `ferry agent add` reloads must name its store dir.
+pub fn with_store_dir(conf: &str, store: &Path) -> String {
+    if sets_store_dir(conf) {
+        return conf.to_string();
+    }
+    let quoted = store.display().to_string().replace('\\', "\\\\").replace('"', "\\\"");
+    let mut out = String::with_capacity(conf.len() + quoted.len() + 16);
+    let mut done = false;
+    for line in conf.split_inclusive('\n') {
+        out.push_str(line);
+        let t = line.trim_end();
+        if !done && (t == "jetstream {" || t == "jetstream: {" || t == "jetstream = {") {
+            out.push_str(&format!("  store_dir: \"{quoted}\"\n"));
+            done = true;
+        }
+    }
+    out
+}
+
+/// Whether a config sets the JetStream store dir itself.
+fn sets_store_dir(conf: &str) -> bool {
+    conf.lines().any(|l| {
+        let l = l.trim_start();
+        l.strip_prefix("store_dir")
+            .is_some_and(|rest| rest.starts_with([':', '=', ' ', '\t']))
+    })
+}
+
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_dir_goes_into_the_jetstream_block_once() {
+        let conf = with_store_dir(NATS_CONF, Path::new("/data/ferry \"x\"/store"));
+        assert!(conf.contains("jetstream {\n  store_dir: \"/data/ferry \\\"x\\\"/store\"\n"), "{conf}");
+        assert!(sets_store_dir(&conf) && !sets_store_dir(NATS_CONF));
+        assert_eq!(with_store_dir(&conf, Path::new("/elsewhere")), conf);
     }
 }

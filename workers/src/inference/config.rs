@@ -224,6 +224,9 @@ pub enum ConfigError {
         /// What is wrong and what was expected.
         message: String,
     },
+    /// The groups file (`--groups`) is unusable.
+    #[error(transparent)]
+    GroupsFile(#[from] crate::groups::GroupsFileError),
 }
 
 fn default_system() -> String {
@@ -320,19 +323,39 @@ pub fn expand_home(p: &str) -> PathBuf {
 
 /// Reads and validates an inference config file.
 pub fn load(path: &Path) -> Result<InferenceSettings, ConfigError> {
+    load_with_groups(path, None)
+}
+
+/// Reads and validates an inference config file, its `[groups]` completed
+/// by the groups file `groups` (`--groups`, from `ferry agent add --group`).
+pub fn load_with_groups(path: &Path, groups: Option<&Path>) -> Result<InferenceSettings, ConfigError> {
+    let extra = match groups {
+        Some(g) => crate::groups::load_file(g)?,
+        None => BTreeMap::new(),
+    };
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    parse(&text, &path.display().to_string())
+    parse_with_groups(&text, &path.display().to_string(), &extra)
 }
 
 /// Parses and validates an inference config; `origin` names it in errors.
 pub fn parse(text: &str, origin: &str) -> Result<InferenceSettings, ConfigError> {
-    let file: File = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+    parse_with_groups(text, origin, &BTreeMap::new())
+}
+
+/// [`parse`], with `extra` groups added to the file's `[groups]`.
+pub fn parse_with_groups(
+    text: &str,
+    origin: &str,
+    extra: &BTreeMap<String, Vec<String>>,
+) -> Result<InferenceSettings, ConfigError> {
+    let mut file: File = toml::from_str(text).map_err(|e| ConfigError::Syntax {
         origin: origin.to_string(),
         message: e.to_string().trim_end().to_string(),
     })?;
+    crate::groups::merge(&mut file.groups, extra);
     let invalid = |what: String, message: String| ConfigError::Invalid {
         origin: origin.to_string(),
         what,

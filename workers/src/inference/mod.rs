@@ -38,6 +38,8 @@ pub struct InferenceConfig {
     /// PostgreSQL for conversation context and the knowledge base; without
     /// it prompts hold the message only.
     pub db: Option<crate::state::DbConfig>,
+    /// A groups file completing the config's `[groups]` (`--groups`).
+    pub groups_path: Option<PathBuf>,
 }
 
 impl InferenceConfig {
@@ -49,6 +51,7 @@ impl InferenceConfig {
             progress_every: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(120),
             db: None,
+            groups_path: None,
         }
     }
 }
@@ -76,7 +79,7 @@ pub async fn run(
     cfg: &InferenceConfig,
     shutdown: CancellationToken,
 ) -> Result<Arc<Stats>, RunError> {
-    let settings = Arc::new(config::load(&cfg.config_path)?);
+    let settings = Arc::new(config::load_with_groups(&cfg.config_path, cfg.groups_path.as_deref())?);
     let db = match &cfg.db {
         Some(db) => Some(crate::state::connect_checked(db).await?),
         None => None,

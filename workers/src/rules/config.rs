@@ -67,6 +67,9 @@ pub enum RulesError {
         /// What is wrong and what was expected.
         message: String,
     },
+    /// The groups file (`--groups`) is unusable.
+    #[error(transparent)]
+    GroupsFile(#[from] crate::groups::GroupsFileError),
     /// The `[groups]` table is invalid.
     #[error("rules file {path}: [groups] {group:?}: {message}")]
     Group {
@@ -137,19 +140,39 @@ struct RuleEntry {
 
 /// Reads and validates a rules file.
 pub fn load(path: &Path) -> Result<RuleSet, RulesError> {
+    load_with_groups(path, None)
+}
+
+/// Reads and validates a rules file, its `[groups]` completed by the
+/// groups file `groups` (`--groups`, from `ferry agent add --group`).
+pub fn load_with_groups(path: &Path, groups: Option<&Path>) -> Result<RuleSet, RulesError> {
+    let extra = match groups {
+        Some(g) => crate::groups::load_file(g)?,
+        None => BTreeMap::new(),
+    };
     let text = std::fs::read_to_string(path).map_err(|source| RulesError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    parse(&text, &path.display().to_string())
+    parse_with_groups(&text, &path.display().to_string(), &extra)
 }
 
 /// Parses and validates rules from TOML text; `origin` names it in errors.
 pub fn parse(text: &str, origin: &str) -> Result<RuleSet, RulesError> {
-    let file: RulesFile = toml::from_str(text).map_err(|e| RulesError::Syntax {
+    parse_with_groups(text, origin, &BTreeMap::new())
+}
+
+/// [`parse`], with `extra` groups added to the file's `[groups]`.
+pub fn parse_with_groups(
+    text: &str,
+    origin: &str,
+    extra: &BTreeMap<String, Vec<String>>,
+) -> Result<RuleSet, RulesError> {
+    let mut file: RulesFile = toml::from_str(text).map_err(|e| RulesError::Syntax {
         path: origin.to_string(),
         message: e.to_string().trim_end().to_string(),
     })?;
+    crate::groups::merge(&mut file.groups, extra);
 
     let agent_groups = AgentGroups::parse(&file.groups).map_err(|e| RulesError::Group {
         path: origin.to_string(),

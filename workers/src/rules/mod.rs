@@ -29,6 +29,8 @@ pub struct RulesConfig {
     pub max_payload: usize,
     /// PostgreSQL, for rules on customer tags (required when a rule has them).
     pub db: Option<crate::state::DbConfig>,
+    /// A groups file completing the rules file's `[groups]` (`--groups`).
+    pub groups_path: Option<PathBuf>,
 }
 
 impl RulesConfig {
@@ -39,6 +41,7 @@ impl RulesConfig {
             consume: ConsumeSettings::default(),
             max_payload: DEFAULT_MAX_PAYLOAD,
             db: None,
+            groups_path: None,
         }
     }
 }
@@ -70,7 +73,7 @@ pub async fn run(
     cfg: &RulesConfig,
     shutdown: CancellationToken,
 ) -> Result<Arc<Stats>, RunError> {
-    let rules = Arc::new(config::load(&cfg.rules_path)?);
+    let rules = Arc::new(config::load_with_groups(&cfg.rules_path, cfg.groups_path.as_deref())?);
     let customers = match (&cfg.db, rules.needs_customers()) {
         (Some(db), true) => Some(crate::state::connect_checked(db).await?),
         (None, true) => return Err(RunError::NeedsDatabase(cfg.rules_path.display().to_string())),

@@ -175,3 +175,17 @@ fn config_errors_name_rule_and_field() {
     check_err("[[rule]]\nname = \"a\"\ncustomer_tags = [\" \"]\naction = \"ignore\"\n", "field `customer_tags`: \" \": a tag must not be empty");
     check_err("this is = not toml", "rules file rules.toml: TOML parse error at line 1");
 }
+
+#[test]
+fn a_groups_file_adds_agents_to_groups() {
+    // As `ferry agent add desk-7 --group support` leaves it in groups.toml.
+    let extra = std::collections::BTreeMap::from([("support".to_string(), vec!["desk-7".to_string()])]);
+    let rules = "[[rule]]\nname = \"support-hello\"\ngroups = [\"support\"]\nkeywords = [\"hello\"]\naction = \"reply\"\ntemplate = \"Hi\"\n";
+    let set = super::config::parse_with_groups(rules, "test.toml", &extra).unwrap();
+    assert_eq!(set.decide(&chat("desk-7", "Bob", "hello"), &[]), reply("support-hello", "Hi", 1.0));
+    assert_ne!(set.decide(&chat("desk-8", "Bob", "hello"), &[]), reply("support-hello", "Hi", 1.0));
+    // The demo's own [groups] keeps its members and gains desk-7.
+    let set = super::config::parse_with_groups(DEMO, "demo.toml", &extra).unwrap();
+    assert!(matches!(set.decide(&chat("desk-7", "Bob", "hello"), &[]), Decision::Reply { rule, .. } if rule == "greeting"));
+    assert!(matches!(set.decide(&chat("desk-1", "Bob", "hello"), &[]), Decision::Reply { rule, .. } if rule == "greeting"));
+}

@@ -1,0 +1,384 @@
+//! The agent registry (`<data dir>/agents.toml`) and the files generated from it: the nkey users in `nats.conf` and the groups file.
+//!
+//! The registry is the source of truth. `ferry agent add|revoke` change it
+//! and then regenerate, from the whole registry, the block of nkey users
+//! between the `# BEGIN ferry agents` and `# END ferry agents` lines of
+//! `nats.conf`, and `<data dir>/groups.toml`, which the rules and inference
+//! workers read with `--groups`. Revoked agents stay in the registry (with
+//! the time they were revoked) but get no user.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use chrono::{DateTime, SecondsFormat, Utc};
+use ferry_schema::{topology, AgentId};
+use serde::{Deserialize, Serialize};
+
+/// Line that opens the generated block in `nats.conf`.
+pub const BEGIN_MARKER: &str = "# BEGIN ferry agents";
+/// Line that closes it.
+pub const END_MARKER: &str = "# END ferry agents";
+
+/// The registry file under the data dir.
+pub fn registry_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("agents.toml")
+}
+
+/// The groups file under the data dir (`[groups]`, as in a rules file).
+pub fn groups_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("groups.toml")
+}
+
+/// Where `agent`'s nkey seed is kept (mode 0600).
+pub fn seed_path(data_dir: &Path, agent: &AgentId) -> PathBuf {
+    data_dir.join("agents").join(format!("{agent}.nk"))
+}
+
+/// One agent as the registry records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentEntry {
+    /// The agent id.
+    pub id: String,
+    /// Its group, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Public key of its nkey (`U...`): what `nats.conf` lists.
+    pub public_key: String,
+    /// When it was added.
+    pub created: DateTime<Utc>,
+    /// When it was revoked; revoked agents get no user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<DateTime<Utc>>,
+}
+
+impl AgentEntry {
+    /// Whether it may connect.
+    pub fn active(&self) -> bool {
+        self.revoked.is_none()
+    }
+}
+
+/// Every agent ever added, in the order they were added.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registry {
+    /// The agents.
+    #[serde(default, rename = "agent")]
+    pub agents: Vec<AgentEntry>,
+}
+
+const REGISTRY_HEADER: &str = "# Ferry's agents, kept by `ferry agent add|list|revoke`. Edit with those commands:\n# nats.conf's agent users and groups.toml are generated from this file.\n\n";
+
+impl Registry {
+    /// Reads the registry; an empty one when the file does not exist.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let reg: Self =
+            toml::from_str(&text).with_context(|| format!("agent registry {} is invalid", path.display()))?;
+        for a in &reg.agents {
+            AgentId::new(a.id.as_str()).with_context(|| format!("agent registry {}", path.display()))?;
+        }
+        Ok(reg)
+    }
+
+    /// Writes the registry (replacing the file in one rename).
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        let text = toml::to_string(self).context("serialising the agent registry")?;
+        write_atomic(path, format!("{REGISTRY_HEADER}{text}").as_bytes(), 0o644)
+    }
+
+    /// The agents that may connect.
+    pub fn active(&self) -> impl Iterator<Item = &AgentEntry> {
+        self.agents.iter().filter(|a| a.active())
+    }
+
+    /// Adds `entry`, replacing a revoked entry of the same id. Fails when
+    /// the id is already active.
+    pub fn add(&mut self, entry: AgentEntry) -> anyhow::Result<()> {
+        if let Some(old) = self.agents.iter().position(|a| a.id == entry.id) {
+            anyhow::ensure!(
+                !self.agents[old].active(),
+                "agent {} already exists (added {}); revoke it first to give it a new key",
+                entry.id,
+                rfc3339(&self.agents[old].created)
+            );
+            self.agents.remove(old);
+        }
+        self.agents.push(entry);
+        Ok(())
+    }
+
+    /// Marks `id` revoked at `at`; returns its entry.
+    pub fn revoke(&mut self, id: &str, at: DateTime<Utc>) -> anyhow::Result<&AgentEntry> {
+        let entry = self
+            .agents
+            .iter_mut()
+            .find(|a| a.id == id)
+            .with_context(|| format!("agent {id} is not in the registry (see `ferry agent list`)"))?;
+        if let Some(when) = entry.revoked {
+            anyhow::bail!("agent {id} was already revoked at {}", rfc3339(&when));
+        }
+        entry.revoked = Some(at);
+        Ok(entry)
+    }
+
+    /// The nkey users of the active agents, as `nats.conf` entries indented
+    /// by `indent`, one comment line naming each agent.
+    pub fn conf_users(&self, indent: &str) -> anyhow::Result<String> {
+        let mut out = String::new();
+        for a in self.active() {
+            let id = AgentId::new(a.id.as_str())?;
+            let perms = topology::agent_permissions(&id);
+            let group = a.group.as_deref().map(|g| format!(", group {g}")).unwrap_or_default();
+            let quote = |s: &String| format!("\"{s}\"");
+            let publish: Vec<String> = perms.publish.iter().map(quote).collect();
+            let subscribe: Vec<String> = perms.subscribe.iter().map(quote).collect();
+            let lines = [
+                format!("# agent {id}{group}, added {}", rfc3339(&a.created)),
+                "{".to_string(),
+                format!("  nkey: {}", a.public_key),
+                "  permissions: {".to_string(),
+                "    publish: { allow: [".to_string(),
+                format!("      {}", publish.join(",\n      ")),
+                "    ] }".to_string(),
+                format!("    subscribe: {{ allow: [{}] }}", subscribe.join(", ")),
+                "  }".to_string(),
+                "}".to_string(),
+            ];
+            for block in lines {
+                for line in block.lines() {
+                    out.push_str(&format!("{indent}{line}\n"));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `nats.conf` text `conf` with its generated block replaced by this
+    /// registry's users. Fails when `conf` lacks the two marker lines.
+    pub fn splice_into(&self, conf: &str, origin: &str) -> anyhow::Result<String> {
+        let begin = line_with(conf, BEGIN_MARKER).with_context(|| {
+            format!("{origin} has no `{BEGIN_MARKER}` line; add the two lines `{BEGIN_MARKER}` and `{END_MARKER}` inside the FERRY account's users list (see Ferry's nats.conf)")
+        })?;
+        let end = line_with(&conf[begin.end..], END_MARKER)
+            .map(|r| (r.start + begin.end)..(r.end + begin.end))
+            .with_context(|| format!("{origin} has `{BEGIN_MARKER}` but no `{END_MARKER}` line after it"))?;
+        let line = &conf[begin.clone()];
+        let indent = &line[..line.len() - line.trim_start().len()];
+        let mut out = String::with_capacity(conf.len() + 512 * self.agents.len());
+        out.push_str(&conf[..begin.end]);
+        out.push('\n');
+        out.push_str(&self.conf_users(indent)?);
+        out.push_str(&conf[end.start..]);
+        Ok(out)
+    }
+
+    /// The groups file: `[groups]` with the active agents of each group.
+    pub fn groups_toml(&self) -> anyhow::Result<String> {
+        let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for a in self.active() {
+            if let Some(g) = &a.group {
+                groups.entry(g.as_str()).or_default().push(a.id.as_str());
+            }
+        }
+        #[derive(Serialize)]
+        struct File<'a> {
+            groups: BTreeMap<&'a str, Vec<&'a str>>,
+        }
+        let body = toml::to_string(&File { groups }).context("serialising the groups file")?;
+        Ok(format!(
+            "# Agent groups from `ferry agent add --group`, generated from agents.toml; do not edit.\n# The rules and inference workers read it with --groups.\n\n{body}"
+        ))
+    }
+}
+
+/// The byte range of the first line of `text` whose trimmed content is
+/// `marker` (without its newline).
+fn line_with(text: &str, marker: &str) -> Option<std::ops::Range<usize>> {
+    let mut start = 0;
+    for line in text.split_inclusive('\n') {
+        let content = line.trim_end_matches(['\n', '\r']);
+        if content.trim() == marker {
+            return Some(start..start + content.len());
+        }
+        start += line.len();
+    }
+    None
+}
+
+/// A group name: letters, digits, `-` and `_`, at most 64 characters.
+pub fn check_group(group: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !group.is_empty()
+            && group.len() <= 64
+            && group.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'),
+        "group {group:?} is not valid: use 1 to 64 letters, digits, '-' or '_'"
+    );
+    Ok(())
+}
+
+/// A time as the registry and the listings show it (`2026-05-01T10:00:00Z`).
+pub fn rfc3339(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// Writes `bytes` to `path` through a temp file in the same dir and a
+/// rename, so readers (nats-server on reload) never see half a file. The
+/// new file gets `mode`, or the old file's mode when it existed.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mode = std::fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o7777)
+        .unwrap_or(mode);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
+}
+
+/// An exclusive lock on the registry, held while a command changes it, so
+/// two operators' commands do not lose each other's changes.
+#[derive(Debug)]
+pub struct RegistryLock {
+    /// Unlocked when closed.
+    _file: std::fs::File,
+}
+
+impl RegistryLock {
+    /// Takes the lock (`<data dir>/agents.lock`), waiting for another holder.
+    pub fn take(data_dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+        let path = data_dir.join("agents.lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        f.lock().with_context(|| format!("locking {}", path.display()))?;
+        Ok(Self { _file: f })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, group: Option<&str>) -> AgentEntry {
+        AgentEntry {
+            id: id.into(),
+            group: group.map(Into::into),
+            public_key: format!("UKEY{}", id.to_ascii_uppercase()),
+            created: DateTime::parse_from_rfc3339("2026-05-01T10:00:00Z").unwrap().to_utc(),
+            revoked: None,
+        }
+    }
+
+    #[test]
+    fn splices_the_active_agents_between_the_markers() {
+        let mut reg = Registry::default();
+        reg.add(entry("desk-7", Some("support"))).unwrap();
+        reg.add(entry("desk-8", None)).unwrap();
+        reg.revoke("desk-8", Utc::now()).unwrap();
+        let conf = "users: [\n    { user: a }\n    # BEGIN ferry agents\n    old stuff\n    # END ferry agents\n    { user: b }\n]\n";
+        let out = reg.splice_into(conf, "test.conf").unwrap();
+        // The subjects come from schema (checked against nats.conf's demo
+        // entry there); this test is about the layout.
+        let p = topology::agent_permissions(&AgentId::new("desk-7").unwrap());
+        assert_eq!(p.publish.len(), 4);
+        let (e, i, n, a) = (&p.publish[0], &p.publish[1], &p.publish[2], &p.publish[3]);
+        let inbox = &p.subscribe[0];
+        assert_eq!(
+            out,
+            format!(
+                r#"users: [
+    {{ user: a }}
+    # BEGIN ferry agents
+    # agent desk-7, group support, added 2026-05-01T10:00:00Z
+    {{
+      nkey: UKEYDESK-7
+      permissions: {{
+        publish: {{ allow: [
+          "{e}",
+          "{i}",
+          "{n}",
+          "{a}"
+        ] }}
+        subscribe: {{ allow: ["{inbox}"] }}
+      }}
+    }}
+    # END ferry agents
+    {{ user: b }}
+]
+"#
+            )
+        );
+        // Splicing again gives the same text: the block is regenerated, not appended.
+        assert_eq!(reg.splice_into(&out, "test.conf").unwrap(), out);
+        let err = reg.splice_into("users: []", "x.conf").unwrap_err().to_string();
+        assert!(err.contains("x.conf has no `# BEGIN ferry agents` line"), "{err}");
+    }
+
+    #[test]
+    fn the_committed_nats_conf_has_the_markers() {
+        let reg = Registry::default();
+        assert_eq!(reg.splice_into(ferry_stack::NATS_CONF, "nats.conf").unwrap(), ferry_stack::NATS_CONF);
+    }
+
+    #[test]
+    fn registry_round_trips_and_refuses_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = registry_path(dir.path());
+        assert_eq!(Registry::load(&path).unwrap(), Registry::default());
+        let mut reg = Registry::default();
+        reg.add(entry("desk-7", Some("support"))).unwrap();
+        let err = reg.add(entry("desk-7", None)).unwrap_err().to_string();
+        assert!(err.contains("already exists"), "{err}");
+        reg.save(&path).unwrap();
+        assert_eq!(Registry::load(&path).unwrap(), reg);
+        reg.revoke("desk-7", Utc::now()).unwrap();
+        assert!(reg.revoke("desk-7", Utc::now()).is_err());
+        // A revoked id can be added again, with a new key.
+        reg.add(entry("desk-7", None)).unwrap();
+        assert_eq!(reg.agents.len(), 1);
+        assert!(reg.agents[0].active());
+    }
+
+    #[test]
+    fn groups_file_lists_active_members() {
+        let mut reg = Registry::default();
+        reg.add(entry("desk-7", Some("support"))).unwrap();
+        reg.add(entry("desk-8", Some("support"))).unwrap();
+        reg.add(entry("desk-9", Some("vip"))).unwrap();
+        reg.revoke("desk-9", Utc::now()).unwrap();
+        let text = reg.groups_toml().unwrap();
+        assert!(text.contains("[groups]\nsupport = [\"desk-7\", \"desk-8\"]\n"), "{text}");
+        assert!(!text.contains("vip"), "{text}");
+        assert!(check_group("support").is_ok());
+        assert!(check_group("a b").is_err());
+    }
+}
