@@ -67,6 +67,31 @@ pub struct MigrateArgs {
     /// Only show which migrations are applied and which are pending.
     #[arg(long)]
     status: bool,
+    /// Check the database URL and --target, print what would be applied
+    /// at most, and connect to nothing.
+    #[arg(long)]
+    check: bool,
+}
+
+/// `migrate --check`: the URL parses and the target is a known migration.
+fn check_migrate(url: &str, target: Option<i64>) -> anyhow::Result<String> {
+    let pg = state::parse_url(url)?;
+    let all = db::migrations();
+    if let Some(t) = target {
+        if !all.iter().any(|m| m.version == t) {
+            anyhow::bail!(
+                "--target {t}: no such migration (known: {})",
+                all.iter().map(|m| m.version.to_string()).collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
+    Ok(format!(
+        "ferry migrate: ok: {} migrations known (latest version {}) for database {:?} of user {:?}",
+        all.len(),
+        db::latest_version(),
+        pg.get_dbname().unwrap_or_default(),
+        pg.get_user().unwrap_or_default()
+    ))
 }
 
 /// Applies pending migrations under an advisory lock and prints each one.
@@ -77,6 +102,10 @@ pub async fn migrate(url: &str, target: Option<i64>) -> anyhow::Result<Vec<db::M
 
 pub async fn run_migrate(args: MigrateArgs) -> anyhow::Result<()> {
     let url = args.db.resolve()?;
+    if args.check {
+        println!("{}", check_migrate(&url, args.target)?);
+        return Ok(());
+    }
     if args.status {
         let client = state::connect_one(&url).await?;
         let applied = db::applied(&client).await?;

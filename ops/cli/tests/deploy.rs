@@ -1,0 +1,648 @@
+//! The deployment files, checked with real tools and the real binaries: compose.yaml, the systemd units, the 3-node NATS cluster.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use ferry_schema::connect::NatsConfig;
+use ferry_schema::topology::{self, DEADLETTER_STREAM, EVENTS_STREAM, REPLIES_STREAM, WORK_STREAM};
+use ferry_schema::{subject, AgentId, EventKind};
+use ferry_stack::secrets::OPERATOR_USER;
+use ferry_stack::{free_port, install, Secrets};
+
+/// The repository root.
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `ferry-worker`, built next to `ferry` (same target dir and profile).
+/// Cargo builds only this package's binaries for its tests, and the
+/// workers' binary may be missing or older than the sources.
+fn ferry_worker() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let ferry = Path::new(env!("CARGO_BIN_EXE_ferry"));
+            let profile_dir = ferry.parent().unwrap();
+            let target_dir = profile_dir.parent().unwrap();
+            let mut build = Command::new(env!("CARGO"));
+            build
+                .args(["build", "--quiet", "-p", "ferry-workers", "--bin", "ferry-worker", "--target-dir"])
+                .arg(target_dir)
+                .current_dir(repo());
+            match profile_dir.file_name().and_then(|n| n.to_str()) {
+                Some("debug") => {}
+                Some("release") => {
+                    build.arg("--release");
+                }
+                Some(other) => {
+                    build.args(["--profile", other]);
+                }
+                None => panic!("unexpected binary path {}", ferry.display()),
+            }
+            let status = build.status().expect("cargo runs");
+            assert!(status.success(), "building ferry-worker failed: {status}");
+            profile_dir.join("ferry-worker")
+        })
+        .clone()
+}
+
+/// The real program behind a command name used in the deployment files.
+fn program(name: &str) -> PathBuf {
+    match name {
+        "ferry" | "/usr/local/bin/ferry" => PathBuf::from(env!("CARGO_BIN_EXE_ferry")),
+        "ferry-worker" | "/usr/local/bin/ferry-worker" => ferry_worker(),
+        "nats-server" | "/usr/sbin/nats-server" => install::ensure("nats-server", "nats-server").unwrap(),
+        other => panic!("no program known for {other:?}"),
+    }
+}
+
+/// Replaces a path prefix inside `arg`: container or host paths of the
+/// deployment files become the repository's files.
+fn map_path(arg: &str, mounts: &[(String, PathBuf)]) -> String {
+    for (inside, outside) in mounts {
+        if arg == inside {
+            return outside.display().to_string();
+        }
+        if let Some(rest) = arg.strip_prefix(&format!("{inside}/")) {
+            return outside.join(rest).display().to_string();
+        }
+    }
+    arg.to_string()
+}
+
+/// Runs a command line of a deployment file, its program and paths mapped,
+/// with exactly `env` (and PATH) as its environment.
+fn run_line(argv: &[String], mounts: &[(String, PathBuf)], env: &BTreeMap<String, String>) -> Output {
+    let (first, rest) = argv.split_first().expect("a command line");
+    let mut cmd = Command::new(program(first));
+    cmd.args(rest.iter().map(|a| map_path(a, mounts)))
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .envs(env)
+        .stdin(Stdio::null());
+    cmd.output().unwrap()
+}
+
+/// `NAME=value` lines, as systemd's EnvironmentFile and compose's --env-file read them.
+fn parse_env_file(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l.split_once('=').unwrap_or_else(|| panic!("not NAME=value: {l:?}"));
+            (k.trim().to_string(), v.trim().to_string())
+        })
+        .collect()
+}
+
+/// Every `$FERRY_...` variable a NATS config reads.
+fn conf_variables(conf: &str) -> Vec<String> {
+    let mut vars: Vec<String> = conf
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .flat_map(|l| l.split('$').skip(1))
+        .map(|s| s.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect::<String>())
+        .filter(|v| v.starts_with("FERRY_"))
+        .collect();
+    vars.sort();
+    vars.dedup();
+    vars
+}
+
+// ---------------------------------------------------------------- compose
+
+fn docker_compose() -> PathBuf {
+    // Debian's docker-compose 1.29 (there is no `docker compose` plugin here).
+    install::ensure("docker-compose", "docker-compose").unwrap()
+}
+
+fn compose(env_file: Option<&Path>, args: &[&str]) -> Output {
+    let mut cmd = Command::new(docker_compose());
+    if let Some(f) = env_file {
+        cmd.arg("--env-file").arg(f);
+    }
+    cmd.arg("-f")
+        .arg(repo().join("compose.yaml"))
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("HOME", std::env::temp_dir())
+        .stdin(Stdio::null());
+    cmd.output().unwrap()
+}
+
+/// The resolved compose file (`docker-compose config`) as JSON. The YAML is
+/// read by PyYAML, the library docker-compose itself is written with (a
+/// dependency of Debian's package, so present wherever it is).
+fn compose_config(env_file: &Path) -> serde_json::Value {
+    let out = compose(Some(env_file), &["config"]);
+    assert!(out.status.success(), "docker-compose config: {}", text(&out));
+    let mut py = Command::new("python3")
+        .args(["-c", "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    py.stdin.take().unwrap().write_all(&out.stdout).unwrap();
+    let mut json = String::new();
+    py.stdout.take().unwrap().read_to_string(&mut json).unwrap();
+    assert!(py.wait().unwrap().success());
+    serde_json::from_str(&json).unwrap()
+}
+
+fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("expected a list, got {v}"))
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `source:target[:mode]` bind mounts of a service, as (target, source).
+fn bind_mounts(service: &serde_json::Value) -> Vec<(String, PathBuf)> {
+    service
+        .get("volumes")
+        .map(strings)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|v| {
+            let mut parts = v.split(':');
+            let (source, target) = (parts.next()?, parts.next()?);
+            source.starts_with('/').then(|| (target.to_string(), PathBuf::from(source)))
+        })
+        .collect()
+}
+
+fn environment(service: &serde_json::Value) -> BTreeMap<String, String> {
+    service
+        .get("environment")
+        .and_then(|e| e.as_object())
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string())).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn compose_file_is_valid_and_refuses_to_start_without_passwords() {
+    let dir = tempfile::tempdir().unwrap();
+    // The documented way: the env file `ferry up` writes.
+    let env_file = dir.path().join("secrets.env");
+    Secrets::load_or_create(&env_file).unwrap();
+    let out = compose(Some(&env_file), &["config", "-q"]);
+    assert!(out.status.success(), "docker-compose config -q: {}", text(&out));
+
+    let out = compose(None, &["config", "-q"]);
+    assert!(!out.status.success(), "compose must refuse to run without passwords: {}", text(&out));
+    assert!(text(&out).contains("--env-file .ferry/secrets.env"), "{}", text(&out));
+}
+
+#[test]
+fn compose_services_are_complete_and_every_command_passes_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let env_file = dir.path().join("secrets.env");
+    let secrets = Secrets::load_or_create(&env_file).unwrap();
+    let config = compose_config(&env_file);
+    let services = config["services"].as_object().unwrap();
+    let names: Vec<&str> = services.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        ["archiver", "inference", "migrate", "nats", "postgres", "provision", "rules"],
+        "services"
+    );
+
+    for (name, svc) in services {
+        let restart = svc["restart"].as_str().unwrap_or_else(|| panic!("{name}: no restart policy"));
+        if ["provision", "migrate"].contains(&name.as_str()) {
+            assert_eq!(restart, "no", "{name} runs once");
+        } else {
+            assert_eq!(restart, "unless-stopped", "{name}");
+            assert!(svc.get("healthcheck").is_some(), "{name}: no healthcheck");
+        }
+        if ["rules", "inference", "archiver"].contains(&name.as_str()) {
+            // Scalable with --scale: no fixed name, no host port.
+            assert!(svc.get("container_name").is_none() && svc.get("ports").is_none(), "{name}");
+            assert_eq!(svc["stop_signal"], "SIGTERM", "{name}");
+            assert!(svc.get("stop_grace_period").is_some(), "{name}: the drain needs time");
+        }
+    }
+    let gpu = &services["inference"]["deploy"]["resources"]["reservations"]["devices"][0];
+    assert_eq!(gpu["driver"], "nvidia");
+    assert_eq!(gpu["capabilities"], serde_json::json!(["gpu"]));
+    assert_eq!(services["inference"]["build"]["args"]["VARIANT"], "cuda");
+    assert!(
+        strings(&services["inference"]["volumes"]).iter().any(|v| v.contains(":/models:ro")),
+        "inference has a read-only model volume"
+    );
+
+    // The broker gets every variable nats.conf reads.
+    let nats = &services["nats"];
+    let nats_env = environment(nats);
+    for var in conf_variables(&read(&repo().join("nats.conf"))) {
+        assert!(nats_env.contains_key(&var), "nats service lacks {var}, which nats.conf reads");
+    }
+    assert_eq!(nats_env["FERRY_OPERATOR_PASSWORD"], secrets.operator);
+
+    // Each command line, as the container would run it, with --check.
+    let mut checked = Vec::new();
+    for (name, svc) in services {
+        let Some(command) = svc.get("command") else {
+            assert_eq!(name, "postgres", "only postgres runs its image's own command");
+            continue;
+        };
+        let mut argv = strings(command);
+        let mounts = bind_mounts(svc);
+        let env = environment(svc);
+        if name == "nats" {
+            argv.insert(0, "nats-server".into());
+            argv.push("-t".into());
+        } else {
+            assert!(svc["image"].as_str().unwrap().starts_with("ferry:"), "{name}");
+            argv.push("--check".into());
+        }
+        let out = run_line(&argv, &mounts, &env);
+        let all = text(&out);
+        assert!(out.status.success(), "service {name}: {argv:?}: {all}");
+        let expect = if name == "nats" { "is valid" } else { ": ok:" };
+        assert!(all.contains(expect), "service {name}: {all}");
+        checked.push(name.as_str());
+    }
+    assert_eq!(checked, ["archiver", "inference", "migrate", "nats", "provision", "rules"]);
+
+    // --check is a real check: a broken rules file, a missing password.
+    let rules = &services["rules"];
+    let broken = dir.path().join("rules.toml");
+    std::fs::write(&broken, "[[rule]]\nname = \"a\"\n").unwrap();
+    let mut argv = strings(&rules["command"]);
+    argv.push("--check".into());
+    let out = run_line(&argv, &[("/etc/ferry/rules.toml".into(), broken)], &environment(rules));
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("rules.toml"), "{}", text(&out));
+    let out = run_line(&argv, &bind_mounts(rules), &BTreeMap::new());
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("--user needs --password"), "{}", text(&out));
+}
+
+// ---------------------------------------------------------------- systemd
+
+/// Host paths the units name, and the repository files that stand for them.
+fn unit_mounts() -> Vec<(String, PathBuf)> {
+    let r = repo();
+    vec![
+        ("/etc/ferry/rules.toml".into(), r.join("ops/demo/rules.toml")),
+        ("/etc/ferry/inference.toml".into(), r.join("ops/compose/inference.toml")),
+    ]
+}
+
+/// `Key=value` lines of a unit, with `%i` replaced.
+fn unit_values(unit: &str, key: &str, instance: &str) -> Vec<String> {
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(|v| v.replace("%i", instance))
+        .collect()
+}
+
+#[test]
+fn systemd_units_verify_and_their_command_lines_pass_check() {
+    let analyze = install::ensure("systemd-analyze", "systemd").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let units = repo().join("ops/systemd");
+    let mut seen = Vec::new();
+    for (unit_name, instance) in [
+        ("ferry-rules@.service", "1"),
+        ("ferry-archiver@.service", "1"),
+        ("ferry-inference@.service", "0"),
+        ("ferry-nats@.service", "node-1"),
+    ] {
+        let unit = read(&units.join(unit_name));
+        // systemd-analyze wants the programs to exist: use the real ones.
+        let local = unit
+            .replace("/usr/local/bin/ferry-worker", &ferry_worker().display().to_string())
+            .replace("/usr/sbin/nats-server", &program("nats-server").display().to_string());
+        let path = dir.path().join(unit_name.replace("@.", &format!("@{instance}.")));
+        std::fs::write(&path, local).unwrap();
+        let out = Command::new(&analyze).arg("verify").arg(&path).output().unwrap();
+        assert!(out.status.success() && out.stderr.is_empty(), "{unit_name}: {}", text(&out));
+
+        assert_eq!(unit_values(&unit, "Restart", instance), ["on-failure"], "{unit_name}");
+        assert!(!unit_values(&unit, "TimeoutStopSec", instance).is_empty(), "{unit_name}");
+        assert_eq!(unit_values(&unit, "NoNewPrivileges", instance), ["yes"], "{unit_name}");
+        if unit_name == "ferry-nats@.service" {
+            // Its command lines run in the cluster test, on the cluster's files.
+            assert_eq!(unit_values(&unit, "KillSignal", instance), ["SIGUSR2"]);
+            continue;
+        }
+        assert_eq!(unit_values(&unit, "KillSignal", instance), ["SIGTERM"], "{unit_name}");
+        // The environment: the example env file, then Environment= lines.
+        let files = unit_values(&unit, "EnvironmentFile", instance);
+        assert_eq!(files, ["/etc/ferry/ferry.env"], "{unit_name}");
+        let mut env = parse_env_file(&read(&units.join("ferry.env.example")));
+        for e in unit_values(&unit, "Environment", instance) {
+            let (k, v) = e.split_once('=').unwrap();
+            env.insert(k.into(), v.into());
+        }
+        let lines: Vec<String> = unit_values(&unit, "ExecStartPre", instance)
+            .into_iter()
+            .chain(unit_values(&unit, "ExecStart", instance))
+            .collect();
+        assert_eq!(lines.len(), 2, "{unit_name}: a check, then the worker");
+        for line in lines {
+            let mut argv: Vec<String> = line.split_whitespace().map(String::from).collect();
+            if !argv.iter().any(|a| a == "--check") {
+                argv.push("--check".into());
+            }
+            let out = run_line(&argv, &unit_mounts(), &env);
+            assert!(out.status.success(), "{unit_name}: {line}: {}", text(&out));
+            assert!(String::from_utf8_lossy(&out.stdout).contains(": ok:"), "{}", text(&out));
+        }
+        seen.push(unit_name);
+    }
+    assert_eq!(seen.len(), 3);
+}
+
+// ---------------------------------------------------------------- cluster
+
+const NODES: usize = 3;
+
+/// Ports of one local node.
+#[derive(Debug, Clone, Copy)]
+struct Ports {
+    client: u16,
+    monitor: u16,
+    route: u16,
+}
+
+/// cluster.conf with the hosts, ports and paths of node `node` of this
+/// test. Each pattern must occur in the shipped file, so the test cannot
+/// drift from it.
+fn rewrite_cluster_conf(conf: &str, node: usize, ports: &[Ports; NODES], tls: &Path, store: &Path) -> String {
+    let mut out = conf.to_string();
+    let mut replace = |from: &str, to: &str| {
+        assert!(out.contains(from), "cluster.conf no longer contains {from:?}");
+        out = out.replace(from, to);
+    };
+    let me = ports[node];
+    replace("listen: 0.0.0.0:4222", &format!("listen: 127.0.0.1:{}", me.client));
+    replace("http: 127.0.0.1:8222", &format!("http: 127.0.0.1:{}", me.monitor));
+    replace("listen: 0.0.0.0:6222", &format!("listen: 127.0.0.1:{}", me.route));
+    for (n, p) in ports.iter().enumerate() {
+        replace(&format!("nats-{}.ferry.internal:6222", n + 1), &format!("127.0.0.1:{}", p.route));
+    }
+    replace("/etc/ferry/nats/tls/", &format!("{}/", tls.display()));
+    replace("/var/lib/nats/jetstream", &store.display().to_string());
+    out
+}
+
+/// A node started with ferry-nats@.service's ExecStart line; killed on drop.
+#[derive(Debug)]
+struct Node {
+    child: Option<std::process::Child>,
+    log: PathBuf,
+}
+
+impl Node {
+    fn start(argv: &[String], mounts: &[(String, PathBuf)], env: &BTreeMap<String, String>, log: PathBuf) -> Self {
+        let (first, rest) = argv.split_first().unwrap();
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(program(first))
+            .args(rest.iter().map(|a| map_path(a, mounts)))
+            .env_clear()
+            .envs(env)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Self { child: Some(child), log }
+    }
+
+    fn log(&self) -> String {
+        format!("{}:\n{}", self.log.display(), std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An HTTP GET on a local monitoring port; true on 200.
+fn http_ok(port: u16, path: &str) -> bool {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    resp.starts_with("HTTP/1.1 200") || resp.starts_with("HTTP/1.0 200")
+}
+
+/// Polls `ready` until it holds: true, or false after a generous deadline
+/// (a guard against hanging, not a timing assertion).
+async fn wait_until<F, Fut>(mut ready: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ready().await {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_node_cluster_from_the_shipped_files_replicates_streams() {
+    let shipped = repo().join("ops/nats-cluster");
+    let dir = tempfile::tempdir().unwrap();
+
+    // Route certificates, made by the shipped script.
+    install::ensure("openssl", "openssl").unwrap();
+    let certs = dir.path().join("certs");
+    let out = Command::new("sh")
+        .arg(shipped.join("make-certs.sh"))
+        .arg(&certs)
+        .arg("127.0.0.1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "make-certs.sh: {}", text(&out));
+    let tls = dir.path().join("tls");
+    std::fs::create_dir_all(&tls).unwrap();
+    for (from, to) in [
+        (certs.join("ca.pem"), "ca.pem"),
+        (certs.join("127.0.0.1/route.pem"), "route.pem"),
+        (certs.join("127.0.0.1/route-key.pem"), "route-key.pem"),
+    ] {
+        std::fs::copy(from, tls.join(to)).unwrap();
+    }
+
+    // Each node's dir holds what /etc/ferry/nats/ holds on that node.
+    let ports: [Ports; NODES] = std::array::from_fn(|_| Ports {
+        client: free_port().unwrap(),
+        monitor: free_port().unwrap(),
+        route: free_port().unwrap(),
+    });
+    let cluster_conf = read(&shipped.join("cluster.conf"));
+    let nats_conf = read(&shipped.join("nats.conf"));
+    assert_eq!(nats_conf, read(&repo().join("nats.conf")), "ops/nats-cluster/nats.conf is the root nats.conf");
+    let node_dirs: Vec<PathBuf> = (0..NODES)
+        .map(|i| {
+            let d = dir.path().join(format!("node-{}", i + 1));
+            std::fs::create_dir_all(&d).unwrap();
+            let conf = format!("node-{}.conf", i + 1);
+            std::fs::copy(shipped.join(&conf), d.join(&conf)).unwrap();
+            std::fs::write(d.join("nats.conf"), &nats_conf).unwrap();
+            let store = d.join("store");
+            std::fs::write(d.join("cluster.conf"), rewrite_cluster_conf(&cluster_conf, i, &ports, &tls, &store)).unwrap();
+            d
+        })
+        .collect();
+
+    // The passwords: the example env file of the unit, which must name
+    // every variable nats.conf reads.
+    let env = parse_env_file(&read(&repo().join("ops/systemd/nats.env.example")));
+    for var in conf_variables(&nats_conf) {
+        assert!(env.contains_key(&var), "nats.env.example lacks {var}, which nats.conf reads");
+    }
+    let operator_password = env["FERRY_OPERATOR_PASSWORD"].clone();
+
+    // The unit's command lines, on each node's files: the config test, then the server.
+    let unit = read(&repo().join("ops/systemd/ferry-nats@.service"));
+    let mut nodes = Vec::new();
+    for (i, d) in node_dirs.iter().enumerate() {
+        let instance = format!("node-{}", i + 1);
+        let mounts = [("/etc/ferry/nats".to_string(), d.clone())];
+        let pre = unit_values(&unit, "ExecStartPre", &instance);
+        let start = unit_values(&unit, "ExecStart", &instance);
+        assert_eq!((pre.len(), start.len()), (1, 1), "ferry-nats@.service");
+        let argv = |line: &str| line.split_whitespace().map(String::from).collect::<Vec<_>>();
+        let out = run_line(&argv(&pre[0]), &mounts, &env);
+        assert!(out.status.success() && text(&out).contains("is valid"), "{}: {}", pre[0], text(&out));
+        nodes.push(Node::start(&argv(&start[0]), &mounts, &env, d.join("nats-server.log")));
+    }
+    for (node, p) in nodes.iter().zip(&ports) {
+        let healthy = wait_until(|| {
+            let port = p.monitor;
+            async move { tokio::task::spawn_blocking(move || http_ok(port, "/healthz")).await.unwrap() }
+        })
+        .await;
+        assert!(healthy, "node not healthy: {}", node.log());
+    }
+
+    let urls = ports.iter().map(|p| format!("nats://127.0.0.1:{}", p.client)).collect::<Vec<_>>().join(",");
+    let client = NatsConfig::new(&urls, "deploy test")
+        .with_user(OPERATOR_USER, &operator_password)
+        .connect()
+        .await
+        .unwrap();
+    let js = jetstream::new(client);
+    let ready = wait_until(|| {
+        let js = js.clone();
+        // The stream list, as a JetStream API call that needs the meta leader.
+        // (Account info would do too, but async-nats cannot read a
+        // clustered 2.9 server's answer.)
+        async move {
+            use futures::StreamExt as _;
+            !matches!(js.stream_names().next().await, Some(Err(_)))
+        }
+    })
+    .await;
+    assert!(ready, "JetStream cluster does not answer: {}", nodes[0].log());
+
+    let provision = || {
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["provision", "--server", &urls, "--user", OPERATOR_USER, "--replicas", "3", "--agent", "desk-1"])
+            .env("NATS_PASSWORD", &operator_password)
+            .output()
+            .unwrap()
+    };
+    let out = provision();
+    assert!(out.status.success(), "ferry provision --replicas 3: {}", text(&out));
+    let report = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(report.contains(&format!("stream {EVENTS_STREAM}: created")), "{report}");
+
+    for name in [EVENTS_STREAM, REPLIES_STREAM, WORK_STREAM, DEADLETTER_STREAM] {
+        let mut stream = js.get_stream(name).await.unwrap();
+        assert_eq!(stream.info().await.unwrap().config.num_replicas, 3, "{name}");
+        let replicated = wait_until(|| {
+            let mut stream = stream.clone();
+            async move {
+                let Ok(info) = stream.info().await else { return false };
+                info.cluster.as_ref().is_some_and(|c| {
+                    c.leader.is_some() && c.replicas.len() == 2 && c.replicas.iter().all(|p| p.current)
+                })
+            }
+        })
+        .await;
+        assert!(replicated, "stream {name}: {:?}", stream.info().await.unwrap().cluster);
+    }
+    // Consumers are replicated with their stream.
+    let mut events = js.get_stream(EVENTS_STREAM).await.unwrap();
+    let mut rules = events
+        .get_consumer::<jetstream::consumer::pull::Config>(topology::rules_consumer().name())
+        .await
+        .unwrap();
+    let cluster = rules.info().await.unwrap().cluster.clone().expect("a clustered consumer");
+    assert!(cluster.leader.is_some() && cluster.replicas.len() == 2, "{cluster:?}");
+
+    // Provisioning again changes nothing.
+    let out = provision();
+    assert!(out.status.success(), "{}", text(&out));
+    let again = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(again.lines().all(|l| l.ends_with(": unchanged")), "{again}");
+
+    // Kill the node that leads EVENTS: the other two elect a new leader and
+    // keep storing events.
+    let old_leader = events.info().await.unwrap().cluster.clone().unwrap().leader.unwrap();
+    let idx = (1..=NODES)
+        .find(|n| old_leader == format!("nats-{n}"))
+        .unwrap_or_else(|| panic!("leader {old_leader:?} is none of the node configs' server_name"))
+        - 1;
+    nodes[idx].kill();
+    let subject = subject::event(&AgentId::new("desk-1").unwrap(), EventKind::Heartbeat);
+    let stored = wait_until(|| {
+        let js = js.clone();
+        let subject = subject.clone();
+        async move {
+            match js.publish(subject, "{}".into()).await {
+                Ok(ack) => ack.await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    assert!(stored, "no event stored with {old_leader} down");
+    let info = events.info().await.unwrap();
+    let new_leader = info.cluster.as_ref().and_then(|c| c.leader.clone());
+    assert!(new_leader.is_some() && new_leader.as_deref() != Some(old_leader.as_str()), "{:?}", info.cluster);
+    assert!(info.state.messages >= 1);
+}
