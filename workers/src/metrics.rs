@@ -250,7 +250,7 @@ pub fn serve(addr: SocketAddr) -> Result<MetricsServer, ServeError> {
         .spawn(move || {
             for request in s.incoming_requests() {
                 let response = if request.url() == "/metrics" || request.url().starts_with("/metrics?") {
-                    let header = tiny_http::Header::from_bytes("Content-Type", CONTENT_TYPE).ok();
+                    let header = tiny_http::Header::from_bytes(ferry_schema::headers::CONTENT_TYPE, CONTENT_TYPE).ok();
                     let mut r = tiny_http::Response::from_string(global().encode());
                     if let Some(h) = header {
                         r.add_header(h);

@@ -36,6 +36,11 @@ fn text(out: &Output) -> String {
 /// `ferry-worker`, built next to `ferry` (same target dir and profile).
 /// Cargo builds only this package's binaries for its tests, and the
 /// workers' binary may be missing or older than the sources.
+///
+/// The build is the workspace's test build (`cargo test --workspace
+/// --no-run`), the same one `.ci/run` makes: under `.ci/run` it is a no-op.
+/// A narrower `cargo build -p ferry-workers` resolves features differently
+/// and rebuilt mistral.rs from scratch (about 13 minutes on 2 cores).
 fn ferry_worker() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
@@ -45,7 +50,7 @@ fn ferry_worker() -> PathBuf {
             let target_dir = profile_dir.parent().unwrap();
             let mut build = Command::new(env!("CARGO"));
             build
-                .args(["build", "--quiet", "-p", "ferry-workers", "--bin", "ferry-worker", "--target-dir"])
+                .args(["test", "--workspace", "--no-run", "--quiet", "--target-dir"])
                 .arg(target_dir)
                 .current_dir(repo());
             match profile_dir.file_name().and_then(|n| n.to_str()) {
