@@ -49,6 +49,26 @@ fn ferry_worker() -> PathBuf {
             let profile_dir = ferry.parent().unwrap();
             let target_dir = profile_dir.parent().unwrap();
             let mut build = Command::new(env!("CARGO"));
+            // Not the variables cargo sets for this test process: cargo
+            // compares a build script's rerun-if-env-changed variables (ring
+            // and aws-lc watch CARGO_MANIFEST_DIR, CARGO_PKG_NAME, OUT_DIR)
+            // in its own environment, so inheriting them reran those scripts
+            // and rebuilt everything above them (mistral.rs), here and again
+            // in the next outer run.
+            for (k, _) in std::env::vars_os() {
+                let k = k.to_string_lossy().into_owned();
+                if (k.starts_with("CARGO_") && k != "CARGO_HOME") || k.starts_with("__CARGO") || k == "OUT_DIR" {
+                    build.env_remove(&k);
+                }
+            }
+            if let Some(paths) = std::env::var_os("LD_LIBRARY_PATH") {
+                let kept: Vec<PathBuf> = std::env::split_paths(&paths).filter(|p| !p.starts_with(target_dir)).collect();
+                if kept.is_empty() {
+                    build.env_remove("LD_LIBRARY_PATH");
+                } else {
+                    build.env("LD_LIBRARY_PATH", std::env::join_paths(kept).unwrap());
+                }
+            }
             build
                 .args(["test", "--workspace", "--no-run", "--quiet", "--target-dir"])
                 .arg(target_dir)
