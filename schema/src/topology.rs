@@ -253,7 +253,8 @@ fn archiver_consumer(name: &str, stream: &'static str, filter: String, what: &st
             // outages (the archiver waits those out holding the messages), so
             // ten deliveries means the message itself kills the archiver.
             max_deliver: 10,
-            // Shared by all replicas: a few full batches each.
+            // Shared by all replicas: two replicas at their default 4096
+            // in flight each (a few full batches each).
             max_ack_pending: 8192,
             max_waiting: 64,
             ..Default::default()

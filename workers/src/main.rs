@@ -107,7 +107,7 @@ struct ArchiverArgs {
     db: DbArgs,
     /// Messages held at once per consumer (events, replies): the rows
     /// waiting for a commit, and the pull batch size.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 4096)]
     concurrency: usize,
     /// Most rows in one transaction.
     #[arg(long, default_value_t = 1000)]

@@ -44,7 +44,7 @@ pub struct ArchiverBench {
     #[arg(long, default_value_t = 1000)]
     batch_rows: usize,
     /// Archiver: messages held at once (the pull batch).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 4096)]
     concurrency: usize,
     /// Archiver: how long the first row of a batch waits for more, ms.
     #[arg(long, default_value_t = 20)]
