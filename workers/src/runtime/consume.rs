@@ -241,8 +241,7 @@ async fn watch_lag(mut pull: PullConsumer, m: crate::metrics::LoopMetrics, every
         }
         match pull.info().await {
             Ok(info) => {
-                let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-                m.pending.set(gauge(info.num_pending));
+                m.pending.set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
                 m.ack_pending.set(i64::try_from(info.num_ack_pending).unwrap_or(i64::MAX));
                 m.redelivered.set(i64::try_from(info.num_redelivered).unwrap_or(i64::MAX));
             }
