@@ -284,6 +284,21 @@ fn compose_services_are_complete_and_every_command_passes_check() {
         assert!(nats_env.contains_key(&var), "nats service lacks {var}, which nats.conf reads");
     }
     assert_eq!(nats_env["FERRY_OPERATOR_PASSWORD"], secrets.operator);
+    // Its store dir is in its config, not -sd (a server started with -sd
+    // refuses every reload), and the compose config restates nats.conf's
+    // JetStream limits exactly (its jetstream block replaces the other).
+    assert!(!strings(&nats["command"]).iter().any(|a| a == "-sd"), "compose's broker must not use -sd");
+    let limits = |conf: &str| -> Vec<String> {
+        conf.lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("max_memory_store") || l.starts_with("max_file_store"))
+            .map(str::to_string)
+            .collect()
+    };
+    let compose_conf = read(&repo().join("ops/compose/nats.conf"));
+    assert!(compose_conf.contains("store_dir: \"/data\""), "{compose_conf}");
+    assert_eq!(limits(&compose_conf), limits(&read(&repo().join("nats.conf"))));
+    assert_eq!(limits(&compose_conf).len(), 2);
 
     // Each command line, as the container would run it, with --check.
     let mut checked = Vec::new();
