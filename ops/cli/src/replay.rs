@@ -706,13 +706,12 @@ async fn shadow(
             async { Ok(()) }
         })
         .await?;
+        // Answered by inference, and no longer in WORK.
         for e in handed {
-            if !recorded.get(&e).is_some_and(|o| o.iter().any(|o| matches!(o, Output::HandOff { .. }))) {
-                recorded.entry(e).or_default().push(Output::HandOff {
-                    subject: subject::WorkQueue::InferenceChat.subject().to_string(),
-                    rule: None,
-                });
-            }
+            recorded.entry(e).or_default().push(Output::HandOff {
+                subject: subject::WorkQueue::InferenceChat.subject().to_string(),
+                rule: None,
+            });
         }
     }
 
