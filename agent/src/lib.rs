@@ -19,6 +19,7 @@ pub mod publish;
 pub mod replies;
 pub mod run;
 pub mod source;
+pub mod spool;
 
 use async_nats::jetstream;
 use ferry_schema::connect::{ConnectError, NatsConfig};
