@@ -14,6 +14,8 @@
 //!   drops redelivered ones by reply id, and hands them on.
 //! - [`Agent`]: the connection, with the agent's own credentials and inbox.
 
+pub mod collect;
+pub mod health;
 pub mod platform;
 pub mod publish;
 pub mod replies;
