@@ -14,6 +14,7 @@
 //!   drops redelivered ones by reply id, and hands them on.
 //! - [`Agent`]: the connection, with the agent's own credentials and inbox.
 
+pub mod adapter;
 pub mod collect;
 pub mod health;
 pub mod platform;

@@ -1,0 +1,594 @@
+//! The chat adapter protocol: JSON lines over loopback TCP between the agent
+//! and a local adapter process (e.g. the `wxauto` bridge for WeChat).
+//!
+//! The agent listens (default `127.0.0.1:7301`, loopback only); adapters and
+//! other local listeners connect. Every line is one JSON object with a
+//! `type`. The first line from a client must be `hello` with the protocol
+//! version `v`; the agent answers `welcome` or an `error` and closes.
+//!
+//! From the client:
+//! - `{"type":"hello","v":1,"name":"wxauto","sends":true}`: `sends` says the
+//!   client can send chat messages (an adapter); without it the client only
+//!   listens (predictions, escalations, alerts).
+//! - `{"type":"message","chat":"Alice","chat_type":"direct","sender":"Alice","content":"hi","msg_type":"text","time":"2026-11-22T10:00:00+08:00","ref":"42"}`:
+//!   an incoming chat message; `chat_type` (`direct`/`group`), `msg_type`
+//!   (`text`/`image`/`file`/`other`), `time` and `ref` are optional. The
+//!   agent spools it as a chat event and answers `accepted` with the event
+//!   id and the same `ref`.
+//! - `{"type":"sent","reply_id":"…"}` / `{"type":"send_failed","reply_id":"…","error":"…"}`:
+//!   the outcome of a `send`.
+//! - `{"type":"ping"}`: answered by `pong`.
+//!
+//! From the agent:
+//! - `welcome` `{"v":1,"agent":"desk-1"}`, `accepted` `{"event_id","ref"}`.
+//! - `send` `{"reply_id","event_id","chat","text"}`: send `text` to `chat`
+//!   (only to one client that `sends`).
+//! - `escalation` `{"reply_id","event_id","chat","reason"}`, `prediction`
+//!   `{"reply_id","event_id","prediction","confidence"}`, `alert`
+//!   `{"reply_id","rule","message"}`: to every client.
+//! - `error` `{"message"}`: a line was not understood (the connection stays
+//!   open, except after a bad `hello`).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use ferry_schema::event::{ChatMessage, ChatType, EventBody, MessageType};
+use ferry_schema::{AgentId, Envelope, EventId};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::health::Health;
+
+/// The protocol version this agent speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7301";
+/// Name of the adapter component in the heartbeat.
+pub const COMPONENT: &str = "chat-adapter";
+/// Longest line accepted from a client.
+const MAX_LINE: usize = 256 * 1024;
+/// Lines queued for one client before it counts as stuck.
+const CLIENT_QUEUE: usize = 256;
+
+/// A line from a client.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum FromClient {
+    /// The first line.
+    Hello {
+        /// Protocol version.
+        v: u32,
+        /// Client's name, for logs and the heartbeat.
+        #[serde(default)]
+        name: Option<String>,
+        /// Whether the client sends chat messages.
+        #[serde(default)]
+        sends: bool,
+    },
+    /// An incoming chat message.
+    Message {
+        /// Chat name.
+        chat: String,
+        /// Direct or group.
+        #[serde(default)]
+        chat_type: ChatType,
+        /// Sender.
+        sender: String,
+        /// Text.
+        content: String,
+        /// Content type.
+        #[serde(default)]
+        msg_type: MessageType,
+        /// When it was received.
+        #[serde(default)]
+        time: Option<DateTime<Utc>>,
+        /// Echoed in `accepted`.
+        #[serde(default, rename = "ref")]
+        reference: Option<String>,
+    },
+    /// A `send` went out.
+    Sent {
+        /// The reply.
+        reply_id: String,
+    },
+    /// A `send` failed.
+    SendFailed {
+        /// The reply.
+        reply_id: String,
+        /// Why.
+        #[serde(default)]
+        error: String,
+    },
+    /// Liveness check.
+    Ping,
+}
+
+/// A line to a client.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToClient {
+    /// Answer to a good `hello`.
+    Welcome {
+        /// Protocol version.
+        v: u32,
+        /// This agent's id.
+        agent: String,
+    },
+    /// A message was spooled.
+    Accepted {
+        /// Its event id.
+        event_id: EventId,
+        /// The client's `ref`.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<String>,
+    },
+    /// Send a chat message.
+    Send {
+        /// The reply this comes from.
+        reply_id: String,
+        /// The message it answers.
+        event_id: EventId,
+        /// Where to send.
+        chat: String,
+        /// What to send.
+        text: String,
+    },
+    /// A conversation was handed to a person.
+    Escalation {
+        /// The reply.
+        reply_id: String,
+        /// The message.
+        event_id: EventId,
+        /// The chat.
+        chat: String,
+        /// Why.
+        reason: String,
+    },
+    /// A next-activity prediction.
+    Prediction {
+        /// The reply.
+        reply_id: String,
+        /// The request it answers.
+        event_id: EventId,
+        /// What comes next.
+        prediction: String,
+        /// How sure, 0 to 1.
+        confidence: f32,
+    },
+    /// An alert raised about this desktop.
+    Alert {
+        /// The reply.
+        reply_id: String,
+        /// The rule.
+        rule: String,
+        /// What to show.
+        message: String,
+    },
+    /// A line was not understood.
+    Error {
+        /// What was wrong.
+        message: String,
+    },
+    /// Answer to `ping`.
+    Pong,
+}
+
+#[derive(Debug)]
+struct Client {
+    id: u64,
+    name: String,
+    sends: bool,
+    tx: mpsc::Sender<ToClient>,
+}
+
+/// The connected clients; cheap to clone.
+#[derive(Debug, Clone, Default)]
+pub struct Clients {
+    inner: Arc<Mutex<Vec<Client>>>,
+    changed: Arc<Notify>,
+}
+
+/// Why a delivery did not happen.
+#[derive(Debug, thiserror::Error)]
+#[error("no chat adapter is connected")]
+pub struct NoAdapter;
+
+impl Clients {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Client>> {
+        match self.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Whether a client that sends is connected.
+    pub fn has_sender(&self) -> bool {
+        self.lock().iter().any(|c| c.sends)
+    }
+
+    /// Waits until a client that sends is connected.
+    pub async fn wait_for_sender(&self) {
+        loop {
+            let changed = self.changed.notified();
+            if self.has_sender() {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    /// Gives `line` to the first connected client that sends.
+    pub async fn send(&self, line: ToClient) -> Result<(), NoAdapter> {
+        let tx = self.lock().iter().find(|c| c.sends).map(|c| c.tx.clone());
+        match tx {
+            Some(tx) => tx.send(line).await.map_err(|_| NoAdapter),
+            None => Err(NoAdapter),
+        }
+    }
+
+    /// Gives `line` to every client; returns how many got it.
+    pub async fn broadcast(&self, line: ToClient) -> usize {
+        let txs: Vec<_> = self.lock().iter().map(|c| c.tx.clone()).collect();
+        let mut n = 0;
+        for tx in txs {
+            if tx.send(line.clone()).await.is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn add(&self, client: Client) {
+        self.lock().push(client);
+        self.changed.notify_waiters();
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().retain(|c| c.id != id);
+        self.changed.notify_waiters();
+    }
+
+    fn describe(&self) -> String {
+        let names: Vec<String> = self
+            .lock()
+            .iter()
+            .map(|c| format!("{}{}", c.name, if c.sends { "" } else { " (listener)" }))
+            .collect();
+        names.join(", ")
+    }
+}
+
+/// The listening side of the protocol.
+#[derive(Debug)]
+pub struct AdapterServer {
+    listener: TcpListener,
+    clients: Clients,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// The address is not a loopback address.
+    #[error("adapter.listen = {0}: the chat adapter protocol is unauthenticated, so it listens on loopback only (127.0.0.1 or ::1)")]
+    NotLoopback(SocketAddr),
+    /// Binding failed.
+    #[error("adapter.listen = {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl AdapterServer {
+    /// Binds `addr` (loopback only).
+    pub async fn bind(addr: SocketAddr) -> Result<Self, AdapterError> {
+        if !addr.ip().is_loopback() {
+            return Err(AdapterError::NotLoopback(addr));
+        }
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| AdapterError::Bind { addr, source })?;
+        Ok(Self {
+            listener,
+            clients: Clients::default(),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// The clients, for delivering replies.
+    pub fn clients(&self) -> Clients {
+        self.clients.clone()
+    }
+
+    /// Accepts clients until `shutdown`; their chat messages become chat
+    /// events on `out`.
+    pub async fn run(self, agent: AgentId, out: mpsc::Sender<Envelope>, health: Health, shutdown: CancellationToken) {
+        health.set(COMPONENT, false, Some("no adapter connected".into()));
+        let mut next_id = 0u64;
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = self.listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(error) => {
+                        tracing::warn!(%error, "adapter accept failed");
+                        continue;
+                    }
+                },
+            };
+            next_id += 1;
+            let (clients, agent, out, health, shutdown) =
+                (self.clients.clone(), agent.clone(), out.clone(), health.clone(), shutdown.clone());
+            let id = next_id;
+            tokio::spawn(async move {
+                serve(id, stream, &clients, &agent, &out, &health, &shutdown).await;
+                clients.remove(id);
+                report(&clients, &health);
+                tracing::info!(%peer, "adapter client disconnected");
+            });
+        }
+    }
+}
+
+fn report(clients: &Clients, health: &Health) {
+    let who = clients.describe();
+    if clients.has_sender() {
+        health.set(COMPONENT, true, Some(who));
+    } else if who.is_empty() {
+        health.set(COMPONENT, false, Some("no adapter connected".into()));
+    } else {
+        health.set(COMPONENT, false, Some(format!("only listeners: {who}")));
+    }
+}
+
+async fn write_line(w: &mut tokio::net::tcp::OwnedWriteHalf, line: &ToClient) -> std::io::Result<()> {
+    let mut bytes = serde_json::to_vec(line).map_err(std::io::Error::other)?;
+    bytes.push(b'\n');
+    w.write_all(&bytes).await
+}
+
+async fn serve(
+    id: u64,
+    stream: TcpStream,
+    clients: &Clients,
+    agent: &AgentId,
+    out: &mpsc::Sender<Envelope>,
+    health: &Health,
+    shutdown: &CancellationToken,
+) {
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
+    let mut buf = String::new();
+    // The hello.
+    let hello = match read_line(&mut lines, &mut buf, shutdown).await {
+        Some(Ok(FromClient::Hello { v, name, sends })) if v == PROTOCOL_VERSION => (name, sends),
+        Some(Ok(FromClient::Hello { v, .. })) => {
+            let message = format!("unsupported protocol version {v}; this agent speaks {PROTOCOL_VERSION}");
+            let _ = write_line(&mut write, &ToClient::Error { message }).await;
+            return;
+        }
+        Some(Ok(_)) => {
+            let message = "the first line must be {\"type\":\"hello\",\"v\":1,...}".to_string();
+            let _ = write_line(&mut write, &ToClient::Error { message }).await;
+            return;
+        }
+        Some(Err(message)) => {
+            let _ = write_line(&mut write, &ToClient::Error { message }).await;
+            return;
+        }
+        None => return,
+    };
+    let name = hello.0.unwrap_or_else(|| format!("client-{id}"));
+    let welcome = ToClient::Welcome {
+        v: PROTOCOL_VERSION,
+        agent: agent.to_string(),
+    };
+    if write_line(&mut write, &welcome).await.is_err() {
+        return;
+    }
+    let (tx, mut rx) = mpsc::channel::<ToClient>(CLIENT_QUEUE);
+    tracing::info!(client = %name, sends = hello.1, "adapter client connected");
+    clients.add(Client {
+        id,
+        name: name.clone(),
+        sends: hello.1,
+        tx: tx.clone(),
+    });
+    report(clients, health);
+    let writer = tokio::spawn(async move {
+        while let Some(line) = rx.recv().await {
+            if let Err(error) = write_line(&mut write, &line).await {
+                tracing::warn!(%error, "writing to adapter failed");
+                break;
+            }
+        }
+    });
+    loop {
+        let Some(parsed) = read_line(&mut lines, &mut buf, shutdown).await else {
+            break;
+        };
+        let answer = match parsed {
+            Err(message) => Some(ToClient::Error { message }),
+            Ok(FromClient::Hello { .. }) => Some(ToClient::Error {
+                message: "hello was already received".into(),
+            }),
+            Ok(FromClient::Ping) => Some(ToClient::Pong),
+            Ok(FromClient::Sent { reply_id }) => {
+                tracing::debug!(client = %name, reply = %reply_id, "adapter sent reply");
+                None
+            }
+            Ok(FromClient::SendFailed { reply_id, error }) => {
+                tracing::error!(client = %name, reply = %reply_id, %error, "adapter could not send reply");
+                None
+            }
+            Ok(FromClient::Message {
+                chat,
+                chat_type,
+                sender,
+                content,
+                msg_type,
+                time,
+                reference,
+            }) => {
+                let mut env = Envelope::new(
+                    agent.clone(),
+                    EventBody::Chat(ChatMessage {
+                        chat,
+                        chat_type,
+                        sender,
+                        text: content,
+                        msg_type,
+                    }),
+                );
+                if let Some(t) = time {
+                    env.ts = t;
+                }
+                let event_id = env.id;
+                // Waits while the spool's intake is full: the adapter then
+                // stops being read, and TCP slows it down.
+                if out.send(env).await.is_err() {
+                    break;
+                }
+                Some(ToClient::Accepted { event_id, reference })
+            }
+        };
+        if let Some(answer) = answer {
+            if tx.send(answer).await.is_err() {
+                break;
+            }
+        }
+    }
+    drop(tx);
+    clients.remove(id);
+    writer.abort();
+}
+
+/// The next parsed line; `None` at end of stream or shutdown.
+async fn read_line(
+    lines: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    buf: &mut String,
+    shutdown: &CancellationToken,
+) -> Option<Result<FromClient, String>> {
+    loop {
+        buf.clear();
+        let mut limited = (&mut *lines).take(MAX_LINE as u64 + 1);
+        let n = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            r = limited.read_line(buf) => match r {
+                Ok(n) => n,
+                Err(error) => return Some(Err(format!("unreadable line: {error}"))),
+            },
+        };
+        if n == 0 {
+            return None;
+        }
+        if n > MAX_LINE {
+            return Some(Err(format!("line longer than {MAX_LINE} bytes")));
+        }
+        let line = buf.trim();
+        if line.is_empty() {
+            continue;
+        }
+        return Some(serde_json::from_str(line).map_err(|e| format!("bad line: {e}")));
+    }
+}
+
+use tokio::io::AsyncReadExt as _;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_parse_as_documented() {
+        let m: FromClient = serde_json::from_str(
+            r#"{"type":"message","chat":"张三","chat_type":"group","sender":"李四","content":"你好","msg_type":"text","time":"2026-11-22T10:00:00+08:00","ref":"7"}"#,
+        )
+        .unwrap();
+        let FromClient::Message { chat_type, time, reference, .. } = m else { panic!() };
+        assert_eq!(chat_type, ChatType::Group);
+        assert_eq!(time.unwrap().to_rfc3339(), "2026-11-22T02:00:00+00:00");
+        assert_eq!(reference.as_deref(), Some("7"));
+        let e = serde_json::from_str::<FromClient>(r#"{"type":"message","chat":"a","sender":"a"}"#).unwrap_err();
+        assert!(e.to_string().contains("missing field `content`"), "{e}");
+        let e = serde_json::from_str::<FromClient>(r#"{"type":"fax"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown variant `fax`"), "{e}");
+        let line = serde_json::to_string(&ToClient::Send {
+            reply_id: "r".into(),
+            event_id: EventId(uuid::Uuid::nil()),
+            chat: "c".into(),
+            text: "t".into(),
+        })
+        .unwrap();
+        assert_eq!(
+            line,
+            r#"{"type":"send","reply_id":"r","event_id":"00000000-0000-0000-0000-000000000000","chat":"c","text":"t"}"#
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_talks_the_protocol() {
+        let server = AdapterServer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let clients = server.clients();
+        let (tx, mut rx) = mpsc::channel(8);
+        let stop = CancellationToken::new();
+        tokio::spawn(server.run(AgentId::new("desk-1").unwrap(), tx, Health::default(), stop.clone()));
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (r, mut w) = stream.into_split();
+        let mut r = BufReader::new(r).lines();
+        w.write_all(b"{\"type\":\"hello\",\"v\":1,\"name\":\"t\",\"sends\":true}\n").await.unwrap();
+        assert!(r.next_line().await.unwrap().unwrap().contains("\"welcome\""));
+        w.write_all(b"{\"type\":\"message\",\"chat\":\"A\",\"sender\":\"A\",\"content\":\"hi\",\"ref\":\"1\"}\nnot json\n")
+            .await
+            .unwrap();
+        let env = rx.recv().await.unwrap();
+        assert!(matches!(env.body, EventBody::Chat(ref c) if c.text == "hi" && c.chat == "A"));
+        let accepted = r.next_line().await.unwrap().unwrap();
+        assert!(accepted.contains(&env.id.to_string()) && accepted.contains("\"ref\":\"1\""), "{accepted}");
+        assert!(r.next_line().await.unwrap().unwrap().contains("bad line"));
+        clients.wait_for_sender().await;
+        clients
+            .send(ToClient::Send {
+                reply_id: "r1".into(),
+                event_id: env.id,
+                chat: "A".into(),
+                text: "hello".into(),
+            })
+            .await
+            .unwrap();
+        assert!(r.next_line().await.unwrap().unwrap().contains("\"text\":\"hello\""));
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn wrong_version_and_non_loopback_are_refused() {
+        assert!(matches!(
+            AdapterServer::bind("0.0.0.0:0".parse().unwrap()).await,
+            Err(AdapterError::NotLoopback(_))
+        ));
+        let server = AdapterServer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let (tx, _rx) = mpsc::channel(8);
+        let stop = CancellationToken::new();
+        tokio::spawn(server.run(AgentId::new("desk-1").unwrap(), tx, Health::default(), stop.clone()));
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"{\"type\":\"hello\",\"v\":2}\n").await.unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).await.unwrap();
+        assert!(text.contains("unsupported protocol version 2; this agent speaks 1"), "{text}");
+        stop.cancel();
+    }
+}
