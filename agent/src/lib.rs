@@ -16,7 +16,10 @@
 
 pub mod adapter;
 pub mod collect;
+pub mod config;
 pub mod health;
+pub mod heartbeat;
+pub mod pipeline;
 pub mod platform;
 pub mod publish;
 pub mod replies;
@@ -26,7 +29,7 @@ pub mod spool;
 
 use async_nats::jetstream;
 use ferry_schema::connect::{ConnectError, NatsConfig};
-use ferry_schema::{subject, AgentId, Encoding};
+use ferry_schema::{subject, topology, AgentId, Encoding};
 
 /// Settings of one agent.
 #[derive(Debug, Clone)]
@@ -89,5 +92,31 @@ impl Agent {
     /// The JetStream context used for publishing and pulling replies.
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
+    }
+
+    /// Proves what the agent needs from the broker: its reply consumer can
+    /// be read, and an event on its own subject (a heartbeat) is stored.
+    pub async fn check_access(&self) -> Result<(), String> {
+        let name = topology::agent_replies_consumer_name(&self.cfg.agent);
+        self.js
+            .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(&name, topology::REPLIES_STREAM)
+            .await
+            .map_err(|e| format!("reply consumer {name}: {e} (run `ferry agent add` or `ferry provision`)"))?;
+        let hb = heartbeat::heartbeat(
+            &self.cfg.agent,
+            &mut heartbeat::CpuMeter::new(),
+            spool::Depth::default(),
+            &health::Health::default(),
+        );
+        let payload = ferry_schema::codec::encode_event(&hb, self.cfg.encoding).map_err(|e| e.to_string())?;
+        let subject = subject::event(&self.cfg.agent, hb.kind());
+        let hdrs = ferry_schema::headers::for_publish(&hb.id.to_string(), self.cfg.encoding, None);
+        self.js
+            .publish_with_headers(subject.clone(), hdrs, payload.into())
+            .await
+            .map_err(|e| format!("publish on {subject}: {e}"))?
+            .await
+            .map_err(|e| format!("publish on {subject}: {e}"))?;
+        Ok(())
     }
 }

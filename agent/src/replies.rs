@@ -72,6 +72,24 @@ impl Agent {
         tx: mpsc::Sender<Reply>,
         shutdown: CancellationToken,
     ) -> Result<(), RepliesError> {
+        self.handle_replies(
+            move |reply| {
+                let tx = tx.clone();
+                Box::pin(async move { tx.send(reply).await.is_ok() })
+            },
+            shutdown,
+        )
+        .await
+    }
+
+    /// Pulls this agent's replies until `shutdown`, awaiting `handle` for
+    /// each new one before it counts for the ack, so a reply is acked only
+    /// after it was acted on. `handle` returns false to stop (the reply it
+    /// was given is then left for next time).
+    pub async fn handle_replies<H>(&self, mut handle: H, shutdown: CancellationToken) -> Result<(), RepliesError>
+    where
+        H: FnMut(Reply) -> futures::future::BoxFuture<'static, bool> + Send,
+    {
         let name = agent_replies_consumer_name(&self.cfg.agent);
         let consumer = self
             .js
@@ -143,7 +161,7 @@ impl Agent {
                         tracing::debug!(reply = %reply.id, "duplicate reply ignored");
                     }
                     Ok(reply) => {
-                        if tx.send(reply).await.is_err() {
+                        if !handle(reply).await {
                             // Nobody takes replies any more: what was handed on
                             // is acked below; this one is left for next time.
                             break 'pulling;

@@ -1,26 +1,47 @@
-//! Running the agent on a JSON-lines source: publish every line, print every reply.
+//! Running the agent: sources into the spool, the spool to JetStream, replies to their actions.
+//!
+//! Sources (JSON lines, the desktop collector, the chat adapter server, the
+//! heartbeat and prediction timers) queue events on one bounded intake; the
+//! spool writer makes them durable; the drainer publishes them. Replies are
+//! pulled from the agent's consumer and acted on: a chat reply goes to the
+//! chat adapter (once: the spool remembers acted reply ids), escalations,
+//! predictions and alerts go to every local listener; every reply is also
+//! handed to `out` (the command line prints them).
+//!
+//! Shutdown has two phases: the sources stop and everything they queued is
+//! spooled; then the drainer gets a grace period to publish what is spooled
+//! and stops. Whatever is left waits in the spool for the next start.
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use ferry_schema::{EventBody, EventId, Reply};
+use ferry_schema::event::EventBody;
+use ferry_schema::reply::{ChatAction, ReplyBody};
+use ferry_schema::{EventId, EventKind, Reply};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::publish::PublishError;
+use crate::adapter::{AdapterServer, Clients, ToClient};
+use crate::collect::{run_desktop, Collector};
+use crate::health::Health;
+use crate::heartbeat::{run_heartbeat, run_predictions, RecentLog};
+use crate::pipeline::{write_spool, Delivered, INTAKE_QUEUE};
+use crate::platform::Desktop;
 use crate::replies::RepliesError;
 use crate::source::{parse_line, SourceError};
+use crate::spool::{Spool, SpoolError};
 use crate::Agent;
 
-/// How [`run_lines`] ends.
+/// How a run ends.
 #[derive(Debug, Clone, Copy)]
 pub enum Until {
     /// Run until shutdown (a real agent).
     Shutdown,
-    /// Return once the input is exhausted and every chat and prediction
-    /// request got a reply, or after this long without a new reply (demo and
-    /// scripts).
+    /// Return once the input is exhausted, everything spooled is published
+    /// and every chat and prediction request got a reply, or after this long
+    /// without progress (demo and scripts).
     Answered {
         /// Give up waiting after this long without progress.
         idle_timeout: Duration,
@@ -36,6 +57,8 @@ pub struct RunReport {
     pub replies: u64,
     /// Chat events and prediction requests still without a reply when the run ended.
     pub unanswered: usize,
+    /// Events still in the spool when the run ended.
+    pub spooled: u64,
 }
 
 /// Why a run failed.
@@ -47,21 +70,64 @@ pub enum RunError {
     /// Reading the input failed.
     #[error("reading input: {0}")]
     Read(#[from] std::io::Error),
-    /// Publishing failed.
+    /// The spool failed.
     #[error(transparent)]
-    Publish(#[from] PublishError),
+    Spool(#[from] SpoolError),
     /// Receiving replies failed.
     #[error(transparent)]
     Replies(#[from] RepliesError),
 }
 
-/// Bound of the queue between the input reader and the publisher.
-const INPUT_QUEUE: usize = 1024;
+/// Where events come from.
+#[derive(Default)]
+pub struct Sources {
+    /// JSON lines (a file or stdin).
+    pub lines: Option<Box<dyn AsyncBufRead + Unpin + Send>>,
+    /// The desktop collector.
+    pub desktop: Option<(Box<dyn Desktop>, Collector)>,
+    /// The chat adapter server.
+    pub adapter: Option<AdapterServer>,
+}
 
-/// Publishes every event of `input` and sends every reply to `out`, until
-/// `until` says stop or `shutdown` is cancelled.
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sources")
+            .field("lines", &self.lines.is_some())
+            .field("desktop", &self.desktop.is_some())
+            .field("adapter", &self.adapter)
+            .finish()
+    }
+}
+
+/// The periodic events.
+#[derive(Debug, Clone, Copy)]
+pub struct Periodic {
+    /// Heartbeat interval (none: no heartbeats).
+    pub heartbeat: Option<Duration>,
+    /// Prediction request interval (none: no requests).
+    pub prediction: Option<Duration>,
+    /// Activities a prediction request carries.
+    pub recent: usize,
+}
+
+impl Default for Periodic {
+    fn default() -> Self {
+        Self {
+            heartbeat: Some(Duration::from_secs(30)),
+            prediction: Some(Duration::from_secs(60)),
+            recent: 20,
+        }
+    }
+}
+
+/// How long the drainer may go on publishing after the sources stopped.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// Publishes every event of `input` (through `spool`) and sends every reply
+/// to `out`, until `until` says stop or `shutdown` is cancelled.
 pub async fn run_lines<R>(
     agent: &Agent,
+    spool: Spool,
     input: R,
     until: Until,
     out: mpsc::Sender<Reply>,
@@ -70,117 +136,307 @@ pub async fn run_lines<R>(
 where
     R: AsyncBufRead + Unpin + Send + 'static,
 {
-    let stop = shutdown.child_token();
-    let (reply_tx, mut reply_rx) = mpsc::channel(agent.config().reply_batch.max(1));
-    let receiver = {
-        let agent = agent.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move { agent.receive_replies(reply_tx, stop).await })
+    let sources = Sources {
+        lines: Some(Box::new(input)),
+        ..Sources::default()
+    };
+    let periodic = Periodic {
+        heartbeat: None,
+        prediction: None,
+        recent: 0,
+    };
+    run(agent, spool, sources, periodic, until, Some(out), shutdown).await
+}
+
+/// Runs the agent on `sources` (see the module docs).
+pub async fn run(
+    agent: &Agent,
+    spool: Spool,
+    sources: Sources,
+    periodic: Periodic,
+    until: Until,
+    out: Option<mpsc::Sender<Reply>>,
+    shutdown: CancellationToken,
+) -> Result<RunReport, RunError> {
+    let id = agent.config().agent.clone();
+    let health = Health::default();
+    let recent = RecentLog::new(periodic.recent);
+    let sources_stop = CancellationToken::new();
+    let (intake, intake_rx) = mpsc::channel(INTAKE_QUEUE);
+
+    let writer = {
+        let (spool, health, recent) = (spool.clone(), health.clone(), recent.clone());
+        tokio::spawn(write_spool(spool, agent.config().encoding, intake_rx, health, move |b| recent.observe(b)))
     };
 
-    let (event_tx, event_rx) = mpsc::channel(INPUT_QUEUE);
-    let reader = {
-        let id = agent.config().agent.clone();
-        tokio::spawn(async move {
+    let mut lines_task: Option<JoinHandle<Result<u64, RunError>>> = None;
+    if let Some(input) = sources.lines {
+        let (intake, id, stop) = (intake.clone(), id.clone(), sources_stop.clone());
+        lines_task = Some(tokio::spawn(async move {
             let mut lines = input.lines();
             let mut n = 0usize;
-            while let Some(line) = lines.next_line().await? {
+            let mut queued = 0u64;
+            loop {
+                let line = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    l = lines.next_line() => l?,
+                };
+                let Some(line) = line else { break };
                 n += 1;
                 if let Some(env) = parse_line(&id, n, &line)? {
-                    if event_tx.send(env).await.is_err() {
+                    if intake.send(env).await.is_err() {
                         break;
                     }
+                    queued += 1;
                 }
             }
-            Ok::<_, RunError>(())
+            Ok(queued)
+        }));
+    }
+    let mut background: Vec<JoinHandle<()>> = Vec::new();
+    if let Some((desktop, collector)) = sources.desktop {
+        background.push(tokio::spawn(run_desktop(
+            desktop,
+            collector,
+            id.clone(),
+            spool.clone(),
+            intake.clone(),
+            health.clone(),
+            sources_stop.clone(),
+        )));
+    }
+    let clients: Option<Clients> = sources.adapter.as_ref().map(AdapterServer::clients);
+    if let Some(server) = sources.adapter {
+        background.push(tokio::spawn(server.run(id.clone(), intake.clone(), health.clone(), sources_stop.clone())));
+    }
+    if let Some(every) = periodic.heartbeat {
+        background.push(tokio::spawn(run_heartbeat(
+            id.clone(),
+            every,
+            spool.clone(),
+            health.clone(),
+            intake.clone(),
+            sources_stop.clone(),
+        )));
+    }
+    if let Some(every) = periodic.prediction {
+        background.push(tokio::spawn(run_predictions(
+            id.clone(),
+            every,
+            recent.clone(),
+            intake.clone(),
+            sources_stop.clone(),
+        )));
+    }
+    // Only the sources hold the intake now: the writer ends after them.
+    drop(intake);
+
+    let drain_stop = CancellationToken::new();
+    let (delivered_tx, mut delivered_rx) = mpsc::channel::<Delivered>(INTAKE_QUEUE);
+    let drainer = {
+        let (agent, spool, health, stop) = (agent.clone(), spool.clone(), health.clone(), drain_stop.clone());
+        tokio::spawn(async move { agent.drain_spool(&spool, &health, Some(delivered_tx), &stop).await })
+    };
+
+    let replies_stop = CancellationToken::new();
+    let (acted_tx, mut acted_rx) = mpsc::channel::<Reply>(agent.config().reply_batch.max(1));
+    let receiver = {
+        let (agent, spool, stop) = (agent.clone(), spool.clone(), replies_stop.clone());
+        let clients = clients.clone();
+        tokio::spawn(async move {
+            let handler_stop = stop.clone();
+            agent
+                .handle_replies(
+                    move |reply| {
+                        let (spool, clients, acted_tx, stop) =
+                            (spool.clone(), clients.clone(), acted_tx.clone(), handler_stop.clone());
+                        Box::pin(async move { act(reply, &spool, clients.as_ref(), &acted_tx, &stop).await })
+                    },
+                    stop,
+                )
+                .await
         })
     };
 
     let mut report = RunReport::default();
     let mut pending: HashSet<EventId> = HashSet::new();
     let mut answered_early: HashSet<EventId> = HashSet::new();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(EventId, bool)>();
-    let publisher = {
-        let agent = agent.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let events = tokio_stream_from(event_rx);
-            agent
-                .publish_all(events, &stop, |env, _| {
-                    let _ = done_tx.send((env.id, expects_reply(&env.body)));
-                })
-                .await
-        })
-    };
-    let mut publisher = Some(publisher);
-
     let idle = match until {
         Until::Answered { idle_timeout } => idle_timeout,
         Until::Shutdown => Duration::MAX,
     };
-    let result = loop {
-        let publishing = publisher.is_some();
+    let answered_mode = matches!(until, Until::Answered { .. });
+    let mut input_done = lines_task.is_none();
+    // Events the input queued; a run until answered waits until all are published.
+    let mut queued = 0u64;
+    let result: Result<(), RunError> = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
-            Some((id, expects)) = done_rx.recv() => {
+            Some(d) = delivered_rx.recv() => {
                 report.published += 1;
-                if expects && !answered_early.remove(&id) {
-                    pending.insert(id);
+                if matches!(d.kind, EventKind::Chat | EventKind::Predict) && !answered_early.remove(&d.id) {
+                    pending.insert(d.id);
                 }
             }
-            Some(reply) = reply_rx.recv() => {
+            Some(reply) = acted_rx.recv() => {
                 if !pending.remove(&reply.in_reply_to) {
                     answered_early.insert(reply.in_reply_to);
                 }
                 report.replies += 1;
-                if out.send(reply).await.is_err() {
-                    break Ok(());
-                }
-            }
-            r = async {
-                match publisher.as_mut() {
-                    Some(p) => p.await,
-                    None => std::future::pending().await,
-                }
-            }, if publishing => {
-                publisher = None;
-                match r {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => break Err(RunError::from(e)),
-                    Err(join) => break Err(RunError::Read(std::io::Error::other(join.to_string()))),
-                }
-                // Drain acks reported just before the publisher finished.
-                while let Ok((id, expects)) = done_rx.try_recv() {
-                    report.published += 1;
-                    if expects && !answered_early.remove(&id) {
-                        pending.insert(id);
+                if let Some(out) = &out {
+                    if out.send(reply).await.is_err() {
+                        break Ok(());
                     }
                 }
             }
-            _ = tokio::time::sleep(idle), if !publishing && matches!(until, Until::Answered { .. }) => break Ok(()),
+            r = async {
+                match lines_task.as_mut() {
+                    Some(t) => t.await,
+                    None => std::future::pending().await,
+                }
+            }, if !input_done => {
+                input_done = true;
+                lines_task = None;
+                match r {
+                    Ok(Ok(n)) => queued = n,
+                    Ok(Err(e)) => break Err(e),
+                    Err(join) => break Err(RunError::Read(std::io::Error::other(join.to_string()))),
+                }
+            }
+            _ = tokio::time::sleep(idle), if input_done && answered_mode => break Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(100)), if input_done && answered_mode => {}
         }
-        if publisher.is_none() && matches!(until, Until::Answered { .. }) && pending.is_empty() {
+        if answered_mode && input_done && pending.is_empty() && report.published >= queued {
             break Ok(());
         }
     };
-    stop.cancel();
-    // Input errors are reported even if publishing had stopped first.
-    if let Ok(Err(e)) = reader.await {
-        return Err(e);
+
+    // Phase 1: stop the sources; the writer spools what they queued.
+    sources_stop.cancel();
+    if let Some(t) = lines_task {
+        t.abort();
     }
-    if let Ok(Err(e)) = receiver.await {
+    for t in background {
+        let _ = t.await;
+    }
+    let _ = writer.await;
+    // Phase 2: a grace period to publish what is spooled.
+    if !shutdown.is_cancelled() || spool.depth().events > 0 {
+        let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
+        while spool.depth().events > 0 && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                Some(_) = delivered_rx.recv() => report.published += 1,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+    }
+    drain_stop.cancel();
+    replies_stop.cancel();
+    while let Ok(_d) = delivered_rx.try_recv() {
+        report.published += 1;
+    }
+    let drained = drainer.await;
+    let received = receiver.await;
+    result?;
+    if let Ok(Err(e)) = drained {
         return Err(e.into());
     }
-    result?;
+    if let Ok(Err(e)) = received {
+        return Err(e.into());
+    }
     report.unanswered = pending.len();
+    report.spooled = spool.depth().events;
     Ok(report)
 }
 
-/// Whether an event of this body is answered by a reply.
-fn expects_reply(body: &EventBody) -> bool {
-    matches!(body, EventBody::Chat(_) | EventBody::Predict(_))
+/// Acts on one reply; false to stop receiving.
+async fn act(
+    reply: Reply,
+    spool: &Spool,
+    clients: Option<&Clients>,
+    acted: &mpsc::Sender<Reply>,
+    stop: &CancellationToken,
+) -> bool {
+    let id = reply.id;
+    // With an adapter configured, a chat reply waits for one to be connected.
+    if let (Some(clients), ReplyBody::Chat(c)) = (clients, &reply.body) {
+        if c.action == ChatAction::Reply && !clients.has_sender() {
+            tracing::info!(reply = %id, "waiting for a chat adapter to send the reply");
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                _ = clients.wait_for_sender() => {}
+            }
+        }
+    }
+    let first_time = loop {
+        match crate::spool::blocking(spool, move |s| s.mark_acted(id)).await {
+            Ok(first) => break first,
+            Err(error) => {
+                tracing::error!(%error, reply = %id, "cannot record the reply as acted on; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return false,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    };
+    if !first_time {
+        tracing::info!(reply = %id, "reply already acted on; not again");
+        return true;
+    }
+    if let Some(clients) = clients {
+        let reply_id = id.to_string();
+        let event_id = reply.in_reply_to;
+        match &reply.body {
+            ReplyBody::Chat(c) => match c.action {
+                ChatAction::Reply => {
+                    let line = ToClient::Send {
+                        reply_id,
+                        event_id,
+                        chat: c.chat.clone(),
+                        text: c.content.clone().unwrap_or_default(),
+                    };
+                    if let Err(error) = clients.send(line).await {
+                        tracing::error!(%error, reply = %id, chat = %c.chat, "chat reply not delivered to the adapter");
+                    }
+                }
+                ChatAction::Escalate => {
+                    let line = ToClient::Escalation {
+                        reply_id,
+                        event_id,
+                        chat: c.chat.clone(),
+                        reason: c.content.clone().unwrap_or_default(),
+                    };
+                    clients.broadcast(line).await;
+                }
+                ChatAction::Ignore => {}
+            },
+            ReplyBody::Prediction(p) => {
+                let line = ToClient::Prediction {
+                    reply_id,
+                    event_id,
+                    prediction: p.prediction.clone(),
+                    confidence: p.confidence,
+                };
+                clients.broadcast(line).await;
+            }
+            ReplyBody::Alert(a) => {
+                let line = ToClient::Alert {
+                    reply_id,
+                    rule: a.rule.clone(),
+                    message: a.message.clone(),
+                };
+                clients.broadcast(line).await;
+            }
+        }
+    }
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        r = acted.send(reply) => r.is_ok(),
+    }
 }
 
-fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::Receiver<T>) -> impl futures::Stream<Item = T> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+/// Whether an event of this body is answered by a reply.
+pub fn expects_reply(body: &EventBody) -> bool {
+    matches!(body, EventBody::Chat(_) | EventBody::Predict(_))
 }

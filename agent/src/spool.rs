@@ -312,9 +312,10 @@ impl Spool {
         self.inner.freed.notified().await;
     }
 
-    /// Waits until events are appended.
-    pub async fn wait_for_events(&self) {
-        self.inner.added.notified().await;
+    /// Notified when events are appended (create and `enable` the
+    /// `Notified` before reading, so an append in between is not missed).
+    pub fn appended(&self) -> &tokio::sync::Notify {
+        &self.inner.added
     }
 
     /// Seals `events` (encoded with `encoding`) and writes them in one

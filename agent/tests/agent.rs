@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use ferry_agent::run::{run_lines, Until};
+use ferry_agent::spool::{Spool, SpoolConfig};
 use ferry_agent::{Agent, AgentConfig};
 use ferry_schema::codec::encode_event;
 use ferry_schema::event::{ChatMessage, ChatType, MessageType};
@@ -214,8 +215,11 @@ async fn demo_lines_get_rule_replies_in_both_encodings() {
         cfg.encoding = enc;
         let agent = Agent::connect(cfg).await.unwrap();
         let (tx, mut rx) = mpsc::channel(64);
+        let spool_dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(SpoolConfig::new(spool_dir.path())).unwrap();
         let report = run_lines(
             &agent,
+            spool,
             std::io::Cursor::new(demo_chat().into_bytes()),
             Until::Answered { idle_timeout: WAIT },
             tx,
@@ -274,6 +278,8 @@ async fn cli_prints_replies_as_json_lines() {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
         .args(["--id", "desk-1", "--server", &s.nats.url()])
         .args(["--password", s.nats.secrets().agent("desk-1").unwrap()])
+        .arg("--spool")
+        .arg(dir.path().join("spool"))
         .args(["run", "--until-answered", "--idle-timeout", "60", "--input"])
         .arg(&input)
         .output()

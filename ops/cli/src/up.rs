@@ -16,6 +16,7 @@ use anyhow::Context as _;
 use async_nats::jetstream;
 use clap::Args;
 use ferry_agent::run::{run_lines, Until};
+use ferry_agent::spool::{Spool, SpoolConfig};
 use ferry_agent::{Agent, AgentConfig};
 use ferry_schema::codec::encode_reply;
 use ferry_schema::topology::{self, StreamSettings};
@@ -256,8 +257,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 }
             }
         });
+        let spool_dir = args.data_dir.join("agent").join(id.as_str()).join("spool");
+        let spool = tokio::task::spawn_blocking(move || Spool::open(SpoolConfig::new(spool_dir)))
+            .await?
+            .context("opening the demo agent's spool")?;
         let report = run_lines(
             &agent,
+            spool,
             std::io::Cursor::new(input),
             // The first model replies wait for the model to load.
             Until::Answered {

@@ -1,0 +1,240 @@
+//! From sources to JetStream through the spool: the spool writer (group
+//! commit of whatever the sources queued) and the drainer (publishes in
+//! spool order, removes what JetStream acknowledged).
+//!
+//! ```text
+//! collectors, adapter, heartbeat ──► intake (bounded) ──► writer ──► spool ──► drainer ──► events.<id>.<kind>
+//! ```
+//!
+//! Nothing is published before it is on disk, and nothing leaves the disk
+//! before its publish is acknowledged. The drainer sends in spool order with
+//! a bounded window of unacknowledged publishes; at the first failure it
+//! lets the window settle, backs off, and starts again after the last event
+//! acknowledged in order. Events of that window that had reached the stream
+//! are dropped by its duplicate window (`Nats-Msg-Id` = event id), so every
+//! event arrives once and in order.
+
+use std::time::Duration;
+
+use ferry_schema::connect::reconnect_delay;
+use ferry_schema::{headers, subject, Encoding, Envelope, EventId, EventKind};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::health::Health;
+use crate::spool::{self, FullPolicy, Record, Spool, SpoolError};
+use crate::Agent;
+
+/// Events queued between the sources and the spool writer.
+pub const INTAKE_QUEUE: usize = 4096;
+/// Most events in one spool transaction.
+pub const MAX_BATCH: usize = 4096;
+/// Events read from the spool at a time by the drainer.
+const CHUNK: usize = 2048;
+/// Name of the spool component in the heartbeat.
+pub const SPOOL_COMPONENT: &str = "spool";
+/// Name of the broker connection in the heartbeat.
+pub const BROKER_COMPONENT: &str = "broker";
+
+/// Writes what the sources queue into the spool until every sender is
+/// gone, in batches: it waits for one event and takes whatever else is
+/// queued with it, so a burst costs one fsync, not one per event. Each
+/// batch is passed to `observe` once it is durable.
+pub async fn write_spool(
+    spool: Spool,
+    encoding: Encoding,
+    mut rx: mpsc::Receiver<Envelope>,
+    health: Health,
+    mut observe: impl FnMut(&[Envelope]) + Send,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(env) => batch.push(env),
+                Err(_) => break,
+            }
+        }
+        if spool.policy() == FullPolicy::Block {
+            let mut warned = false;
+            // Room for the batch, with an estimate of its size.
+            while !spool.has_room(batch.len() as u64, batch.len() as u64 * 256) {
+                if !warned {
+                    let depth = spool.depth();
+                    tracing::warn!(events = depth.events, bytes = depth.bytes, policy = "block", "spool full; sources wait");
+                    health.set(SPOOL_COMPONENT, false, Some("full: sources wait (policy block)".into()));
+                    warned = true;
+                }
+                let freed = spool.wait_for_room();
+                // A removal may have happened between the check and the wait.
+                let _ = tokio::time::timeout(Duration::from_millis(500), freed).await;
+            }
+        }
+        let mut attempt = 0;
+        loop {
+            let events = std::mem::take(&mut batch);
+            let s = spool.clone();
+            let (result, events) = match tokio::task::spawn_blocking(move || (s.append(&events, encoding), events)).await {
+                Ok(done) => done,
+                Err(join) => {
+                    // The batch went down with the task: its events were
+                    // not acknowledged to anyone, but they are lost.
+                    tracing::error!(error = %join, "spool writer task failed");
+                    break;
+                }
+            };
+            match result {
+                Ok(appended) => {
+                    let depth = spool.depth();
+                    if depth.dropped > 0 {
+                        health.set(
+                            SPOOL_COMPONENT,
+                            false,
+                            Some(format!("{} events dropped unsent (policy drop-oldest)", depth.dropped)),
+                        );
+                    } else {
+                        health.set(SPOOL_COMPONENT, true, None);
+                    }
+                    tracing::trace!(written = appended.written, "spooled");
+                    observe(&events);
+                    batch = events;
+                    batch.clear();
+                    break;
+                }
+                Err(SpoolError::TooBig { id, bytes, max }) => {
+                    // Cannot ever fit: say so and go on without it.
+                    tracing::error!(event = %id, bytes, max, "event larger than the whole spool; dropped");
+                    batch = events.into_iter().filter(|e| e.id != id).collect();
+                    if batch.is_empty() {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    attempt += 1;
+                    health.set(SPOOL_COMPONENT, false, Some(error.to_string()));
+                    let delay = reconnect_delay(attempt).max(Duration::from_millis(100));
+                    tracing::error!(%error, ?delay, "cannot write the spool; retrying");
+                    tokio::time::sleep(delay).await;
+                    batch = events;
+                }
+            }
+        }
+    }
+}
+
+/// An event JetStream acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// The event.
+    pub id: EventId,
+    /// Its kind.
+    pub kind: EventKind,
+}
+
+/// Publishes one spooled event and waits for JetStream's ack (one attempt).
+async fn publish_record(
+    js: &async_nats::jetstream::Context,
+    agent: &ferry_schema::AgentId,
+    r: &Record,
+) -> Result<(), String> {
+    let subject = subject::event(agent, r.kind);
+    let trace = headers::start_trace(r.id);
+    let hdrs = headers::for_publish(&r.id.to_string(), r.encoding, Some(&trace));
+    let ack = js
+        .publish_with_headers(subject, hdrs, r.payload.clone())
+        .await
+        .map_err(|e| e.to_string())?;
+    ack.await.map(|_| ()).map_err(|e| e.to_string())
+}
+
+impl Agent {
+    /// Publishes the spool's events in order until `shutdown`, removing
+    /// each run of acknowledged events, and reports each to `delivered`.
+    pub async fn drain_spool(
+        &self,
+        spool: &Spool,
+        health: &Health,
+        delivered: Option<mpsc::Sender<Delivered>>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SpoolError> {
+        let window = self.cfg.publish_window.max(1);
+        // Everything up to `cursor` is acknowledged (and removed or being removed).
+        let mut cursor = 0u64;
+        let mut failures = 0usize;
+        while !shutdown.is_cancelled() {
+            let appended = spool.appended().notified();
+            tokio::pin!(appended);
+            appended.as_mut().enable();
+            let records = spool::blocking(spool, move |s| s.read_after(cursor, CHUNK)).await?;
+            if records.is_empty() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = &mut appended => {}
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+                continue;
+            }
+            let mut acked: Option<u64> = None;
+            let mut failed = None;
+            {
+                let (js, agent) = (self.js.clone(), self.cfg.agent.clone());
+                let results = futures::stream::iter(records)
+                    .map(move |r| {
+                        let (js, agent) = (js.clone(), agent.clone());
+                        async move {
+                            let result = publish_record(&js, &agent, &r).await;
+                            (r, result)
+                        }
+                    })
+                    .buffered(window);
+                tokio::pin!(results);
+                loop {
+                    let next = tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        n = results.next() => n,
+                    };
+                    let Some((r, result)) = next else { break };
+                    match result {
+                        Ok(()) => {
+                            acked = Some(r.seq);
+                            if let Some(tx) = &delivered {
+                                let _ = tx.send(Delivered { id: r.id, kind: r.kind }).await;
+                            }
+                        }
+                        Err(error) => {
+                            failed = Some((r.id, error));
+                            break;
+                        }
+                    }
+                }
+            }
+            if let Some(seq) = acked {
+                spool::blocking(spool, move |s| s.remove_through(seq)).await?;
+                cursor = seq;
+            }
+            match failed {
+                None => {
+                    if failures > 0 {
+                        tracing::info!("publishing again");
+                    }
+                    failures = 0;
+                    health.set(BROKER_COMPONENT, true, None);
+                }
+                Some((id, error)) => {
+                    failures += 1;
+                    let delay = reconnect_delay(failures).max(Duration::from_millis(100));
+                    let depth = spool.depth();
+                    health.set(BROKER_COMPONENT, false, Some(error.clone()));
+                    tracing::warn!(event = %id, %error, spooled = depth.events, ?delay, "publish not acknowledged; events stay spooled");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
