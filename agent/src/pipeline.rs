@@ -9,16 +9,22 @@
 //! Nothing is published before it is on disk, and nothing leaves the disk
 //! before its publish is acknowledged. The drainer sends in spool order with
 //! a bounded window of unacknowledged publishes; at the first failure it
-//! lets the window settle, backs off, and starts again after the last event
-//! acknowledged in order. Events of that window that had reached the stream
-//! are dropped by its duplicate window (`Nats-Msg-Id` = event id), so every
-//! event arrives once and in order.
+//! backs off and starts again after the last event acknowledged in order,
+//! one event at a time until one is acknowledged, then with the full window.
+//! Events of the failed window that had reached the stream are dropped by
+//! its duplicate window (`Nats-Msg-Id` = event id), so every event arrives
+//! once. Order holds as long as a stream that fails a publish does not
+//! store a later one of the same window (true of a broker that is down or
+//! restarting; a cluster's leader change in the middle of a window could
+//! break it).
 
 use std::time::Duration;
 
 use ferry_schema::connect::reconnect_delay;
 use ferry_schema::{headers, subject, Encoding, Envelope, EventId, EventKind};
-use futures::StreamExt;
+use std::collections::VecDeque;
+
+use async_nats::jetstream::context::PublishAckFuture;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -133,20 +139,18 @@ pub struct Delivered {
     pub kind: EventKind,
 }
 
-/// Publishes one spooled event and waits for JetStream's ack (one attempt).
-async fn publish_record(
+/// Sends one spooled event; the returned future resolves with JetStream's ack.
+async fn send_record(
     js: &async_nats::jetstream::Context,
     agent: &ferry_schema::AgentId,
     r: &Record,
-) -> Result<(), String> {
+) -> Result<async_nats::jetstream::context::PublishAckFuture, String> {
     let subject = subject::event(agent, r.kind);
     let trace = headers::start_trace(r.id);
     let hdrs = headers::for_publish(&r.id.to_string(), r.encoding, Some(&trace));
-    let ack = js
-        .publish_with_headers(subject, hdrs, r.payload.clone())
+    js.publish_with_headers(subject, hdrs, r.payload.clone())
         .await
-        .map_err(|e| e.to_string())?;
-    ack.await.map(|_| ()).map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())
 }
 
 impl Agent {
@@ -163,11 +167,17 @@ impl Agent {
         // Everything up to `cursor` is acknowledged (and removed or being removed).
         let mut cursor = 0u64;
         let mut failures = 0usize;
+        // Until a publish has been acknowledged (at start, after a failure),
+        // events go one at a time: a stream that is coming back (JetStream
+        // still loading after a restart) may refuse the first events of a
+        // window and store later ones, which would break their order.
+        let mut confirmed = false;
         while !shutdown.is_cancelled() {
             let appended = spool.appended().notified();
             tokio::pin!(appended);
             appended.as_mut().enable();
-            let records = spool::blocking(spool, move |s| s.read_after(cursor, CHUNK)).await?;
+            let chunk = if confirmed { CHUNK } else { 1 };
+            let records = spool::blocking(spool, move |s| s.read_after(cursor, chunk)).await?;
             if records.is_empty() {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -179,32 +189,43 @@ impl Agent {
             let mut acked: Option<u64> = None;
             let mut failed = None;
             {
-                let (js, agent) = (self.js.clone(), self.cfg.agent.clone());
-                let results = futures::stream::iter(records)
-                    .map(move |r| {
-                        let (js, agent) = (js.clone(), agent.clone());
-                        async move {
-                            let result = publish_record(&js, &agent, &r).await;
-                            (r, result)
-                        }
-                    })
-                    .buffered(window);
-                tokio::pin!(results);
+                // Sent one after another, in spool order; acks awaited in
+                // the same order, at most `window` outstanding.
+                let mut inflight: VecDeque<(Record, PublishAckFuture)> = VecDeque::with_capacity(window);
+                let mut records = records.into_iter();
                 loop {
-                    let next = tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        n = results.next() => n,
+                    let next = if inflight.len() < window { records.next() } else { None };
+                    let step = match next {
+                        Some(r) => tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            sent = send_record(&self.js, &self.cfg.agent, &r) => match sent {
+                                Ok(ack) => {
+                                    inflight.push_back((r, ack));
+                                    continue;
+                                }
+                                Err(error) => Err((r.id, error)),
+                            },
+                        },
+                        None => {
+                            let Some((r, ack)) = inflight.pop_front() else { break };
+                            tokio::select! {
+                                _ = shutdown.cancelled() => break,
+                                result = ack => match result {
+                                    Ok(_) => Ok(r),
+                                    Err(error) => Err((r.id, error.to_string())),
+                                },
+                            }
+                        }
                     };
-                    let Some((r, result)) = next else { break };
-                    match result {
-                        Ok(()) => {
+                    match step {
+                        Ok(r) => {
                             acked = Some(r.seq);
                             if let Some(tx) = &delivered {
                                 let _ = tx.send(Delivered { id: r.id, kind: r.kind }).await;
                             }
                         }
-                        Err(error) => {
-                            failed = Some((r.id, error));
+                        Err(e) => {
+                            failed = Some(e);
                             break;
                         }
                     }
@@ -220,10 +241,12 @@ impl Agent {
                         tracing::info!("publishing again");
                     }
                     failures = 0;
+                    confirmed = acked.is_some();
                     health.set(BROKER_COMPONENT, true, None);
                 }
                 Some((id, error)) => {
                     failures += 1;
+                    confirmed = false;
                     let delay = reconnect_delay(failures).max(Duration::from_millis(100));
                     let depth = spool.depth();
                     health.set(BROKER_COMPONENT, false, Some(error.clone()));

@@ -358,6 +358,14 @@ async fn act(
     stop: &CancellationToken,
 ) -> bool {
     let id = reply.id;
+    match crate::spool::blocking(spool, move |s| s.has_acted(id)).await {
+        Ok(true) => {
+            tracing::info!(reply = %id, "reply already acted on; not again");
+            return true;
+        }
+        Ok(false) => {}
+        Err(error) => tracing::warn!(%error, reply = %id, "cannot look up the reply; marking decides"),
+    }
     // With an adapter configured, a chat reply waits for one to be connected.
     if let (Some(clients), ReplyBody::Chat(c)) = (clients, &reply.body) {
         if c.action == ChatAction::Reply && !clients.has_sender() {

@@ -430,10 +430,11 @@ impl Spool {
     /// Removes every event up to and including `seq` (JetStream has them).
     pub fn remove_through(&self, seq: u64) -> Result<u64, SpoolError> {
         let mut txn = self.inner.db.begin_write().map_err(|e| self.db_err(e))?;
-        // An acked event removed late is only published again (and dropped
-        // by the stream's duplicate window), so this commit needs no fsync of
-        // its own: the next append's fsync carries it.
-        txn.set_durability(Durability::None).map_err(|e| self.db_err(e))?;
+        // Durable too: an acknowledged event left in the spool by a crash
+        // would be published again, and after more than the stream's
+        // duplicate window it would be stored twice. One fsync per run of
+        // acknowledged events (up to a drainer chunk) is cheap.
+        txn.set_durability(Durability::Immediate).map_err(|e| self.db_err(e))?;
         let mut removed = 0u64;
         let mut removed_bytes = 0u64;
         {
@@ -464,6 +465,13 @@ impl Spool {
         let mut txn = self.inner.db.begin_write().map_err(|e| self.db_err(e))?;
         txn.set_durability(Durability::Immediate).map_err(|e| self.db_err(e))?;
         txn.commit().map_err(|e| self.db_err(e))
+    }
+
+    /// Whether the agent has acted on reply `id` (as far as it remembers).
+    pub fn has_acted(&self, id: ReplyId) -> Result<bool, SpoolError> {
+        let txn = self.inner.db.begin_read().map_err(|e| self.db_err(e))?;
+        let acted = txn.open_table(ACTED).map_err(|e| self.db_err(e))?;
+        Ok(acted.get(id.0.as_u128()).map_err(|e| self.db_err(e))?.is_some())
     }
 
     /// Records that the agent acted on reply `id`; false when it already had.

@@ -305,3 +305,194 @@ async fn cli_prints_replies_as_json_lines() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains(r#"agent id "desk 1" is not a valid subject token"#), "{err}");
 }
+
+/// `ferry-agent` as desk-1 against `s`, with its spool in `spool`.
+fn agent_command(s: &Stack, spool: &std::path::Path) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new(env!("CARGO_BIN_EXE_ferry-agent"));
+    c.args(["--id", "desk-1", "--server", &s.nats.url()])
+        .args(["--password", s.nats.secrets().agent("desk-1").unwrap()])
+        .arg("--spool")
+        .arg(spool)
+        .kill_on_drop(true);
+    c
+}
+
+#[tokio::test]
+async fn spooled_events_survive_sigkill_and_an_outage_and_arrive_once_in_order() {
+    let mut s = stack().await;
+    let js = s.js.clone();
+    s.nats.kill();
+    let dir = tempfile::tempdir().unwrap();
+    let spool_dir = dir.path().join("spool");
+    let input = dir.path().join("events.jsonl");
+    let mut lines = String::new();
+    for i in 0..200_000 {
+        if i % 10 == 0 {
+            lines.push_str(&format!(
+                "{{\"kind\":\"chat\",\"body\":{{\"chat\":\"C\",\"sender\":\"C\",\"text\":\"SECRET-CHAT-{i}\"}}}}\n"
+            ));
+        } else {
+            lines.push_str(&format!(
+                "{{\"kind\":\"activity\",\"body\":{{\"app\":\"a.exe\",\"title\":\"SECRET-TITLE-{i}\",\"duration_ms\":1}}}}\n"
+            ));
+        }
+    }
+    std::fs::write(&input, lines).unwrap();
+
+    // Broker down: the agent spools; it is killed while still reading input.
+    let mut first = agent_command(&s, &spool_dir)
+        .args(["run", "--no-adapter", "--heartbeat", "0s", "--prediction", "0s", "--input"])
+        .arg(&input)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let db = spool_dir.join("spool.redb");
+    // Kill it while it is spooling (1 s in, on this input, here).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    first.start_kill().unwrap(); // SIGKILL
+    first.wait().await.unwrap();
+
+    // What the spool holds now is what must arrive: read it as the agent would.
+    let spooled: Vec<String> = {
+        let spool = Spool::open(SpoolConfig::new(&spool_dir)).unwrap();
+        spool.read_after(0, usize::MAX).unwrap().iter().map(|r| r.id.to_string()).collect()
+    };
+    assert!(!spooled.is_empty());
+    eprintln!("{} of 200000 events spooled when the agent was killed", spooled.len());
+    let raw = std::fs::read(&db).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(!text.contains("SECRET-"), "plaintext found in the spool file");
+
+    // Restarted while the broker is still down, then the broker comes back.
+    let mut second = agent_command(&s, &spool_dir)
+        .args(["run", "--no-adapter", "--heartbeat", "0s", "--prediction", "0s"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.nats.restart().unwrap();
+    inspect::wait_for_count(&js, EVENTS_STREAM, spooled.len() as u64, WAIT)
+        .await
+        .unwrap();
+    // Nothing more arrives: no duplicates.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stored = inspect::read_all(&js, EVENTS_STREAM, "").await.unwrap();
+    let ids: Vec<String> = stored
+        .iter()
+        .map(|m| m.headers.as_ref().unwrap().get(headers::MSG_ID).unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), spooled.len(), "every spooled event exactly once");
+    if let Some(i) = ids.iter().zip(&spooled).position(|(a, b)| a != b) {
+        let pos = |id: &String| spooled.iter().position(|x| x == id);
+        panic!(
+            "not in spool order from stream position {i}: stream has spool items {:?}",
+            ids[i.saturating_sub(2)..(i + 5).min(ids.len())].iter().map(pos).collect::<Vec<_>>()
+        );
+    }
+    second.start_kill().unwrap();
+    second.wait().await.unwrap();
+    let spool = Spool::open(SpoolConfig::new(&spool_dir)).unwrap();
+    assert_eq!(spool.depth().events, 0, "acknowledged events leave the spool");
+}
+
+#[tokio::test]
+async fn scripted_adapter_gets_its_replies_through_the_agent_once() {
+    let s = stack().await;
+    let _rules = s.rules_worker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = ferry_stack::free_port().unwrap();
+    let script = dir.path().join("script.jsonl");
+    std::fs::write(
+        &script,
+        "{\"chat\":\"Alice\",\"sender\":\"Alice\",\"content\":\"Hello, is anyone there?\"}\n\
+         {\"chat\":\"王芳\",\"sender\":\"王芳\",\"content\":\"你好，我想问一下订单\"}\n\
+         {\"chat\":\"Bob\",\"sender\":\"Bob\",\"content\":\"I want my money back for order 1234\"}\n",
+    )
+    .unwrap();
+    let mut agent = agent_command(&s, &dir.path().join("spool"))
+        .args(["run", "--no-desktop", "--heartbeat", "0s", "--prediction", "0s", "--adapter"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = scripted_adapter(port, &script).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let of = |t: &str| lines.iter().filter(|l| l["type"] == t).cloned().collect::<Vec<_>>();
+    assert_eq!(of("accepted").len(), 3, "{lines:#?}");
+    let sends = of("send");
+    assert_eq!(sends.len(), 2, "{lines:#?}");
+    assert!(sends.iter().any(|l| l["chat"] == "Alice"));
+    assert!(sends.iter().any(|l| l["chat"] == "王芳" && l["text"].as_str().unwrap().contains('王')));
+    let esc = of("escalation");
+    assert_eq!(esc.len(), 1);
+    assert_eq!(esc[0]["chat"], "Bob");
+
+    // The agent restarts: replies are redelivered only if unacked, and any
+    // redelivered one is known as acted on; the adapter gets nothing twice.
+    agent.start_kill().unwrap();
+    agent.wait().await.unwrap();
+    let _again = agent_command(&s, &dir.path().join("spool"))
+        .args(["run", "--no-desktop", "--heartbeat", "0s", "--prediction", "0s", "--adapter"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The same replies again under new message ids (as a replay or a
+    // redelivery would bring them): the restarted agent reads them, knows
+    // their reply ids from its spool, and sends nothing.
+    let stored = inspect::read_all(&s.js, REPLIES_STREAM, "replies.desk-1").await.unwrap();
+    assert_eq!(stored.len(), 3);
+    for m in &stored {
+        let mut h = async_nats::HeaderMap::new();
+        for (k, v) in m.headers.as_ref().unwrap().iter() {
+            if AsRef::<str>::as_ref(k) != headers::MSG_ID {
+                for v in v {
+                    h.append(k.clone(), v.clone());
+                }
+            }
+        }
+        s.js.publish_with_headers(m.subject.clone(), h, m.payload.clone()).await.unwrap().await.unwrap();
+    }
+    let consumer_name = topology::agent_replies_consumer_name(&desk(1));
+    let start = std::time::Instant::now();
+    loop {
+        let mut c: jetstream::consumer::PullConsumer =
+            s.js.get_consumer_from_stream(&consumer_name, REPLIES_STREAM).await.unwrap();
+        let info = c.info().await.unwrap();
+        if info.ack_floor.stream_sequence >= 6 {
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "the restarted agent never took the repeated replies: {info:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let empty = dir.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let quiet = tokio::process::Command::new("python3")
+        .arg(adapters_dir().join("scripted_adapter.py"))
+        .args(["--port", &port.to_string(), "--expect", "1", "--timeout", "3", "--script"])
+        .arg(&empty)
+        .output()
+        .await
+        .unwrap();
+    assert!(!quiet.status.success(), "no second send may arrive: {}", String::from_utf8_lossy(&quiet.stdout));
+    assert!(String::from_utf8_lossy(&quiet.stdout).trim().is_empty());
+}
+
+fn adapters_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("adapters")
+}
+
+async fn scripted_adapter(port: u16, script: &std::path::Path) -> std::process::Output {
+    tokio::process::Command::new("python3")
+        .arg(adapters_dir().join("scripted_adapter.py"))
+        .args(["--port", &port.to_string(), "--timeout", "60", "--script"])
+        .arg(script)
+        .output()
+        .await
+        .unwrap()
+}
