@@ -36,6 +36,8 @@ pub enum BenchCmd {
     Inference(crate::bench_inference::InferenceBench),
     /// Raw COPY into the events table vs the archiver from JetStream.
     Archiver(crate::bench_archiver::ArchiverBench),
+    /// The agent's RSS and CPU at 1 event/s, spool write rate, drain rate after an outage.
+    Agent(crate::bench_agent::AgentBench),
 }
 
 #[derive(Debug, Args)]
@@ -80,6 +82,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Rules(args) => rules_bench(args).await,
         BenchCmd::Inference(args) => crate::bench_inference::run(args).await,
         BenchCmd::Archiver(args) => crate::bench_archiver::run(args).await,
+        BenchCmd::Agent(args) => crate::bench_agent::run(args).await,
     }
 }
 

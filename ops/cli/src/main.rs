@@ -3,6 +3,7 @@
 mod agent;
 mod agent_registry;
 mod bench;
+mod bench_agent;
 mod bench_archiver;
 mod bench_inference;
 mod db;

@@ -1,0 +1,218 @@
+//! `ferry bench agent`: the agent's footprint and throughput against the targets.
+//!
+//! (a) Steady state: the real `ferry-agent` binary (Linux build) fed one
+//!     activity event per second on stdin for `--steady-secs`, publishing to
+//!     a fresh broker; its RSS and CPU are read from `/proc` after a warm-up.
+//! (b) Spool writes: `--events` activity events appended to a fresh spool
+//!     in the batches the spool writer makes (encode, seal, fsync per batch).
+//! (c) Drain after an outage: the same spool, now full, published to the
+//!     broker by the drainer until empty (in order, acks awaited, removal
+//!     fsynced).
+//!
+//! The targets are absolute, so the "baseline" each row is compared to is
+//! its target: the ratio says how far inside (>= 1) or outside (< 1) it is.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+use ferry_agent::health::Health;
+use ferry_agent::pipeline::MAX_BATCH;
+use ferry_agent::spool::{Spool, SpoolConfig};
+use ferry_agent::{Agent, AgentConfig};
+use ferry_schema::event::Activity;
+use ferry_schema::topology::{self, StreamSettings};
+use ferry_schema::{AgentId, Encoding, Envelope, EventBody};
+use ferry_stack::NatsServer;
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Args)]
+pub struct AgentBench {
+    /// Events spooled, then drained, in (b) and (c).
+    #[arg(long, default_value_t = 100_000)]
+    events: usize,
+    /// Seconds of the steady state (a), after a 5 s warm-up.
+    #[arg(long, default_value_t = 60)]
+    steady_secs: u64,
+    /// Runs of (b) and (c); the table shows medians.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// The ferry-agent binary [default: beside this ferry, built with cargo if missing].
+    #[arg(long)]
+    agent_bin: Option<PathBuf>,
+}
+
+fn activity(agent: &AgentId, i: usize) -> Envelope {
+    Envelope::new(
+        agent.clone(),
+        EventBody::Activity(Activity {
+            app: "chrome.exe".into(),
+            title: format!("Order {i} - Customer portal"),
+            exe: Some("C:\\Program Files\\Google\\Chrome\\Application\\chrome.exe".into()),
+            pid: Some(4242),
+            site: Some("portal.example.com".into()),
+            afk: false,
+            duration_ms: 12_000,
+        }),
+    )
+}
+
+pub async fn run(args: AgentBench) -> anyhow::Result<()> {
+    let agent_id = AgentId::new("desk-1")?;
+    eprintln!("ferry bench agent: starting a fresh nats-server ...");
+    let nats = NatsServer::start_temp().context("starting nats-server")?;
+    let js = async_nats::jetstream::new(nats.operator("bench").connect().await?);
+    topology::provision(&js, &StreamSettings::default(), std::slice::from_ref(&agent_id)).await?;
+
+    // (a) steady state of the real binary.
+    let bin = match args.agent_bin.clone() {
+        Some(b) => b,
+        None => agent_binary()?,
+    };
+    eprintln!("(a) {} at 1 event/s for {} s (+5 s warm-up) ...", bin.display(), args.steady_secs);
+    let (rss, cpu_pct) = steady(&bin, &nats, &agent_id, args.steady_secs).await?;
+
+    // (b) and (c).
+    let mut writes = Vec::new();
+    let mut drains = Vec::new();
+    for run in 1..=args.repeat.max(1) {
+        let dir = tempfile::tempdir()?;
+        let events: Vec<Envelope> = (0..args.events).map(|i| activity(&agent_id, i)).collect();
+        let spool = Spool::open(SpoolConfig::new(dir.path().join("spool")))?;
+        let t0 = Instant::now();
+        let s = spool.clone();
+        tokio::task::spawn_blocking(move || {
+            for batch in events.chunks(MAX_BATCH) {
+                s.append(batch, Encoding::MsgPack)?;
+            }
+            anyhow::Ok(())
+        })
+        .await??;
+        let write_rate = args.events as f64 / t0.elapsed().as_secs_f64();
+
+        let conn = nats.agent(&agent_id).context("nats.conf has no user for desk-1")?;
+        let agent = Agent::connect(AgentConfig::new(agent_id.clone(), conn)).await?;
+        let stop = CancellationToken::new();
+        let drainer = {
+            let (agent, spool, stop) = (agent.clone(), spool.clone(), stop.clone());
+            tokio::spawn(async move { agent.drain_spool(&spool, &Health::default(), None, &stop).await })
+        };
+        let t0 = Instant::now();
+        while spool.depth().events > 0 {
+            if t0.elapsed() > Duration::from_secs(600) {
+                anyhow::bail!("the drain did not finish in 10 minutes ({} left)", spool.depth().events);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let drain_rate = args.events as f64 / t0.elapsed().as_secs_f64();
+        stop.cancel();
+        drainer.await??;
+        eprintln!("    run {run}: spool writes {write_rate:.0}/s, drain {drain_rate:.0}/s");
+        writes.push(write_rate);
+        drains.push(drain_rate);
+    }
+    let write = median(&mut writes);
+    let drain = median(&mut drains);
+
+    println!();
+    println!("ferry bench agent ({} events spooled and drained, medians of {}; steady state {} s)", args.events, args.repeat.max(1), args.steady_secs);
+    println!("| measure | measured | target | ratio (>= 1 is met) | |");
+    println!("|---|---:|---:|---:|---|");
+    let rss_mb = rss as f64 / (1024.0 * 1024.0);
+    row("RSS at 1 event/s", format!("{rss_mb:.1} MB"), "<= 15 MB", 15.0 / rss_mb);
+    row("CPU at 1 event/s", format!("{cpu_pct:.3}% of a core"), "<= 0.5%", 0.5 / cpu_pct.max(1e-6));
+    row("spool writes", format!("{write:.0} events/s"), ">= 50,000/s", write / 50_000.0);
+    row("drain after an outage", format!("{drain:.0} events/s"), ">= 20,000/s", drain / 20_000.0);
+    Ok(())
+}
+
+fn row(what: &str, measured: String, target: &str, ratio: f64) {
+    let verdict = if ratio >= 1.0 { "met" } else { "NOT met" };
+    println!("| {what} | {measured} | {target} | {ratio:.2}x | {verdict} |");
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs the binary on stdin fed one event per second; returns its RSS at
+/// the end and its CPU use over the measured window.
+async fn steady(bin: &Path, nats: &NatsServer, agent: &AgentId, secs: u64) -> anyhow::Result<(u64, f64)> {
+    let dir = tempfile::tempdir()?;
+    let password = nats.secrets().agent(agent.as_str()).context("no password for desk-1")?;
+    let mut child = tokio::process::Command::new(bin)
+        .args(["--id", agent.as_str(), "--server", &nats.url(), "--password", password])
+        .arg("--spool")
+        .arg(dir.path().join("spool"))
+        .args(["run", "--no-desktop", "--no-adapter", "--input", "-"])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let pid = child.id().context("the agent exited at once")?;
+    let mut stdin = child.stdin.take().context("no stdin")?;
+    let line = b"{\"kind\":\"activity\",\"body\":{\"app\":\"chrome.exe\",\"title\":\"Customer portal\",\"duration_ms\":1000}}\n";
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let warmup = 5;
+    let mut start: Option<(Instant, u64)> = None;
+    for i in 0..(warmup + secs) {
+        ticker.tick().await;
+        stdin.write_all(line).await?;
+        stdin.flush().await?;
+        if i == warmup {
+            start = Some((Instant::now(), cpu_ticks(pid)?));
+        }
+    }
+    let (t0, c0) = start.context("no measurement window")?;
+    let c1 = cpu_ticks(pid)?;
+    let wall = t0.elapsed().as_secs_f64();
+    let rss = rss_bytes(pid)?;
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    // Linux counts CPU time in clock ticks of 1/100 s (USER_HZ).
+    let cpu = (c1 - c0) as f64 / 100.0;
+    Ok((rss, cpu / wall * 100.0))
+}
+
+fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let rest = stat.rsplit_once(") ").map(|(_, r)| r).context("odd /proc stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15; `rest` starts at field 3.
+    Ok(f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?)
+}
+
+fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .context("no VmRSS")?
+        .parse()?;
+    Ok(kb * 1024)
+}
+
+/// `ferry-agent` beside this `ferry`, built if missing.
+fn agent_binary() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe()?;
+    let beside = me.with_file_name("ferry-agent");
+    if beside.exists() {
+        return Ok(beside);
+    }
+    eprintln!("    building ferry-agent (cargo build -p ferry-agent) ...");
+    let status = std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+        .args(["build", "-p", "ferry-agent", "--bin", "ferry-agent"])
+        .status()
+        .context("running cargo")?;
+    if !status.success() || !beside.exists() {
+        anyhow::bail!("could not build ferry-agent; build it yourself and pass --agent-bin PATH");
+    }
+    Ok(beside)
+}
