@@ -31,6 +31,9 @@
 //! heartbeat = "30s"
 //! prediction = "60s"
 //! recent = 20                           # activities per prediction request
+//!
+//! [metrics]
+//! listen = "127.0.0.1:9470"             # Prometheus /metrics; off when absent
 //! ```
 
 use std::net::SocketAddr;
@@ -103,6 +106,16 @@ pub struct FileConfig {
     pub adapter: AdapterSection,
     /// `[timers]`.
     pub timers: TimersSection,
+    /// `[metrics]`.
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// Serve Prometheus metrics on this address (off when absent).
+    pub listen: Option<String>,
 }
 
 /// `[spool]`.
@@ -293,13 +306,22 @@ pub fn adapter_listen(file: &FileConfig) -> Result<Option<SocketAddr>, ConfigErr
     Ok(Some(addr))
 }
 
-/// Heartbeat and prediction intervals, and activities per request.
-pub fn timers(file: &FileConfig) -> Result<crate::run::Periodic, ConfigError> {
-    let d = crate::run::Periodic::default();
-    Ok(crate::run::Periodic {
+/// Heartbeat and prediction intervals, activities per request, metrics endpoint.
+pub fn timers(file: &FileConfig) -> Result<crate::run::Options, ConfigError> {
+    let d = crate::run::Options::default();
+    let metrics_listen = match &file.metrics.listen {
+        None => None,
+        Some(v) => Some(v.parse::<SocketAddr>().map_err(|_| ConfigError::Value {
+            setting: "metrics.listen",
+            value: v.clone(),
+            expected: "an address and port like 127.0.0.1:9470".into(),
+        })?),
+    };
+    Ok(crate::run::Options {
         heartbeat: interval("timers.heartbeat", file.timers.heartbeat.as_deref(), Duration::from_secs(30))?,
         prediction: interval("timers.prediction", file.timers.prediction.as_deref(), Duration::from_secs(60))?,
         recent: file.timers.recent.unwrap_or(d.recent),
+        metrics_listen,
     })
 }
 

@@ -5,11 +5,14 @@ use std::sync::{Arc, Mutex};
 
 use ferry_schema::event::ComponentStatus;
 
+/// Each component's state: ok, and what to say about it.
+type States = BTreeMap<String, (bool, Option<String>)>;
+
 /// Shared, cheap-to-clone table of component states (collectors, adapter,
 /// broker connection, spool), by name.
 #[derive(Debug, Clone, Default)]
 pub struct Health {
-    inner: Arc<Mutex<BTreeMap<String, (bool, Option<String>)>>>,
+    inner: Arc<Mutex<States>>,
 }
 
 impl Health {

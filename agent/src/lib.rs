@@ -19,6 +19,7 @@ pub mod collect;
 pub mod config;
 pub mod health;
 pub mod heartbeat;
+pub mod metrics;
 pub mod pipeline;
 pub mod platform;
 pub mod publish;

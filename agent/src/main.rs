@@ -129,6 +129,9 @@ struct RunArgs {
     /// What to do when the spool is full [default: block; config spool.when_full].
     #[arg(long, value_enum)]
     when_full: Option<Policy>,
+    /// Serve Prometheus metrics (spool depth, published, replies, components) at http://ADDR/metrics [config metrics.listen].
+    #[arg(long, value_name = "ADDR", env = "FERRY_AGENT_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -219,6 +222,9 @@ async fn run_cmd(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = &args.prediction {
         r.file.timers.prediction = Some(v.clone());
+    }
+    if let Some(v) = &args.metrics_listen {
+        r.file.metrics.listen = Some(v.clone());
     }
     if let Some(p) = args.when_full {
         r.file.spool.when_full = Some(match p {

@@ -27,6 +27,7 @@ use crate::adapter::{AdapterServer, Clients, ToClient};
 use crate::collect::{run_desktop, Collector};
 use crate::health::Health;
 use crate::heartbeat::{run_heartbeat, run_predictions, RecentLog};
+use crate::metrics::Counts;
 use crate::pipeline::{write_spool, Delivered, INTAKE_QUEUE};
 use crate::platform::Desktop;
 use crate::replies::RepliesError;
@@ -76,6 +77,9 @@ pub enum RunError {
     /// Receiving replies failed.
     #[error(transparent)]
     Replies(#[from] RepliesError),
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// Where events come from.
@@ -99,23 +103,26 @@ impl std::fmt::Debug for Sources {
     }
 }
 
-/// The periodic events.
+/// The periodic events and the metrics endpoint.
 #[derive(Debug, Clone, Copy)]
-pub struct Periodic {
+pub struct Options {
     /// Heartbeat interval (none: no heartbeats).
     pub heartbeat: Option<Duration>,
     /// Prediction request interval (none: no requests).
     pub prediction: Option<Duration>,
     /// Activities a prediction request carries.
     pub recent: usize,
+    /// Serve Prometheus metrics here (none: no endpoint).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
-impl Default for Periodic {
+impl Default for Options {
     fn default() -> Self {
         Self {
             heartbeat: Some(Duration::from_secs(30)),
             prediction: Some(Duration::from_secs(60)),
             recent: 20,
+            metrics_listen: None,
         }
     }
 }
@@ -140,10 +147,11 @@ where
         lines: Some(Box::new(input)),
         ..Sources::default()
     };
-    let periodic = Periodic {
+    let periodic = Options {
         heartbeat: None,
         prediction: None,
         recent: 0,
+        metrics_listen: None,
     };
     run(agent, spool, sources, periodic, until, Some(out), shutdown).await
 }
@@ -153,7 +161,7 @@ pub async fn run(
     agent: &Agent,
     spool: Spool,
     sources: Sources,
-    periodic: Periodic,
+    periodic: Options,
     until: Until,
     out: Option<mpsc::Sender<Reply>>,
     shutdown: CancellationToken,
@@ -163,6 +171,15 @@ pub async fn run(
     let recent = RecentLog::new(periodic.recent);
     let sources_stop = CancellationToken::new();
     let (intake, intake_rx) = mpsc::channel(INTAKE_QUEUE);
+    let counts = Counts::default();
+    let _metrics = match periodic.metrics_listen {
+        Some(addr) => {
+            let server = crate::metrics::serve(addr, spool.clone(), health.clone(), counts.clone())?;
+            tracing::info!(listen = %server.addr(), "serving metrics at /metrics");
+            Some(server)
+        }
+        None => None,
+    };
 
     let writer = {
         let (spool, health, recent) = (spool.clone(), health.clone(), recent.clone());
@@ -274,6 +291,7 @@ pub async fn run(
             _ = shutdown.cancelled() => break Ok(()),
             Some(d) = delivered_rx.recv() => {
                 report.published += 1;
+                counts.published();
                 if matches!(d.kind, EventKind::Chat | EventKind::Predict) && !answered_early.remove(&d.id) {
                     pending.insert(d.id);
                 }
@@ -283,6 +301,7 @@ pub async fn run(
                     answered_early.insert(reply.in_reply_to);
                 }
                 report.replies += 1;
+                counts.reply();
                 if let Some(out) = &out {
                     if out.send(reply).await.is_err() {
                         break Ok(());
@@ -325,7 +344,10 @@ pub async fn run(
         let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
         while spool.depth().events > 0 && tokio::time::Instant::now() < deadline {
             tokio::select! {
-                Some(_) = delivered_rx.recv() => report.published += 1,
+                Some(_) = delivered_rx.recv() => {
+                    report.published += 1;
+                    counts.published();
+                }
                 _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
         }
@@ -334,6 +356,7 @@ pub async fn run(
     replies_stop.cancel();
     while let Ok(_d) = delivered_rx.try_recv() {
         report.published += 1;
+        counts.published();
     }
     let drained = drainer.await;
     let received = receiver.await;

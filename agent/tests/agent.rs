@@ -409,9 +409,12 @@ async fn scripted_adapter_gets_its_replies_through_the_agent_once() {
          {\"chat\":\"Bob\",\"sender\":\"Bob\",\"content\":\"I want my money back for order 1234\"}\n",
     )
     .unwrap();
+    let metrics_port = ferry_stack::free_port().unwrap();
     let mut agent = agent_command(&s, &dir.path().join("spool"))
         .args(["run", "--no-desktop", "--heartbeat", "0s", "--prediction", "0s", "--adapter"])
         .arg(format!("127.0.0.1:{port}"))
+        .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{metrics_port}"))
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -431,6 +434,18 @@ async fn scripted_adapter_gets_its_replies_through_the_agent_once() {
     let esc = of("escalation");
     assert_eq!(esc.len(), 1);
     assert_eq!(esc[0]["chat"], "Bob");
+
+    // Its metrics endpoint counts what happened.
+    let scrape = http_get(metrics_port, "/metrics").await;
+    for expected in [
+        "ferry_agent_published_total 3",
+        "ferry_agent_replies_total 3",
+        "ferry_agent_spool_events 0",
+        "ferry_agent_component_up{component=\"broker\"} 1",
+        "ferry_agent_component_up{component=\"spool\"} 1",
+    ] {
+        assert!(scrape.contains(expected), "{expected} missing from {scrape}");
+    }
 
     // The agent restarts: replies are redelivered only if unacked, and any
     // redelivered one is known as acted on; the adapter gets nothing twice.
@@ -495,4 +510,14 @@ async fn scripted_adapter(port: u16, script: &std::path::Path) -> std::process::
         .output()
         .await
         .unwrap()
+}
+
+/// The body of `GET path` on 127.0.0.1:`port`.
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    c.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await.unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).await.unwrap();
+    text
 }
