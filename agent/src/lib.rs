@@ -1,17 +1,24 @@
 //! Ferry's agent: turns local events into JetStream messages and replies into actions.
 //!
-//! This is the agent's portable core; the Windows collectors, the chat
-//! adapter and the encrypted spool build on it.
-//!
 //! # Layout
 //!
+//! - [`run`]: the whole agent: sources into the spool, the spool to
+//!   JetStream, replies to actions, two-phase shutdown. Start here.
+//! - [`collect`]: the desktop collector (foreground window, idle), merged
+//!   into activity spans, with privacy rules and browser-title rules.
+//! - [`adapter`]: the chat adapter protocol (JSON lines on loopback TCP).
+//! - [`spool`]: the encrypted, crash-safe outbox (redb, AES-256-GCM).
+//! - [`pipeline`]: the spool writer (group commit) and the drainer (in-order
+//!   publish, removal after the ack).
+//! - [`heartbeat`]: heartbeats and prediction requests.
+//! - [`replies`]: pulls the agent's replies from its own durable consumer
+//!   and acks each after it was acted on.
+//! - [`platform`]: everything Win32 (and its Unix stand-ins).
+//! - [`config`]: the TOML config file; [`metrics`]: the Prometheus endpoint;
+//!   [`health`]: component states for both.
 //! - [`source`]: events from JSON lines (a file or stdin), the portable
 //!   source used on Linux, in tests and in the demo.
-//! - [`publish`]: publishes events with their id as `Nats-Msg-Id`, a bounded
-//!   window of unacknowledged publishes, and retry until JetStream acks.
-//! - [`replies`]: pulls the agent's replies from its own durable consumer
-//!   (so replies published while it was offline arrive when it is back),
-//!   drops redelivered ones by reply id, and hands them on.
+//! - [`publish`]: one-off publishes with retry (tests and benchmarks).
 //! - [`Agent`]: the connection, with the agent's own credentials and inbox.
 
 pub mod adapter;
