@@ -501,11 +501,13 @@ impl Spool {
         Ok(true)
     }
 
-    /// Stores (sealed) or clears a piece of small state under `name`,
-    /// without waiting for the disk: state is a best effort between fsyncs.
-    pub fn put_state(&self, name: &str, value: Option<&[u8]>) -> Result<(), SpoolError> {
+    /// Stores (sealed) or clears a piece of small state under `name`. With
+    /// `durable` the commit is fsynced; without, it reaches the disk with the
+    /// next durable commit, and a crash before that loses it.
+    pub fn put_state(&self, name: &str, value: Option<&[u8]>, durable: bool) -> Result<(), SpoolError> {
         let mut txn = self.inner.db.begin_write().map_err(|e| self.db_err(e))?;
-        txn.set_durability(Durability::None).map_err(|e| self.db_err(e))?;
+        let durability = if durable { Durability::Immediate } else { Durability::None };
+        txn.set_durability(durability).map_err(|e| self.db_err(e))?;
         {
             let mut table = txn.open_table(STATE).map_err(|e| self.db_err(e))?;
             match value {
@@ -752,7 +754,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = spool(dir.path(), 100, FullPolicy::Block);
         s.append(&[activity("SECRET-TITLE-4711")], Encoding::Json).unwrap();
-        s.put_state("span", Some(b"SECRET-SPAN-0815")).unwrap();
+        s.put_state("span", Some(b"SECRET-SPAN-0815"), true).unwrap();
         s.sync().unwrap();
         drop(s);
         let raw = std::fs::read(dir.path().join(DB_FILE)).unwrap();
@@ -776,9 +778,9 @@ mod tests {
         let s = spool(dir.path(), 10, FullPolicy::Block);
         assert!(!s.mark_acted(id).unwrap());
         assert!(s.mark_acted(ReplyId(uuid::Uuid::now_v7())).unwrap());
-        s.put_state("span", Some(b"abc")).unwrap();
+        s.put_state("span", Some(b"abc"), false).unwrap();
         assert_eq!(s.get_state("span").unwrap().as_deref(), Some(&b"abc"[..]));
-        s.put_state("span", None).unwrap();
+        s.put_state("span", None, false).unwrap();
         assert_eq!(s.get_state("span").unwrap(), None);
     }
 

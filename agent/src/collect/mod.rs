@@ -13,8 +13,9 @@
 //! (`afk: true`, no window), and the switch is dated back to the last input
 //! (now minus idle time), both into and out of AFK.
 //!
-//! The open span is saved (sealed) in the spool at every sample, so a crash
-//! loses at most the last poll: the next start closes it and sends it.
+//! The open span is saved (sealed) in the spool: durably when it opens and
+//! every 10 s as it grows, so a crash loses at most 10 s of a span, never
+//! the span: the next start closes it and sends it.
 
 pub mod browser;
 pub mod privacy;
@@ -35,6 +36,8 @@ use privacy::{Privacy, Verdict};
 
 /// Name of the open span's entry in the spool's state.
 const OPEN_SPAN: &str = "open-span";
+/// How often the growing span's end is fsynced.
+const SPAN_SYNC: Duration = Duration::from_secs(10);
 /// Name of the desktop collector in the heartbeat.
 pub const COMPONENT: &str = "desktop";
 
@@ -317,6 +320,7 @@ pub async fn run_desktop(
     let mut ticker = tokio::time::interval(collector.settings.poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut saved: Option<Span> = None;
+    let mut synced = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -349,8 +353,17 @@ pub async fn run_desktop(
         }
         let open = collector.merger().open_span().cloned();
         if open != saved {
+            // A new span is saved durably at once; its growth every
+            // SPAN_SYNC (in between, the disk sees it with the spool's
+            // next fsync). A crash loses at most that much of a span.
+            let durable = open.as_ref().map(|s| s.id) != saved.as_ref().map(|s| s.id) || synced.elapsed() >= SPAN_SYNC;
+            if durable {
+                synced = std::time::Instant::now();
+            }
             let bytes = open.as_ref().and_then(|s| serde_json::to_vec(s).ok());
-            if let Err(error) = crate::spool::blocking(&spool, move |s| s.put_state(OPEN_SPAN, bytes.as_deref())).await {
+            if let Err(error) =
+                crate::spool::blocking(&spool, move |s| s.put_state(OPEN_SPAN, bytes.as_deref(), durable)).await
+            {
                 tracing::warn!(%error, "cannot save the open span");
             }
             saved = open;
@@ -358,7 +371,7 @@ pub async fn run_desktop(
     }
     if let Some(span) = collector.merger().flush() {
         if out.send(span.into_envelope(&agent)).await.is_ok() {
-            if let Err(error) = crate::spool::blocking(&spool, |s| s.put_state(OPEN_SPAN, None)).await {
+            if let Err(error) = crate::spool::blocking(&spool, |s| s.put_state(OPEN_SPAN, None, true)).await {
                 tracing::warn!(%error, "cannot clear the open span");
             }
         }
