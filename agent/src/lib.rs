@@ -12,9 +12,14 @@
 //! - [`replies`]: pulls the agent's replies from its own durable consumer
 //!   (so replies published while it was offline arrive when it is back),
 //!   drops redelivered ones by reply id, and hands them on.
+//! - [`platform`]: what the agent needs from the operating system (the
+//!   foreground window, idle time, key protection, autostart); Win32 on
+//!   Windows, the only place with `unsafe`.
+//! - [`probe`]: `ferry-agent probe`, which prints what [`platform`] sees.
 //! - [`Agent`]: the connection, with the agent's own credentials and inbox.
 
 pub mod platform;
+pub mod probe;
 pub mod publish;
 pub mod replies;
 pub mod run;

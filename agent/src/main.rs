@@ -54,6 +54,8 @@ struct Cli {
 enum Cmd {
     /// Publish events from JSON lines and print replies as JSON lines.
     Run(RunArgs),
+    /// Print what the desktop collector sees: the foreground window and idle time, as JSON lines.
+    Probe(ferry_agent::probe::ProbeArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -88,6 +90,11 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Probe needs no id and no broker: it only asks the local system.
+    let args = match cli.cmd {
+        Cmd::Run(args) => args,
+        Cmd::Probe(probe) => return Ok(ferry_agent::probe::run(&probe, &mut std::io::stdout().lock())?),
+    };
     let id = cli.id.clone().context("--id (or FERRY_AGENT_ID) is required")?;
     let agent_id = AgentId::new(id).context("--id")?;
     let mut nats = NatsConfig::new(&cli.server, format!("ferry-agent {agent_id}"));
@@ -101,7 +108,6 @@ async fn main() -> anyhow::Result<()> {
         },
         (None, None, None) => Auth::None,
     };
-    let Cmd::Run(args) = cli.cmd;
     let mut cfg = AgentConfig::new(agent_id, nats);
     cfg.encoding = match args.encoding {
         Enc::Msgpack => Encoding::MsgPack,
