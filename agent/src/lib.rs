@@ -19,6 +19,7 @@
 //! - [`source`]: events from JSON lines (a file or stdin), the portable
 //!   source used on Linux, in tests and in the demo.
 //! - [`publish`]: one-off publishes with retry (tests and benchmarks).
+//! - [`probe`]: `ferry-agent probe`, which prints what [`platform`] sees.
 //! - [`Agent`]: the connection, with the agent's own credentials and inbox.
 
 pub mod adapter;
@@ -29,6 +30,7 @@ pub mod heartbeat;
 pub mod metrics;
 pub mod pipeline;
 pub mod platform;
+pub mod probe;
 pub mod publish;
 pub mod replies;
 pub mod run;

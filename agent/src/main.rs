@@ -85,6 +85,8 @@ enum Cmd {
     /// connection with this agent's credentials, its reply consumer, and a
     /// publish on its own subject (a heartbeat). Exits 1 if anything fails.
     Check,
+    /// Print what the desktop collector sees: the foreground window and idle time, as JSON lines.
+    Probe(ferry_agent::probe::ProbeArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -212,6 +214,8 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Check => check(&cli).await,
+        // Probe needs no id and no broker: it only asks the local system.
+        Cmd::Probe(probe) => Ok(ferry_agent::probe::run(probe, &mut std::io::stdout().lock())?),
     }
 }
 

@@ -127,6 +127,39 @@ pub fn uninstall_autostart() -> Result<Option<AutostartEntry>, PlatformError> {
 /// Name of the autostart entry (registry value name, `.desktop` file stem).
 pub const AUTOSTART_NAME: &str = "FerryAgent";
 
+/// Quotes one argument for a Windows command line (the `Run` key's value)
+/// so that `CommandLineToArgvW` and the C runtime split it back unchanged:
+/// arguments with spaces, tabs or quotes are wrapped in quotes, a quote
+/// inside is escaped with a backslash, and backslashes are doubled where
+/// they precede a quote (inside or the closing one). Plain in this module so
+/// its tests run on every platform.
+#[cfg(any(windows, test))]
+fn quote_windows_arg(arg: &str) -> String {
+    if !arg.is_empty() && !arg.contains([' ', '\t', '\n', '\u{b}', '"']) {
+        return arg.to_string();
+    }
+    let mut s = String::from("\"");
+    let mut backslashes = 0usize;
+    for c in arg.chars() {
+        match c {
+            '\\' => backslashes += 1,
+            '"' => {
+                s.extend(std::iter::repeat_n('\\', backslashes * 2 + 1));
+                s.push('"');
+                backslashes = 0;
+            }
+            _ => {
+                s.extend(std::iter::repeat_n('\\', backslashes));
+                s.push(c);
+                backslashes = 0;
+            }
+        }
+    }
+    s.extend(std::iter::repeat_n('\\', backslashes * 2));
+    s.push('"');
+    s
+}
+
 /// Idle time from a 64-bit tick count `now_ms` and the 32-bit tick count of
 /// the last input (`GetLastInputInfo`'s `dwTime`), which wraps every 49.7
 /// days: the difference is taken modulo 2^32, so an input just before a
@@ -153,5 +186,20 @@ mod tests {
         // After several wraps only the low 32 bits count.
         assert_eq!(idle_from_ticks(5 * wrap + 500, 100), Duration::from_millis(400));
         assert_eq!(idle_from_ticks(7, 7), Duration::ZERO);
+    }
+
+    #[test]
+    fn windows_arguments_are_quoted() {
+        assert_eq!(quote_windows_arg("--config"), "--config");
+        assert_eq!(quote_windows_arg(r"C:\Ferry\agent.exe"), r"C:\Ferry\agent.exe");
+        assert_eq!(
+            quote_windows_arg(r"C:\Program Files\Ferry\agent.exe"),
+            r#""C:\Program Files\Ferry\agent.exe""#
+        );
+        assert_eq!(quote_windows_arg(""), r#""""#);
+        assert_eq!(quote_windows_arg(r#"say "hi""#), r#""say \"hi\"""#);
+        // Backslashes before a quote, and before the closing quote, are doubled.
+        assert_eq!(quote_windows_arg(r#"a\"b"#), r#""a\\\"b""#);
+        assert_eq!(quote_windows_arg(r"C:\dir with space\"), r#""C:\dir with space\\""#);
     }
 }
