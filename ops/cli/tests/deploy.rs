@@ -13,7 +13,7 @@ use ferry_schema::connect::NatsConfig;
 use ferry_schema::topology::{self, DEADLETTER_STREAM, EVENTS_STREAM, REPLIES_STREAM, WORK_STREAM};
 use ferry_schema::{subject, AgentId, EventKind};
 use ferry_stack::secrets::OPERATOR_USER;
-use ferry_stack::{free_port, install, Secrets};
+use ferry_stack::{cargo, free_port, install, Secrets};
 
 /// The repository root.
 fn repo() -> PathBuf {
@@ -48,27 +48,8 @@ fn ferry_worker() -> PathBuf {
             let ferry = Path::new(env!("CARGO_BIN_EXE_ferry"));
             let profile_dir = ferry.parent().unwrap();
             let target_dir = profile_dir.parent().unwrap();
-            let mut build = Command::new(env!("CARGO"));
-            // Not the variables cargo sets for this test process: cargo
-            // compares a build script's rerun-if-env-changed variables (ring
-            // and aws-lc watch CARGO_MANIFEST_DIR, CARGO_PKG_NAME, OUT_DIR)
-            // in its own environment, so inheriting them reran those scripts
-            // and rebuilt everything above them (mistral.rs), here and again
-            // in the next outer run.
-            for (k, _) in std::env::vars_os() {
-                let k = k.to_string_lossy().into_owned();
-                if (k.starts_with("CARGO_") && k != "CARGO_HOME") || k.starts_with("__CARGO") || k == "OUT_DIR" {
-                    build.env_remove(&k);
-                }
-            }
-            if let Some(paths) = std::env::var_os("LD_LIBRARY_PATH") {
-                let kept: Vec<PathBuf> = std::env::split_paths(&paths).filter(|p| !p.starts_with(target_dir)).collect();
-                if kept.is_empty() {
-                    build.env_remove("LD_LIBRARY_PATH");
-                } else {
-                    build.env("LD_LIBRARY_PATH", std::env::join_paths(kept).unwrap());
-                }
-            }
+            // Not the variables cargo set for this test process: see cargo_command.
+            let mut build = cargo::cargo_command();
             build
                 .args(["test", "--workspace", "--no-run", "--quiet", "--target-dir"])
                 .arg(target_dir)

@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //!
+//! - [`cargo`]: a `cargo` command that does not inherit the calling
+//!   test's cargo environment (which would make cargo rebuild).
 //! - [`install`]: finds a required program, or installs its Debian package
 //!   when this process may (root with apt), or says exactly what to run.
 //! - [`secrets`]: the passwords `nats.conf` reads from the environment.
@@ -14,19 +16,24 @@
 //! - [`nats`]: [`NatsServer`], a real `nats-server` with JetStream on a
 //!   chosen or free port, with Ferry's `nats.conf`; killed (and its temp dir
 //!   removed) on drop.
+//! - [`wine`]: cross-builds `ferry-agent.exe` and runs it under Wine on a
+//!   headless X server ([`Wine`]), for tests of the agent's Windows side.
 //!
 //! Nothing here assumes a server is already running.
 
+pub mod cargo;
 pub mod install;
 pub mod inspect;
 pub mod model;
 pub mod nats;
 pub mod postgres;
 pub mod secrets;
+pub mod wine;
 
 pub use nats::{NatsServer, NatsServerOptions, StackError};
 pub use postgres::{PgServer, PgServerOptions};
 pub use secrets::Secrets;
+pub use wine::Wine;
 
 /// Ferry's broker configuration, as committed at the repository root.
 pub const NATS_CONF: &str = include_str!("../../../nats.conf");

@@ -57,6 +57,30 @@ pub enum StackError {
         /// The last lines of its log.
         log_tail: String,
     },
+    /// A command ran and failed.
+    #[error("{what} failed ({status}): {command}\n{output_tail}")]
+    Failed {
+        /// The step, e.g. `cross-building ferry-agent.exe`.
+        what: String,
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: String,
+        /// The last lines of its output.
+        output_tail: String,
+    },
+    /// A command did not finish in time and was killed.
+    #[error("{what} did not finish within {waited:?} and was killed: {command}\n{output_tail}")]
+    TimedOut {
+        /// The step.
+        what: String,
+        /// The command line.
+        command: String,
+        /// How long it ran.
+        waited: Duration,
+        /// The last lines of its output.
+        output_tail: String,
+    },
     /// The program did not become ready in time.
     #[error("{program} did not accept connections within {waited:?}; its log ends with:\n{log_tail}")]
     NotReady {

@@ -1,0 +1,98 @@
+//! Running cargo from inside a test or build script without disturbing the outer build.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A `cargo` command (`$CARGO`, else `cargo` on `PATH`) with the
+/// environment cargo set for the calling test removed:
+///
+/// - every `CARGO_*` variable except `CARGO_HOME`, every `__CARGO*` one,
+///   and `OUT_DIR`: cargo compares a build script's `rerun-if-env-changed`
+///   variables (ring and aws-lc watch `CARGO_MANIFEST_DIR`,
+///   `CARGO_PKG_NAME`, `OUT_DIR`) in its own environment, so inheriting
+///   them reran those scripts and rebuilt everything above them
+///   (mistral.rs), here and again in the next outer run;
+/// - `LD_LIBRARY_PATH` entries inside the target directory this process
+///   runs from ([`current_target_dir`]; cargo adds its `deps` directories
+///   for the test it runs): they are no business of the inner build and
+///   change its fingerprints the same way.
+pub fn cargo_command() -> Command {
+    cargo_command_outside(current_target_dir().as_deref())
+}
+
+fn cargo_command_outside(target_dir: Option<&Path>) -> Command {
+    let program = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(program);
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy().into_owned();
+        if (k.starts_with("CARGO_") && k != "CARGO_HOME") || k.starts_with("__CARGO") || k == "OUT_DIR" {
+            cmd.env_remove(&k);
+        }
+    }
+    if let Some(paths) = std::env::var_os("LD_LIBRARY_PATH") {
+        let kept: Vec<PathBuf> = std::env::split_paths(&paths).filter(|p| !target_dir.is_some_and(|t| p.starts_with(t)))
+            .collect();
+        match std::env::join_paths(&kept) {
+            Ok(joined) if !kept.is_empty() => {
+                cmd.env("LD_LIBRARY_PATH", joined);
+            }
+            _ => {
+                cmd.env_remove("LD_LIBRARY_PATH");
+            }
+        }
+    }
+    cmd
+}
+
+/// The cargo target directory this process's executable lies in: the
+/// nearest ancestor holding the `CACHEDIR.TAG` cargo writes there. `None`
+/// when this program was not run from a target directory.
+pub fn current_target_dir() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    exe.ancestors()
+        .skip(1)
+        .find(|dir| dir.join("CACHEDIR.TAG").is_file())
+        .map(Path::to_path_buf)
+}
+
+/// The target directory a test binary was built into, from the path of one
+/// of the package's binaries (`env!("CARGO_BIN_EXE_<name>")`):
+/// `<target_dir>/<profile>/<name>`, so its grandparent. `None` for a path
+/// too short to have one.
+pub fn target_dir_of(bin_exe: &Path) -> Option<&Path> {
+    bin_exe.parent()?.parent()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cargo_variables_are_not_inherited() {
+        // Cargo sets these for this very test process.
+        assert!(std::env::var_os("CARGO_PKG_NAME").is_some());
+        let cmd = cargo_command();
+        let removed: Vec<String> = cmd
+            .get_envs()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k.to_string_lossy().into_owned())
+            .collect();
+        assert!(removed.contains(&"CARGO_PKG_NAME".to_string()), "{removed:?}");
+        assert!(removed.contains(&"CARGO_MANIFEST_DIR".to_string()), "{removed:?}");
+        assert!(!removed.contains(&"CARGO_HOME".to_string()), "{removed:?}");
+    }
+
+    #[test]
+    fn tests_run_from_a_target_dir() {
+        let dir = current_target_dir().unwrap();
+        assert!(std::env::current_exe().unwrap().starts_with(&dir));
+    }
+
+    #[test]
+    fn target_dir_is_two_levels_up() {
+        assert_eq!(
+            target_dir_of(Path::new("/t/target/debug/ferry")),
+            Some(Path::new("/t/target"))
+        );
+    }
+}
