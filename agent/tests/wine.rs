@@ -1,8 +1,17 @@
-//! The agent's Windows side under Wine: `ferry-agent.exe probe` names notepad, then winver; idle time grows; DPAPI round-trips.
+//! The agent's Windows side under Wine: the probe, and the real `ferry-agent.exe run` (activity, privacy, AFK, chat adapter) against a real broker.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
+
+use ferry_schema::codec::decode_event;
+use ferry_schema::event::Activity;
+use ferry_schema::topology::{self, StreamSettings, EVENTS_STREAM};
+use ferry_schema::{AgentId, Encoding, EventBody};
+use ferry_stack::{inspect, NatsServer};
+use ferry_workers::rules::{self, RulesConfig};
+use tokio_util::sync::CancellationToken;
 
 use ferry_stack::cargo::target_dir_of;
 use ferry_stack::wine::{build_windows_agent, run_checked};
@@ -97,4 +106,181 @@ fn probe_names_the_window_in_front_under_wine() {
 
     drop((winver, notepad));
     eprintln!("whole test: {:.1?}", start.elapsed());
+}
+
+/// The activity events desk-1 published, in stream order.
+async fn activities(js: &async_nats::jetstream::Context) -> Vec<Activity> {
+    inspect::read_all(js, EVENTS_STREAM, "events.desk-1.activity")
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let enc = Encoding::from_headers(m.headers.as_ref()).unwrap();
+            match decode_event(&m.payload, enc, 1 << 20).unwrap().body {
+                EventBody::Activity(a) => a,
+                other => panic!("not an activity: {other:?}"),
+            }
+        })
+        .collect()
+}
+
+fn is_app(a: &Activity, exe_name: &str) -> bool {
+    a.app.eq_ignore_ascii_case(exe_name)
+}
+
+/// `ferry-agent.exe run` with the desktop collector and a chat adapter port,
+/// against a real broker and rules worker on this machine: activity events
+/// name the windows in front (merged, redacted, excluded as configured), the
+/// scripted adapter's chats get their replies through the .exe, and an AFK
+/// span left open by a killed agent is sent by the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exe_collects_activity_and_serves_a_chat_adapter_under_wine() {
+    let started = Instant::now();
+    let nats = NatsServer::start_temp().unwrap();
+    let js = async_nats::jetstream::new(nats.operator("test").connect().await.unwrap());
+    let desk = AgentId::new("desk-1").unwrap();
+    topology::provision(&js, &StreamSettings::default(), std::slice::from_ref(&desk))
+        .await
+        .unwrap();
+    let rules_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(rules_file.path(), include_str!("../../ops/demo/rules.toml")).unwrap();
+    let rules_stop = CancellationToken::new();
+    {
+        let client = nats.workers("test-rules").connect().await.unwrap();
+        let cfg = RulesConfig::new(rules_file.path());
+        let stop = rules_stop.clone();
+        tokio::spawn(async move { rules::run(client, &cfg, stop).await });
+    }
+
+    let work = tempfile::tempdir().unwrap();
+    let exe = {
+        let target = target_dir();
+        let built = tokio::task::spawn_blocking(move || build_windows_agent(&target)).await.unwrap().unwrap();
+        let copy = work.path().join("ferry-agent.exe");
+        std::fs::copy(&built, &copy).unwrap();
+        copy
+    };
+    let wine = {
+        let dir = work.path().to_path_buf();
+        std::sync::Arc::new(tokio::task::spawn_blocking(move || Wine::start(&dir)).await.unwrap().unwrap())
+    };
+    let adapter_port = ferry_stack::free_port().unwrap();
+    let config = |idle_timeout: &str| {
+        format!(
+            "id = \"desk-1\"\nserver = \"{}\"\npassword = \"{}\"\n\n[spool]\ndir = 'Z:{}'\n\n[collect]\ndesktop = true\npoll = \"300ms\"\npulsetime = \"2s\"\nidle_timeout = \"{idle_timeout}\"\n\n[privacy]\nexclude_apps = ['regedit\\.exe']\nredact_titles = ['Untitled']\n\n[adapter]\nlisten = \"127.0.0.1:{adapter_port}\"\n\n[timers]\nheartbeat = \"0s\"\nprediction = \"0s\"\n",
+            nats.url(),
+            nats.secrets().agent("desk-1").unwrap(),
+            work.path().join("spool").display(),
+        )
+    };
+    let conf_path = work.path().join("ferry-agent.toml");
+    std::fs::write(&conf_path, config("1h")).unwrap();
+    let conf_arg = format!("Z:{}", conf_path.display());
+
+    // `check` under Wine: config, spool, desktop, adapter port, broker, permissions.
+    let check = {
+        let mut c = wine.command(&exe).unwrap();
+        c.args(["--config", &conf_arg, "check"]);
+        tokio::task::spawn_blocking(move || run_checked(&mut c, "ferry-agent.exe check", Duration::from_secs(60)))
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let report = String::from_utf8_lossy(&check.stdout).into_owned();
+    assert!(!report.contains("PROBLEM"), "{report}");
+    assert!(report.contains("ok      permissions"), "{report}");
+
+    let notepad = wine.spawn_program("notepad", &[]).unwrap();
+    {
+        let (wine, exe) = (wine.clone(), exe.clone());
+        tokio::task::spawn_blocking(move || wait_for_front(&wine, &exe, "notepad.exe")).await.unwrap();
+    }
+    let mut agent = {
+        let mut c = wine.command(&exe).unwrap();
+        c.args(["--config", &conf_arg, "run"]).stdout(Stdio::null()).stderr(Stdio::null());
+        c.spawn().unwrap()
+    };
+    // Notepad stays in front for a while: one merged event.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let winver = wine.spawn_program("winver", &[]).unwrap();
+    {
+        let (wine, exe) = (wine.clone(), exe.clone());
+        tokio::task::spawn_blocking(move || wait_for_front(&wine, &exe, "winver.exe")).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // An excluded program in front closes winver's span and records nothing.
+    let regedit = wine.spawn_program("regedit", &[]).unwrap();
+    {
+        let (wine, exe) = (wine.clone(), exe.clone());
+        tokio::task::spawn_blocking(move || wait_for_front(&wine, &exe, "regedit.exe")).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The scripted adapter (Linux Python) talks to the .exe over loopback.
+    let script = work.path().join("chats.jsonl");
+    std::fs::write(
+        &script,
+        "{\"chat\":\"Alice\",\"sender\":\"Alice\",\"content\":\"Hello, is anyone there?\"}\n\
+         {\"chat\":\"Bob\",\"sender\":\"Bob\",\"content\":\"I want my money back for order 1234\"}\n",
+    )
+    .unwrap();
+    let out = tokio::process::Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("adapters/scripted_adapter.py"))
+        .args(["--port", &adapter_port.to_string(), "--timeout", "60", "--script"])
+        .arg(&script)
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.iter().any(|l| l["type"] == "send" && l["chat"] == "Alice"), "{lines:#?}");
+    assert!(lines.iter().any(|l| l["type"] == "escalation" && l["chat"] == "Bob"), "{lines:#?}");
+
+    let acts = activities(&js).await;
+    let notepads: Vec<&Activity> = acts.iter().filter(|a| is_app(a, "notepad.exe")).collect();
+    assert_eq!(notepads.len(), 1, "one merged event for the unchanged window: {acts:#?}");
+    assert_eq!(notepads[0].title, "[redacted] - Notepad", "{acts:#?}");
+    assert!(notepads[0].duration_ms >= 3_000, "the merged span grew: {acts:#?}");
+    assert!(notepads[0].exe.as_deref().unwrap().to_ascii_lowercase().ends_with("notepad.exe"));
+    let winvers: Vec<&Activity> = acts.iter().filter(|a| is_app(a, "winver.exe")).collect();
+    assert_eq!(winvers.len(), 1, "{acts:#?}");
+    assert!(winvers[0].title.contains("Wine"), "{acts:#?}");
+    assert!(
+        acts.iter().position(|a| is_app(a, "notepad.exe")) < acts.iter().position(|a| is_app(a, "winver.exe")),
+        "{acts:#?}"
+    );
+    assert!(!acts.iter().any(|a| is_app(a, "regedit.exe")), "excluded app recorded: {acts:#?}");
+    let _ = agent.kill();
+    let _ = agent.wait();
+    drop(regedit);
+
+    // Idle: nobody types under Xvfb, so with a 1 s timeout the agent sees
+    // AFK at once. It is killed with the AFK span open; the next start
+    // sends that span.
+    std::fs::write(&conf_path, config("1s")).unwrap();
+    let before = acts.len();
+    for _ in 0..2 {
+        let mut c = wine.command(&exe).unwrap();
+        c.args(["--config", &conf_arg, "run"]).stdout(Stdio::null()).stderr(Stdio::null());
+        let mut agent = c.spawn().unwrap();
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let _ = agent.kill();
+        let _ = agent.wait();
+    }
+    let start = Instant::now();
+    let afk = loop {
+        let acts = activities(&js).await;
+        if let Some(a) = acts[before..].iter().find(|a| a.afk) {
+            break a.clone();
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "no AFK event: {:#?}", &acts[before..]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(afk.app.is_empty() && afk.duration_ms >= 1_000, "{afk:?}");
+    drop((winver, notepad));
+    rules_stop.cancel();
+    eprintln!("whole test: {:.1?}", started.elapsed());
 }
