@@ -521,3 +521,31 @@ async fn http_get(port: u16, path: &str) -> String {
     c.read_to_string(&mut text).await.unwrap();
     text
 }
+
+#[tokio::test]
+async fn install_writes_an_xdg_autostart_entry_and_uninstall_removes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("agent.toml");
+    std::fs::write(&conf, "id = \"desk-1\"\nserver = \"nats://127.0.0.1:1\"\n").unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ferry-agent"))
+            .env("XDG_CONFIG_HOME", dir.path())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let conf_s = conf.to_str().unwrap();
+    let out = run(&["--config", conf_s, "install"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let entry = std::fs::read_to_string(dir.path().join("autostart/FerryAgent.desktop")).unwrap();
+    let exec = entry.lines().find(|l| l.starts_with("Exec=")).unwrap();
+    assert!(exec.contains(env!("CARGO_BIN_EXE_ferry-agent")) && exec.contains(conf_s) && exec.ends_with(" run"), "{exec}");
+    assert!(String::from_utf8_lossy(&run(&["uninstall"]).stdout).contains("removed the logon entry"));
+    assert!(!dir.path().join("autostart/FerryAgent.desktop").exists());
+    // A config that cannot work is refused before anything is registered.
+    std::fs::write(&conf, "id = \"desk 1\"\n").unwrap();
+    let bad = run(&["--config", conf_s, "install"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a valid subject token"), "{}", String::from_utf8_lossy(&bad.stderr));
+    assert!(!dir.path().join("autostart/FerryAgent.desktop").exists());
+}

@@ -190,6 +190,28 @@ async fn the_exe_collects_activity_and_serves_a_chat_adapter_under_wine() {
     assert!(!report.contains("PROBLEM"), "{report}");
     assert!(report.contains("ok      permissions"), "{report}");
 
+    // install / uninstall: the per-user Run key, written and removed.
+    let run_exe = |args: Vec<String>| {
+        let mut c = wine.command(&exe).unwrap();
+        c.args(args);
+        async move {
+            let out = tokio::task::spawn_blocking(move || run_checked(&mut c, "ferry-agent.exe", Duration::from_secs(60)))
+                .await
+                .unwrap()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    let installed = run_exe(vec!["--config".into(), conf_arg.clone(), "install".into()]).await;
+    assert!(
+        installed.contains(r"HKCU\Software\Microsoft\Windows\CurrentVersion\Run\FerryAgent") && installed.contains(" run"),
+        "{installed}"
+    );
+    let removed = run_exe(vec!["uninstall".into()]).await;
+    assert!(removed.contains("removed the logon entry"), "{removed}");
+    let again = run_exe(vec!["uninstall".into()]).await;
+    assert!(again.contains("no logon entry was installed"), "{again}");
+
     let notepad = wine.spawn_program("notepad", &[]).unwrap();
     {
         let (wine, exe) = (wine.clone(), exe.clone());
