@@ -42,6 +42,10 @@ pub struct AgentBench {
     /// The ferry-agent binary [default: beside this ferry, built with cargo if missing].
     #[arg(long)]
     agent_bin: Option<PathBuf>,
+    /// Also run the steady state with ferry-agent.exe under Wine (cross-built,
+    /// in a fresh prefix on its own Xvfb) and report its memory, for information.
+    #[arg(long)]
+    wine: bool,
 }
 
 fn activity(agent: &AgentId, i: usize) -> Envelope {
@@ -73,6 +77,13 @@ pub async fn run(args: AgentBench) -> anyhow::Result<()> {
     };
     eprintln!("(a) {} at 1 event/s for {} s (+5 s warm-up) ...", bin.display(), args.steady_secs);
     let (rss, cpu_pct) = steady(&bin, &nats, &agent_id, args.steady_secs).await?;
+
+    let wine = if args.wine {
+        eprintln!("(a') ferry-agent.exe under Wine at 1 event/s for {} s (+5 s warm-up) ...", args.steady_secs);
+        Some(steady_wine(&nats, &agent_id, args.steady_secs).await?)
+    } else {
+        None
+    };
 
     // (b) and (c).
     let mut writes = Vec::new();
@@ -123,6 +134,13 @@ pub async fn run(args: AgentBench) -> anyhow::Result<()> {
     let rss_mb = rss as f64 / (1024.0 * 1024.0);
     row("RSS at 1 event/s", format!("{rss_mb:.1} MB"), "<= 15 MB", 15.0 / rss_mb);
     row("CPU at 1 event/s", format!("{cpu_pct:.3}% of a core"), "<= 0.5%", 0.5 / cpu_pct.max(1e-6));
+    if let Some((loader_rss, working_set)) = wine {
+        println!(
+            "| RSS under Wine (information) | {:.1} MB working set (GetProcessMemoryInfo); {:.1} MB RSS of the Wine process | | | |",
+            working_set as f64 / (1024.0 * 1024.0),
+            loader_rss as f64 / (1024.0 * 1024.0)
+        );
+    }
     row("spool writes", format!("{write:.0} events/s"), ">= 50,000/s", write / 50_000.0);
     row("drain after an outage", format!("{drain:.0} events/s"), ">= 20,000/s", drain / 20_000.0);
     Ok(())
@@ -215,4 +233,54 @@ fn agent_binary() -> anyhow::Result<PathBuf> {
         anyhow::bail!("could not build ferry-agent; build it yourself and pass --agent-bin PATH");
     }
     Ok(beside)
+}
+
+/// The steady state of ferry-agent.exe under Wine: the RSS of the Wine
+/// process (Linux's view, Wine's own DLLs included) and the working set the
+/// agent reports in its last heartbeat (Windows' view).
+async fn steady_wine(nats: &NatsServer, agent: &AgentId, secs: u64) -> anyhow::Result<(u64, u64)> {
+    use ferry_stack::wine::{build_windows_agent, Wine};
+    let work = tempfile::tempdir()?;
+    let target = ferry_stack::cargo::current_target_dir().context("cannot tell this ferry's target dir")?;
+    eprintln!("    cross-building ferry-agent.exe and booting a Wine prefix ...");
+    let exe = tokio::task::spawn_blocking(move || build_windows_agent(&target)).await??;
+    let copy = work.path().join("ferry-agent.exe");
+    std::fs::copy(&exe, &copy)?;
+    let dir = work.path().to_path_buf();
+    let wine = tokio::task::spawn_blocking(move || Wine::start(&dir)).await??;
+    let password = nats.secrets().agent(agent.as_str()).context("no password for desk-1")?;
+    let mut cmd = wine.command(&copy)?;
+    cmd.args(["--id", agent.as_str(), "--server", &nats.url(), "--password", password])
+        .arg("--spool")
+        .arg(format!("Z:{}", work.path().join("spool").display()))
+        .args(["run", "--no-desktop", "--no-adapter", "--heartbeat", "5s", "--input", "-"])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut child = tokio::process::Command::from(cmd).kill_on_drop(true).spawn()?;
+    let pid = child.id().context("the agent exited at once")?;
+    let mut stdin = child.stdin.take().context("no stdin")?;
+    let line = b"{\"kind\":\"activity\",\"body\":{\"app\":\"chrome.exe\",\"title\":\"Customer portal\",\"duration_ms\":1000}}\n";
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    for _ in 0..(5 + secs) {
+        ticker.tick().await;
+        stdin.write_all(line).await?;
+        stdin.flush().await?;
+    }
+    let loader_rss = rss_bytes(pid)?;
+    let _ = child.start_kill();
+    let _ = child.wait().await;
+    // The last heartbeat's working set.
+    let js = async_nats::jetstream::new(nats.operator("bench-wine").connect().await?);
+    let subject = ferry_schema::subject::event(agent, ferry_schema::EventKind::Heartbeat);
+    let beats = ferry_stack::inspect::read_all(&js, ferry_schema::topology::EVENTS_STREAM, &subject.to_string()).await?;
+    let last = beats.last().context("the agent under Wine sent no heartbeat")?;
+    let enc = Encoding::from_headers(last.headers.as_ref())?;
+    let working_set = match ferry_schema::codec::decode_event(&last.payload, enc, 1 << 20)?.body {
+        EventBody::Heartbeat(h) => h.rss_bytes,
+        _ => anyhow::bail!("not a heartbeat on {subject}"),
+    };
+    drop(wine);
+    Ok((loader_rss, working_set))
 }
