@@ -167,7 +167,7 @@ async fn the_exe_collects_activity_and_serves_a_chat_adapter_under_wine() {
     let adapter_port = ferry_stack::free_port().unwrap();
     let config = |idle_timeout: &str| {
         format!(
-            "id = \"desk-1\"\nserver = \"{}\"\npassword = \"{}\"\n\n[spool]\ndir = 'Z:{}'\n\n[collect]\ndesktop = true\npoll = \"300ms\"\npulsetime = \"2s\"\nidle_timeout = \"{idle_timeout}\"\n\n[privacy]\nexclude_apps = ['regedit\\.exe']\nredact_titles = ['Untitled']\n\n[adapter]\nlisten = \"127.0.0.1:{adapter_port}\"\n\n[timers]\nheartbeat = \"0s\"\nprediction = \"0s\"\n",
+            "id = \"desk-1\"\nserver = \"{}\"\npassword = \"{}\"\n\n[spool]\ndir = 'Z:{}'\n\n[collect]\ndesktop = true\npoll = \"300ms\"\npulsetime = \"2s\"\nidle_timeout = \"{idle_timeout}\"\n\n[privacy]\nexclude_apps = ['regedit\\.exe']\nredact_titles = ['Untitled']\n\n[adapter]\nlisten = \"127.0.0.1:{adapter_port}\"\n\n[timers]\nheartbeat = \"2s\"\nprediction = \"3s\"\n",
             nats.url(),
             nats.secrets().agent("desk-1").unwrap(),
             work.path().join("spool").display(),
@@ -275,6 +275,37 @@ async fn the_exe_collects_activity_and_serves_a_chat_adapter_under_wine() {
         "{acts:#?}"
     );
     assert!(!acts.iter().any(|a| is_app(a, "regedit.exe")), "excluded app recorded: {acts:#?}");
+    // Heartbeats (every 2 s here) report the process and its parts; the
+    // prediction request (every 3 s) carries the recent activities.
+    let events: Vec<EventBody> = inspect::read_all(&js, EVENTS_STREAM, "events.desk-1.>")
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| decode_event(&m.payload, Encoding::from_headers(m.headers.as_ref()).unwrap(), 1 << 20).unwrap().body)
+        .collect();
+    let beat = events
+        .iter()
+        .rev()
+        .find_map(|b| match b {
+            EventBody::Heartbeat(h) => Some(h.clone()),
+            _ => None,
+        })
+        .expect("a heartbeat");
+    assert!(beat.rss_bytes > 1024 * 1024 && !beat.version.is_empty(), "{beat:?}");
+    let ok = |name: &str| beat.components.iter().any(|c| c.name == name && c.ok);
+    assert!(ok("desktop") && ok("broker") && ok("spool"), "{beat:?}");
+    // The scripted adapter has left by now, and the heartbeat says so.
+    let adapter = beat.components.iter().find(|c| c.name == "chat-adapter").expect("adapter state");
+    assert!(!adapter.ok && adapter.detail.as_deref() == Some("no adapter connected"), "{beat:?}");
+    let recent = events
+        .iter()
+        .filter_map(|b| match b {
+            EventBody::Predict(p) => Some(p.recent.clone()),
+            _ => None,
+        })
+        .next_back()
+        .expect("a prediction request");
+    assert!(recent.iter().any(|r| r.app.eq_ignore_ascii_case("notepad.exe")), "{recent:?}");
     let _ = agent.kill();
     let _ = agent.wait();
     drop(regedit);
