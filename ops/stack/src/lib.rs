@@ -38,6 +38,24 @@ pub use wine::Wine;
 /// Ferry's broker configuration, as committed at the repository root.
 pub const NATS_CONF: &str = include_str!("../../../nats.conf");
 
+/// Stops `child` with SIGTERM, so it can clean up (nats-server flushes
+/// JetStream, Xvfb removes its socket and lock file), and SIGKILLs it if it
+/// has not exited after `grace`.
+pub fn terminate(child: &mut std::process::Child, grace: std::time::Duration) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> std::io::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;

@@ -489,16 +489,5 @@ impl Drop for Wine {
 /// SIGKILL leaves them and the display looks taken ever after); SIGKILL
 /// after 5 s.
 fn stop_xvfb(child: &mut Child) {
-    if let Ok(pid) = i32::try_from(child.id()) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    crate::terminate(child, Duration::from_secs(5));
 }
