@@ -274,7 +274,7 @@ async fn steady_wine(nats: &NatsServer, agent: &AgentId, secs: u64) -> anyhow::R
     // The last heartbeat's working set.
     let js = async_nats::jetstream::new(nats.operator("bench-wine").connect().await?);
     let subject = ferry_schema::subject::event(agent, ferry_schema::EventKind::Heartbeat);
-    let beats = ferry_stack::inspect::read_all(&js, ferry_schema::topology::EVENTS_STREAM, &subject.to_string()).await?;
+    let beats = ferry_stack::inspect::read_all(&js, ferry_schema::topology::EVENTS_STREAM, subject.as_ref()).await?;
     let last = beats.last().context("the agent under Wine sent no heartbeat")?;
     let enc = Encoding::from_headers(last.headers.as_ref())?;
     let working_set = match ferry_schema::codec::decode_event(&last.payload, enc, 1 << 20)?.body {
