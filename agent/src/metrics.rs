@@ -1,4 +1,4 @@
-//! The agent's Prometheus metrics: every name it exposes, and the endpoint.
+//! The agent's Prometheus metrics and their endpoint; the names are in `ferry_schema::metrics`.
 //!
 //! Off by default (`run --metrics-listen 127.0.0.1:9470`): a desk PC is
 //! usually watched through its heartbeat, and a fleet's operator may want a
@@ -17,20 +17,11 @@ use prometheus_client::registry::Registry;
 use crate::health::Health;
 use crate::spool::Spool;
 
-/// Events in the spool, waiting for JetStream.
-pub const SPOOL_EVENTS: &str = "ferry_agent_spool_events";
-/// Bytes of sealed records in the spool.
-pub const SPOOL_BYTES: &str = "ferry_agent_spool_bytes";
-/// Age of the oldest event in the spool, seconds (0 when empty).
-pub const SPOOL_OLDEST_SECONDS: &str = "ferry_agent_spool_oldest_unsent_seconds";
-/// Events deleted unsent because the spool was full (`drop-oldest`).
-pub const SPOOL_DROPPED: &str = "ferry_agent_spool_dropped";
-/// Events JetStream acknowledged.
-pub const PUBLISHED: &str = "ferry_agent_published";
-/// Replies acted on.
-pub const REPLIES: &str = "ferry_agent_replies";
-/// 1 when a component (desktop, chat-adapter, broker, spool) is fine.
-pub const COMPONENT_UP: &str = "ferry_agent_component_up";
+use ferry_schema::metrics::{
+    AGENT_COMPONENT_UP as COMPONENT_UP, AGENT_PUBLISHED as PUBLISHED, AGENT_REPLIES as REPLIES,
+    AGENT_SPOOL_BYTES as SPOOL_BYTES, AGENT_SPOOL_DROPPED as SPOOL_DROPPED, AGENT_SPOOL_EVENTS as SPOOL_EVENTS,
+    AGENT_SPOOL_OLDEST_SECONDS as SPOOL_OLDEST_SECONDS,
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ComponentLabel {

@@ -31,6 +31,7 @@ pub mod db;
 pub mod deadletter;
 pub mod event;
 pub mod headers;
+pub mod metrics;
 pub mod reply;
 pub mod subject;
 pub mod topology;

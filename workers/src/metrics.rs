@@ -1,15 +1,5 @@
-//! Every Prometheus metric a Ferry process exports, named in this one module, and the HTTP endpoint that serves them.
-//!
-//! | metric | type | labels | what |
-//! |---|---|---|---|
-//! | `ferry_worker_messages_total` | counter | role, consumer, outcome | messages handled, by outcome (`done`, `retry`, `poison`) |
-//! | `ferry_worker_handling_seconds` | histogram | role, consumer | time from delivery to ack decision |
-//! | `ferry_worker_in_flight` | gauge | role, consumer | messages being handled now |
-//! | `ferry_worker_ack_failures_total` | counter | role, consumer | acks that did not reach the broker |
-//! | `ferry_worker_model_tokens_total` | counter | role, model | tokens generated (inference) |
-//! | `ferry_worker_consumer_pending` | gauge | role, consumer | messages not yet delivered (lag), as the worker last saw it |
-//! | `ferry_worker_consumer_ack_pending` | gauge | role, consumer | delivered, not yet acknowledged |
-//! | `ferry_worker_consumer_redelivered` | gauge | role, consumer | delivered more than once, not yet acknowledged |
+//! The workers' Prometheus metrics and the HTTP endpoint that serves them; the
+//! names (and what each means) are in `ferry_schema::metrics`.
 //!
 //! Metrics live in one process-wide registry ([`global`]): `ferry-worker`
 //! runs one role per process, `ferry up` several, told apart by `role`.
@@ -24,22 +14,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-/// Messages handled, by outcome.
-pub const MESSAGES: &str = "ferry_worker_messages";
-/// Handling time.
-pub const HANDLING_SECONDS: &str = "ferry_worker_handling_seconds";
-/// Messages in flight.
-pub const IN_FLIGHT: &str = "ferry_worker_in_flight";
-/// Acks that failed.
-pub const ACK_FAILURES: &str = "ferry_worker_ack_failures";
-/// Model tokens generated.
-pub const MODEL_TOKENS: &str = "ferry_worker_model_tokens";
-/// Consumer lag: not yet delivered.
-pub const CONSUMER_PENDING: &str = "ferry_worker_consumer_pending";
-/// Delivered, not yet acknowledged.
-pub const CONSUMER_ACK_PENDING: &str = "ferry_worker_consumer_ack_pending";
-/// Redelivered, not yet acknowledged.
-pub const CONSUMER_REDELIVERED: &str = "ferry_worker_consumer_redelivered";
+pub use ferry_schema::metrics::{
+    WORKER_ACK_FAILURES as ACK_FAILURES, WORKER_CONSUMER_ACK_PENDING as CONSUMER_ACK_PENDING,
+    WORKER_CONSUMER_PENDING as CONSUMER_PENDING, WORKER_CONSUMER_REDELIVERED as CONSUMER_REDELIVERED,
+    WORKER_HANDLING_SECONDS as HANDLING_SECONDS, WORKER_IN_FLIGHT as IN_FLIGHT, WORKER_MESSAGES as MESSAGES,
+    WORKER_MODEL_TOKENS as MODEL_TOKENS,
+};
 
 /// The `/metrics` content type (OpenMetrics text, which Prometheus reads).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
