@@ -542,6 +542,12 @@ async fn install_writes_an_xdg_autostart_entry_and_uninstall_removes_it() {
     assert!(exec.contains(env!("CARGO_BIN_EXE_ferry-agent")) && exec.contains(conf_s) && exec.ends_with(" run"), "{exec}");
     assert!(String::from_utf8_lossy(&run(&["uninstall"]).stdout).contains("removed the logon entry"));
     assert!(!dir.path().join("autostart/FerryAgent.desktop").exists());
+    // `check` says what is wrong: here, no broker on that port.
+    let checked = run(&["--config", conf_s, "--spool", dir.path().join("spool").to_str().unwrap(), "check"]);
+    assert!(!checked.status.success());
+    let report = String::from_utf8_lossy(&checked.stdout);
+    assert!(report.contains("ok      config: agent desk-1") && report.contains("ok      spool:"), "{report}");
+    assert!(report.contains("PROBLEM broker"), "{report}");
     // A config that cannot work is refused before anything is registered.
     std::fs::write(&conf, "id = \"desk 1\"\n").unwrap();
     let bad = run(&["--config", conf_s, "install"]);
