@@ -167,6 +167,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<RunReport, RunError> {
     let id = agent.config().agent.clone();
+    // What a previous run left in the spool is published before the input.
+    let left_over = spool.depth().events;
     let health = Health::default();
     let recent = RecentLog::new(periodic.recent);
     let sources_stop = CancellationToken::new();
@@ -284,7 +286,8 @@ pub async fn run(
     };
     let answered_mode = matches!(until, Until::Answered { .. });
     let mut input_done = lines_task.is_none();
-    // Events the input queued; a run until answered waits until all are published.
+    // Events the input queued, plus those a previous run left in the spool:
+    // a run until answered waits until all of them are published.
     let mut queued = 0u64;
     let result: Result<(), RunError> = loop {
         tokio::select! {
@@ -325,7 +328,7 @@ pub async fn run(
             _ = tokio::time::sleep(idle), if input_done && answered_mode => break Ok(()),
             _ = tokio::time::sleep(Duration::from_millis(100)), if input_done && answered_mode => {}
         }
-        if answered_mode && input_done && pending.is_empty() && report.published >= queued {
+        if answered_mode && input_done && pending.is_empty() && report.published >= queued + left_over {
             break Ok(());
         }
     };
