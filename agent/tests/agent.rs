@@ -555,3 +555,56 @@ async fn install_writes_an_xdg_autostart_entry_and_uninstall_removes_it() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("is not a valid subject token"), "{}", String::from_utf8_lossy(&bad.stderr));
     assert!(!dir.path().join("autostart/FerryAgent.desktop").exists());
 }
+
+#[tokio::test]
+async fn a_run_until_answered_also_publishes_what_an_earlier_run_left_spooled() {
+    let s = stack().await;
+    let _rules = s.rules_worker().await;
+    let dir = tempfile::tempdir().unwrap();
+    // An earlier run spooled three activities and stopped before publishing
+    // them. They expect no reply, so only the count of published events
+    // tells the run to wait for them.
+    let left: Vec<Envelope> = (0..3)
+        .map(|i| {
+            Envelope::new(
+                desk(1),
+                EventBody::Activity(ferry_schema::event::Activity {
+                    app: "a.exe".into(),
+                    title: format!("left over {i}"),
+                    exe: None,
+                    pid: None,
+                    site: None,
+                    afk: false,
+                    duration_ms: 1,
+                }),
+            )
+        })
+        .collect();
+    {
+        let spool = Spool::open(SpoolConfig::new(dir.path())).unwrap();
+        spool.append(&left, Encoding::MsgPack).unwrap();
+    }
+    let spool = Spool::open(SpoolConfig::new(dir.path())).unwrap();
+    let agent = s.agent(&desk(1)).await;
+    let (tx, mut rx) = mpsc::channel(64);
+    let input = "{\"kind\":\"chat\",\"body\":{\"chat\":\"A\",\"sender\":\"A\",\"text\":\"new\"}}\n";
+    let report = run_lines(
+        &agent,
+        spool.clone(),
+        std::io::Cursor::new(input.as_bytes().to_vec()),
+        Until::Answered { idle_timeout: WAIT },
+        tx,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.published, 4, "{report:?}");
+    assert_eq!((report.unanswered, report.spooled), (0, 0), "{report:?}");
+    let mut answered = 0;
+    while rx.try_recv().is_ok() {
+        answered += 1;
+    }
+    assert_eq!(answered, 1, "the new chat is answered");
+    let js = jetstream::new(s.nats.operator("check").connect().await.unwrap());
+    assert_eq!(inspect::count(&js, EVENTS_STREAM).await.unwrap(), 4);
+}
