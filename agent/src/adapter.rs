@@ -36,7 +36,7 @@ use chrono::{DateTime, Utc};
 use ferry_schema::event::{ChatMessage, ChatType, EventBody, MessageType};
 use ferry_schema::{AgentId, Envelope, EventId};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -469,8 +469,8 @@ async fn serve(
             }
         }
     }
+    // The caller removes the client from `clients`.
     drop(tx);
-    clients.remove(id);
     writer.abort();
 }
 
@@ -504,7 +504,6 @@ async fn read_line(
     }
 }
 
-use tokio::io::AsyncReadExt as _;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

@@ -45,6 +45,16 @@ impl Counts {
     pub fn reply(&self) {
         self.replies.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Events acknowledged so far.
+    pub fn published_so_far(&self) -> u64 {
+        self.published.load(Ordering::Relaxed)
+    }
+
+    /// Replies acted on so far.
+    pub fn replies_so_far(&self) -> u64 {
+        self.replies.load(Ordering::Relaxed)
+    }
 }
 
 /// Renders the metrics text from the live state.
@@ -68,8 +78,8 @@ fn render(spool: &Spool, health: &Health, counts: &Counts) -> String {
     registry.register(SPOOL_BYTES, "Bytes of sealed records in the spool", gauge(depth.bytes as i64));
     registry.register(SPOOL_OLDEST_SECONDS, "Age of the oldest unsent event", gauge(oldest));
     registry.register(SPOOL_DROPPED, "Events deleted unsent because the spool was full", counter(depth.dropped));
-    registry.register(PUBLISHED, "Events JetStream acknowledged", counter(counts.published.load(Ordering::Relaxed)));
-    registry.register(REPLIES, "Replies acted on", counter(counts.replies.load(Ordering::Relaxed)));
+    registry.register(PUBLISHED, "Events JetStream acknowledged", counter(counts.published_so_far()));
+    registry.register(REPLIES, "Replies acted on", counter(counts.replies_so_far()));
     let up = Family::<ComponentLabel, Gauge<i64>>::default();
     for c in health.snapshot() {
         up.get_or_create(&ComponentLabel { component: c.name }).set(i64::from(c.ok));

@@ -15,7 +15,6 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use ferry_schema::event::EventBody;
 use ferry_schema::reply::{ChatAction, ReplyBody};
 use ferry_schema::{EventId, EventKind, Reply};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
@@ -277,7 +276,6 @@ pub async fn run(
         })
     };
 
-    let mut report = RunReport::default();
     let mut pending: HashSet<EventId> = HashSet::new();
     let mut answered_early: HashSet<EventId> = HashSet::new();
     let idle = match until {
@@ -293,7 +291,6 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             Some(d) = delivered_rx.recv() => {
-                report.published += 1;
                 counts.published();
                 if matches!(d.kind, EventKind::Chat | EventKind::Predict) && !answered_early.remove(&d.id) {
                     pending.insert(d.id);
@@ -303,7 +300,6 @@ pub async fn run(
                 if !pending.remove(&reply.in_reply_to) {
                     answered_early.insert(reply.in_reply_to);
                 }
-                report.replies += 1;
                 counts.reply();
                 if let Some(out) = &out {
                     if out.send(reply).await.is_err() {
@@ -328,7 +324,7 @@ pub async fn run(
             _ = tokio::time::sleep(idle), if input_done && answered_mode => break Ok(()),
             _ = tokio::time::sleep(Duration::from_millis(100)), if input_done && answered_mode => {}
         }
-        if answered_mode && input_done && pending.is_empty() && report.published >= queued + left_over {
+        if answered_mode && input_done && pending.is_empty() && counts.published_so_far() >= queued + left_over {
             break Ok(());
         }
     };
@@ -343,22 +339,16 @@ pub async fn run(
     }
     let _ = writer.await;
     // Phase 2: a grace period to publish what is spooled.
-    if !shutdown.is_cancelled() || spool.depth().events > 0 {
-        let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
-        while spool.depth().events > 0 && tokio::time::Instant::now() < deadline {
-            tokio::select! {
-                Some(_) = delivered_rx.recv() => {
-                    report.published += 1;
-                    counts.published();
-                }
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-            }
+    let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
+    while spool.depth().events > 0 && tokio::time::Instant::now() < deadline {
+        tokio::select! {
+            Some(_) = delivered_rx.recv() => counts.published(),
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
     }
     drain_stop.cancel();
     replies_stop.cancel();
     while let Ok(_d) = delivered_rx.try_recv() {
-        report.published += 1;
         counts.published();
     }
     let drained = drainer.await;
@@ -370,8 +360,12 @@ pub async fn run(
     if let Ok(Err(e)) = received {
         return Err(e.into());
     }
-    report.unanswered = pending.len();
-    report.spooled = spool.depth().events;
+    let report = RunReport {
+        published: counts.published_so_far(),
+        replies: counts.replies_so_far(),
+        unanswered: pending.len(),
+        spooled: spool.depth().events,
+    };
     Ok(report)
 }
 
@@ -468,9 +462,4 @@ async fn act(
         _ = stop.cancelled() => false,
         r = acted.send(reply) => r.is_ok(),
     }
-}
-
-/// Whether an event of this body is answered by a reply.
-pub fn expects_reply(body: &EventBody) -> bool {
-    matches!(body, EventBody::Chat(_) | EventBody::Predict(_))
 }

@@ -390,17 +390,22 @@ impl Spool {
             }
         }
         txn.commit().map_err(|e| self.db_err(e))?;
-        {
+        // The oldest event held: unchanged while older events remain and none
+        // were dropped; this batch's first kept event when none remain; read
+        // back only when drop-oldest removed some and others are left.
+        let read_oldest = {
             let mut s = self.state();
+            let older_left = s.count - dropped;
             s.next_seq = first_seq + skipped + sealed.len() as u64;
-            s.count = s.count - dropped + sealed.len() as u64;
+            s.count = older_left + sealed.len() as u64;
             s.bytes = s.bytes - dropped_bytes + add_bytes;
             s.dropped += dropped + skipped;
-            if s.oldest_ts_ms.is_none() || dropped > 0 {
-                s.oldest_ts_ms = None;
+            if older_left == 0 {
+                s.oldest_ts_ms = events.get(skipped as usize).map(|e| e.ts.timestamp_millis());
             }
-        }
-        if dropped + skipped > 0 || self.state().oldest_ts_ms.is_none() {
+            older_left > 0 && dropped > 0
+        };
+        if read_oldest {
             let oldest = self.read_after(0, 1)?.first().map(|r| r.ts_ms);
             self.state().oldest_ts_ms = oldest;
         }

@@ -101,7 +101,21 @@ pub fn unprotect_key(stored: &[u8]) -> Result<Vec<u8>, PlatformError> {
 /// (mode 0600 on Unix; on Windows the file inherits the user profile's ACL,
 /// and what is written there is already DPAPI-protected).
 pub fn write_private_file(path: &std::path::Path, data: &[u8]) -> Result<(), PlatformError> {
-    imp::write_private_file(path, data)
+    use std::io::Write as _;
+    let io = |source| PlatformError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        options.mode(0o600);
+    }
+    let mut f = options.open(path).map_err(io)?;
+    f.write_all(data).map_err(io)?;
+    f.sync_all().map_err(io)
 }
 
 /// Where autostart was registered.

@@ -1,9 +1,7 @@
 //! The agent's platform layer on Linux and other Unix systems: no desktop
 //! collector, `/proc` and `getrusage` for usage, a 0600 key file, XDG autostart.
 
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{AutostartEntry, Desktop, PlatformError, Usage, AUTOSTART_NAME};
@@ -45,21 +43,6 @@ pub(super) fn protect_key(raw: &[u8]) -> Result<Vec<u8>, PlatformError> {
 
 pub(super) fn unprotect_key(stored: &[u8]) -> Result<Vec<u8>, PlatformError> {
     Ok(stored.to_vec())
-}
-
-pub(super) fn write_private_file(path: &Path, data: &[u8]) -> Result<(), PlatformError> {
-    let io = |source| PlatformError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io)?;
-    f.write_all(data).map_err(io)?;
-    f.sync_all().map_err(io)
 }
 
 fn autostart_file() -> Result<PathBuf, PlatformError> {

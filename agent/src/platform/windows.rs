@@ -5,9 +5,8 @@
 #![allow(unsafe_code)]
 
 use std::ffi::OsString;
-use std::io::Write as _;
 use std::os::windows::ffi::{OsStrExt as _, OsStringExt as _};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use windows_sys::Win32::Foundation::{
@@ -255,20 +254,6 @@ pub(super) fn unprotect_key(stored: &[u8]) -> Result<Vec<u8>, PlatformError> {
         return Err(last_error("CryptUnprotectData"));
     }
     Ok(take_blob(out))
-}
-
-pub(super) fn write_private_file(path: &Path, data: &[u8]) -> Result<(), PlatformError> {
-    let io = |source| PlatformError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(io)?;
-    f.write_all(data).map_err(io)?;
-    f.sync_all().map_err(io)
 }
 
 /// Where the entry lives, as people write registry paths.

@@ -156,6 +156,21 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// Seconds of one event per second before the steady state is measured.
+const WARMUP_SECS: u64 = 5;
+
+/// Writes one activity event per second to an agent's stdin, for `secs` seconds.
+async fn feed(stdin: &mut tokio::process::ChildStdin, secs: u64) -> anyhow::Result<()> {
+    let line = b"{\"kind\":\"activity\",\"body\":{\"app\":\"chrome.exe\",\"title\":\"Customer portal\",\"duration_ms\":1000}}\n";
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    for _ in 0..secs {
+        ticker.tick().await;
+        stdin.write_all(line).await?;
+        stdin.flush().await?;
+    }
+    Ok(())
+}
+
 /// Runs the binary on stdin fed one event per second; returns its RSS at
 /// the end and its CPU use over the measured window.
 async fn steady(bin: &Path, nats: &NatsServer, agent: &AgentId, secs: u64) -> anyhow::Result<(u64, f64)> {
@@ -174,19 +189,9 @@ async fn steady(bin: &Path, nats: &NatsServer, agent: &AgentId, secs: u64) -> an
         .with_context(|| format!("starting {}", bin.display()))?;
     let pid = child.id().context("the agent exited at once")?;
     let mut stdin = child.stdin.take().context("no stdin")?;
-    let line = b"{\"kind\":\"activity\",\"body\":{\"app\":\"chrome.exe\",\"title\":\"Customer portal\",\"duration_ms\":1000}}\n";
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    let warmup = 5;
-    let mut start: Option<(Instant, u64)> = None;
-    for i in 0..(warmup + secs) {
-        ticker.tick().await;
-        stdin.write_all(line).await?;
-        stdin.flush().await?;
-        if i == warmup {
-            start = Some((Instant::now(), cpu_ticks(pid)?));
-        }
-    }
-    let (t0, c0) = start.context("no measurement window")?;
+    feed(&mut stdin, WARMUP_SECS).await?;
+    let (t0, c0) = (Instant::now(), cpu_ticks(pid)?);
+    feed(&mut stdin, secs).await?;
     let c1 = cpu_ticks(pid)?;
     let wall = t0.elapsed().as_secs_f64();
     let rss = rss_bytes(pid)?;
@@ -225,10 +230,12 @@ fn agent_binary() -> anyhow::Result<PathBuf> {
         return Ok(beside);
     }
     eprintln!("    building ferry-agent (cargo build -p ferry-agent) ...");
-    let status = std::process::Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .args(["build", "-p", "ferry-agent", "--bin", "ferry-agent"])
-        .status()
-        .context("running cargo")?;
+    let mut build = ferry_stack::cargo::cargo_command();
+    build.args(["build", "-p", "ferry-agent", "--bin", "ferry-agent"]);
+    if let Some(target) = ferry_stack::cargo::current_target_dir() {
+        build.arg("--target-dir").arg(target);
+    }
+    let status = build.status().context("running cargo")?;
     if !status.success() || !beside.exists() {
         anyhow::bail!("could not build ferry-agent; build it yourself and pass --agent-bin PATH");
     }
@@ -261,13 +268,7 @@ async fn steady_wine(nats: &NatsServer, agent: &AgentId, secs: u64) -> anyhow::R
     let mut child = tokio::process::Command::from(cmd).kill_on_drop(true).spawn()?;
     let pid = child.id().context("the agent exited at once")?;
     let mut stdin = child.stdin.take().context("no stdin")?;
-    let line = b"{\"kind\":\"activity\",\"body\":{\"app\":\"chrome.exe\",\"title\":\"Customer portal\",\"duration_ms\":1000}}\n";
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    for _ in 0..(5 + secs) {
-        ticker.tick().await;
-        stdin.write_all(line).await?;
-        stdin.flush().await?;
-    }
+    feed(&mut stdin, WARMUP_SECS + secs).await?;
     let loader_rss = rss_bytes(pid)?;
     let _ = child.start_kill();
     let _ = child.wait().await;
