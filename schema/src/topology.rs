@@ -253,9 +253,9 @@ fn archiver_consumer(name: &str, stream: &'static str, filter: String, what: &st
             // outages (the archiver waits those out holding the messages), so
             // ten deliveries means the message itself kills the archiver.
             max_deliver: 10,
-            // Shared by all replicas: two replicas at their default 4096
-            // in flight each (a few full batches each).
-            max_ack_pending: 8192,
+            // Shared by all replicas: two replicas at their default 8192
+            // in flight each (four full batches each).
+            max_ack_pending: 16384,
             max_waiting: 64,
             ..Default::default()
         },

@@ -226,6 +226,41 @@ async fn every_event_and_reply_stored_once_across_replays() {
     assert_eq!(inspect::count(&s.js, DEADLETTER_STREAM).await.unwrap(), 0);
 }
 
+/// A backlog far larger than one subscription holds (8192 messages), taken
+/// with the archiver's default 8192 in flight: it pulls in batches the
+/// subscription can hold, so no message is dropped in the client and
+/// redelivered after `ack_wait`.
+#[tokio::test]
+async fn a_large_backlog_is_archived_without_redeliveries() {
+    let s = stack(RULES, Duration::from_secs(30)).await;
+    let db = db().await;
+    let events: Vec<Envelope> = (0..20_000).map(|i| activity("desk-1", i)).collect();
+    publish_all(&s, &events, Encoding::MsgPack, true).await;
+    let a = archiver(&s, &db).await;
+    let def = topology::archiver_events_consumer();
+    consumer_drained(&s, &def).await;
+    a.stop().await;
+    let info = s
+        .js
+        .get_stream(def.stream)
+        .await
+        .unwrap()
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>(def.name())
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    // Every delivery counts in the consumer sequence, redeliveries too.
+    assert_eq!(
+        info.delivered.consumer_sequence, 20_000,
+        "messages were dropped and delivered again: {info:?}"
+    );
+    assert_eq!(db.count("SELECT count(*) FROM events").await, 20_000);
+    assert_eq!(db.count("SELECT count(*) FROM activities").await, 20_000);
+}
+
 #[tokio::test]
 async fn killed_archiver_process_loses_and_doubles_nothing() {
     let s = stack(RULES, Duration::from_secs(30)).await;

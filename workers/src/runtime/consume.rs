@@ -2,8 +2,9 @@
 //!
 //! Phase one (running): a permit from a semaphore of `max_in_flight` is taken
 //! *before* the next message, so at most that many messages are being
-//! handled, and the pull batch is the same size, so the client never buffers
-//! much more than it can run. Phase two (on cancel): stop pulling, nak what
+//! handled, and the pull batch is the same size up to [`MAX_PULL_BATCH`], so
+//! the client never buffers much more than it can run (and never more than a
+//! subscription holds). Phase two (on cancel): stop pulling, nak what
 //! was delivered but not started (another replica takes it at once), wait
 //! for in-flight handlers to finish and ack, then return.
 
@@ -24,11 +25,19 @@ use tokio_util::task::TaskTracker;
 
 use super::{Handler, Outcome, Stats};
 
+/// The largest pull batch. The client may hold about one and a half
+/// batches that no handler has taken yet, and a subscription holds 8192
+/// messages ([`ferry_schema::connect::NatsConfig`]); beyond that it drops
+/// them and they come back only after `ack_wait`. So a loop with more in
+/// flight (the archiver's 8192) pulls in several batches.
+pub const MAX_PULL_BATCH: usize = 2048;
+
 /// Limits of one consume loop; every one is explicit.
 #[derive(Debug, Clone)]
 pub struct ConsumeSettings {
-    /// Messages handled at once by this replica; also the pull batch size and
-    /// so the bound on JetStream publish acks the handlers wait for.
+    /// Messages handled at once by this replica; also the pull batch size
+    /// (up to [`MAX_PULL_BATCH`]) and so the bound on JetStream publish acks
+    /// the handlers wait for.
     pub max_in_flight: usize,
     /// How long one pull request waits on the server for messages.
     pub pull_expires: Duration,
@@ -144,7 +153,7 @@ pub async fn consume<H: Handler>(
     'pulling: while !shutdown.is_cancelled() {
         let messages = pull
             .stream()
-            .max_messages_per_batch(settings.max_in_flight)
+            .max_messages_per_batch(settings.max_in_flight.min(MAX_PULL_BATCH))
             .expires(settings.pull_expires)
             .heartbeat(settings.pull_heartbeat)
             .messages()
