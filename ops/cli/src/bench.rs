@@ -7,7 +7,15 @@
 //! same load through the real agent (its publisher, its reply consumer) and
 //! the real rules worker. Both run at full rate (unthrottled, bounded
 //! publish window) and at half of (a)'s full rate. Latency is from publish to
-//! reply receipt.
+//! reply receipt; every scenario records a reply where it is received (in
+//! the subscription loop, or in the agent's reply handler), with no queue
+//! in between.
+//!
+//! `--decompose` adds two mixed scenarios to see where (b) loses: (w) (a)'s
+//! publisher and plain subscriber around the real rules worker, and (p) the
+//! agent's publisher with the rules worker and a plain subscriber. (w)
+//! against (a) is the worker's cost; (p) against (w) the agent publisher's;
+//! (b) against (p) the agent's durable reply consumer's.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -54,6 +62,12 @@ pub struct RulesBench {
     /// Runs of each scenario; the table shows medians.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
+    /// Also run two mixed scenarios at full and half rate, to see where (b)
+    /// loses against (a): (w) the raw publisher and a plain subscriber
+    /// around the real rules worker; (p) the agent's publisher and the
+    /// rules worker, replies read by a plain subscriber (no reply consumer).
+    #[arg(long)]
+    decompose: bool,
 }
 
 const BENCH_RULES: &str = r#"
@@ -71,10 +85,28 @@ struct Measured {
     p99_ms: f64,
 }
 
+/// What stands between the publisher and the receiver of a scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path {
+    /// (a): raw publisher, raw republisher, plain subscriber.
     Raw,
+    /// (b): the agent (publisher and durable reply consumer), the rules worker.
     Ferry,
+    /// (w): raw publisher, the rules worker, plain subscriber.
+    WorkerOnly,
+    /// (p): the agent's publisher, the rules worker, plain subscriber.
+    AgentPublish,
+}
+
+impl Path {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Raw => "(a) raw JetStream round trip",
+            Self::Ferry => "(b) agent + rules worker",
+            Self::WorkerOnly => "(w) raw publisher + rules worker + plain subscriber",
+            Self::AgentPublish => "(p) agent publisher + rules worker + plain subscriber",
+        }
+    }
 }
 
 pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
@@ -97,19 +129,29 @@ async fn rules_bench(args: RulesBench) -> anyhow::Result<()> {
         args.repeat,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
-    // (a) and (b) alternate, so drift on a shared machine hits both alike.
-    let mut full = (Vec::new(), Vec::new());
+    let mut paths = vec![Path::Raw, Path::Ferry];
+    if args.decompose {
+        paths.extend([Path::WorkerOnly, Path::AgentPublish]);
+    }
+    // The scenarios alternate, so drift on a shared machine hits all alike.
+    let mut full: Vec<Vec<Measured>> = vec![Vec::new(); paths.len()];
     for i in 0..args.repeat {
         eprintln!("  full rate, repeat {}/{}", i + 1, args.repeat);
-        full.0.push(scenario(Path::Raw, None, &args).await.context("(a) full rate")?);
-        full.1.push(scenario(Path::Ferry, None, &args).await.context("(b) full rate")?);
+        for (k, p) in paths.iter().enumerate() {
+            full[k].push(scenario(*p, None, &args).await.with_context(|| format!("{} at full rate", p.label()))?);
+        }
     }
-    let half = median(&full.0, |m| m.events_per_s) / 2.0;
-    let mut halves = (Vec::new(), Vec::new());
+    let half = median(&full[0], |m| m.events_per_s) / 2.0;
+    let mut halves: Vec<Vec<Measured>> = vec![Vec::new(); paths.len()];
     for i in 0..args.repeat {
         eprintln!("  half rate ({half:.0}/s), repeat {}/{}", i + 1, args.repeat);
-        halves.0.push(scenario(Path::Raw, Some(half), &args).await.context("(a) half rate")?);
-        halves.1.push(scenario(Path::Ferry, Some(half), &args).await.context("(b) half rate")?);
+        for (k, p) in paths.iter().enumerate() {
+            halves[k].push(
+                scenario(*p, Some(half), &args)
+                    .await
+                    .with_context(|| format!("{} at half rate", p.label()))?,
+            );
+        }
     }
 
     println!("Median of {} runs each:", args.repeat);
@@ -117,21 +159,19 @@ async fn rules_bench(args: RulesBench) -> anyhow::Result<()> {
     println!("| scenario | rate | events/s | p50 ms | p99 ms |");
     println!("|---|---|---:|---:|---:|");
     let half_label = format!("half ({half:.0}/s)");
-    for (name, rate, runs) in [
-        ("(a) raw JetStream round trip", "full", &full.0),
-        ("(b) agent + rules worker", "full", &full.1),
-        ("(a) raw JetStream round trip", half_label.as_str(), &halves.0),
-        ("(b) agent + rules worker", half_label.as_str(), &halves.1),
-    ] {
-        println!(
-            "| {name} | {rate} | {:.0} | {:.2} | {:.2} |",
-            median(runs, |m| m.events_per_s),
-            median(runs, |m| m.p50_ms),
-            median(runs, |m| m.p99_ms)
-        );
+    for (rate, runs) in [("full", &full), (half_label.as_str(), &halves)] {
+        for (k, p) in paths.iter().enumerate() {
+            println!(
+                "| {} | {rate} | {:.0} | {:.2} | {:.2} |",
+                p.label(),
+                median(&runs[k], |m| m.events_per_s),
+                median(&runs[k], |m| m.p50_ms),
+                median(&runs[k], |m| m.p99_ms)
+            );
+        }
     }
-    let thr = median(&full.1, |m| m.events_per_s) / median(&full.0, |m| m.events_per_s);
-    let p99 = median(&halves.1, |m| m.p99_ms) / median(&halves.0, |m| m.p99_ms);
+    let thr = median(&full[1], |m| m.events_per_s) / median(&full[0], |m| m.events_per_s);
+    let p99 = median(&halves[1], |m| m.p99_ms) / median(&halves[0], |m| m.p99_ms);
     println!();
     println!(
         "throughput (b)/(a) at full rate: {thr:.2}x (target >= 0.80x) {}",
@@ -141,16 +181,24 @@ async fn rules_bench(args: RulesBench) -> anyhow::Result<()> {
         "p99 latency (b)/(a) at half rate: {p99:.2}x (target <= 1.50x) {}",
         verdict(p99 <= 1.5)
     );
-    let each = |runs: &(Vec<Measured>, Vec<Measured>), f: fn(&Measured) -> f64| {
-        runs.0
+    let each = |runs: &[Vec<Measured>], k: usize, f: fn(&Measured) -> f64| {
+        runs[0]
             .iter()
-            .zip(&runs.1)
+            .zip(&runs[k])
             .map(|(a, b)| format!("{:.2}", f(b) / f(a)))
             .collect::<Vec<_>>()
             .join(", ")
     };
-    println!("per repeat, throughput ratio: {}", each(&full, |m| m.events_per_s));
-    println!("per repeat, p99 ratio at half rate: {}", each(&halves, |m| m.p99_ms));
+    println!("per repeat, throughput ratio: {}", each(&full, 1, |m| m.events_per_s));
+    println!("per repeat, p99 ratio at half rate: {}", each(&halves, 1, |m| m.p99_ms));
+    for (k, p) in paths.iter().enumerate().skip(2) {
+        println!(
+            "{} vs (a): throughput {:.2}x, p99 at half rate {:.2}x",
+            &p.label()[..3],
+            median(&full[k], |m| m.events_per_s) / median(&full[0], |m| m.events_per_s),
+            median(&halves[k], |m| m.p99_ms) / median(&halves[0], |m| m.p99_ms)
+        );
+    }
     Ok(())
 }
 
@@ -257,6 +305,49 @@ impl Recorder {
     }
 }
 
+/// The id of the event a reply on a plain subscription answers: (a)'s
+/// republisher copies the event's `Nats-Msg-Id`; the rules worker's reply
+/// says it in its body.
+fn answered_event(m: &async_nats::Message, from_worker: bool) -> Option<EventId> {
+    if from_worker {
+        let enc = Encoding::from_headers(m.headers.as_ref()).ok()?;
+        return ferry_schema::codec::decode_reply(&m.payload, enc, ferry_schema::codec::DEFAULT_MAX_PAYLOAD)
+            .ok()
+            .map(|r| r.in_reply_to);
+    }
+    m.headers
+        .as_ref()
+        .and_then(|h| h.get(headers::MSG_ID))
+        .and_then(|v| v.as_str().parse::<EventId>().ok())
+}
+
+/// (a)'s publisher: each event with its `Nats-Msg-Id`, at most `window`
+/// awaiting JetStream's ack.
+async fn raw_publish(conn: async_nats::Client, input: impl Stream<Item = Envelope>, window: usize) -> anyhow::Result<()> {
+    let js = jetstream::ContextBuilder::new()
+        .max_ack_inflight(window)
+        .backpressure_on_inflight(true)
+        .build(conn);
+    input
+        .map(|e| {
+            let js = js.clone();
+            async move {
+                let payload = encode_event(&e, Encoding::MsgPack)?;
+                let h = headers::for_publish(&e.id.to_string(), Encoding::MsgPack, None);
+                js.publish_with_headers(subject::event(&e.agent, e.kind()), h, payload.into())
+                    .await?
+                    .await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(window)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(())
+}
+
 async fn scenario(path: Path, rate: Option<f64>, args: &RulesBench) -> anyhow::Result<Measured> {
     let nats = NatsServer::start_temp()?;
     let agent_id = AgentId::new("desk-1")?;
@@ -264,105 +355,129 @@ async fn scenario(path: Path, rate: Option<f64>, args: &RulesBench) -> anyhow::R
     let js = jetstream::new(op.clone());
     topology::provision(&js, &StreamSettings::default(), std::slice::from_ref(&agent_id)).await?;
     let sent = Arc::new(Mutex::new(HashMap::new()));
-    let mut rec = Recorder::new(sent.clone())?;
+    let rec = Arc::new(Mutex::new(Recorder::new(sent.clone())?));
     let stop = CancellationToken::new();
     let n = args.events;
     let input = paced(events(n, &agent_id), rate, sent);
-    let deadline = Duration::from_secs(300);
+    let agent_publishes = matches!(path, Path::Ferry | Path::AgentPublish);
+    let agent_receives = path == Path::Ferry;
+    let worker_answers = path != Path::Raw;
 
-    match path {
-        Path::Raw => {
-            // Publisher and subscriber share one connection, as the agent's
-            // publisher and reply receiver do.
-            let agent_conn = nats.operator("bench agent side").connect().await?;
-            let mut replies = agent_conn.subscribe(subject::reply(&agent_id)).await?;
-            agent_conn.flush().await?;
-            let republisher = tokio::spawn(raw_republisher(
-                nats.operator("bench republisher").connect().await?,
-                args.concurrency,
-                stop.clone(),
-            ));
-            let pub_js = jetstream::ContextBuilder::new()
-                .max_ack_inflight(args.window)
-                .backpressure_on_inflight(true)
-                .build(agent_conn.clone());
-            let window = args.window;
-            let publisher = tokio::spawn(async move {
-                input
-                    .map(|e| {
-                        let js = pub_js.clone();
-                        async move {
-                            let payload = encode_event(&e, Encoding::MsgPack)?;
-                            let h = headers::for_publish(&e.id.to_string(), Encoding::MsgPack, None);
-                            js.publish_with_headers(subject::event(&e.agent, e.kind()), h, payload.into())
-                                .await?
-                                .await?;
-                            anyhow::Ok(())
-                        }
-                    })
-                    .buffer_unordered(window)
-                    .collect::<Vec<_>>()
-                    .await
-                    .into_iter()
-                    .collect::<anyhow::Result<Vec<_>>>()
-            });
-            let started = Instant::now();
-            while rec.received < n && started.elapsed() < deadline {
-                let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(10), replies.next()).await else {
-                    break;
-                };
-                if let Some(id) = m
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(headers::MSG_ID))
-                    .and_then(|v| v.as_str().parse::<EventId>().ok())
-                {
-                    rec.record(id);
+    // The middle: (a)'s republisher or the real rules worker.
+    let middle: tokio::task::JoinHandle<anyhow::Result<()>> = if worker_answers {
+        // The server's dir is removed with the server.
+        let rules_file = nats.dir().join("bench-rules.toml");
+        std::fs::write(&rules_file, BENCH_RULES)?;
+        let mut cfg = RulesConfig::new(&rules_file);
+        cfg.consume.max_in_flight = args.concurrency;
+        let worker_client = nats.workers("bench rules").connect().await?;
+        let worker_stop = stop.clone();
+        tokio::spawn(async move {
+            rules::run(worker_client, &cfg, worker_stop).await?;
+            Ok(())
+        })
+    } else {
+        tokio::spawn(raw_republisher(
+            nats.operator("bench republisher").connect().await?,
+            args.concurrency,
+            stop.clone(),
+        ))
+    };
+
+    // Publisher and receiver share one connection in every scenario: the
+    // agent's own, or one plain connection for (a)'s publisher and the
+    // plain subscriber.
+    let plain = nats.operator("bench agent side").connect().await?;
+    let agent = if agent_publishes || agent_receives {
+        let conn = nats.agent(&agent_id).context("no desk-1 user")?;
+        let mut acfg = AgentConfig::new(agent_id.clone(), conn);
+        acfg.publish_window = args.window;
+        acfg.reply_batch = args.concurrency;
+        Some(Agent::connect(acfg).await?)
+    } else {
+        None
+    };
+
+    // Replies are recorded where they are received, in every scenario.
+    let receiver: tokio::task::JoinHandle<anyhow::Result<()>> = match (&agent, agent_receives) {
+        (Some(agent), true) => {
+            let (agent, stop, rec) = (agent.clone(), stop.clone(), rec.clone());
+            tokio::spawn(async move {
+                agent
+                    .handle_replies(
+                        move |reply| {
+                            if let Ok(mut r) = rec.lock() {
+                                r.record(reply.in_reply_to);
+                            }
+                            Box::pin(std::future::ready(true))
+                        },
+                        stop,
+                    )
+                    .await?;
+                Ok(())
+            })
+        }
+        _ => {
+            let conn = match &agent {
+                // (p): the plain subscriber may not use the agent's
+                // connection (an agent may not subscribe to its reply
+                // subject), so it gets its own.
+                Some(_) => nats.operator("bench plain subscriber").connect().await?,
+                None => plain.clone(),
+            };
+            let mut replies = conn.subscribe(subject::reply(&agent_id)).await?;
+            conn.flush().await?;
+            let (stop, rec) = (stop.clone(), rec.clone());
+            tokio::spawn(async move {
+                let _conn = conn;
+                loop {
+                    let m = tokio::select! {
+                        _ = stop.cancelled() => break,
+                        m = replies.next() => m,
+                    };
+                    let Some(m) = m else { break };
+                    if let (Some(id), Ok(mut r)) = (answered_event(&m, worker_answers), rec.lock()) {
+                        r.record(id);
+                    }
                 }
-            }
-            publisher.await??;
-            stop.cancel();
-            republisher.await??;
+                Ok(())
+            })
         }
-        Path::Ferry => {
-            // The server's dir is removed with the server.
-            let rules_file = nats.dir().join("bench-rules.toml");
-            std::fs::write(&rules_file, BENCH_RULES)?;
-            let mut cfg = RulesConfig::new(&rules_file);
-            cfg.consume.max_in_flight = args.concurrency;
-            let worker_client = nats.workers("bench rules").connect().await?;
-            let worker_stop = stop.clone();
-            let worker = tokio::spawn(async move { rules::run(worker_client, &cfg, worker_stop).await });
-            let conn = nats.agent(&agent_id).context("no desk-1 user")?;
-            let mut acfg = AgentConfig::new(agent_id.clone(), conn);
-            acfg.publish_window = args.window;
-            acfg.reply_batch = args.concurrency;
-            let agent = Agent::connect(acfg).await?;
-            let (tx, mut rx) = tokio::sync::mpsc::channel(args.concurrency);
-            let receiver = tokio::spawn({
-                let (agent, stop) = (agent.clone(), stop.clone());
-                async move { agent.receive_replies(tx, stop).await }
-            });
-            let publisher = tokio::spawn({
-                let (agent, stop) = (agent.clone(), stop.clone());
-                async move { agent.publish_all(input, &stop, |_, _| {}).await }
-            });
-            let started = Instant::now();
-            while rec.received < n && started.elapsed() < deadline {
-                let Ok(Some(r)) = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await else {
-                    break;
-                };
-                rec.record(r.in_reply_to);
-            }
-            publisher.await??;
-            stop.cancel();
-            receiver.await??;
-            worker.await??;
+    };
+
+    let publisher: tokio::task::JoinHandle<anyhow::Result<()>> = match (&agent, agent_publishes) {
+        (Some(agent), true) => {
+            let (agent, stop) = (agent.clone(), stop.clone());
+            tokio::spawn(async move {
+                agent.publish_all(input, &stop, |_, _| {}).await?;
+                Ok(())
+            })
         }
+        _ => tokio::spawn(raw_publish(plain.clone(), input, args.window)),
+    };
+
+    // Wait for every reply, or until nothing moved for 10 s.
+    let started = Instant::now();
+    let (mut seen, mut moved) = (0usize, Instant::now());
+    loop {
+        let received = rec.lock().map(|r| r.received).unwrap_or(0);
+        if received >= n || started.elapsed() > Duration::from_secs(300) || moved.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        if received > seen {
+            (seen, moved) = (received, Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    publisher.await??;
+    stop.cancel();
+    receiver.await??;
+    middle.await??;
+    let rec = rec.lock().map_err(|_| anyhow::anyhow!("the recorder's lock is poisoned"))?;
     anyhow::ensure!(
         rec.received == n,
-        "{path:?}: only {} of {n} replies arrived",
+        "{}: only {} of {n} replies arrived",
+        path.label(),
         rec.received
     );
     Ok(rec.result())
