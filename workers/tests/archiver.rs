@@ -154,18 +154,23 @@ fn chats(events: &[Envelope]) -> usize {
     events.iter().filter(|e| matches!(e.body, EventBody::Chat(_))).count()
 }
 
+async fn consumer_info(s: &Stack, def: &topology::ConsumerDef) -> async_nats::jetstream::consumer::Info {
+    s.js.get_stream(def.stream)
+        .await
+        .unwrap()
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>(def.name())
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone()
+}
+
 async fn consumer_drained(s: &Stack, def: &topology::ConsumerDef) {
     let start = Instant::now();
     loop {
-        let mut c = s
-            .js
-            .get_stream(def.stream)
-            .await
-            .unwrap()
-            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(def.name())
-            .await
-            .unwrap();
-        let info = c.info().await.unwrap();
+        let info = consumer_info(s, def).await;
         if info.num_pending == 0 && info.num_ack_pending == 0 {
             return;
         }
@@ -240,18 +245,7 @@ async fn a_large_backlog_is_archived_without_redeliveries() {
     let def = topology::archiver_events_consumer();
     consumer_drained(&s, &def).await;
     a.stop().await;
-    let info = s
-        .js
-        .get_stream(def.stream)
-        .await
-        .unwrap()
-        .get_consumer::<async_nats::jetstream::consumer::pull::Config>(def.name())
-        .await
-        .unwrap()
-        .info()
-        .await
-        .unwrap()
-        .clone();
+    let info = consumer_info(&s, &def).await;
     // Every delivery counts in the consumer sequence, redeliveries too.
     assert_eq!(
         info.delivered.consumer_sequence, 20_000,

@@ -4,10 +4,12 @@
 //!     `events`: the fastest way PostgreSQL takes rows, with no broker and no
 //!     Ferry code.
 //! (b) The same N events stored in `EVENTS` first (not timed), then the
-//!     archiver started and timed until its consumer has nothing pending or
-//!     unacknowledged; since it acks after commit, that is when every row is
-//!     in. It also writes the derived rows (activities, chats with customers
-//!     and conversations), which (a) does not.
+//!     archiver started and timed from its consumer's first delivery (its
+//!     start-up, a connection pool and a schema check, is printed apart)
+//!     until the consumer has nothing pending or unacknowledged; since it
+//!     acks after commit, that is when every row is in. It also writes the
+//!     derived rows (activities, chats with customers and conversations),
+//!     which (a) does not.
 //!
 //! One PostgreSQL cluster (fsync on, as in production) and one broker, both
 //! fresh for the run; the tables are emptied before every scenario.
