@@ -83,6 +83,10 @@ struct Measured {
     events_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// CPU time of nats-server per event, µs.
+    broker_us: f64,
+    /// CPU time of this process (publisher, middle, receiver) per event, µs.
+    clients_us: f64,
 }
 
 /// What stands between the publisher and the receiver of a scenario.
@@ -156,17 +160,19 @@ async fn rules_bench(args: RulesBench) -> anyhow::Result<()> {
 
     println!("Median of {} runs each:", args.repeat);
     println!();
-    println!("| scenario | rate | events/s | p50 ms | p99 ms |");
-    println!("|---|---|---:|---:|---:|");
+    println!("| scenario | rate | events/s | p50 ms | p99 ms | broker CPU µs/event | client CPU µs/event |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
     let half_label = format!("half ({half:.0}/s)");
     for (rate, runs) in [("full", &full), (half_label.as_str(), &halves)] {
         for (k, p) in paths.iter().enumerate() {
             println!(
-                "| {} | {rate} | {:.0} | {:.2} | {:.2} |",
+                "| {} | {rate} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} |",
                 p.label(),
                 median(&runs[k], |m| m.events_per_s),
                 median(&runs[k], |m| m.p50_ms),
-                median(&runs[k], |m| m.p99_ms)
+                median(&runs[k], |m| m.p99_ms),
+                median(&runs[k], |m| m.broker_us),
+                median(&runs[k], |m| m.clients_us)
             );
         }
     }
@@ -189,14 +195,22 @@ async fn rules_bench(args: RulesBench) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let cpu_of = |runs: &[Measured]| median(runs, |m| m.broker_us + m.clients_us);
+    println!(
+        "CPU per event (b)/(a) at full rate: {:.2}x (broker {:.2}x, clients {:.2}x); no target, steadier than the rates on a shared machine",
+        cpu_of(&full[1]) / cpu_of(&full[0]),
+        median(&full[1], |m| m.broker_us) / median(&full[0], |m| m.broker_us),
+        median(&full[1], |m| m.clients_us) / median(&full[0], |m| m.clients_us)
+    );
     println!("per repeat, throughput ratio: {}", each(&full, 1, |m| m.events_per_s));
     println!("per repeat, p99 ratio at half rate: {}", each(&halves, 1, |m| m.p99_ms));
     for (k, p) in paths.iter().enumerate().skip(2) {
         println!(
-            "{} vs (a): throughput {:.2}x, p99 at half rate {:.2}x",
+            "{} vs (a): throughput {:.2}x, p99 at half rate {:.2}x, CPU per event {:.2}x",
             &p.label()[..3],
             median(&full[k], |m| m.events_per_s) / median(&full[0], |m| m.events_per_s),
-            median(&halves[k], |m| m.p99_ms) / median(&halves[0], |m| m.p99_ms)
+            median(&halves[k], |m| m.p99_ms) / median(&halves[0], |m| m.p99_ms),
+            cpu_of(&full[k]) / cpu_of(&full[0])
         );
     }
     Ok(())
@@ -301,6 +315,8 @@ impl Recorder {
             events_per_s: self.received as f64 / elapsed,
             p50_ms: self.hist.value_at_quantile(0.5) as f64 / 1e3,
             p99_ms: self.hist.value_at_quantile(0.99) as f64 / 1e3,
+            broker_us: f64::NAN,
+            clients_us: f64::NAN,
         }
     }
 }
@@ -445,6 +461,13 @@ async fn scenario(path: Path, rate: Option<f64>, args: &RulesBench) -> anyhow::R
         }
     };
 
+    // CPU time of the broker and of this process over the measured window
+    // (clock ticks of 10 ms: a run of a second or more has enough of them).
+    let broker_pid = nats.pid().context("nats-server has no pid")?;
+    let cpu = || -> anyhow::Result<(u64, u64)> {
+        Ok((crate::bench_agent::cpu_ticks(broker_pid)?, crate::bench_agent::cpu_ticks(std::process::id())?))
+    };
+    let cpu0 = cpu()?;
     let publisher: tokio::task::JoinHandle<anyhow::Result<()>> = match (&agent, agent_publishes) {
         (Some(agent), true) => {
             let (agent, stop) = (agent.clone(), stop.clone());
@@ -469,6 +492,7 @@ async fn scenario(path: Path, rate: Option<f64>, args: &RulesBench) -> anyhow::R
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let cpu1 = cpu()?;
     publisher.await??;
     stop.cancel();
     receiver.await??;
@@ -480,7 +504,12 @@ async fn scenario(path: Path, rate: Option<f64>, args: &RulesBench) -> anyhow::R
         path.label(),
         rec.received
     );
-    Ok(rec.result())
+    let per_event_us = |ticks: u64| ticks as f64 * 1e4 / n as f64;
+    Ok(Measured {
+        broker_us: per_event_us(cpu1.0.saturating_sub(cpu0.0)),
+        clients_us: per_event_us(cpu1.1.saturating_sub(cpu0.1)),
+        ..rec.result()
+    })
 }
 
 /// The baseline's "worker": pull, republish the payload to the agent's reply

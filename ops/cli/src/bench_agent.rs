@@ -202,7 +202,8 @@ async fn steady(bin: &Path, nats: &NatsServer, agent: &AgentId, secs: u64) -> an
     Ok((rss, cpu / wall * 100.0))
 }
 
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+/// CPU time (user + system) of process `pid` so far, in clock ticks of 1/100 s.
+pub(crate) fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start at ") ".
     let rest = stat.rsplit_once(") ").map(|(_, r)| r).context("odd /proc stat")?;
