@@ -400,10 +400,15 @@ async fn scenario(path: Path, rate: Option<f64>, args: &RulesBench) -> anyhow::R
         ))
     };
 
-    // Publisher and receiver share one connection in every scenario: the
-    // agent's own, or one plain connection for (a)'s publisher and the
-    // plain subscriber.
-    let plain = nats.operator("bench agent side").connect().await?;
+    // Connections: in (a) and (w) the raw publisher and the plain subscriber
+    // share one, as the agent's publisher and reply receiver share its own
+    // in (b). In (p) the plain subscriber needs one beside the agent's (an
+    // agent may not subscribe to its reply subject).
+    let plain = if agent_publishes {
+        None
+    } else {
+        Some(nats.operator("bench agent side").connect().await?)
+    };
     let agent = if agent_publishes || agent_receives {
         let conn = nats.agent(&agent_id).context("no desk-1 user")?;
         let mut acfg = AgentConfig::new(agent_id.clone(), conn);
@@ -434,12 +439,9 @@ async fn scenario(path: Path, rate: Option<f64>, args: &RulesBench) -> anyhow::R
             })
         }
         _ => {
-            let conn = match &agent {
-                // (p): the plain subscriber may not use the agent's
-                // connection (an agent may not subscribe to its reply
-                // subject), so it gets its own.
-                Some(_) => nats.operator("bench plain subscriber").connect().await?,
-                None => plain.clone(),
+            let conn = match &plain {
+                Some(c) => c.clone(),
+                None => nats.operator("bench plain subscriber").connect().await?,
             };
             let mut replies = conn.subscribe(subject::reply(&agent_id)).await?;
             conn.flush().await?;
@@ -468,15 +470,16 @@ async fn scenario(path: Path, rate: Option<f64>, args: &RulesBench) -> anyhow::R
         Ok((crate::bench_agent::cpu_ticks(broker_pid)?, crate::bench_agent::cpu_ticks(std::process::id())?))
     };
     let cpu0 = cpu()?;
-    let publisher: tokio::task::JoinHandle<anyhow::Result<()>> = match (&agent, agent_publishes) {
-        (Some(agent), true) => {
-            let (agent, stop) = (agent.clone(), stop.clone());
+    let publisher: tokio::task::JoinHandle<anyhow::Result<()>> = match &plain {
+        Some(conn) => tokio::spawn(raw_publish(conn.clone(), input, args.window)),
+        None => {
+            let agent = agent.clone().context("the agent publishes in this scenario")?;
+            let stop = stop.clone();
             tokio::spawn(async move {
                 agent.publish_all(input, &stop, |_, _| {}).await?;
                 Ok(())
             })
         }
-        _ => tokio::spawn(raw_publish(plain.clone(), input, args.window)),
     };
 
     // Wait for every reply, or until nothing moved for 10 s.
