@@ -11,8 +11,9 @@
 //! - [`pipeline`]: the spool writer (group commit) and the drainer (in-order
 //!   publish, removal after the ack).
 //! - [`heartbeat`]: heartbeats and prediction requests.
-//! - [`replies`]: pulls the agent's replies from its own durable consumer
-//!   and acks each after it was acted on.
+//! - [`replies`]: receives the agent's replies live (the `REPLIES`
+//!   stream republishes them) and catches up on missed ones from its own
+//!   durable consumer.
 //! - [`platform`]: everything Win32 (and its Unix stand-ins).
 //! - [`config`]: the TOML config file; [`metrics`]: the Prometheus endpoint;
 //!   [`health`]: component states for both.

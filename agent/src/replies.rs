@@ -1,20 +1,41 @@
-//! Receiving replies: the agent's own durable consumer, de-duplicated by reply id.
+//! Receiving replies: live from the `REPLIES` stream's republication, what was missed from the agent's durable consumer.
 //!
-//! Replies live in the `REPLIES` stream, so those published while the agent
-//! was offline wait in its consumer `agent-<id>`. Replies are handed on in
-//! stream order and acked only after that, cumulatively (the consumer's ack
-//! policy is `All`): every few replies (at most 32), or when no more
-//! are waiting. One delivered again (ack lost, agent restarted) is
-//! recognised by its id and not handed on twice.
+//! `REPLIES` republishes every stored reply on `live.replies.<id>`, with
+//! its stream sequence and the sequence of the agent's previous reply
+//! (`Nats-Sequence`, `Nats-Last-Sequence`). A connected agent reads those:
+//! one core message per reply, as cheap as a plain subscription, and
+//! nothing to ack. It keeps a *cursor*, the highest stream sequence it
+//! handed on. A live reply whose previous sequence is past the cursor shows
+//! that one was missed (the agent was offline, its connection dropped, its
+//! buffer overflowed), and the agent *catches up* through its durable
+//! consumer `agent-<id>`, which holds every reply to it: it fetches in
+//! stream order, acks what is at or below the cursor without handing it on
+//! again, hands on the rest and acks each.
+//!
+//! A catch-up also runs when the receiver starts (replies published while
+//! the agent was away), after every reconnect, while the consumer still has
+//! unacked deliveries (a fetch cut off by a dropped connection: they come
+//! back after `ack_wait`), and once replies have been quiet for
+//! [`SWEEP_IDLE`] after some arrived live: that pass finds a missed *last*
+//! reply, which no later one would reveal, and acks in the consumer what
+//! was handed on live, so a later start has little to skip. On shutdown a
+//! last pass acks what was handed on, without handing on more.
+//!
+//! Replies are handed on in stream order, except one whose delivery was cut
+//! off, which comes when the consumer delivers it again. A reply seen twice
+//! (live and fetched, or fetched again after a restart) is recognised by its
+//! id and not handed on twice.
 
 use std::collections::{HashSet, VecDeque};
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{consumer::pull, AckKind};
+use async_nats::jetstream::{self, consumer::pull, consumer::PullConsumer, AckKind};
 use ferry_schema::codec::{decode_reply, DEFAULT_MAX_PAYLOAD};
 use ferry_schema::topology::{agent_replies_consumer_name, REPLIES_STREAM};
-use ferry_schema::{Encoding, Reply, ReplyId};
-use futures::{FutureExt, StreamExt};
+use ferry_schema::{headers, subject, Encoding, Reply, ReplyId};
+use futures::future::BoxFuture;
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +43,21 @@ use crate::Agent;
 
 /// How many reply ids the agent remembers for de-duplication.
 pub const SEEN_CAPACITY: usize = 10_000;
+
+/// How long live replies must be quiet before a catch-up pass acks them in
+/// the consumer (and finds a missed last one).
+pub const SWEEP_IDLE: Duration = Duration::from_secs(2);
+
+/// How often the receiver checks for a reconnect, a quiet spell or an owed
+/// catch-up.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Wait before another catch-up after one failed or left deliveries unacked.
+const CATCH_UP_RETRY: Duration = Duration::from_secs(2);
+
+/// How long the last pass on shutdown may take; what it leaves is skipped
+/// (by reply id) at the next start.
+const SHUTDOWN_PASS: Duration = Duration::from_secs(5);
 
 /// Why the reply receiver stopped.
 #[derive(Debug, thiserror::Error)]
@@ -35,9 +71,17 @@ pub enum RepliesError {
         #[source]
         source: async_nats::jetstream::stream::ConsumerError,
     },
-    /// Pulling failed for good.
-    #[error("pulling replies failed: {0}")]
-    Pull(String),
+    /// The live subscription could not be made.
+    #[error("cannot subscribe to live replies on {subject}: {reason}")]
+    Live {
+        /// The subject.
+        subject: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The live subscription ended (the connection was closed for good).
+    #[error("the live reply subscription on {0} ended")]
+    LiveEnded(String),
 }
 
 /// A bounded memory of reply ids already handed on (oldest forgotten first).
@@ -64,9 +108,8 @@ impl Seen {
 }
 
 impl Agent {
-    /// Pulls this agent's replies until `shutdown`, sending each new one to
-    /// `tx` (a bounded channel: a slow consumer slows the pulling) and
-    /// acking it after the send.
+    /// Receives this agent's replies until `shutdown`, sending each new one
+    /// to `tx` (a bounded channel: a slow consumer slows the receiving).
     pub async fn receive_replies(
         &self,
         tx: mpsc::Sender<Reply>,
@@ -82,13 +125,14 @@ impl Agent {
         .await
     }
 
-    /// Pulls this agent's replies until `shutdown`, awaiting `handle` for
-    /// each new one before it counts for the ack, so a reply is acked only
-    /// after it was acted on. `handle` returns false to stop (the reply it
-    /// was given is then left for next time).
-    pub async fn handle_replies<H>(&self, mut handle: H, shutdown: CancellationToken) -> Result<(), RepliesError>
+    /// Receives this agent's replies until `shutdown`, awaiting `handle` for
+    /// each new one, in stream order (see the module docs). A reply counts
+    /// as received, and is acked in the consumer, only after `handle`
+    /// returned. `handle` returns false to stop; the reply it was given is
+    /// then left for next time.
+    pub async fn handle_replies<H>(&self, handle: H, shutdown: CancellationToken) -> Result<(), RepliesError>
     where
-        H: FnMut(Reply) -> futures::future::BoxFuture<'static, bool> + Send,
+        H: FnMut(Reply) -> BoxFuture<'static, bool> + Send,
     {
         let name = agent_replies_consumer_name(&self.cfg.agent);
         let consumer = self
@@ -99,101 +143,297 @@ impl Agent {
                 consumer: name.clone(),
                 source,
             })?;
-        let mut seen = Seen::default();
-        // Well below the consumer's max_ack_pending, so acks never stall delivery.
-        let ack_every = (self.cfg.reply_batch / 4).clamp(1, 32);
-        let mut unacked = 0usize;
-        let mut last: Option<async_nats::jetstream::Message> = None;
-        'pulling: while !shutdown.is_cancelled() {
-            let mut messages = match consumer
-                .stream()
-                .max_messages_per_batch(self.cfg.reply_batch.max(1))
-                .expires(Duration::from_secs(30))
-                .heartbeat(Duration::from_secs(5))
-                .messages()
-                .await
-            {
-                Ok(m) => m,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot pull replies; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break 'pulling,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'pulling,
+        let live_subject = subject::live_reply(&self.cfg.agent);
+        let live_error = |e: &dyn std::fmt::Display| RepliesError::Live {
+            subject: live_subject.to_string(),
+            reason: e.to_string(),
+        };
+        let connects = self.client.statistics().connects.load(Ordering::Relaxed);
+        let mut live = self
+            .client
+            .subscribe(live_subject.clone())
+            .await
+            .map_err(|e| live_error(&e))?;
+        // The broker has the subscription before the first catch-up, so no
+        // reply falls between the two.
+        self.client.flush().await.map_err(|e| live_error(&e))?;
+
+        // At most half a subscription's buffer per fetch, so the client
+        // never drops a fetched reply.
+        let batch = self
+            .cfg
+            .reply_batch
+            .clamp(1, (self.cfg.nats.subscription_capacity / 2).max(1));
+        // Every reply up to the consumer's ack floor was handed on before.
+        let cursor = consumer.cached_info().ack_floor.stream_sequence;
+        let mut rx = Receiver {
+            consumer,
+            shutdown: shutdown.clone(),
+            handle,
+            batch,
+            seen: Seen::default(),
+            cursor,
+            unswept: 0,
+            last_live: Instant::now(),
+            owed: true,
+            retry_at: Instant::now(),
+            connects,
+        };
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ended = loop {
+            if rx.owed && Instant::now() >= rx.retry_at {
+                if rx.catch_up(Pass::Deliver).await == Caught::Stopped {
+                    break None;
+                }
+                continue;
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break None,
+                m = live.next() => match m {
+                    Some(m) => {
+                        if rx.on_live(m).await == Caught::Stopped {
+                            break None;
+                        }
+                    }
+                    None => break Some(RepliesError::LiveEnded(live_subject.to_string())),
+                },
+                _ = tick.tick() => {
+                    let connects = self.client.statistics().connects.load(Ordering::Relaxed);
+                    if connects != rx.connects {
+                        // The client subscribed again on the new connection;
+                        // the flush makes sure the broker has it first.
+                        rx.connects = connects;
+                        if let Err(error) = self.client.flush().await {
+                            tracing::debug!(%error, "flush after a reconnect failed");
+                        }
+                        tracing::info!(cursor = rx.cursor, "reconnected; catching up on replies");
+                        rx.owed_now();
+                    } else if rx.unswept > 0 && rx.last_live.elapsed() >= SWEEP_IDLE {
+                        rx.owed_now();
                     }
                 }
-            };
-            // A message taken early to see whether more were waiting.
-            let mut ready = None;
-            loop {
-                let next = match ready.take() {
-                    Some(n) => n,
-                    None => tokio::select! {
-                        _ = shutdown.cancelled() => break 'pulling,
-                        n = messages.next() => n,
-                    },
-                };
-                let msg = match next {
-                    Some(Ok(m)) => m,
-                    Some(Err(error)) => {
-                        use async_nats::jetstream::consumer::pull::MessagesErrorKind as K;
-                        if matches!(error.kind(), K::ConsumerDeleted) {
-                            ack_latest(&mut last, &mut unacked).await;
-                            return Err(RepliesError::Pull(error.to_string()));
-                        }
-                        tracing::warn!(%error, "reply pull error; continuing");
-                        continue;
-                    }
-                    None => continue 'pulling,
-                };
-                let decoded = Encoding::from_headers(msg.headers.as_ref())
-                    .and_then(|enc| decode_reply(&msg.payload, enc, DEFAULT_MAX_PAYLOAD));
-                match decoded {
-                    Err(error) => {
-                        // Terminated on its own, so the cumulative ack of a
-                        // later reply cannot hide it.
-                        tracing::error!(%error, subject = %msg.subject, "undecodable reply dropped");
-                        if let Err(error) = msg.ack_with(AckKind::Term).await {
-                            tracing::warn!(%error, "term of undecodable reply failed");
-                        }
-                        continue;
-                    }
-                    Ok(reply) if !seen.insert(reply.id) => {
-                        tracing::debug!(reply = %reply.id, "duplicate reply ignored");
-                    }
-                    Ok(reply) => {
-                        if !handle(reply).await {
-                            // Nobody takes replies any more: what was handed on
-                            // is acked below; this one is left for next time.
-                            break 'pulling;
-                        }
-                    }
-                }
-                unacked += 1;
-                last = Some(msg);
-                // Ack cumulatively every `ack_every` replies or when
-                // nothing more is waiting, so a quiet agent acks at once.
-                ready = messages.next().now_or_never();
-                if unacked >= ack_every || ready.is_none() {
-                    ack_latest(&mut last, &mut unacked).await;
+            }
+        };
+        // Ack what was handed on; hand on nothing more.
+        if tokio::time::timeout(SHUTDOWN_PASS, rx.catch_up(Pass::AckOnly)).await.is_err() {
+            tracing::info!("the last reply pass did not finish; the next start skips what it left by reply id");
+        }
+        match ended {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// One catch-up pass: hand on what is new, or (on shutdown) only ack what
+/// was handed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    Deliver,
+    AckOnly,
+}
+
+/// How a pass or a live reply ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Caught {
+    /// Carry on.
+    Done,
+    /// The handler asked to stop.
+    Stopped,
+}
+
+/// What became of one reply offered to the handler.
+enum Offered {
+    /// Handed on, or already handed on before (same id).
+    Taken,
+    /// It cannot be decoded; it is dropped with an error log.
+    Undecodable,
+    /// The handler asked to stop; the reply was not taken.
+    Stop,
+}
+
+struct Receiver<H> {
+    consumer: PullConsumer,
+    shutdown: CancellationToken,
+    handle: H,
+    /// Replies per fetch.
+    batch: usize,
+    seen: Seen,
+    /// The highest stream sequence handed on.
+    cursor: u64,
+    /// Replies handed on live since the last completed catch-up.
+    unswept: usize,
+    last_live: Instant,
+    /// A catch-up is due (at `retry_at`).
+    owed: bool,
+    retry_at: Instant,
+    /// The client's connect count when last looked at.
+    connects: u64,
+}
+
+impl<H> Receiver<H>
+where
+    H: FnMut(Reply) -> BoxFuture<'static, bool> + Send,
+{
+    fn owed_now(&mut self) {
+        self.owed = true;
+        self.retry_at = Instant::now();
+    }
+
+    fn owed_later(&mut self) {
+        self.owed = true;
+        self.retry_at = Instant::now() + CATCH_UP_RETRY;
+    }
+
+    async fn offer(&mut self, headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Offered {
+        let decoded = Encoding::from_headers(headers).and_then(|enc| decode_reply(payload, enc, DEFAULT_MAX_PAYLOAD));
+        match decoded {
+            Err(error) => {
+                tracing::error!(%error, "undecodable reply dropped");
+                Offered::Undecodable
+            }
+            Ok(reply) if self.seen.set.contains(&reply.id) => {
+                tracing::debug!(reply = %reply.id, "duplicate reply ignored");
+                Offered::Taken
+            }
+            Ok(reply) => {
+                let id = reply.id;
+                if (self.handle)(reply).await {
+                    self.seen.insert(id);
+                    Offered::Taken
+                } else {
+                    Offered::Stop
                 }
             }
         }
-        ack_latest(&mut last, &mut unacked).await;
-        Ok(())
     }
-}
 
-/// Acks `last` (the consumer's ack policy is `All`, so this acks every
-/// reply before it too).
-async fn ack_latest(last: &mut Option<async_nats::jetstream::Message>, unacked: &mut usize) {
-    if let Some(msg) = last.take() {
-        if let Err(error) = msg.ack().await {
-            tracing::warn!(%error, "reply ack failed; they will be redelivered and de-duplicated");
+    /// A reply republished by the stream.
+    async fn on_live(&mut self, msg: async_nats::Message) -> Caught {
+        let Some((seq, previous)) = headers::republished_position(msg.headers.as_ref()) else {
+            tracing::warn!(subject = %msg.subject, "live reply without its stream position ignored");
+            return Caught::Done;
+        };
+        if seq <= self.cursor {
+            return Caught::Done; // a catch-up handed it on already
         }
+        if previous > self.cursor {
+            tracing::info!(cursor = self.cursor, seq, previous, "a reply was missed; catching up");
+            if self.catch_up(Pass::Deliver).await == Caught::Stopped {
+                return Caught::Stopped;
+            }
+            if seq <= self.cursor {
+                return Caught::Done;
+            }
+            if previous > self.cursor {
+                // The consumer still holds it and the one missed; the next
+                // catch-up hands both on, in order.
+                self.owed_later();
+                return Caught::Done;
+            }
+        }
+        match self.offer(msg.headers.as_ref(), &msg.payload).await {
+            Offered::Stop => return Caught::Stopped,
+            Offered::Taken | Offered::Undecodable => {}
+        }
+        self.cursor = seq;
+        self.unswept += 1;
+        self.last_live = Instant::now();
+        Caught::Done
     }
-    *unacked = 0;
+
+    /// Fetches from the consumer until it has nothing more, acking each
+    /// reply once handed on (or known to be).
+    async fn catch_up(&mut self, pass: Pass) -> Caught {
+        self.owed = false;
+        loop {
+            let mut fetched = match self.consumer.fetch().max_messages(self.batch).messages().await {
+                Ok(m) => m,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot fetch replies; trying again shortly");
+                    self.owed_later();
+                    return Caught::Done;
+                }
+            };
+            let mut count = 0usize;
+            while let Some(next) = fetched.next().await {
+                let msg = match next {
+                    Ok(m) => m,
+                    Err(error) => {
+                        tracing::warn!(%error, "fetching replies failed; trying again shortly");
+                        self.owed_later();
+                        return Caught::Done;
+                    }
+                };
+                count += 1;
+                let Ok(info) = msg.info().map(|i| (i.stream_sequence, i.delivered)) else {
+                    tracing::warn!(subject = %msg.subject, "reply without delivery info; left for redelivery");
+                    continue;
+                };
+                let (seq, delivered) = info;
+                // A first delivery at or below the cursor was handed on live.
+                // A redelivery is offered again: it may be one whose first
+                // delivery was cut off, and the reply id tells a repeat.
+                let known = seq <= self.cursor && delivered == 1;
+                if !known {
+                    let offered = match pass {
+                        Pass::AckOnly => Offered::Stop,
+                        Pass::Deliver => self.offer(msg.headers.as_ref(), &msg.payload).await,
+                    };
+                    match offered {
+                        Offered::Stop => {
+                            // Left, at once, for whoever receives next.
+                            ack(&msg, AckKind::Nak(None)).await;
+                            while let Some(Ok(rest)) = fetched.next().await {
+                                ack(&rest, AckKind::Nak(None)).await;
+                            }
+                            return match pass {
+                                Pass::AckOnly => Caught::Done,
+                                Pass::Deliver => Caught::Stopped,
+                            };
+                        }
+                        Offered::Undecodable => {
+                            ack(&msg, AckKind::Term).await;
+                            self.cursor = self.cursor.max(seq);
+                            continue;
+                        }
+                        Offered::Taken => self.cursor = self.cursor.max(seq),
+                    }
+                }
+                ack(&msg, AckKind::Ack).await;
+            }
+            if count < self.batch {
+                break;
+            }
+            if pass == Pass::Deliver && self.shutdown.is_cancelled() {
+                return Caught::Done;
+            }
+        }
+        self.unswept = 0;
+        // Deliveries nobody acked are ones a dropped connection cut off (or a
+        // previous run left); they come back after ack_wait.
+        match self.consumer.info().await {
+            Ok(info) if info.num_ack_pending > 0 => {
+                tracing::info!(unacked = info.num_ack_pending, "replies await redelivery; catching up again shortly");
+                self.owed_later();
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::debug!(%error, "reply consumer info failed");
+                self.owed_later();
+            }
+        }
+        Caught::Done
+    }
 }
 
+async fn ack(msg: &jetstream::Message, kind: AckKind) {
+    if let Err(error) = msg.ack_with(kind).await {
+        tracing::warn!(%error, "reply ack failed; the consumer delivers it again and its id tells the repeat");
+    }
+}
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {

@@ -83,6 +83,25 @@ fn chat(agent: &AgentId, text: &str) -> Envelope {
     )
 }
 
+/// Starts `agent`'s reply receiver; replies come out of the returned
+/// channel (of `capacity`). Cancel the token and await the handle to stop it.
+fn receiving(
+    agent: &Agent,
+    capacity: usize,
+) -> (
+    mpsc::Receiver<ferry_schema::Reply>,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), ferry_agent::replies::RepliesError>>,
+) {
+    let (tx, rx) = mpsc::channel(capacity);
+    let stop = CancellationToken::new();
+    let handle = tokio::spawn({
+        let (agent, stop) = (agent.clone(), stop.clone());
+        async move { agent.receive_replies(tx, stop).await }
+    });
+    (rx, stop, handle)
+}
+
 async fn next_error(errors: &mut mpsc::UnboundedReceiver<String>) -> String {
     tokio::time::timeout(Duration::from_secs(10), errors.recv())
         .await
@@ -135,6 +154,12 @@ async fn broker_confines_an_agent_to_its_own_subjects() {
     let e = next_error(&mut errors).await;
     assert!(e.contains("Permissions Violation for Subscription to \"replies.desk-2\""), "{e}");
 
+    // Or to the live copies of them.
+    let _live = client.subscribe(subject::live_reply(&desk(2))).await.unwrap();
+    client.flush().await.unwrap();
+    let e = next_error(&mut errors).await;
+    assert!(e.contains("Permissions Violation for Subscription to \"live.replies.desk-2\""), "{e}");
+
     // And so is pulling from another agent's reply consumer.
     let other = jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(2))
@@ -177,12 +202,7 @@ async fn offline_agent_gets_its_replies_after_reconnecting() {
 
     // The agent connects and receives all five.
     let agent = s.agent(&desk(1)).await;
-    let (tx, mut rx) = mpsc::channel(16);
-    let stop = CancellationToken::new();
-    let receiver = tokio::spawn({
-        let (agent, stop) = (agent.clone(), stop.clone());
-        async move { agent.receive_replies(tx, stop).await }
-    });
+    let (mut rx, stop, receiver) = receiving(&agent, 16);
     let mut got = Vec::new();
     for _ in 0..5 {
         let r = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
@@ -203,6 +223,133 @@ async fn offline_agent_gets_its_replies_after_reconnecting() {
     assert!(tokio::time::timeout(Duration::from_secs(2), rx.recv()).await.is_err());
     stop.cancel();
     h.await.unwrap().unwrap();
+}
+
+/// A reply to `agent`'s event, as a worker publishes it: on the agent's
+/// reply subject, with its id as `Nats-Msg-Id`.
+async fn publish_reply(js: &jetstream::Context, agent: &AgentId, text: &str) -> ferry_schema::EventId {
+    let event = chat(agent, text);
+    let reply = ferry_schema::Reply::new(
+        "test",
+        event.id,
+        agent.clone(),
+        ReplyBody::Chat(ferry_schema::reply::ChatReply {
+            chat: "Bob".into(),
+            action: ChatAction::Reply,
+            content: Some(format!("re: {text}")),
+            confidence: 1.0,
+            answered_by: ferry_schema::reply::AnsweredBy {
+                kind: ferry_schema::reply::ResponderKind::Rule,
+                name: "test".into(),
+            },
+            processing_ms: 0.0,
+            tokens: None,
+        }),
+    );
+    let payload = ferry_schema::codec::encode_reply(&reply, Encoding::MsgPack).unwrap();
+    js.publish_with_headers(
+        subject::reply(agent),
+        headers::for_publish(&reply.id.to_string(), Encoding::MsgPack, None),
+        payload.into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    event.id
+}
+
+/// Replies arrive live, on the stream's republication. An agent too slow
+/// for them loses some from its small client buffer; it notices the gap in
+/// the stream sequences and fetches what it missed from its consumer. Every
+/// reply is handed on once, in order, and on shutdown the consumer is left
+/// with nothing pending.
+#[tokio::test]
+async fn a_slow_agent_that_drops_live_replies_still_gets_each_once_in_order() {
+    let s = stack().await;
+    let mut nats = s.nats.agent(&desk(1)).unwrap();
+    nats.subscription_capacity = 4;
+    let mut cfg = AgentConfig::new(desk(1), nats);
+    cfg.reply_batch = 2;
+    let agent = Agent::connect(cfg).await.unwrap();
+    let (mut rx, stop, receiver) = receiving(&agent, 1);
+    // One reply first, so the live subscription is known to be up.
+    let mut sent = vec![publish_reply(&s.js, &desk(1), "first").await];
+    assert_eq!(tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap().in_reply_to, sent[0]);
+
+    // 200 more while the agent takes one every 5 ms: its 4-message buffer overflows.
+    let publisher = tokio::spawn({
+        let js = s.js.clone();
+        async move {
+            let mut ids = Vec::new();
+            for i in 0..200 {
+                ids.push(publish_reply(&js, &desk(1), &format!("burst {i}")).await);
+            }
+            ids
+        }
+    });
+    let mut got = Vec::new();
+    while got.len() < 200 {
+        let r = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+        got.push(r.in_reply_to);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sent.extend(publisher.await.unwrap());
+    assert_eq!(got, sent[1..], "every reply once, in order");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), rx.recv()).await.is_err(),
+        "nothing handed on twice"
+    );
+    stop.cancel();
+    receiver.await.unwrap().unwrap();
+
+    let mut consumer = s
+        .js
+        .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+            topology::agent_replies_consumer_name(&desk(1)),
+            REPLIES_STREAM,
+        )
+        .await
+        .unwrap();
+    let info = consumer.info().await.unwrap();
+    assert!(
+        info.delivered.consumer_sequence > 0,
+        "missed replies were fetched from the consumer"
+    );
+    assert_eq!(
+        (info.num_pending, info.num_ack_pending),
+        (0, 0),
+        "the last pass acked every reply handed on"
+    );
+}
+
+/// Replies published while the broker was away from the agent (it was
+/// restarted) arrive after the agent reconnects, once each.
+#[tokio::test]
+async fn replies_published_across_a_broker_restart_arrive_once() {
+    let mut s = stack().await;
+    let agent = s.agent(&desk(1)).await;
+    let (mut rx, stop, receiver) = receiving(&agent, 16);
+    let first = publish_reply(&s.js, &desk(1), "before").await;
+    assert_eq!(tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap().in_reply_to, first);
+
+    s.nats.kill();
+    s.nats.restart().unwrap();
+    // A fresh connection publishes at once; the agent's comes back after
+    // its back-off, so these are stored before it can hear them live.
+    let js = jetstream::new(s.nats.operator("after restart").connect().await.unwrap());
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        sent.push(publish_reply(&js, &desk(1), &format!("after {i}")).await);
+    }
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap().in_reply_to);
+    }
+    assert_eq!(got, sent);
+    assert!(tokio::time::timeout(Duration::from_secs(3), rx.recv()).await.is_err(), "no repeats");
+    stop.cancel();
+    receiver.await.unwrap().unwrap();
 }
 
 #[tokio::test]

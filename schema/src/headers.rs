@@ -38,6 +38,22 @@ pub const DEAD_HEADERS: [&str; 7] = [
     DEAD_SEQUENCE,
     DEAD_DELIVERIES,
 ];
+/// Set by a stream's RePublish: the message's sequence in the stream.
+pub const STREAM_SEQUENCE: &str = "Nats-Sequence";
+/// Set by a stream's RePublish: the sequence of the previous message stored
+/// on the same subject (0 when there is none left).
+pub const LAST_SUBJECT_SEQUENCE: &str = "Nats-Last-Sequence";
+
+/// Where a republished message sits in its stream: its own sequence and
+/// that of the previous message on its subject. `None` when the headers are
+/// missing or malformed (the message was not republished by a stream).
+pub fn republished_position(h: Option<&HeaderMap>) -> Option<(u64, u64)> {
+    let h = h?;
+    let seq = h.get(STREAM_SEQUENCE)?.as_str().parse().ok()?;
+    let last = h.get(LAST_SUBJECT_SEQUENCE)?.as_str().parse().ok()?;
+    Some((seq, last))
+}
+
 /// Work hand-offs: the rule that handed the event on.
 pub const ROUTE_RULE: &str = "Ferry-Rule";
 
@@ -80,6 +96,19 @@ pub fn trace_id(traceparent: &str) -> Option<&str> {
 #[allow(clippy::unwrap_used)]
 mod trace_tests {
     use super::*;
+
+    #[test]
+    fn a_republished_position_needs_both_sequences() {
+        let mut h = HeaderMap::new();
+        assert_eq!(republished_position(Some(&h)), None);
+        h.insert(STREAM_SEQUENCE, "42");
+        assert_eq!(republished_position(Some(&h)), None, "no previous sequence");
+        h.insert(LAST_SUBJECT_SEQUENCE, "7");
+        assert_eq!(republished_position(Some(&h)), Some((42, 7)));
+        h.insert(LAST_SUBJECT_SEQUENCE, "seven");
+        assert_eq!(republished_position(Some(&h)), None, "malformed");
+        assert_eq!(republished_position(None), None);
+    }
 
     #[test]
     fn a_trace_started_at_an_event_names_it() {

@@ -4,6 +4,7 @@
 //! |----------------------------------|------------------------------------------|
 //! | `events.<agent>.<kind>`          | events from one agent (stream `EVENTS`)   |
 //! | `replies.<agent>`                | replies to one agent (stream `REPLIES`)   |
+//! | `live.replies.<agent>`           | each reply again once stored, with its stream position (the stream's RePublish; core NATS, what a connected agent reads) |
 //! | `work.inference.<kind>`          | rules → inference hand-off (stream `WORK`)|
 //! | `deadletter.<stream>.<consumer>` | poison messages with reasons (`DEADLETTER`)|
 //! | `ferry.svc.<role>.status`        | a worker's status endpoint (micro service)|
@@ -18,6 +19,9 @@ use crate::{AgentId, EventKind};
 const EVENTS: &str = "events";
 /// Prefix of every reply subject.
 const REPLIES: &str = "replies";
+/// Prefix the `REPLIES` stream puts before a reply's subject when it
+/// republishes the stored reply.
+const LIVE: &str = "live";
 /// Prefix of every work hand-off subject.
 const WORK: &str = "work";
 /// Prefix of every dead-letter subject.
@@ -93,6 +97,20 @@ pub fn is_reply(subject: &str) -> bool {
 /// `replies.>`: every reply.
 pub fn all_replies() -> Subject {
     Subject::from_static("replies.>")
+}
+
+/// `live.replies.<agent>`: where the `REPLIES` stream republishes each reply
+/// to `agent` once stored, with its stream sequence and the sequence of the
+/// agent's previous reply (`Nats-Sequence`, `Nats-Last-Sequence`), so a
+/// connected agent reads replies without a consumer and sees any it missed.
+pub fn live_reply(agent: &AgentId) -> Subject {
+    Subject::from(format!("{LIVE}.{REPLIES}.{agent}"))
+}
+
+/// `live.replies.>`: the destination of the `REPLIES` stream's RePublish
+/// (each stored reply's subject with [`live_reply`]'s prefix).
+pub fn all_live_replies() -> Subject {
+    Subject::from_static("live.replies.>")
 }
 
 /// The work queues through which one worker role hands work to another.

@@ -84,11 +84,19 @@ pub fn events_stream(s: &StreamSettings) -> stream::Config {
     }
 }
 
-/// `REPLIES`: all replies, kept until the agent fetches them or they age out.
+/// `REPLIES`: all replies, kept until they age out. Each stored reply is
+/// also republished on `live.replies.<agent>` with its stream position: a
+/// connected agent reads those, and its durable consumer only for what it
+/// missed (see the agent's `replies` module).
 pub fn replies_stream(s: &StreamSettings) -> stream::Config {
     stream::Config {
         description: Some("Replies to agents, kept while agents are offline.".into()),
         max_age: s.replies_max_age,
+        republish: Some(stream::Republish {
+            source: subject::all_replies().to_string(),
+            destination: subject::all_live_replies().to_string(),
+            headers_only: false,
+        }),
         ..base_stream(REPLIES_STREAM, vec![subject::all_replies().to_string()], s)
     }
 }
@@ -304,9 +312,11 @@ pub fn agent_replies_consumer(agent: &AgentId) -> ConsumerDef {
             description: Some(format!("Replies to agent {agent}.")),
             filter_subject: subject::reply(agent).to_string(),
             deliver_policy: DeliverPolicy::All,
-            // The agent hands replies on strictly in order, so one ack of
-            // the latest covers all before it (fewer acks per reply).
-            ack_policy: AckPolicy::All,
+            // The agent reads replies live (`live.replies.<id>`) and this
+            // consumer only to catch up; each reply is acked on its own, so
+            // a delivery cut off by a dropped connection stays unacked and
+            // comes back, rather than being covered by a later ack.
+            ack_policy: AckPolicy::Explicit,
             ack_wait: Duration::from_secs(30),
             // A reply must reach its agent; the agent de-duplicates by reply id.
             max_deliver: -1,
@@ -324,13 +334,14 @@ pub struct AgentPermissions {
     /// Subjects it may publish to: its own events, and the JetStream API
     /// calls that read and ack its own reply consumer.
     pub publish: Vec<String>,
-    /// Subjects it may subscribe to: its own inboxes.
+    /// Subjects it may subscribe to: its own inboxes and its live replies.
     pub subscribe: Vec<String>,
 }
 
 /// The permissions of `agent`'s user: publish only `events.<id>.>`, read and
 /// ack only its consumer `agent-<id>` on `REPLIES`, and receive only on
-/// `_INBOX.<id>.>` (the prefix [`subject::agent_inbox_prefix`] sets).
+/// `_INBOX.<id>.>` (the prefix [`subject::agent_inbox_prefix`] sets) and
+/// its own live replies `live.replies.<id>`.
 pub fn agent_permissions(agent: &AgentId) -> AgentPermissions {
     let consumer = agent_replies_consumer_name(agent);
     AgentPermissions {
@@ -340,7 +351,10 @@ pub fn agent_permissions(agent: &AgentId) -> AgentPermissions {
             format!("$JS.API.CONSUMER.MSG.NEXT.{REPLIES_STREAM}.{consumer}"),
             format!("$JS.ACK.{REPLIES_STREAM}.{consumer}.>"),
         ],
-        subscribe: vec![format!("{}.>", subject::agent_inbox_prefix(agent))],
+        subscribe: vec![
+            format!("{}.>", subject::agent_inbox_prefix(agent)),
+            subject::live_reply(agent).to_string(),
+        ],
     }
 }
 
@@ -379,10 +393,12 @@ pub enum ProvisionError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The existing object differs in a way the broker will not update.
-    #[error("{what} exists with different settings the broker would not update ({diff}): {source}; delete it or restore the old settings")]
+    #[error("{what} exists with different settings the broker would not update ({diff}): {source}; delete it (`{delete}`, which drops what it holds) and provision again, or restore the old settings")]
     Incompatible {
         /// The stream or consumer.
         what: String,
+        /// The `nats` command that deletes it.
+        delete: String,
         /// The differing fields.
         diff: String,
         /// The broker's refusal.
@@ -399,12 +415,24 @@ fn diff_fields(pairs: &[(&str, String, String)]) -> Vec<String> {
         .collect()
 }
 
+fn republish_text(r: Option<&stream::Republish>) -> String {
+    match r {
+        None => "none".into(),
+        Some(r) => format!("{} -> {}{}", r.source, r.destination, if r.headers_only { " (headers only)" } else { "" }),
+    }
+}
+
 fn stream_diff(have: &stream::Config, want: &stream::Config) -> Vec<String> {
     diff_fields(&[
         (
             "subjects",
             format!("{:?}", have.subjects),
             format!("{:?}", want.subjects),
+        ),
+        (
+            "republish",
+            republish_text(have.republish.as_ref()),
+            republish_text(want.republish.as_ref()),
         ),
         (
             "retention",
@@ -552,6 +580,7 @@ pub async fn ensure_stream(
         .await
         .map_err(|e| ProvisionError::Incompatible {
             what: what.clone(),
+            delete: format!("nats stream rm {} -f", want.name),
             diff: diff.join(", "),
             source: boxed(e),
         })?;
@@ -606,6 +635,7 @@ pub async fn ensure_consumer(
         (Ok(_), change) => Ok(Provisioned { what, change }),
         (Err(e), Change::Updated(diff)) => Err(ProvisionError::Incompatible {
             what,
+            delete: format!("nats consumer rm {} {} -f", def.stream, def.name()),
             diff: diff.join(", "),
             source: boxed(e),
         }),

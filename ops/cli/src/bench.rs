@@ -4,7 +4,7 @@
 //! (a) a raw JetStream round trip with no application logic: publish to
 //! `EVENTS`, a pull consumer republishes each message to `replies.<agent>`
 //! (stored in `REPLIES`) and acks, a plain subscriber receives; and (b) the
-//! same load through the real agent (its publisher, its reply consumer) and
+//! same load through the real agent (its publisher, its reply receiver) and
 //! the real rules worker. Both run at full rate (unthrottled, bounded
 //! publish window) and at half of (a)'s full rate. Latency is from publish to
 //! reply receipt; every scenario records a reply where it is received (in
@@ -15,7 +15,8 @@
 //! publisher and plain subscriber around the real rules worker, and (p) the
 //! agent's publisher with the rules worker and a plain subscriber. (w)
 //! against (a) is the worker's cost; (p) against (w) the agent publisher's;
-//! (b) against (p) the agent's durable reply consumer's.
+//! (b) against (p) the agent's reply receiver's (live replies, and the
+//! last pass that acks their copies in its consumer, reported apart).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -65,7 +66,7 @@ pub struct RulesBench {
     /// Also run two mixed scenarios at full and half rate, to see where (b)
     /// loses against (a): (w) the raw publisher and a plain subscriber
     /// around the real rules worker; (p) the agent's publisher and the
-    /// rules worker, replies read by a plain subscriber (no reply consumer).
+    /// rules worker, replies read by a plain subscriber (not the agent's reply receiver).
     #[arg(long)]
     decompose: bool,
 }
@@ -87,6 +88,10 @@ struct Measured {
     broker_us: f64,
     /// CPU time of this process (publisher, middle, receiver) per event, µs.
     clients_us: f64,
+    /// (b) only: the agent's last reply pass after the measured window
+    /// (it acks the consumer's copy of each reply that came live):
+    /// wall time in ms, broker and client CPU per event in µs.
+    after: (f64, f64, f64),
 }
 
 /// What stands between the publisher and the receiver of a scenario.
@@ -94,7 +99,7 @@ struct Measured {
 enum Path {
     /// (a): raw publisher, raw republisher, plain subscriber.
     Raw,
-    /// (b): the agent (publisher and durable reply consumer), the rules worker.
+    /// (b): the agent (publisher and reply receiver), the rules worker.
     Ferry,
     /// (w): raw publisher, the rules worker, plain subscriber.
     WorkerOnly,
@@ -201,6 +206,13 @@ async fn rules_bench(args: RulesBench) -> anyhow::Result<()> {
         cpu_of(&full[1]) / cpu_of(&full[0]),
         median(&full[1], |m| m.broker_us) / median(&full[0], |m| m.broker_us),
         median(&full[1], |m| m.clients_us) / median(&full[0], |m| m.clients_us)
+    );
+    println!(
+        "(b) after each full-rate run, the agent's last reply pass acks its consumer's copy of every reply that came live: {:.0} ms, broker {:.1} + client {:.1} µs CPU per event (outside the columns above; a running agent does this after {} s of quiet)",
+        median(&full[1], |m| m.after.0),
+        median(&full[1], |m| m.after.1),
+        median(&full[1], |m| m.after.2),
+        ferry_agent::replies::SWEEP_IDLE.as_secs()
     );
     println!("per repeat, throughput ratio: {}", each(&full, 1, |m| m.events_per_s));
     println!("per repeat, p99 ratio at half rate: {}", each(&halves, 1, |m| m.p99_ms));
@@ -317,6 +329,7 @@ impl Recorder {
             p99_ms: self.hist.value_at_quantile(0.99) as f64 / 1e3,
             broker_us: f64::NAN,
             clients_us: f64::NAN,
+            after: (f64::NAN, f64::NAN, f64::NAN),
         }
     }
 }
@@ -497,8 +510,10 @@ async fn scenario(path: Path, rate: Option<f64>, args: &RulesBench) -> anyhow::R
     }
     let cpu1 = cpu()?;
     publisher.await??;
+    let stopped = Instant::now();
     stop.cancel();
     receiver.await??;
+    let (after_ms, cpu2) = (stopped.elapsed().as_secs_f64() * 1e3, cpu()?);
     middle.await??;
     let rec = rec.lock().map_err(|_| anyhow::anyhow!("the recorder's lock is poisoned"))?;
     anyhow::ensure!(
@@ -511,6 +526,11 @@ async fn scenario(path: Path, rate: Option<f64>, args: &RulesBench) -> anyhow::R
     Ok(Measured {
         broker_us: per_event_us(cpu1.0.saturating_sub(cpu0.0)),
         clients_us: per_event_us(cpu1.1.saturating_sub(cpu0.1)),
+        after: (
+            after_ms,
+            per_event_us(cpu2.0.saturating_sub(cpu1.0)),
+            per_event_us(cpu2.1.saturating_sub(cpu1.1)),
+        ),
         ..rec.result()
     })
 }

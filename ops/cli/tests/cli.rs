@@ -190,6 +190,28 @@ async fn provision_is_idempotent_and_reports_changes() {
     assert!(err.contains("cannot connect to NATS at"), "{err}");
 }
 
+/// A `REPLIES` stream from before the live replies (no RePublish, which
+/// nats-server 2.9 cannot add to a stream) is reported, with what differs.
+#[tokio::test]
+async fn provision_reports_a_replies_stream_without_republish() {
+    let nats = NatsServer::start_temp().unwrap();
+    let js = jetstream::new(nats.operator("t").connect().await.unwrap());
+    let mut old = topology::replies_stream(&topology::StreamSettings::default());
+    old.republish = None;
+    js.create_stream(old).await.unwrap();
+    let out = ferry()
+        .args(["provision", "--server", &nats.url(), "--password", &nats.secrets().operator])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("stream REPLIES exists with different settings the broker would not update (republish: none -> replies.> -> live.replies.>)")
+            && err.contains("`nats stream rm REPLIES -f`"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn tap_decodes_live_events_and_dlq_lists_and_redrives() {
     use ferry_schema::event::{ChatMessage, ChatType, MessageType};
