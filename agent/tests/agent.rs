@@ -311,7 +311,13 @@ async fn a_slow_agent_that_drops_live_replies_still_gets_each_once_in_order() {
         )
         .await
         .unwrap();
-    let info = consumer.info().await.unwrap();
+    // The broker applies acks in the background: wait for the last ones.
+    let mut info = consumer.info().await.unwrap().clone();
+    let deadline = std::time::Instant::now() + WAIT;
+    while (info.num_pending, info.num_ack_pending) != (0, 0) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        info = consumer.info().await.unwrap().clone();
+    }
     assert!(
         info.delivered.consumer_sequence > 0,
         "missed replies were fetched from the consumer"

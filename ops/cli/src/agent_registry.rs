@@ -311,7 +311,8 @@ mod tests {
         let p = topology::agent_permissions(&AgentId::new("desk-7").unwrap());
         assert_eq!(p.publish.len(), 4);
         let (e, i, n, a) = (&p.publish[0], &p.publish[1], &p.publish[2], &p.publish[3]);
-        let inbox = &p.subscribe[0];
+        assert_eq!(p.subscribe.len(), 2);
+        let (inbox, live) = (&p.subscribe[0], &p.subscribe[1]);
         assert_eq!(
             out,
             format!(
@@ -328,7 +329,7 @@ mod tests {
           "{n}",
           "{a}"
         ] }}
-        subscribe: {{ allow: ["{inbox}"] }}
+        subscribe: {{ allow: ["{inbox}", "{live}"] }}
       }}
     }}
     # END ferry agents
