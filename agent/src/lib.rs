@@ -53,8 +53,11 @@ pub struct AgentConfig {
     pub encoding: Encoding,
     /// Most publishes awaiting a JetStream ack at once.
     pub publish_window: usize,
-    /// Most replies pulled per request.
+    /// Most replies fetched per request when catching up.
     pub reply_batch: usize,
+    /// Catch up through the reply consumer at least this often, even when
+    /// nothing says a reply was missed.
+    pub catch_up_every: std::time::Duration,
 }
 
 impl AgentConfig {
@@ -66,6 +69,7 @@ impl AgentConfig {
             encoding: Encoding::MsgPack,
             publish_window: 256,
             reply_batch: 64,
+            catch_up_every: std::time::Duration::from_secs(30),
         }
     }
 }

@@ -18,8 +18,12 @@
 //! back after `ack_wait`), and once replies have been quiet for
 //! [`SWEEP_IDLE`] after some arrived live: that pass finds a missed *last*
 //! reply, which no later one would reveal, and acks in the consumer what
-//! was handed on live, so a later start has little to skip. On shutdown a
-//! last pass acks what was handed on, without handing on more.
+//! was handed on live, so a later start has little to skip. And it runs
+//! every `catch_up_every` (30 s by default) in any case, so replies still
+//! arrive, late, if live ones never do (a broker user from before live
+//! replies, without `live.replies.<id>`: the pass then says so in a
+//! warning). On shutdown a last pass acks what was handed on, without
+//! handing on more.
 //!
 //! Replies are handed on in stream order, except one whose delivery was cut
 //! off, which comes when the consumer delivers it again. A reply seen twice
@@ -175,6 +179,9 @@ impl Agent {
             cursor,
             unswept: 0,
             last_live: Instant::now(),
+            last_pass: Instant::now(),
+            live_received: 0,
+            periodic: false,
             owed: true,
             retry_at: Instant::now(),
             connects,
@@ -211,6 +218,9 @@ impl Agent {
                         tracing::info!(cursor = rx.cursor, "reconnected; catching up on replies");
                         rx.owed_now();
                     } else if rx.unswept > 0 && rx.last_live.elapsed() >= SWEEP_IDLE {
+                        rx.owed_now();
+                    } else if rx.last_pass.elapsed() >= self.cfg.catch_up_every {
+                        rx.periodic = true;
                         rx.owed_now();
                     }
                 }
@@ -266,6 +276,12 @@ struct Receiver<H> {
     /// Replies handed on live since the last completed catch-up.
     unswept: usize,
     last_live: Instant,
+    /// When the last catch-up pass ended.
+    last_pass: Instant,
+    /// Replies that came live since the receiver started.
+    live_received: u64,
+    /// The pass that is owed is only the periodic one.
+    periodic: bool,
     /// A catch-up is due (at `retry_at`).
     owed: bool,
     retry_at: Instant,
@@ -340,6 +356,7 @@ where
         }
         self.cursor = seq;
         self.unswept += 1;
+        self.live_received += 1;
         self.last_live = Instant::now();
         Caught::Done
     }
@@ -348,6 +365,15 @@ where
     /// reply once handed on (or known to be).
     async fn catch_up(&mut self, pass: Pass) -> Caught {
         self.owed = false;
+        let periodic = std::mem::take(&mut self.periodic);
+        let caught = self.fetch_all(pass, periodic).await;
+        self.last_pass = Instant::now();
+        caught
+    }
+
+    /// [`Self::catch_up`]'s work.
+    async fn fetch_all(&mut self, pass: Pass, periodic: bool) -> Caught {
+        let mut handed = 0u64;
         loop {
             let mut fetched = match self.consumer.fetch().max_messages(self.batch).messages().await {
                 Ok(m) => m,
@@ -399,7 +425,10 @@ where
                             self.cursor = self.cursor.max(seq);
                             continue;
                         }
-                        Offered::Taken => self.cursor = self.cursor.max(seq),
+                        Offered::Taken => {
+                            handed += 1;
+                            self.cursor = self.cursor.max(seq);
+                        }
                     }
                 }
                 ack(&msg, AckKind::Ack).await;
@@ -412,6 +441,14 @@ where
             }
         }
         self.unswept = 0;
+        if handed > 0 && periodic && self.live_received == 0 {
+            tracing::warn!(
+                handed,
+                "replies arrive only through the consumer, none live: may this agent's broker user subscribe to its live.replies.<id>? (`ferry agent add` writes it; older entries lack it)"
+            );
+        } else if handed > 0 {
+            tracing::info!(handed, cursor = self.cursor, "caught up on replies");
+        }
         // Deliveries nobody acked are ones a dropped connection cut off (or a
         // previous run left); they come back after ack_wait.
         match self.consumer.info().await {

@@ -358,6 +358,39 @@ async fn replies_published_across_a_broker_restart_arrive_once() {
     receiver.await.unwrap().unwrap();
 }
 
+/// An agent whose broker user predates live replies (its entry lacks
+/// `live.replies.<id>`) still gets every reply, through the periodic
+/// catch-up from its consumer.
+#[tokio::test]
+async fn an_agent_without_the_live_permission_still_gets_its_replies() {
+    let dir = tempfile::tempdir().unwrap();
+    let old_conf = ferry_stack::NATS_CONF.replace(", \"live.replies.desk-1\"", "");
+    assert_ne!(old_conf, ferry_stack::NATS_CONF, "the committed nats.conf gives desk-1 its live replies");
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(&conf, ferry_stack::nats::with_store_dir(&old_conf, &dir.path().join("store"))).unwrap();
+    let nats = NatsServer::start(ferry_stack::NatsServerOptions {
+        data_dir: Some(dir.path().join("run")),
+        conf: Some(conf),
+        ..Default::default()
+    })
+    .unwrap();
+    let js = jetstream::new(nats.operator("t").connect().await.unwrap());
+    topology::provision(&js, &StreamSettings::default(), &[desk(1)]).await.unwrap();
+    let mut cfg = AgentConfig::new(desk(1), nats.agent(&desk(1)).unwrap());
+    cfg.catch_up_every = Duration::from_millis(500);
+    let agent = Agent::connect(cfg).await.unwrap();
+    let (mut rx, stop, receiver) = receiving(&agent, 16);
+    let first = publish_reply(&js, &desk(1), "first").await;
+    assert_eq!(tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap().in_reply_to, first);
+    // Quiet for longer than any pass the first reply set off (a start, a
+    // retry), so only the periodic one can bring the next.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let second = publish_reply(&js, &desk(1), "second").await;
+    assert_eq!(tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap().in_reply_to, second);
+    stop.cancel();
+    receiver.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn demo_lines_get_rule_replies_in_both_encodings() {
     let s = stack().await;
