@@ -61,8 +61,7 @@ impl Agent {
             .map_err(|source| PublishError::Encode { id: env.id, source })?
             .into();
         let subject = subject::event(&env.agent, env.kind());
-        let trace = headers::start_trace(env.id);
-        let hdrs = headers::for_publish(&env.id.to_string(), enc, Some(&trace));
+        let hdrs = headers::for_publish(&env.id.to_string(), enc, None);
         let mut attempt = 0u32;
         loop {
             attempt += 1;

@@ -74,14 +74,6 @@ pub fn traceparent(h: Option<&HeaderMap>) -> Option<&str> {
     h.and_then(|h| h.get(TRACEPARENT)).map(|v| v.as_str())
 }
 
-/// A W3C `traceparent` that starts a trace at an event: the trace id is the
-/// event id's 32 hex digits (so `ferry replay --trace <event id>` finds every
-/// hop), the parent span id its last 16 (the random part of a UUIDv7).
-pub fn start_trace(event: crate::EventId) -> String {
-    let hex = event.0.simple().to_string();
-    format!("00-{hex}-{}-01", &hex[16..])
-}
-
 /// The trace id (32 hex digits) of a `traceparent` value, if it is well formed.
 pub fn trace_id(traceparent: &str) -> Option<&str> {
     let mut parts = traceparent.split('-');
@@ -111,11 +103,9 @@ mod trace_tests {
     }
 
     #[test]
-    fn a_trace_started_at_an_event_names_it() {
-        let id = crate::EventId::new();
-        let tp = start_trace(id);
-        assert_eq!(tp.len(), 55, "{tp}");
-        assert_eq!(trace_id(&tp), Some(id.0.simple().to_string().as_str()));
+    fn a_trace_id_is_read_from_a_well_formed_traceparent_only() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(trace_id(tp), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
         assert_eq!(trace_id("00-abc-def-01"), None);
         assert_eq!(trace_id("garbage"), None);
     }

@@ -27,6 +27,33 @@ async fn stored_replies(js: &async_nats::jetstream::Context) -> HashMap<EventId,
     answered
 }
 
+/// A `traceparent` that comes with an event (from a tracer upstream of the
+/// agent) goes on its reply unchanged; an event without one (the agent's
+/// own: its trace id would be the event id, which `Nats-Msg-Id` carries)
+/// gets a reply without one.
+#[tokio::test]
+async fn an_event_traceparent_goes_on_its_reply() {
+    let s = stack(RULES, Duration::from_secs(30)).await;
+    let agent = AgentId::new("desk-1").unwrap();
+    let mut replies = s.op.subscribe(subject::reply(&agent)).await.unwrap();
+    let _worker = s.replica(16).await;
+    const UPSTREAM: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    for tp in [Some(UPSTREAM), None] {
+        let event = chat("desk-1", "hello");
+        let h = headers::for_publish(&event.id.to_string(), Encoding::MsgPack, tp);
+        let payload = ferry_schema::codec::encode_event(&event, Encoding::MsgPack).unwrap();
+        s.js.publish_with_headers(subject::event(&agent, event.kind()), h, payload.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        let msg = tokio::time::timeout(WAIT, replies.next()).await.unwrap().unwrap();
+        let reply = decode_reply(&msg.payload, Encoding::MsgPack, DEFAULT_MAX_PAYLOAD).unwrap();
+        assert_eq!(reply.in_reply_to, event.id);
+        assert_eq!(headers::traceparent(msg.headers.as_ref()), tp);
+    }
+}
+
 #[tokio::test]
 async fn json_event_gets_json_reply_and_msgpack_gets_msgpack() {
     let s = stack(RULES, Duration::from_secs(30)).await;
