@@ -51,20 +51,16 @@ impl Encoding {
             return Ok(Self::MsgPack);
         };
         let value = value.as_str();
-        let mime = value
-            .split(';')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        match mime.as_str() {
-            "application/json" => Ok(Self::Json),
-            "application/msgpack" | "application/x-msgpack" | "application/vnd.msgpack" => {
-                Ok(Self::MsgPack)
-            }
-            _ => Err(DecodeError::ContentType {
+        let mime = value.split(';').next().unwrap_or("").trim();
+        let is = |m: &str| mime.eq_ignore_ascii_case(m);
+        if is("application/json") {
+            Ok(Self::Json)
+        } else if is("application/msgpack") || is("application/x-msgpack") || is("application/vnd.msgpack") {
+            Ok(Self::MsgPack)
+        } else {
+            Err(DecodeError::ContentType {
                 value: value.to_string(),
-            }),
+            })
         }
     }
 }
