@@ -132,6 +132,33 @@ impl Agent {
             .map_err(|e| format!("publish on {subject}: {e}"))?
             .await
             .map_err(|e| format!("publish on {subject}: {e}"))?;
-        Ok(())
+        self.check_live_replies().await
+    }
+
+    /// Proves the broker lets this agent subscribe to its live replies. A
+    /// refused subscription is only reported asynchronously, so this listens
+    /// on a connection of its own for a moment after a round trip.
+    async fn check_live_replies(&self) -> Result<(), String> {
+        let live = subject::live_reply(&self.cfg.agent);
+        let (tx, mut errors) = tokio::sync::mpsc::channel(4);
+        let probe = self
+            .cfg
+            .nats
+            .connect_reporting(move |e| {
+                let _ = tx.try_send(e);
+            })
+            .await
+            .map_err(|e| format!("second connection for the live-reply check: {e}"))?;
+        let _sub = probe
+            .subscribe(live.clone())
+            .await
+            .map_err(|e| format!("subscribe to {live}: {e}"))?;
+        probe.flush().await.map_err(|e| format!("subscribe to {live}: {e}"))?;
+        match tokio::time::timeout(std::time::Duration::from_millis(500), errors.recv()).await {
+            Ok(Some(e)) if e.contains(live.as_str()) => Err(format!(
+                "may not subscribe to {live}, where replies arrive live ({e}); they still come, late, through the 30 s catch-up: add {live} to this agent's subscribe permissions in nats.conf (`ferry agent add` writes it)"
+            )),
+            _ => Ok(()),
+        }
     }
 }

@@ -379,6 +379,9 @@ async fn an_agent_without_the_live_permission_still_gets_its_replies() {
     let mut cfg = AgentConfig::new(desk(1), nats.agent(&desk(1)).unwrap());
     cfg.catch_up_every = Duration::from_millis(500);
     let agent = Agent::connect(cfg).await.unwrap();
+    // `ferry-agent check` says what is missing.
+    let e = agent.check_access().await.unwrap_err();
+    assert!(e.contains("may not subscribe to live.replies.desk-1"), "{e}");
     let (mut rx, stop, receiver) = receiving(&agent, 16);
     let first = publish_reply(&js, &desk(1), "first").await;
     assert_eq!(tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap().in_reply_to, first);

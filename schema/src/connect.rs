@@ -142,7 +142,30 @@ impl NatsConfig {
 
     /// Connects, with Ferry's reconnect back-off.
     pub async fn connect(&self) -> Result<Client, ConnectError> {
-        let mut opts = ConnectOptions::new()
+        self.connect_with(ConnectOptions::new()).await
+    }
+
+    /// Connects like [`connect`](Self::connect), and calls `on_error` with
+    /// each error the server reports on this connection (a permission
+    /// violation, say), as the server worded it.
+    pub async fn connect_reporting(
+        &self,
+        on_error: impl Fn(String) + Send + Sync + 'static,
+    ) -> Result<Client, ConnectError> {
+        let on_error = std::sync::Arc::new(on_error);
+        let opts = ConnectOptions::new().event_callback(move |event| {
+            let on_error = on_error.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    on_error(e.to_string());
+                }
+            }
+        });
+        self.connect_with(opts).await
+    }
+
+    async fn connect_with(&self, opts: ConnectOptions) -> Result<Client, ConnectError> {
+        let mut opts = opts
             .name(&self.name)
             .connection_timeout(self.connect_timeout)
             .subscription_capacity(self.subscription_capacity)
