@@ -156,7 +156,8 @@ impl Agent {
         probe.flush().await.map_err(|e| format!("subscribe to {live}: {e}"))?;
         match tokio::time::timeout(std::time::Duration::from_millis(500), errors.recv()).await {
             Ok(Some(e)) if e.contains(live.as_str()) => Err(format!(
-                "may not subscribe to {live}, where replies arrive live ({e}); they still come, late, through the 30 s catch-up: add {live} to this agent's subscribe permissions in nats.conf (`ferry agent add` writes it)"
+                "may not subscribe to {live}, where replies arrive live ({e}); they still come, late, through the catch-up every {} s: add {live} to this agent's subscribe permissions in nats.conf (`ferry agent add` writes it)",
+                self.cfg.catch_up_every.as_secs()
             )),
             _ => Ok(()),
         }
