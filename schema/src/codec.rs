@@ -172,11 +172,17 @@ pub enum EncodeError {
     Json(#[from] serde_json::Error),
 }
 
+/// Room for a typical event or reply, so encoding does not grow the buffer
+/// several times.
+const ENCODE_CAPACITY: usize = 512;
+
 fn encode<T: Serialize>(value: &T, enc: Encoding) -> Result<Vec<u8>, EncodeError> {
-    Ok(match enc {
-        Encoding::MsgPack => rmp_serde::to_vec_named(value)?,
-        Encoding::Json => serde_json::to_vec(value)?,
-    })
+    let mut buf = Vec::with_capacity(ENCODE_CAPACITY);
+    match enc {
+        Encoding::MsgPack => rmp_serde::encode::write_named(&mut buf, value)?,
+        Encoding::Json => serde_json::to_writer(&mut buf, value)?,
+    }
+    Ok(buf)
 }
 
 #[derive(Serialize)]
@@ -184,6 +190,7 @@ struct WireEvent<'a, B> {
     id: EventId,
     agent: &'a AgentId,
     kind: EventKind,
+    #[serde(serialize_with = "time::serialize")]
     ts: &'a DateTime<Utc>,
     v: u16,
     body: &'a B,
@@ -235,6 +242,7 @@ struct WireReply<'a, B> {
     in_reply_to: EventId,
     agent: &'a AgentId,
     kind: ReplyKind,
+    #[serde(serialize_with = "time::serialize")]
     ts: &'a DateTime<Utc>,
     v: u16,
     body: &'a B,
@@ -377,6 +385,7 @@ pub fn decode_reply(bytes: &[u8], enc: Encoding, limit: usize) -> Result<Reply, 
 }
 
 mod decode;
+mod time;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]

@@ -1,6 +1,6 @@
 //! Header names Ferry reads and writes, and helpers that build header maps.
 
-use async_nats::HeaderMap;
+use async_nats::{HeaderMap, HeaderName};
 
 use crate::Encoding;
 
@@ -60,11 +60,15 @@ pub const ROUTE_RULE: &str = "Ferry-Rule";
 /// Headers for a message Ferry publishes: its de-duplication id, its content
 /// type, and the trace context when there is one.
 pub fn for_publish(msg_id: &str, enc: Encoding, traceparent: Option<&str>) -> HeaderMap {
+    // Names made once: a `&str` name is validated and matched on every insert.
+    const MSG_ID_NAME: HeaderName = HeaderName::from_static(MSG_ID);
+    const CONTENT_TYPE_NAME: HeaderName = HeaderName::from_static(CONTENT_TYPE);
+    const TRACEPARENT_NAME: HeaderName = HeaderName::from_static(TRACEPARENT);
     let mut h = HeaderMap::new();
-    h.insert(MSG_ID, msg_id);
-    h.insert(CONTENT_TYPE, enc.content_type());
+    h.insert(MSG_ID_NAME, msg_id);
+    h.insert(CONTENT_TYPE_NAME, enc.content_type());
     if let Some(tp) = traceparent {
-        h.insert(TRACEPARENT, tp);
+        h.insert(TRACEPARENT_NAME, tp);
     }
     h
 }

@@ -36,7 +36,7 @@ impl fmt::Debug for ReplyId {
 
 impl Serialize for ReplyId {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&self.0)
+        s.serialize_str(self.0.hyphenated().encode_lower(&mut Uuid::encode_buffer()))
     }
 }
 

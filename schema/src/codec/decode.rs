@@ -374,9 +374,7 @@ impl<'de, K: Kinds> Doc<'de, K> {
             expected: K::expected(),
         })?;
         let ts_text = required("ts", self.ts)?;
-        let ts = ts_text
-            .parse::<DateTime<Utc>>()
-            .map_err(|e| DecodeError::InvalidField {
+        let ts = super::time::parse(&ts_text).map_err(|e| DecodeError::InvalidField {
                 part: "head",
                 detail: format!("`ts` {ts_text:?} is not an RFC 3339 time: {e}"),
             })?;
