@@ -47,7 +47,7 @@ impl Encoding {
     /// `application/json` (parameters such as `; charset=utf-8` allowed),
     /// MessagePack when the header is absent or `application/msgpack`.
     pub fn from_headers(h: Option<&HeaderMap>) -> Result<Self, DecodeError> {
-        let Some(value) = h.and_then(|h| h.get(headers::CONTENT_TYPE)) else {
+        let Some(value) = h.and_then(|h| h.get(headers::CONTENT_TYPE_NAME)) else {
             return Ok(Self::MsgPack);
         };
         let value = value.as_str();

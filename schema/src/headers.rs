@@ -49,21 +49,25 @@ pub const LAST_SUBJECT_SEQUENCE: &str = "Nats-Last-Sequence";
 /// missing or malformed (the message was not republished by a stream).
 pub fn republished_position(h: Option<&HeaderMap>) -> Option<(u64, u64)> {
     let h = h?;
-    let seq = h.get(STREAM_SEQUENCE)?.as_str().parse().ok()?;
-    let last = h.get(LAST_SUBJECT_SEQUENCE)?.as_str().parse().ok()?;
+    let seq = h.get(STREAM_SEQUENCE_NAME)?.as_str().parse().ok()?;
+    let last = h.get(LAST_SUBJECT_SEQUENCE_NAME)?.as_str().parse().ok()?;
     Some((seq, last))
 }
 
 /// Work hand-offs: the rule that handed the event on.
 pub const ROUTE_RULE: &str = "Ferry-Rule";
 
+// The hot paths use these: async-nats validates a `&str` name, and
+// allocates one it does not know, on every insert and every lookup.
+pub(crate) const CONTENT_TYPE_NAME: HeaderName = HeaderName::from_static(CONTENT_TYPE);
+const MSG_ID_NAME: HeaderName = HeaderName::from_static(MSG_ID);
+const TRACEPARENT_NAME: HeaderName = HeaderName::from_static(TRACEPARENT);
+const STREAM_SEQUENCE_NAME: HeaderName = HeaderName::from_static(STREAM_SEQUENCE);
+const LAST_SUBJECT_SEQUENCE_NAME: HeaderName = HeaderName::from_static(LAST_SUBJECT_SEQUENCE);
+
 /// Headers for a message Ferry publishes: its de-duplication id, its content
 /// type, and the trace context when there is one.
 pub fn for_publish(msg_id: &str, enc: Encoding, traceparent: Option<&str>) -> HeaderMap {
-    // Names made once: a `&str` name is validated and matched on every insert.
-    const MSG_ID_NAME: HeaderName = HeaderName::from_static(MSG_ID);
-    const CONTENT_TYPE_NAME: HeaderName = HeaderName::from_static(CONTENT_TYPE);
-    const TRACEPARENT_NAME: HeaderName = HeaderName::from_static(TRACEPARENT);
     let mut h = HeaderMap::new();
     h.insert(MSG_ID_NAME, msg_id);
     h.insert(CONTENT_TYPE_NAME, enc.content_type());
@@ -75,7 +79,7 @@ pub fn for_publish(msg_id: &str, enc: Encoding, traceparent: Option<&str>) -> He
 
 /// The `traceparent` header of a message, if any.
 pub fn traceparent(h: Option<&HeaderMap>) -> Option<&str> {
-    h.and_then(|h| h.get(TRACEPARENT)).map(|v| v.as_str())
+    h.and_then(|h| h.get(TRACEPARENT_NAME)).map(|v| v.as_str())
 }
 
 /// The trace id (32 hex digits) of a `traceparent` value, if it is well formed.
