@@ -11,12 +11,15 @@
 //! the subscription loop, or in the agent's reply handler), with no queue
 //! in between.
 //!
-//! `--decompose` adds two mixed scenarios to see where (b) loses: (w) (a)'s
-//! publisher and plain subscriber around the real rules worker, and (p) the
-//! agent's publisher with the rules worker and a plain subscriber. (w)
+//! `--decompose` adds three mixed scenarios to see where (b) loses: (r) (a)
+//! with its subscriber on the reply stream's republish (`live.replies.<agent>`,
+//! where the agent reads) instead of the reply subject; (w) (a)'s publisher
+//! and plain subscriber around the real rules worker; and (p) the agent's
+//! publisher with the rules worker and a plain subscriber. (r) against (a) is
+//! the cost of receiving from the stream rather than from the publisher; (w)
 //! against (a) is the worker's cost; (p) against (w) the agent publisher's;
-//! (b) against (p) the agent's reply receiver's (live replies, and the
-//! last pass that acks their copies in its consumer, reported apart).
+//! (b) against (p) the agent's reply receiver's (live replies, and the last
+//! pass that acks their copies in its consumer, reported apart).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -63,10 +66,12 @@ pub struct RulesBench {
     /// Runs of each scenario; the table shows medians.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
-    /// Also run two mixed scenarios at full and half rate, to see where (b)
-    /// loses against (a): (w) the raw publisher and a plain subscriber
-    /// around the real rules worker; (p) the agent's publisher and the
-    /// rules worker, replies read by a plain subscriber (not the agent's reply receiver).
+    /// Also run three mixed scenarios at full and half rate, to see where
+    /// (b) loses against (a): (r) (a) with its subscriber on the reply
+    /// stream's republish, where the agent reads; (w) the raw publisher and
+    /// a plain subscriber around the real rules worker; (p) the agent's
+    /// publisher and the rules worker, replies read by a plain subscriber
+    /// (not the agent's reply receiver).
     #[arg(long)]
     decompose: bool,
 }
@@ -99,6 +104,8 @@ struct Measured {
 enum Path {
     /// (a): raw publisher, raw republisher, plain subscriber.
     Raw,
+    /// (r): (a) with the plain subscriber on the reply stream's republish.
+    RawLive,
     /// (b): the agent (publisher and reply receiver), the rules worker.
     Ferry,
     /// (w): raw publisher, the rules worker, plain subscriber.
@@ -111,6 +118,7 @@ impl Path {
     fn label(self) -> &'static str {
         match self {
             Self::Raw => "(a) raw JetStream round trip",
+            Self::RawLive => "(r) raw round trip, replies read from the stream's republish",
             Self::Ferry => "(b) agent + rules worker",
             Self::WorkerOnly => "(w) raw publisher + rules worker + plain subscriber",
             Self::AgentPublish => "(p) agent publisher + rules worker + plain subscriber",
@@ -140,7 +148,7 @@ async fn rules_bench(args: RulesBench) -> anyhow::Result<()> {
     );
     let mut paths = vec![Path::Raw, Path::Ferry];
     if args.decompose {
-        paths.extend([Path::WorkerOnly, Path::AgentPublish]);
+        paths.extend([Path::RawLive, Path::WorkerOnly, Path::AgentPublish]);
     }
     // The scenarios alternate, so drift on a shared machine hits all alike.
     let mut full: Vec<Vec<Measured>> = vec![Vec::new(); paths.len()];
@@ -390,7 +398,7 @@ async fn scenario(path: Path, rate: Option<f64>, args: &RulesBench) -> anyhow::R
     let input = paced(events(n, &agent_id), rate, sent);
     let agent_publishes = matches!(path, Path::Ferry | Path::AgentPublish);
     let agent_receives = path == Path::Ferry;
-    let worker_answers = path != Path::Raw;
+    let worker_answers = !matches!(path, Path::Raw | Path::RawLive);
 
     // The middle: (a)'s republisher or the real rules worker.
     let middle: tokio::task::JoinHandle<anyhow::Result<()>> = if worker_answers {
@@ -456,7 +464,12 @@ async fn scenario(path: Path, rate: Option<f64>, args: &RulesBench) -> anyhow::R
                 Some(c) => c.clone(),
                 None => nats.operator("bench plain subscriber").connect().await?,
             };
-            let mut replies = conn.subscribe(subject::reply(&agent_id)).await?;
+            let replies_subject = if path == Path::RawLive {
+                subject::live_reply(&agent_id)
+            } else {
+                subject::reply(&agent_id)
+            };
+            let mut replies = conn.subscribe(replies_subject).await?;
             conn.flush().await?;
             let (stop, rec) = (stop.clone(), rec.clone());
             tokio::spawn(async move {
