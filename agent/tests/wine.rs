@@ -46,9 +46,11 @@ fn names(sample: &Value, exe_name: &str) -> bool {
 }
 
 /// Probes until the window in front belongs to `exe_name`; that sample.
+/// The deadline is generous: with the suite's other tests building and
+/// running beside it, Wine once took over 30 s to bring a new window up.
 fn wait_for_front(wine: &Wine, exe: &Path, exe_name: &str) -> Value {
     let mut last = Vec::new();
-    wine.wait_for(&format!("a window of {exe_name} in front"), Duration::from_secs(30), || {
+    wine.wait_for(&format!("a window of {exe_name} in front"), Duration::from_secs(90), || {
         last = agent(wine, exe, &["probe"]);
         last.first().filter(|s| names(s, exe_name)).cloned()
     })
