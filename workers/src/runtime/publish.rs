@@ -82,7 +82,29 @@ pub async fn reply(
     publisher.publish(subject::reply(&env.agent), h, payload.into()).await
 }
 
-/// Milliseconds since `started`, as replies record them.
+/// Milliseconds since `started`, as replies record them: whole
+/// microseconds, so a reply shows `0.02` or `7543.843`, not
+/// `0.019976999999999998`.
 pub fn elapsed_ms(started: Instant) -> f64 {
-    started.elapsed().as_secs_f64() * 1e3
+    micros_as_ms(started.elapsed())
+}
+
+fn micros_as_ms(d: Duration) -> f64 {
+    // Exact below 2^53 µs (285 years); the division gives the shortest
+    // decimal that reads back as the same f64.
+    d.as_micros() as f64 / 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn processing_time_is_whole_microseconds() {
+        let ms = micros_as_ms(Duration::from_nanos(19_976_999));
+        assert_eq!(ms, 19.976);
+        assert_eq!(ms.to_string(), "19.976");
+        assert_eq!(micros_as_ms(Duration::from_nanos(7_543_843_263_000)).to_string(), "7543843.263");
+        assert_eq!(micros_as_ms(Duration::from_nanos(999)), 0.0);
+    }
 }
