@@ -143,9 +143,15 @@ struct RulesArgs {
     #[arg(long, env = "FERRY_RULES", default_value = "rules.toml")]
     rules: PathBuf,
     /// Groups file completing the rules file's [groups] (`ferry agent add
-    /// --group` writes it: <data dir>/groups.toml); read at start.
+    /// --group` writes it: <data dir>/groups.toml); read again with the rules.
     #[arg(long, env = "FERRY_GROUPS")]
     groups: Option<PathBuf>,
+    /// How often the rules and groups files are read again. A change that
+    /// validates replaces the rules in use between two events; one that does
+    /// not is logged (file, rule, field) and the rules in use stay. 0s: read
+    /// once, at start.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    reload_every: std::time::Duration,
     /// Events handled at once by this replica (also the pull batch size).
     #[arg(long, default_value_t = 256)]
     concurrency: usize,
@@ -242,6 +248,7 @@ async fn main() -> anyhow::Result<()> {
             cfg.consume.max_in_flight = args.concurrency;
             cfg.db = args.db.config();
             cfg.groups_path = args.groups.clone();
+            cfg.reload_every = Some(args.reload_every).filter(|d| !d.is_zero());
             // Validate the rules before touching the network.
             let set = rules::config::load_with_groups(&cfg.rules_path, cfg.groups_path.as_deref())?;
             let nats = nats_config(&cli.nats, "ferry-worker rules")?;

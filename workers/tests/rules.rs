@@ -337,3 +337,78 @@ template = "hi {sender}"
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// Editing the rules file changes the replies of a running worker; an edit
+/// that does not validate is refused and the rules in use stay; the next
+/// valid edit is taken again.
+#[tokio::test]
+async fn rules_are_reloaded_when_the_file_changes_and_validates() {
+    use ferry_workers::rules::{self, RulesConfig};
+    let s = stack(RULES, Duration::from_secs(30)).await;
+    let agent = AgentId::new("desk-1").unwrap();
+    let mut replies = s.op.subscribe(subject::reply(&agent)).await.unwrap();
+    s.op.flush().await.unwrap();
+    let client = s.nats.workers("test-rules").connect().await.unwrap();
+    let mut cfg = RulesConfig::new(s.rules_file.path());
+    cfg.reload_every = Some(Duration::from_millis(100));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn({
+        let stop = stop.clone();
+        async move { rules::run(client, &cfg, stop).await }
+    });
+
+    // Sends a chat and returns the content of its reply.
+    async fn answer(js: &async_nats::jetstream::Context, replies: &mut async_nats::Subscriber) -> String {
+        let event = chat("desk-1", "hi");
+        publish(js, &event, Encoding::MsgPack, true).await;
+        loop {
+            let msg = tokio::time::timeout(WAIT, replies.next()).await.unwrap().unwrap();
+            let reply = decode_reply(&msg.payload, Encoding::MsgPack, DEFAULT_MAX_PAYLOAD).unwrap();
+            if reply.in_reply_to == event.id {
+                let ReplyBody::Chat(body) = reply.body else { panic!("not a chat reply") };
+                return body.content.unwrap_or_default();
+            }
+        }
+    }
+    // Writes the rules file the way editors do: a new file renamed over it.
+    let path = s.rules_file.path().to_path_buf();
+    let write = |text: &str| {
+        let tmp = path.with_extension("new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    };
+    let rules_with = |template: &str| format!("[[rule]]\nname = \"echo\"\naction = \"reply\"\ntemplate = \"{template}\"\n");
+
+    assert!(answer(&s.js, &mut replies).await.starts_with("echo: hi"));
+
+    write(&rules_with("v2: {text}"));
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let content = answer(&s.js, &mut replies).await;
+        if content.starts_with("v2: hi") {
+            break;
+        }
+        assert!(content.starts_with("echo: hi"), "{content}");
+        assert!(std::time::Instant::now() < deadline, "the new rules were never used");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A reply rule without a template does not validate.
+    write("[[rule]]\nname = \"broken\"\naction = \"reply\"\n");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(answer(&s.js, &mut replies).await.starts_with("v2: hi"), "an invalid file replaced the rules");
+
+    write(&rules_with("v3: {text}"));
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let content = answer(&s.js, &mut replies).await;
+        if content.starts_with("v3: hi") {
+            break;
+        }
+        assert!(content.starts_with("v2: hi"), "{content}");
+        assert!(std::time::Instant::now() < deadline, "the fixed rules were never used");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+}

@@ -10,6 +10,7 @@ use ferry_schema::subject::WorkQueue;
 use ferry_schema::{headers, Envelope, EventBody, ReplyBody};
 
 use super::engine::{Decision, RuleSet};
+use super::reload::LiveRules;
 use crate::runtime::publish::{self, Publisher};
 use crate::runtime::{Handler, Outcome};
 
@@ -20,7 +21,7 @@ pub const RESPONDER: &str = "rules";
 #[derive(Debug)]
 pub struct RulesHandler {
     publisher: Publisher,
-    rules: Arc<RuleSet>,
+    rules: Arc<LiveRules>,
     max_payload: usize,
     customers: Option<deadpool_postgres::Pool>,
 }
@@ -36,7 +37,7 @@ impl RulesHandler {
     pub fn new(publisher: impl Into<Publisher>, rules: Arc<RuleSet>, max_payload: usize) -> Self {
         Self {
             publisher: publisher.into(),
-            rules,
+            rules: Arc::new(LiveRules::new(rules)),
             max_payload,
             customers: None,
         }
@@ -48,10 +49,15 @@ impl RulesHandler {
         self
     }
 
+    /// The rule set in use, for a [`Reloader`](super::reload::Reloader) to replace.
+    pub fn live_rules(&self) -> Arc<LiveRules> {
+        self.rules.clone()
+    }
+
     /// The tags of the chat's customer, creating the customer on its first
     /// chat; empty when no rule needs them.
-    async fn customer_tags(&self, env: &Envelope) -> Result<Vec<String>, String> {
-        let (EventBody::Chat(c), Some(pool), true) = (&env.body, &self.customers, self.rules.needs_customers()) else {
+    async fn customer_tags(&self, env: &Envelope, rules: &RuleSet) -> Result<Vec<String>, String> {
+        let (EventBody::Chat(c), Some(pool), true) = (&env.body, &self.customers, rules.needs_customers()) else {
             return Ok(Vec::new());
         };
         let client = pool.get().await.map_err(|e| e.to_string())?;
@@ -107,11 +113,13 @@ impl Handler for RulesHandler {
             }
         };
         let tp = headers::traceparent(msg.headers.as_ref());
-        let tags = match self.customer_tags(&env).await {
+        // One set decides the whole event, even if a reload lands meanwhile.
+        let rules = self.rules.current();
+        let tags = match self.customer_tags(&env, &rules).await {
             Ok(t) => t,
             Err(e) => return Outcome::retry(CUSTOMER_RETRY, format!("customer lookup failed: {e}")),
         };
-        let decision = self.rules.decide(&env, &tags);
+        let decision = rules.decide(&env, &tags);
         tracing::debug!(event = %env.id, agent = %env.agent, kind = %env.kind(), ?decision, "decided");
         let chat = match &env.body {
             EventBody::Chat(c) => c.chat.as_str(),

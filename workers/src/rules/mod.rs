@@ -3,14 +3,17 @@
 //! - [`config`]: the TOML rules file and its validation.
 //! - [`engine`]: matching and templates (pure).
 //! - [`handler`]: one event in, one reply (or hand-off) out.
+//! - [`reload`]: the rule set in use, replaced when its files change and validate.
 //! - [`run`]: wires them to the shared consume loop and micro service.
 
 pub mod config;
 pub mod engine;
 pub mod handler;
+pub mod reload;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferry_schema::codec::DEFAULT_MAX_PAYLOAD;
 use ferry_schema::topology::{self, Role};
@@ -31,7 +34,13 @@ pub struct RulesConfig {
     pub db: Option<crate::state::DbConfig>,
     /// A groups file completing the rules file's `[groups]` (`--groups`).
     pub groups_path: Option<PathBuf>,
+    /// How often the rules and groups files are read again; a change that
+    /// validates replaces the rules in use ([`reload`]). `None`: read once.
+    pub reload_every: Option<Duration>,
 }
+
+/// The default of [`RulesConfig::reload_every`].
+pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
 
 impl RulesConfig {
     /// Defaults for a rules file.
@@ -42,6 +51,7 @@ impl RulesConfig {
             max_payload: DEFAULT_MAX_PAYLOAD,
             db: None,
             groups_path: None,
+            reload_every: Some(RELOAD_EVERY),
         }
     }
 }
@@ -91,11 +101,16 @@ pub async fn run(
     )
     .await
     .map_err(RunError::Service)?;
+    let has_database = customers.is_some();
     let mut handler = handler::RulesHandler::new(js.clone(), rules.clone(), cfg.max_payload);
     if let Some(pool) = customers {
         handler = handler.with_customers(pool);
     }
     let handler = Arc::new(handler);
+    let reloader = cfg.reload_every.filter(|d| !d.is_zero()).map(|every| {
+        let r = reload::Reloader::new(&cfg.rules_path, cfg.groups_path.as_deref(), has_database, handler.live_rules());
+        tokio::spawn(r.watch(every, shutdown.clone()))
+    });
     let result = runtime::consume(
         &js,
         &topology::rules_consumer(),
@@ -105,6 +120,9 @@ pub async fn run(
         shutdown,
     )
     .await;
+    if let Some(r) = reloader {
+        r.abort();
+    }
     runtime::finish(svc, &client).await;
     result?;
     Ok(stats)
