@@ -381,17 +381,27 @@ async fn rules_are_reloaded_when_the_file_changes_and_validates() {
 
     assert!(answer(&s.js, &mut replies).await.starts_with("echo: hi"));
 
-    write(&rules_with("v2: {text}"));
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let content = answer(&s.js, &mut replies).await;
-        if content.starts_with("v2: hi") {
-            break;
+    // Asks until the replies follow `new`; until then they must follow `old`.
+    async fn until_replies_follow(
+        js: &async_nats::jetstream::Context,
+        replies: &mut async_nats::Subscriber,
+        old: &str,
+        new: &str,
+    ) {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let content = answer(js, replies).await;
+            if content.starts_with(new) {
+                return;
+            }
+            assert!(content.starts_with(old), "{content}");
+            assert!(std::time::Instant::now() < deadline, "the rules giving {new:?} were never used");
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(content.starts_with("echo: hi"), "{content}");
-        assert!(std::time::Instant::now() < deadline, "the new rules were never used");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    write(&rules_with("v2: {text}"));
+    until_replies_follow(&s.js, &mut replies, "echo: hi", "v2: hi").await;
 
     // A reply rule without a template does not validate.
     write("[[rule]]\nname = \"broken\"\naction = \"reply\"\n");
@@ -399,16 +409,7 @@ async fn rules_are_reloaded_when_the_file_changes_and_validates() {
     assert!(answer(&s.js, &mut replies).await.starts_with("v2: hi"), "an invalid file replaced the rules");
 
     write(&rules_with("v3: {text}"));
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let content = answer(&s.js, &mut replies).await;
-        if content.starts_with("v3: hi") {
-            break;
-        }
-        assert!(content.starts_with("v2: hi"), "{content}");
-        assert!(std::time::Instant::now() < deadline, "the fixed rules were never used");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_replies_follow(&s.js, &mut replies, "v2: hi", "v3: hi").await;
     stop.cancel();
     worker.await.unwrap().unwrap();
 }
