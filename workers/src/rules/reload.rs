@@ -119,7 +119,8 @@ impl Reloader {
         }
     }
 
-    /// Checks every `every` until `shutdown`, logging what changed.
+    /// Checks every `every` until `shutdown`, logging what changed. The
+    /// reading, parsing and regex compiling run on the blocking pool.
     pub async fn watch(mut self, every: Duration, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -129,7 +130,20 @@ impl Reloader {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            match self.check() {
+            let checked = tokio::task::spawn_blocking(move || {
+                let outcome = self.check();
+                (self, outcome)
+            })
+            .await;
+            let outcome;
+            (self, outcome) = match checked {
+                Ok(done) => done,
+                Err(error) => {
+                    tracing::error!(%error, "the rules reload check failed; rules are no longer reloaded");
+                    return;
+                }
+            };
+            match outcome {
                 Reloaded::Unchanged => {}
                 Reloaded::Replaced(rules) => {
                     tracing::info!(rules, path = %self.rules_path.display(), "rules reloaded");
