@@ -248,7 +248,7 @@ async fn main() -> anyhow::Result<()> {
             cfg.consume.max_in_flight = args.concurrency;
             cfg.db = args.db.config();
             cfg.groups_path = args.groups.clone();
-            cfg.reload_every = Some(args.reload_every).filter(|d| !d.is_zero());
+            cfg.reload_every = Some(args.reload_every); // 0s turns it off (rules::run)
             // Validate the rules before touching the network.
             let set = rules::config::load_with_groups(&cfg.rules_path, cfg.groups_path.as_deref())?;
             let nats = nats_config(&cli.nats, "ferry-worker rules")?;

@@ -35,7 +35,7 @@ pub struct RulesConfig {
     /// A groups file completing the rules file's `[groups]` (`--groups`).
     pub groups_path: Option<PathBuf>,
     /// How often the rules and groups files are read again; a change that
-    /// validates replaces the rules in use ([`reload`]). `None`: read once.
+    /// validates replaces the rules in use ([`reload`]). `None` or zero: read once.
     pub reload_every: Option<Duration>,
 }
 
@@ -83,6 +83,8 @@ pub async fn run(
     cfg: &RulesConfig,
     shutdown: CancellationToken,
 ) -> Result<Arc<Stats>, RunError> {
+    let reload_every = cfg.reload_every.filter(|d| !d.is_zero());
+    let seen = reload_every.map(|_| reload::Seen::read(&cfg.rules_path, cfg.groups_path.as_deref()));
     let rules = Arc::new(config::load_with_groups(&cfg.rules_path, cfg.groups_path.as_deref())?);
     let customers = match (&cfg.db, rules.needs_customers()) {
         (Some(db), true) => Some(crate::state::connect_checked(db).await?),
@@ -107,8 +109,9 @@ pub async fn run(
         handler = handler.with_customers(pool);
     }
     let handler = Arc::new(handler);
-    let reloader = cfg.reload_every.filter(|d| !d.is_zero()).map(|every| {
-        let r = reload::Reloader::new(&cfg.rules_path, cfg.groups_path.as_deref(), has_database, handler.live_rules());
+    let reloader = reload_every.zip(seen).map(|(every, seen)| {
+        let (rules_path, groups_path) = (&cfg.rules_path, cfg.groups_path.as_deref());
+        let r = reload::Reloader::new(rules_path, groups_path, has_database, handler.live_rules(), seen);
         tokio::spawn(r.watch(every, shutdown.clone()))
     });
     let result = runtime::consume(

@@ -67,39 +67,40 @@ pub struct Reloader {
     /// Rules with `customer_tags` need the handler's PostgreSQL pool;
     /// without one, a set that uses them is rejected.
     has_database: bool,
-    last: Contents,
+    last: Seen,
     live: Arc<LiveRules>,
 }
 
 /// The bytes of the rules and groups files (`None`: could not be read).
-type Contents = (Option<Vec<u8>>, Option<Vec<u8>>);
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen(Option<Vec<u8>>, Option<Vec<u8>>);
 
-fn read(path: &Path) -> Option<Vec<u8>> {
-    std::fs::read(path).ok()
+impl Seen {
+    /// Reads both files now. Read this before loading the set `live` starts
+    /// with, so an edit made while the worker starts is not missed.
+    pub fn read(rules_path: &Path, groups_path: Option<&Path>) -> Self {
+        let read = |p: &Path| std::fs::read(p).ok();
+        Self(read(rules_path), groups_path.and_then(read))
+    }
 }
 
 impl Reloader {
-    /// A reloader for `live`, whose set was loaded from these files just now.
-    pub fn new(rules_path: &Path, groups_path: Option<&Path>, has_database: bool, live: Arc<LiveRules>) -> Self {
-        let mut r = Self {
+    /// A reloader for `live`, whose set was loaded from these files after
+    /// they read as `seen`.
+    pub fn new(rules_path: &Path, groups_path: Option<&Path>, has_database: bool, live: Arc<LiveRules>, seen: Seen) -> Self {
+        Self {
             rules_path: rules_path.to_path_buf(),
             groups_path: groups_path.map(Path::to_path_buf),
             has_database,
-            last: (None, None),
+            last: seen,
             live,
-        };
-        r.last = r.contents();
-        r
-    }
-
-    fn contents(&self) -> Contents {
-        (read(&self.rules_path), self.groups_path.as_deref().and_then(read))
+        }
     }
 
     /// Looks at the files once; replaces the set in use when they changed
     /// and validate.
     pub fn check(&mut self) -> Reloaded {
-        let now = self.contents();
+        let now = Seen::read(&self.rules_path, self.groups_path.as_deref());
         if now == self.last {
             return Reloaded::Unchanged;
         }
@@ -183,8 +184,9 @@ mod tests {
     #[test]
     fn a_valid_change_replaces_the_set_and_an_invalid_one_keeps_it() {
         let (_dir, path, _) = setup(ONE, None);
+        let seen = Seen::read(&path, None);
         let live = live_from(&path, None);
-        let mut r = Reloader::new(&path, None, false, live.clone());
+        let mut r = Reloader::new(&path, None, false, live.clone(), seen);
         assert_eq!(r.check(), Reloaded::Unchanged);
         assert_eq!(live.current().len(), 1);
 
@@ -212,8 +214,9 @@ mod tests {
         let rules = "[[rule]]\nname = \"vip\"\ngroups = [\"support\"]\naction = \"ignore\"\n";
         let (_dir, path, groups) = setup(rules, Some("[groups]\nsupport = [\"desk-1\"]\n"));
         let groups = groups.unwrap();
+        let seen = Seen::read(&path, Some(&groups));
         let live = live_from(&path, Some(&groups));
-        let mut r = Reloader::new(&path, Some(&groups), false, live.clone());
+        let mut r = Reloader::new(&path, Some(&groups), false, live.clone(), seen);
         std::fs::write(&groups, "[groups]\nsupport = [\"desk-1\", \"desk-2\"]\n").unwrap();
         assert_eq!(r.check(), Reloaded::Replaced(1));
 
