@@ -13,6 +13,11 @@ use crate::{free_port, install, NATS_CONF};
 /// How long to wait for a started server to accept connections.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// When set, every nats-server this crate starts serves Go's pprof on the
+/// port it names (`nats-server --profile`), for profiling the broker under a
+/// benchmark; see BENCHMARKS.md.
+pub const PROFILE_PORT_VAR: &str = "FERRY_NATS_PROFILE_PORT";
+
 /// Why a part of the stack could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
@@ -215,6 +220,11 @@ impl NatsServer {
             .arg(&self.conf)
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-m", &self.monitor_port.to_string()]);
+        // For profiling the broker (BENCHMARKS.md): Go's pprof endpoints on
+        // this port. One server at a time: a second one cannot bind it.
+        if let Some(port) = std::env::var_os(PROFILE_PORT_VAR) {
+            cmd.arg("--profile").arg(port);
+        }
         // A store dir given with -sd makes every later reload fail (see
         // `with_store_dir`); pass it only when the config does not set one.
         let conf_text = std::fs::read_to_string(&self.conf)

@@ -11,7 +11,7 @@ use ferry_schema::{headers, Envelope, EventBody, ReplyBody};
 
 use super::engine::{Decision, RuleSet};
 use super::reload::LiveRules;
-use crate::runtime::publish::{self, Publisher};
+use crate::runtime::publish::{self, Outgoing, Publisher};
 use crate::runtime::{Handler, Outcome};
 
 /// Name of this responder; part of every reply id it makes.
@@ -60,15 +60,16 @@ impl RulesHandler {
         let (EventBody::Chat(c), Some(pool), true) = (&env.body, &self.customers, rules.needs_customers()) else {
             return Ok(Vec::new());
         };
-        let client = pool.get().await.map_err(|e| e.to_string())?;
-        crate::state::customers::identify(&**client, env.agent.as_str(), &c.sender, env.ts)
-            .await
-            .map(|k| k.tags)
-            .map_err(|e| e.to_string())
-    }
-
-    async fn reply(&self, env: &Envelope, enc: Encoding, tp: Option<&str>, body: ReplyBody) -> Outcome {
-        publish::reply(&self.publisher, RESPONDER, env, enc, tp, body).await
+        // Boxed: a PostgreSQL round trip's future is large, and every event
+        // would otherwise carry (and move) room for it.
+        Box::pin(async move {
+            let client = pool.get().await.map_err(|e| e.to_string())?;
+            crate::state::customers::identify(&**client, env.agent.as_str(), &c.sender, env.ts)
+                .await
+                .map(|k| k.tags)
+                .map_err(|e| e.to_string())
+        })
+        .await
     }
 }
 
@@ -119,51 +120,60 @@ impl Handler for RulesHandler {
             Ok(t) => t,
             Err(e) => return Outcome::retry(CUSTOMER_RETRY, format!("customer lookup failed: {e}")),
         };
-        let decision = rules.decide(&env, &tags);
-        tracing::debug!(event = %env.id, agent = %env.agent, kind = %env.kind(), ?decision, "decided");
-        let chat = match &env.body {
-            EventBody::Chat(c) => c.chat.as_str(),
-            _ => "",
-        };
-        match decision {
-            Decision::Nothing => Outcome::Done,
-            Decision::Reply {
-                rule,
-                text,
-                confidence,
-            } => {
-                let body = chat_reply(chat, ChatAction::Reply, Some(text), confidence, rule, started);
-                self.reply(&env, enc, tp, body).await
-            }
-            Decision::Escalate {
-                rule,
-                reason,
-                confidence,
-            } => {
-                let body = chat_reply(chat, ChatAction::Escalate, reason, confidence, rule, started);
-                self.reply(&env, enc, tp, body).await
-            }
-            Decision::Ignore { rule } => {
-                let body = chat_reply(chat, ChatAction::Ignore, None, 1.0, rule, started);
-                self.reply(&env, enc, tp, body).await
-            }
-            Decision::Alert { rule, message } => {
-                let body = ReplyBody::Alert(AlertReply {
-                    rule,
-                    message,
-                    processing_ms: publish::elapsed_ms(started),
-                });
-                self.reply(&env, enc, tp, body).await
-            }
-            Decision::Infer { rule } => {
-                // The original bytes go on unchanged, so the inference worker
-                // decodes exactly what the agent sent, in its encoding.
-                let mut h = headers::for_publish(&env.id.to_string(), enc, tp);
-                h.insert(headers::ROUTE_RULE, rule.as_str());
-                self.publisher
-                    .publish(WorkQueue::InferenceChat.subject(), h, msg.payload.clone())
-                    .await
-            }
+        // Everything up to the publish is synchronous, so the event and the
+        // rules are dropped before the one await that takes time.
+        match outgoing(&env, enc, tp, rules.decide(&env, &tags), &msg.payload, started) {
+            Ok(Some(out)) => out.publish(&self.publisher).await,
+            Ok(None) => Outcome::Done,
+            Err(poison) => poison,
         }
     }
+}
+
+/// What `decision` sends for `env` (whose original bytes are `payload`):
+/// a reply, a hand-off to inference, or nothing.
+fn outgoing(
+    env: &Envelope,
+    enc: Encoding,
+    tp: Option<&str>,
+    decision: Decision,
+    payload: &bytes::Bytes,
+    started: Instant,
+) -> Result<Option<Outgoing>, Outcome> {
+    tracing::debug!(event = %env.id, agent = %env.agent, kind = %env.kind(), ?decision, "decided");
+    let chat = match &env.body {
+        EventBody::Chat(c) => c.chat.as_str(),
+        _ => "",
+    };
+    let body = match decision {
+        Decision::Nothing => return Ok(None),
+        Decision::Reply {
+            rule,
+            text,
+            confidence,
+        } => chat_reply(chat, ChatAction::Reply, Some(text), confidence, rule, started),
+        Decision::Escalate {
+            rule,
+            reason,
+            confidence,
+        } => chat_reply(chat, ChatAction::Escalate, reason, confidence, rule, started),
+        Decision::Ignore { rule } => chat_reply(chat, ChatAction::Ignore, None, 1.0, rule, started),
+        Decision::Alert { rule, message } => ReplyBody::Alert(AlertReply {
+            rule,
+            message,
+            processing_ms: publish::elapsed_ms(started),
+        }),
+        Decision::Infer { rule } => {
+            // The original bytes go on unchanged, so the inference worker
+            // decodes exactly what the agent sent, in its encoding.
+            let mut headers = headers::for_publish(&env.id.to_string(), enc, tp);
+            headers.insert(headers::ROUTE_RULE, rule.as_str());
+            return Ok(Some(Outgoing {
+                subject: WorkQueue::InferenceChat.subject(),
+                headers,
+                payload: payload.clone(),
+            }));
+        }
+    };
+    Outgoing::reply(RESPONDER, env, enc, tp, body).map(Some)
 }

@@ -193,10 +193,12 @@ pub async fn consume<H: Handler>(
                     failures = 0;
                     let handler = handler.clone();
                     let ctx = ctx.clone();
-                    tracker.spawn(async move {
+                    // Boxed: a handler's future is kilobytes, and spawning
+                    // moves a future several times; a box is moved as a pointer.
+                    tracker.spawn(Box::pin(async move {
                         ctx.handle_one(&*handler, msg).await;
                         drop(permit);
-                    });
+                    }));
                 }
                 Some(Err(error)) => {
                     use jetstream::consumer::pull::MessagesErrorKind as K;

@@ -39,6 +39,13 @@ impl Publisher {
     /// stored, a retry otherwise (the message is redelivered and published
     /// again with the same `Nats-Msg-Id`, which the stream de-duplicates).
     pub async fn publish(&self, subject: async_nats::Subject, headers: async_nats::HeaderMap, payload: Bytes) -> Outcome {
+        // Boxed: async-nats's publish futures are most of a kilobyte, and
+        // every async caller up the chain would otherwise hold (and move) a
+        // copy of them.
+        Box::pin(self.publish_unboxed(subject, headers, payload)).await
+    }
+
+    async fn publish_unboxed(&self, subject: async_nats::Subject, headers: async_nats::HeaderMap, payload: Bytes) -> Outcome {
         match self {
             Self::JetStream(js) => match js.publish_with_headers(subject, headers, payload).await {
                 Ok(ack) => match ack.await {
@@ -58,6 +65,46 @@ impl Publisher {
     }
 }
 
+/// A message ready to publish: subject, headers, payload.
+#[derive(Debug)]
+pub struct Outgoing {
+    /// Where it goes.
+    pub subject: async_nats::Subject,
+    /// Its headers (`Nats-Msg-Id`, `Content-Type`, trace context).
+    pub headers: async_nats::HeaderMap,
+    /// The encoded body.
+    pub payload: Bytes,
+}
+
+impl Outgoing {
+    /// `responder`'s reply to `env`, for the agent's reply subject, in the
+    /// event's encoding, carrying its trace context; a poison outcome when
+    /// the reply cannot be encoded.
+    pub fn reply(
+        responder: &str,
+        env: &Envelope,
+        enc: Encoding,
+        traceparent: Option<&str>,
+        body: ReplyBody,
+    ) -> Result<Self, Outcome> {
+        let reply = Reply::new(responder, env.id, env.agent.clone(), body);
+        let payload = codec::encode_reply(&reply, enc).map_err(|e| Outcome::Poison {
+            code: "encode",
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            subject: subject::reply(&env.agent),
+            headers: headers::for_publish(&reply.id.to_string(), enc, traceparent),
+            payload: payload.into(),
+        })
+    }
+
+    /// Publishes it through `publisher`.
+    pub async fn publish(self, publisher: &Publisher) -> Outcome {
+        publisher.publish(self.subject, self.headers, self.payload).await
+    }
+}
+
 /// Publishes `responder`'s reply to `env` on the agent's reply subject, in
 /// the event's encoding, carrying its trace context.
 pub async fn reply(
@@ -68,18 +115,10 @@ pub async fn reply(
     traceparent: Option<&str>,
     body: ReplyBody,
 ) -> Outcome {
-    let reply = Reply::new(responder, env.id, env.agent.clone(), body);
-    let payload = match codec::encode_reply(&reply, enc) {
-        Ok(p) => p,
-        Err(e) => {
-            return Outcome::Poison {
-                code: "encode",
-                reason: e.to_string(),
-            }
-        }
-    };
-    let h = headers::for_publish(&reply.id.to_string(), enc, traceparent);
-    publisher.publish(subject::reply(&env.agent), h, payload.into()).await
+    match Outgoing::reply(responder, env, enc, traceparent, body) {
+        Ok(out) => out.publish(publisher).await,
+        Err(poison) => poison,
+    }
 }
 
 /// Milliseconds since `started`, as replies record them: whole
