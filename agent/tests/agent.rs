@@ -688,7 +688,7 @@ async fn scripted_adapter_gets_its_replies_through_the_agent_once() {
 }
 
 fn adapters_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("adapters")
+    ferry_stack::cargo::workspace_root().unwrap().join("agent/adapters")
 }
 
 async fn scripted_adapter(port: u16, script: &std::path::Path) -> std::process::Output {

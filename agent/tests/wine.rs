@@ -249,7 +249,7 @@ async fn the_exe_collects_activity_and_serves_a_chat_adapter_under_wine() {
     )
     .unwrap();
     let out = tokio::process::Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("adapters/scripted_adapter.py"))
+        .arg(ferry_stack::cargo::workspace_root().unwrap().join("agent/adapters/scripted_adapter.py"))
         .args(["--port", &adapter_port.to_string(), "--timeout", "60", "--script"])
         .arg(&script)
         .output()

@@ -253,7 +253,7 @@ async fn knowledge_base_from_postgres_answers_when_the_models_cannot() {
     let s = stack(TO_INFERENCE, Duration::from_secs(30)).await;
     let pg = common::migrated_pg().await;
     let c = ferry_workers::state::connect_one(&pg.url()).await.unwrap();
-    let kb_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/demo/kb");
+    let kb_dir = ferry_stack::cargo::workspace_root().unwrap().join("ops/demo/kb");
     for a in ferry_workers::state::kb::load_path(&kb_dir).unwrap() {
         ferry_workers::state::kb::upsert(&c, &a).await.unwrap();
     }

@@ -15,9 +15,9 @@ use ferry_schema::{subject, AgentId, EventKind};
 use ferry_stack::secrets::OPERATOR_USER;
 use ferry_stack::{cargo, free_port, install, Secrets};
 
-/// The repository root.
+/// The repository root of the checkout under test.
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    cargo::workspace_root().unwrap().canonicalize().unwrap()
 }
 
 fn read(path: &Path) -> String {

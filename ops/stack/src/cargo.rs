@@ -3,6 +3,28 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// The root of the checkout this process was started from: the nearest
+/// directory holding a `Cargo.toml` with a `[workspace]` table, searched
+/// upwards from `CARGO_MANIFEST_DIR` as cargo sets it when it runs a test or
+/// a binary (else from the current directory); `None` outside a checkout.
+///
+/// Not `env!("CARGO_MANIFEST_DIR")`: that is where the code was compiled,
+/// and a target dir shared by two checkouts (the README keeps it in
+/// `~/.cache`) holds test binaries that cargo considers fresh whichever
+/// checkout built them, so a compiled-in path can name the other checkout,
+/// or one that no longer exists.
+pub fn workspace_root() -> Option<PathBuf> {
+    let start = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::current_dir().ok())?;
+    start.ancestors().find(|dir| is_workspace_root(dir)).map(Path::to_path_buf)
+}
+
+fn is_workspace_root(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("Cargo.toml"))
+        .is_ok_and(|toml| toml.lines().any(|l| l.trim() == "[workspace]"))
+}
+
 /// A `cargo` command (`$CARGO`, else `cargo` on `PATH`) with the
 /// environment cargo set for the calling test removed:
 ///
@@ -66,6 +88,16 @@ pub fn target_dir_of(bin_exe: &Path) -> Option<&Path> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_workspace_root_is_found_from_where_the_test_runs() {
+        // cargo runs this test with CARGO_MANIFEST_DIR = ops/stack of the
+        // checkout being tested, wherever the binary was compiled.
+        let root = workspace_root().unwrap();
+        assert!(root.join("ops/stack/Cargo.toml").is_file(), "{}", root.display());
+        assert!(root.join("nats.conf").is_file(), "{}", root.display());
+        assert!(!is_workspace_root(&root.join("ops/stack")));
+    }
 
     #[test]
     fn cargo_variables_are_not_inherited() {

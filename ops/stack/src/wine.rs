@@ -57,9 +57,10 @@ const SHORT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long Xvfb may take to open its socket.
 const XVFB_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The repository root (ferry-stack lives in `ops/stack`).
+/// The repository root of the checkout being tested (see
+/// [`crate::cargo::workspace_root`]), else where ferry-stack was compiled.
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    crate::cargo::workspace_root().unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StackError {
