@@ -404,7 +404,10 @@ impl Wine {
         cmd.env("WINEPREFIX", &self.prefix)
             .env("WINELOADER", &self.loader)
             .env("WINESERVER", &self.wineserver)
-            .env("WINEDEBUG", "-all")
+            // Wine's own errors (a program it could not start, a missing
+            // DLL) on stderr, so a failure says why; no fixme/trace noise.
+            // They never reach stdout, which tests parse.
+            .env("WINEDEBUG", "-all,err+all")
             // No Mono or Gecko installer dialogs during wineboot.
             .env("WINEDLLOVERRIDES", "mscoree,mshtml=")
             .env("DISPLAY", self.display())
