@@ -120,9 +120,12 @@ impl Handler for RulesHandler {
             Ok(t) => t,
             Err(e) => return Outcome::retry(CUSTOMER_RETRY, format!("customer lookup failed: {e}")),
         };
-        // Everything up to the publish is synchronous, so the event and the
-        // rules are dropped before the one await that takes time.
-        match outgoing(&env, enc, tp, rules.decide(&env, &tags), &msg.payload, started) {
+        // Everything up to the publish is synchronous; the event, its tags
+        // and the rules are dropped before the one await that takes time,
+        // so this future does not carry them while it waits.
+        let out = outgoing(&env, enc, tp, rules.decide(&env, &tags), &msg.payload, started);
+        drop((env, tags, rules));
+        match out {
             Ok(Some(out)) => out.publish(&self.publisher).await,
             Ok(None) => Outcome::Done,
             Err(poison) => poison,
