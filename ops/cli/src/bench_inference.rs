@@ -55,13 +55,10 @@ const END_TOKENS: [u32; 3] = [0, 2, 4];
 const PROMPT: &str = "A customer asks: please list every step of returning an order, in detail, numbered from 1 to 50.";
 
 fn repo_file(rel: &str) -> PathBuf {
-    // The binary runs from the repository (cargo run); fall back to the
-    // compile-time location.
-    let here = PathBuf::from(rel);
-    if here.exists() {
-        return here;
-    }
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")).join(rel)
+    // The checkout `cargo run` started from; else where this was compiled.
+    ferry_stack::cargo::workspace_root()
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")))
+        .join(rel)
 }
 
 /// (a): llama.cpp through llama-cpp-python, median tok/s.
