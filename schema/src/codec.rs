@@ -7,7 +7,10 @@
 //!
 //! Decoding reads the document once (see `decode`): an unknown version is
 //! reported as such even if the rest changed shape, and every other failure
-//! gets its own typed error.
+//! gets its own typed error. MessagePack documents in Ferry's own field
+//! order are read and written by a hand-written fast path (see `fast`) that
+//! gives the same values and bytes and leaves everything else, errors
+//! included, to that one general path.
 
 use async_nats::HeaderMap;
 use chrono::{DateTime, Utc};
@@ -196,8 +199,28 @@ struct WireEvent<'a, B> {
     body: &'a B,
 }
 
+/// Which code reads and writes MessagePack documents: the fast path first
+/// (always, outside tests), or the general serde path alone (tests compare
+/// the two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Fast,
+    #[cfg_attr(not(test), allow(dead_code))]
+    General,
+}
+
+impl Route {
+    fn fast(self, enc: Encoding) -> bool {
+        self == Self::Fast && enc == Encoding::MsgPack
+    }
+}
+
 /// Encodes an event in the given encoding.
 pub fn encode_event(env: &Envelope, enc: Encoding) -> Result<Vec<u8>, EncodeError> {
+    encode_event_by(env, enc, Route::Fast)
+}
+
+fn encode_event_by(env: &Envelope, enc: Encoding, route: Route) -> Result<Vec<u8>, EncodeError> {
     fn wire<'a, B>(env: &'a Envelope, body: &'a B) -> WireEvent<'a, B> {
         WireEvent {
             id: env.id,
@@ -208,11 +231,19 @@ pub fn encode_event(env: &Envelope, enc: Encoding) -> Result<Vec<u8>, EncodeErro
             body,
         }
     }
+    fn encode_as<B: Serialize>(env: &Envelope, body: &B, enc: Encoding, route: Route) -> Result<Vec<u8>, EncodeError> {
+        if route.fast(enc) {
+            if let Some(done) = fast::write_event(env, body, ENCODE_CAPACITY) {
+                return done;
+            }
+        }
+        encode(&wire(env, body), enc)
+    }
     match &env.body {
-        EventBody::Chat(b) => encode(&wire(env, b), enc),
-        EventBody::Activity(b) => encode(&wire(env, b), enc),
-        EventBody::Heartbeat(b) => encode(&wire(env, b), enc),
-        EventBody::Predict(b) => encode(&wire(env, b), enc),
+        EventBody::Chat(b) => encode_as(env, b, enc, route),
+        EventBody::Activity(b) => encode_as(env, b, enc, route),
+        EventBody::Heartbeat(b) => encode_as(env, b, enc, route),
+        EventBody::Predict(b) => encode_as(env, b, enc, route),
     }
 }
 
@@ -250,6 +281,10 @@ struct WireReply<'a, B> {
 
 /// Encodes a reply in the given encoding (use the encoding of the event it answers).
 pub fn encode_reply(r: &Reply, enc: Encoding) -> Result<Vec<u8>, EncodeError> {
+    encode_reply_by(r, enc, Route::Fast)
+}
+
+fn encode_reply_by(r: &Reply, enc: Encoding, route: Route) -> Result<Vec<u8>, EncodeError> {
     fn wire<'a, B>(r: &'a Reply, body: &'a B) -> WireReply<'a, B> {
         WireReply {
             id: r.id,
@@ -261,10 +296,18 @@ pub fn encode_reply(r: &Reply, enc: Encoding) -> Result<Vec<u8>, EncodeError> {
             body,
         }
     }
+    fn encode_as<B: Serialize>(r: &Reply, body: &B, enc: Encoding, route: Route) -> Result<Vec<u8>, EncodeError> {
+        if route.fast(enc) {
+            if let Some(done) = fast::write_reply(r, body, ENCODE_CAPACITY) {
+                return done;
+            }
+        }
+        encode(&wire(r, body), enc)
+    }
     match &r.body {
-        ReplyBody::Chat(b) => encode(&wire(r, b), enc),
-        ReplyBody::Prediction(b) => encode(&wire(r, b), enc),
-        ReplyBody::Alert(b) => encode(&wire(r, b), enc),
+        ReplyBody::Chat(b) => encode_as(r, b, enc, route),
+        ReplyBody::Prediction(b) => encode_as(r, b, enc, route),
+        ReplyBody::Alert(b) => encode_as(r, b, enc, route),
     }
 }
 
@@ -324,7 +367,16 @@ fn check_size(bytes: &[u8], limit: usize) -> Result<(), DecodeError> {
 
 /// Decodes an event payload. `limit` is the largest accepted payload in bytes.
 pub fn decode_event(bytes: &[u8], enc: Encoding, limit: usize) -> Result<Envelope, DecodeError> {
+    decode_event_by(bytes, enc, limit, Route::Fast)
+}
+
+fn decode_event_by(bytes: &[u8], enc: Encoding, limit: usize, route: Route) -> Result<Envelope, DecodeError> {
     check_size(bytes, limit)?;
+    if route.fast(enc) {
+        if let Some(env) = fast::read_event(bytes) {
+            return Ok(env);
+        }
+    }
     let doc = decode::read::<EventKind>(bytes, enc)?;
     let head = doc.validate(enc)?;
     let id = EventId(decode::uuid("id", head.id)?);
@@ -370,7 +422,16 @@ pub fn decode_event_message(
 
 /// Decodes a reply payload.
 pub fn decode_reply(bytes: &[u8], enc: Encoding, limit: usize) -> Result<Reply, DecodeError> {
+    decode_reply_by(bytes, enc, limit, Route::Fast)
+}
+
+fn decode_reply_by(bytes: &[u8], enc: Encoding, limit: usize, route: Route) -> Result<Reply, DecodeError> {
     check_size(bytes, limit)?;
+    if route.fast(enc) {
+        if let Some(reply) = fast::read_reply(bytes) {
+            return Ok(reply);
+        }
+    }
     let doc = decode::read::<ReplyKind>(bytes, enc)?;
     let head = doc.validate(enc)?;
     let id = ReplyId(decode::uuid("id", head.id)?);
@@ -385,6 +446,7 @@ pub fn decode_reply(bytes: &[u8], enc: Encoding, limit: usize) -> Result<Reply, 
 }
 
 mod decode;
+mod fast;
 mod time;
 
 #[cfg(test)]

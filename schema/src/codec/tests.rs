@@ -382,3 +382,173 @@ fn errors_are_the_same_when_the_body_is_decoded_directly() {
     let env = decode_event(&rmp_serde::to_vec_named(&ok).unwrap(), Encoding::MsgPack, LIMIT).unwrap();
     assert_eq!(env.agent.as_str(), "desk-7");
 }
+
+/// Events for comparing the fast path with the general one: every kind,
+/// optional fields present and absent, strings in each of MessagePack's
+/// length classes, timestamps with 0, 3, 6 and 9 fraction digits, agent ids
+/// of 1 to 64 bytes.
+fn varied_events() -> Vec<Envelope> {
+    let times = [
+        "2026-11-22T10:00:00Z",
+        "2026-11-22T10:00:00.123Z",
+        "2026-11-22T10:00:00.123456Z",
+        "2026-11-22T10:00:00.123456789Z",
+        "0001-01-01T00:00:00Z",
+    ];
+    let agents = ["d", "desk-7", &"a".repeat(31), &"b".repeat(32), &"c".repeat(64)].map(|a| AgentId::new(a).unwrap());
+    let mut bodies: Vec<EventBody> = sample_events().into_iter().map(|e| e.body).collect();
+    for text in ["", "x", &"字".repeat(11), &"y".repeat(300), &"z".repeat(70_000)] {
+        bodies.push(EventBody::Chat(ChatMessage {
+            chat: text.chars().take(40).collect(),
+            chat_type: ChatType::Direct,
+            sender: "s".into(),
+            text: text.into(),
+            msg_type: MessageType::Image,
+        }));
+    }
+    bodies.push(EventBody::Activity(Activity {
+        app: "a".into(),
+        title: String::new(),
+        exe: None,
+        pid: None,
+        site: None,
+        afk: true,
+        duration_ms: u64::MAX,
+    }));
+    let mut out = Vec::new();
+    for (i, body) in bodies.into_iter().enumerate() {
+        out.push(Envelope {
+            id: EventId::new(),
+            agent: agents[i % agents.len()].clone(),
+            ts: times[i % times.len()].parse().unwrap(),
+            body,
+        });
+    }
+    out
+}
+
+fn varied_replies() -> Vec<Reply> {
+    let chat = |content: Option<&str>, tokens: Option<u32>| {
+        ReplyBody::Chat(ChatReply {
+            chat: "Alice".into(),
+            action: ChatAction::Escalate,
+            content: content.map(str::to_string),
+            confidence: 0.25,
+            answered_by: AnsweredBy {
+                kind: ResponderKind::Model,
+                name: "smollm2".into(),
+            },
+            processing_ms: 1234.567,
+            tokens,
+        })
+    };
+    let bodies = [
+        chat(None, None),
+        chat(Some("您好！"), Some(17)),
+        chat(Some(&"w".repeat(40_000)), Some(u32::MAX)),
+        ReplyBody::Prediction(PredictionReply {
+            prediction: "open Outlook".into(),
+            confidence: 0.5,
+            model: "smollm2".into(),
+            processing_ms: 812.0,
+        }),
+        ReplyBody::Alert(crate::reply::AlertReply {
+            rule: "no-games".into(),
+            message: "Games are not allowed at the desk".into(),
+            processing_ms: 0.1,
+        }),
+    ];
+    varied_events()
+        .into_iter()
+        .zip(bodies.into_iter().cycle())
+        .map(|(e, body)| {
+            let mut r = Reply::new("rules", e.id, e.agent, body);
+            r.ts = e.ts;
+            r
+        })
+        .collect()
+}
+
+#[test]
+fn the_fast_writers_write_the_general_paths_bytes() {
+    for env in varied_events() {
+        let general = encode_event_by(&env, Encoding::MsgPack, Route::General).unwrap();
+        assert_eq!(encode_event_by(&env, Encoding::MsgPack, Route::Fast).unwrap(), general, "{env:?}");
+        // The fast path took it (the only head it leaves is a year past 9999).
+        let EventBody::Chat(body) = &env.body else { continue };
+        assert_eq!(super::fast::write_event(&env, body, 0).unwrap().unwrap(), general);
+    }
+    for r in varied_replies() {
+        let general = encode_reply_by(&r, Encoding::MsgPack, Route::General).unwrap();
+        assert_eq!(encode_reply_by(&r, Encoding::MsgPack, Route::Fast).unwrap(), general, "{r:?}");
+        let ReplyBody::Chat(body) = &r.body else { continue };
+        assert_eq!(super::fast::write_reply(&r, body, 0).unwrap().unwrap(), general);
+    }
+}
+
+/// Every copy of `bytes` cut short at each length, and with each byte
+/// replaced in four ways.
+fn damaged(bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = (0..bytes.len()).map(|n| bytes[..n].to_vec()).collect();
+    for i in 0..bytes.len() {
+        for b in [0x00, 0xff, bytes[i] ^ 0x01, bytes[i].wrapping_add(0x20)] {
+            let mut copy = bytes.to_vec();
+            copy[i] = b;
+            out.push(copy);
+        }
+    }
+    out
+}
+
+/// The fast readers' contract: what they read, the general path reads the
+/// same; what they leave, the general path decides (errors included). Each
+/// valid document and every damaged copy of the short ones go through both.
+#[test]
+fn the_fast_readers_agree_with_the_general_path_on_every_damaged_copy() {
+    let (mut fast_reads, mut errors) = (0, 0);
+    for env in varied_events() {
+        let bytes = encode_event_by(&env, Encoding::MsgPack, Route::General).unwrap();
+        assert_eq!(super::fast::read_event(&bytes).as_ref(), Some(&env), "not on the fast path");
+        let copies = if bytes.len() < 400 { damaged(&bytes) } else { Vec::new() };
+        for copy in copies {
+            let general = decode_event_by(&copy, Encoding::MsgPack, LIMIT, Route::General);
+            // Compared as text: a damaged float may read as NaN, never equal to itself.
+            let fast = decode_event_by(&copy, Encoding::MsgPack, LIMIT, Route::Fast);
+            assert_eq!(format!("{fast:?}"), format!("{general:?}"), "{copy:x?}");
+            fast_reads += usize::from(super::fast::read_event(&copy).is_some());
+            errors += usize::from(general.is_err());
+        }
+    }
+    for r in varied_replies() {
+        let bytes = encode_reply_by(&r, Encoding::MsgPack, Route::General).unwrap();
+        assert_eq!(super::fast::read_reply(&bytes).as_ref(), Some(&r), "not on the fast path");
+        let copies = if bytes.len() < 400 { damaged(&bytes) } else { Vec::new() };
+        for copy in copies {
+            let general = decode_reply_by(&copy, Encoding::MsgPack, LIMIT, Route::General);
+            // Compared as text: a damaged float may read as NaN, never equal to itself.
+            let fast = decode_reply_by(&copy, Encoding::MsgPack, LIMIT, Route::Fast);
+            assert_eq!(format!("{fast:?}"), format!("{general:?}"), "{copy:x?}");
+            fast_reads += usize::from(super::fast::read_reply(&copy).is_some());
+            errors += usize::from(general.is_err());
+        }
+    }
+    // Both sides of the contract were exercised: damaged copies the fast
+    // path still read (a changed letter in a text) and ones it left.
+    assert!(fast_reads > 100 && errors > 1000, "fast reads {fast_reads}, errors {errors}");
+}
+
+/// Fields in another order, or one more field, are valid and read by the
+/// general path alone.
+#[test]
+fn other_field_orders_take_the_general_path() {
+    let env = &sample_events()[0];
+    let doc: serde_json::Value = serde_json::from_slice(&encode_event(env, Encoding::Json).unwrap()).unwrap();
+    let mut extra = doc.clone();
+    extra["note"] = json!("from a newer agent");
+    // serde_json's map keeps keys sorted: agent, body, id, kind, ts, v.
+    for doc in [doc, extra] {
+        let bytes = rmp_serde::to_vec_named(&doc).unwrap();
+        assert!(super::fast::read_event(&bytes).is_none());
+        assert_eq!(&decode_event(&bytes, Encoding::MsgPack, LIMIT).unwrap(), env);
+    }
+}

@@ -14,11 +14,11 @@ use chrono::{DateTime, Datelike, ParseError, Timelike, Utc};
 use serde::Serializer;
 
 /// The longest text [`write`] produces: `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`.
-const MAX_LEN: usize = 30;
+pub(super) const MAX_LEN: usize = 30;
 
 /// Writes `ts` as RFC 3339 into `buf`; `None` when it is out of the common
 /// shape (the caller then lets chrono write it).
-fn write(ts: &DateTime<Utc>, buf: &mut [u8; MAX_LEN]) -> Option<usize> {
+pub(super) fn write(ts: &DateTime<Utc>, buf: &mut [u8; MAX_LEN]) -> Option<usize> {
     let year = ts.year();
     let nanos = ts.nanosecond();
     if !(0..=9999).contains(&year) || nanos >= 1_000_000_000 {
