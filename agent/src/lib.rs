@@ -125,7 +125,7 @@ impl Agent {
         );
         let payload = ferry_schema::codec::encode_event(&hb, self.cfg.encoding).map_err(|e| e.to_string())?;
         let subject = subject::event(&self.cfg.agent, hb.kind());
-        let hdrs = ferry_schema::headers::for_publish(&hb.id.to_string(), self.cfg.encoding, None);
+        let hdrs = ferry_schema::headers::for_publish(hb.id.text(), self.cfg.encoding, None);
         self.js
             .publish_with_headers(subject.clone(), hdrs, payload.into())
             .await

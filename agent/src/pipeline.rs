@@ -146,7 +146,7 @@ async fn send_record(
     r: &Record,
 ) -> Result<async_nats::jetstream::context::PublishAckFuture, String> {
     let subject = subject::event(agent, r.kind);
-    let hdrs = headers::for_publish(&r.id.to_string(), r.encoding, None);
+    let hdrs = headers::for_publish(r.id.text(), r.encoding, None);
     js.publish_with_headers(subject, hdrs, r.payload.clone())
         .await
         .map_err(|e| e.to_string())

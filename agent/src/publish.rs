@@ -61,13 +61,12 @@ impl Agent {
             .map_err(|source| PublishError::Encode { id: env.id, source })?
             .into();
         let subject = subject::event(&env.agent, env.kind());
-        let msg_id = env.id.to_string();
         // Built again only for a retry: a header map is several allocations.
-        let mut first = Some(headers::for_publish(&msg_id, enc, None));
+        let mut first = Some(headers::for_publish(env.id.text(), enc, None));
         let mut attempt = 0u32;
         loop {
             attempt += 1;
-            let hdrs = first.take().unwrap_or_else(|| headers::for_publish(&msg_id, enc, None));
+            let hdrs = first.take().unwrap_or_else(|| headers::for_publish(env.id.text(), enc, None));
             let result = match self
                 .js
                 .publish_with_headers(subject.clone(), hdrs, payload.clone())

@@ -189,7 +189,7 @@ async fn offline_agent_gets_its_replies_after_reconnecting() {
         let e = chat(&desk(1), &format!("question {i}"));
         s.js.publish_with_headers(
             subject::event(&desk(1), ferry_schema::EventKind::Chat),
-            headers::for_publish(&e.id.to_string(), Encoding::MsgPack, None),
+            headers::for_publish(e.id.text(), Encoding::MsgPack, None),
             encode_event(&e, Encoding::MsgPack).unwrap().into(),
         )
         .await
@@ -249,7 +249,7 @@ async fn publish_reply(js: &jetstream::Context, agent: &AgentId, text: &str) -> 
     let payload = ferry_schema::codec::encode_reply(&reply, Encoding::MsgPack).unwrap();
     js.publish_with_headers(
         subject::reply(agent),
-        headers::for_publish(&reply.id.to_string(), Encoding::MsgPack, None),
+        headers::for_publish(reply.id.text(), Encoding::MsgPack, None),
         payload.into(),
     )
     .await

@@ -18,6 +18,12 @@ impl EventId {
     pub fn new() -> Self {
         Self(Uuid::now_v7())
     }
+
+    /// The id as text, as `to_string` writes it, without going through
+    /// `fmt` (a `Nats-Msg-Id` is made for every message).
+    pub fn text(&self) -> String {
+        self.0.hyphenated().encode_lower(&mut Uuid::encode_buffer()).to_owned()
+    }
 }
 
 impl Default for EventId {

@@ -1,5 +1,6 @@
 //! Header names Ferry reads and writes, and helpers that build header maps.
 
+use async_nats::header::IntoHeaderValue;
 use async_nats::{HeaderMap, HeaderName};
 
 use crate::Encoding;
@@ -73,7 +74,7 @@ const LAST_SUBJECT_SEQUENCE_NAME: HeaderName = HeaderName::from_static(LAST_SUBJ
 /// stores it, and rewrites it into the stream's republish), and leaving it
 /// out cut CPU per event by about 5% in `ferry bench rules`
 /// (BENCHMARKS.md, session 8).
-pub fn for_publish(msg_id: &str, enc: Encoding, traceparent: Option<&str>) -> HeaderMap {
+pub fn for_publish(msg_id: impl IntoHeaderValue, enc: Encoding, traceparent: Option<&str>) -> HeaderMap {
     let mut h = HeaderMap::new();
     h.insert(MSG_ID_NAME, msg_id);
     if enc == Encoding::Json {

@@ -20,6 +20,12 @@ impl ReplyId {
     pub fn for_event(event: EventId, responder: &str) -> Self {
         Self(Uuid::new_v5(&event.0, responder.as_bytes()))
     }
+
+    /// The id as text, as `to_string` writes it, without going through
+    /// `fmt` (it is the reply's `Nats-Msg-Id`).
+    pub fn text(&self) -> String {
+        self.0.hyphenated().encode_lower(&mut Uuid::encode_buffer()).to_owned()
+    }
 }
 
 impl fmt::Display for ReplyId {

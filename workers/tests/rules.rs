@@ -40,7 +40,7 @@ async fn an_event_traceparent_goes_on_its_reply() {
     const UPSTREAM: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     for tp in [Some(UPSTREAM), None] {
         let event = chat("desk-1", "hello");
-        let h = headers::for_publish(&event.id.to_string(), Encoding::MsgPack, tp);
+        let h = headers::for_publish(event.id.text(), Encoding::MsgPack, tp);
         let payload = ferry_schema::codec::encode_event(&event, Encoding::MsgPack).unwrap();
         s.js.publish_with_headers(subject::event(&agent, event.kind()), h, payload.into())
             .await

@@ -370,7 +370,7 @@ async fn raw_publish(conn: async_nats::Client, input: impl Stream<Item = Envelop
             let js = js.clone();
             async move {
                 let payload = encode_event(&e, Encoding::MsgPack)?;
-                let h = headers::for_publish(&e.id.to_string(), Encoding::MsgPack, None);
+                let h = headers::for_publish(e.id.text(), Encoding::MsgPack, None);
                 js.publish_with_headers(subject::event(&e.agent, e.kind()), h, payload.into())
                     .await?
                     .await?;

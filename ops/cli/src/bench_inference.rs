@@ -169,7 +169,7 @@ async fn worker_e2e(model: &std::path::Path, concurrency: usize, args: &Inferenc
                     msg_type: MessageType::Text,
                 }),
             );
-            let h = headers::for_publish(&env.id.to_string(), Encoding::MsgPack, None);
+            let h = headers::for_publish(env.id.text(), Encoding::MsgPack, None);
             js.publish_with_headers(WorkQueue::InferenceChat.subject(), h, encode_event(&env, Encoding::MsgPack)?.into())
                 .await?
                 .await?;

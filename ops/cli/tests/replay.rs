@@ -58,7 +58,7 @@ fn activity(agent: &str) -> Envelope {
 /// Publishes as the agent does: msg id and content type (no `traceparent`:
 /// `--trace` follows an event by its id).
 async fn publish(js: &jetstream::Context, e: &Envelope) -> u64 {
-    let h = headers::for_publish(&e.id.to_string(), Encoding::MsgPack, None);
+    let h = headers::for_publish(e.id.text(), Encoding::MsgPack, None);
     let p = codec::encode_event(e, Encoding::MsgPack).unwrap();
     js.publish_with_headers(subject::event(&e.agent, e.kind()), h, p.into())
         .await

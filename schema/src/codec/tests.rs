@@ -552,3 +552,13 @@ fn other_field_orders_take_the_general_path() {
         assert_eq!(&decode_event(&bytes, Encoding::MsgPack, LIMIT).unwrap(), env);
     }
 }
+
+#[test]
+fn ids_as_text_are_what_display_writes() {
+    for _ in 0..100 {
+        let e = EventId::new();
+        assert_eq!(e.text(), e.to_string());
+        let r = ReplyId::for_event(e, "rules");
+        assert_eq!(r.text(), r.to_string());
+    }
+}

@@ -169,7 +169,7 @@ fn outgoing(
         Decision::Infer { rule } => {
             // The original bytes go on unchanged, so the inference worker
             // decodes exactly what the agent sent, in its encoding.
-            let mut headers = headers::for_publish(&env.id.to_string(), enc, tp);
+            let mut headers = headers::for_publish(env.id.text(), enc, tp);
             headers.insert(headers::ROUTE_RULE, rule.as_str());
             return Ok(Some(Outgoing {
                 subject: WorkQueue::InferenceChat.subject(),

@@ -290,10 +290,13 @@ impl Ctx {
         let started = Instant::now();
         self.stats.start();
         self.metrics.in_flight.inc();
-        let (delivered, sequence) = msg
-            .info()
-            .map(|i| (i.delivered, i.stream_sequence))
-            .unwrap_or((1, 0));
+        // Parsed from the ack subject only when an outcome needs it (the
+        // common `Done` does not): (deliveries so far, stream sequence).
+        let position = || {
+            msg.info()
+                .map(|i| (i.delivered, i.stream_sequence))
+                .unwrap_or((1, 0))
+        };
 
         let outcome = match self.settings.progress_every {
             None => handler.handle(&msg).await,
@@ -306,7 +309,7 @@ impl Ctx {
                         outcome = &mut work => break outcome,
                         _ = tick.tick() => {
                             if let Err(error) = msg.ack_with(AckKind::Progress).await {
-                                tracing::warn!(%error, sequence, "in-progress ack failed");
+                                tracing::warn!(%error, sequence = position().1, "in-progress ack failed");
                             }
                         }
                     }
@@ -317,10 +320,10 @@ impl Ctx {
         // A retry on the last allowed delivery would leave the message
         // stranded; it becomes a dead letter with the last reason instead.
         let outcome = match outcome {
-            Outcome::RetryAfter { reason, .. } if self.max_deliver > 0 && delivered >= self.max_deliver => {
+            Outcome::RetryAfter { reason, .. } if self.max_deliver > 0 && position().0 >= self.max_deliver => {
                 Outcome::Poison {
                     code: "max_deliver",
-                    reason: format!("gave up after {delivered} deliveries: {reason}"),
+                    reason: format!("gave up after {} deliveries: {reason}", position().0),
                 }
             }
             other => other,
@@ -329,10 +332,12 @@ impl Ctx {
         let ack = match &outcome {
             Outcome::Done => AckKind::Ack,
             Outcome::RetryAfter { delay, reason } => {
+                let (delivered, sequence) = position();
                 tracing::warn!(sequence, delivered, reason = %reason, ?delay, "retrying later");
                 AckKind::Nak(Some(*delay))
             }
             Outcome::Poison { code, reason } => {
+                let (delivered, sequence) = position();
                 match self.dead_letter(&msg, sequence, delivered, code, reason).await {
                     Ok(()) => {
                         tracing::warn!(sequence, subject = %msg.subject, code, reason = %reason, "dead-lettered");
@@ -349,7 +354,7 @@ impl Ctx {
             // The broker redelivers after ack_wait; handlers are idempotent.
             self.stats.ack_failed();
             self.metrics.ack_failures.inc();
-            tracing::warn!(%error, sequence, "ack failed; the message will be redelivered");
+            tracing::warn!(%error, sequence = position().1, "ack failed; the message will be redelivered");
         }
         let elapsed = started.elapsed();
         self.stats.finish(&outcome, elapsed);

@@ -94,7 +94,7 @@ impl Outgoing {
         })?;
         Ok(Self {
             subject: subject::reply(&env.agent),
-            headers: headers::for_publish(&reply.id.to_string(), enc, traceparent),
+            headers: headers::for_publish(reply.id.text(), enc, traceparent),
             payload: payload.into(),
         })
     }
