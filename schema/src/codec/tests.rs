@@ -541,13 +541,34 @@ fn the_fast_readers_agree_with_the_general_path_on_every_damaged_copy() {
 /// general path alone.
 #[test]
 fn other_field_orders_take_the_general_path() {
+    #[derive(serde::Serialize)]
+    struct AgentFirst<'a> {
+        agent: &'a str,
+        id: String,
+        kind: &'a str,
+        ts: &'a str,
+        v: u16,
+        body: &'a ChatMessage,
+    }
+    #[derive(serde::Serialize)]
+    struct OneMore<'a> {
+        id: String,
+        agent: &'a str,
+        kind: &'a str,
+        ts: &'a str,
+        v: u16,
+        body: &'a ChatMessage,
+        note: &'a str,
+    }
     let env = &sample_events()[0];
-    let doc: serde_json::Value = serde_json::from_slice(&encode_event(env, Encoding::Json).unwrap()).unwrap();
-    let mut extra = doc.clone();
-    extra["note"] = json!("from a newer agent");
-    // serde_json's map keeps keys sorted: agent, body, id, kind, ts, v.
-    for doc in [doc, extra] {
-        let bytes = rmp_serde::to_vec_named(&doc).unwrap();
+    let EventBody::Chat(body) = &env.body else { unreachable!() };
+    let ts = "2026-11-22T10:00:00.123Z";
+    let docs = [
+        rmp_serde::to_vec_named(&AgentFirst { agent: "desk-7", id: env.id.text(), kind: "chat", ts, v: 1, body }),
+        rmp_serde::to_vec_named(&OneMore { id: env.id.text(), agent: "desk-7", kind: "chat", ts, v: 1, body, note: "newer" }),
+    ];
+    for bytes in docs {
+        let bytes = bytes.unwrap();
         assert!(super::fast::read_event(&bytes).is_none());
         assert_eq!(&decode_event(&bytes, Encoding::MsgPack, LIMIT).unwrap(), env);
     }
