@@ -80,6 +80,23 @@ fn events_round_trip_in_both_encodings() {
     }
 }
 
+/// A reply body of each kind but chat.
+fn prediction_and_alert() -> [ReplyBody; 2] {
+    [
+        ReplyBody::Prediction(PredictionReply {
+            prediction: "open Outlook".into(),
+            confidence: 0.5,
+            model: "smollm2".into(),
+            processing_ms: 812.0,
+        }),
+        ReplyBody::Alert(crate::reply::AlertReply {
+            rule: "no-games".into(),
+            message: "Games are not allowed at the desk".into(),
+            processing_ms: 0.1,
+        }),
+    ]
+}
+
 #[test]
 fn replies_round_trip_in_both_encodings() {
     let event = EventId::new();
@@ -96,18 +113,10 @@ fn replies_round_trip_in_both_encodings() {
             processing_ms: 0.25,
             tokens: None,
         }),
-        ReplyBody::Prediction(PredictionReply {
-            prediction: "open Outlook".into(),
-            confidence: 0.5,
-            model: "smollm2".into(),
-            processing_ms: 812.0,
-        }),
-        ReplyBody::Alert(crate::reply::AlertReply {
-            rule: "no-games".into(),
-            message: "Games are not allowed at the desk".into(),
-            processing_ms: 0.1,
-        }),
-    ];
+    ]
+    .into_iter()
+    .chain(prediction_and_alert())
+    .collect::<Vec<_>>();
     for enc in [Encoding::MsgPack, Encoding::Json] {
         for body in bodies.clone() {
             let mut r = Reply::new("rules", event, agent(), body);
@@ -446,18 +455,10 @@ fn varied_replies() -> Vec<Reply> {
         chat(None, None),
         chat(Some("您好！"), Some(17)),
         chat(Some(&"w".repeat(40_000)), Some(u32::MAX)),
-        ReplyBody::Prediction(PredictionReply {
-            prediction: "open Outlook".into(),
-            confidence: 0.5,
-            model: "smollm2".into(),
-            processing_ms: 812.0,
-        }),
-        ReplyBody::Alert(crate::reply::AlertReply {
-            rule: "no-games".into(),
-            message: "Games are not allowed at the desk".into(),
-            processing_ms: 0.1,
-        }),
-    ];
+    ]
+    .into_iter()
+    .chain(prediction_and_alert())
+    .collect::<Vec<_>>();
     varied_events()
         .into_iter()
         .zip(bodies.into_iter().cycle())
@@ -500,40 +501,55 @@ fn damaged(bytes: &[u8]) -> Vec<Vec<u8>> {
     out
 }
 
+/// Counts of what [`check_readers`] saw.
+#[derive(Default)]
+struct Agreement {
+    /// Damaged copies the fast path still read (a changed letter in a text).
+    fast_reads: usize,
+    /// Damaged copies the general path refused.
+    errors: usize,
+}
+
+/// Checks one valid document (`bytes`, decoding to `expected`) and every
+/// damaged copy of it if it is short, through `fast` (the fast reader
+/// alone) and `by` (the decoder on a route).
+fn check_readers<T: PartialEq + std::fmt::Debug>(
+    bytes: &[u8],
+    expected: &T,
+    fast: impl Fn(&[u8]) -> Option<T>,
+    by: impl Fn(&[u8], Route) -> Result<T, DecodeError>,
+    seen: &mut Agreement,
+) {
+    assert_eq!(fast(bytes).as_ref(), Some(expected), "not on the fast path");
+    let copies = if bytes.len() < 400 { damaged(bytes) } else { Vec::new() };
+    for copy in copies {
+        let general = by(&copy, Route::General);
+        // Compared as text: a damaged float may read as NaN, never equal to itself.
+        let both = by(&copy, Route::Fast);
+        assert_eq!(format!("{both:?}"), format!("{general:?}"), "{copy:x?}");
+        seen.fast_reads += usize::from(fast(&copy).is_some());
+        seen.errors += usize::from(general.is_err());
+    }
+}
+
 /// The fast readers' contract: what they read, the general path reads the
 /// same; what they leave, the general path decides (errors included). Each
 /// valid document and every damaged copy of the short ones go through both.
 #[test]
 fn the_fast_readers_agree_with_the_general_path_on_every_damaged_copy() {
-    let (mut fast_reads, mut errors) = (0, 0);
+    let mut seen = Agreement::default();
     for env in varied_events() {
         let bytes = encode_event_by(&env, Encoding::MsgPack, Route::General).unwrap();
-        assert_eq!(super::fast::read_event(&bytes).as_ref(), Some(&env), "not on the fast path");
-        let copies = if bytes.len() < 400 { damaged(&bytes) } else { Vec::new() };
-        for copy in copies {
-            let general = decode_event_by(&copy, Encoding::MsgPack, LIMIT, Route::General);
-            // Compared as text: a damaged float may read as NaN, never equal to itself.
-            let fast = decode_event_by(&copy, Encoding::MsgPack, LIMIT, Route::Fast);
-            assert_eq!(format!("{fast:?}"), format!("{general:?}"), "{copy:x?}");
-            fast_reads += usize::from(super::fast::read_event(&copy).is_some());
-            errors += usize::from(general.is_err());
-        }
+        let by = |b: &[u8], route| decode_event_by(b, Encoding::MsgPack, LIMIT, route);
+        check_readers(&bytes, &env, super::fast::read_event, by, &mut seen);
     }
     for r in varied_replies() {
         let bytes = encode_reply_by(&r, Encoding::MsgPack, Route::General).unwrap();
-        assert_eq!(super::fast::read_reply(&bytes).as_ref(), Some(&r), "not on the fast path");
-        let copies = if bytes.len() < 400 { damaged(&bytes) } else { Vec::new() };
-        for copy in copies {
-            let general = decode_reply_by(&copy, Encoding::MsgPack, LIMIT, Route::General);
-            // Compared as text: a damaged float may read as NaN, never equal to itself.
-            let fast = decode_reply_by(&copy, Encoding::MsgPack, LIMIT, Route::Fast);
-            assert_eq!(format!("{fast:?}"), format!("{general:?}"), "{copy:x?}");
-            fast_reads += usize::from(super::fast::read_reply(&copy).is_some());
-            errors += usize::from(general.is_err());
-        }
+        let by = |b: &[u8], route| decode_reply_by(b, Encoding::MsgPack, LIMIT, route);
+        check_readers(&bytes, &r, super::fast::read_reply, by, &mut seen);
     }
-    // Both sides of the contract were exercised: damaged copies the fast
-    // path still read (a changed letter in a text) and ones it left.
+    // Both sides of the contract were exercised.
+    let Agreement { fast_reads, errors } = seen;
     assert!(fast_reads > 100 && errors > 1000, "fast reads {fast_reads}, errors {errors}");
 }
 
