@@ -63,8 +63,10 @@ pub struct RulesBench {
     /// Publishes awaiting a JetStream ack (agent publish_window; same for the raw publisher).
     #[arg(long, default_value_t = 256)]
     window: usize,
-    /// Runs of each scenario; the table shows medians.
-    #[arg(long, default_value_t = 3)]
+    /// Runs of each scenario, alternating; the table shows medians. Fewer
+    /// than about 15 cannot tell 0.78x from 0.82x on a shared 2-core machine
+    /// (BENCHMARKS.md); a run of 15 takes about two minutes.
+    #[arg(long, default_value_t = 15)]
     repeat: usize,
     /// Also run three mixed scenarios at full and half rate, to see where
     /// (b) loses against (a): (r) (a) with its subscriber on the reply

@@ -372,3 +372,35 @@ async fn stats_match_what_was_published_and_consumed() {
     stop.cancel();
     worker.await.unwrap().unwrap();
 }
+
+/// `ferry bench rules` runs end to end on its own brokers and reports both
+/// verdicts. A smoke run, tiny on purpose: no number it prints is judged
+/// here (timed assertions do not belong in tests), only that every
+/// scenario answered all its events and the ratios were computed.
+#[test]
+fn bench_rules_runs_both_paths_and_prints_the_verdicts() {
+    let out = ferry()
+        .args(["bench", "rules", "--events", "300", "--repeat", "1", "--decompose"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for line in [
+        "| (a) raw JetStream round trip | full |",
+        "| (b) agent + rules worker | full |",
+        "| (b) agent + rules worker | half (",
+        "throughput (b)/(a) at full rate: ",
+        "p99 latency (b)/(a) at half rate: ",
+        "(w) vs (a): throughput ",
+    ] {
+        assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
+    }
+    // A ratio is a number, whatever it is: an unmeasured side would print NaN or inf.
+    let ratio = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("throughput (b)/(a) at full rate: "))
+        .and_then(|rest| rest.split('x').next())
+        .and_then(|r| r.parse::<f64>().ok())
+        .unwrap_or(f64::NAN);
+    assert!(ratio.is_finite() && ratio > 0.0, "{stdout}");
+}
