@@ -350,7 +350,31 @@ async fn replies_published_across_a_broker_restart_arrive_once() {
     }
     let mut got = Vec::new();
     for _ in 0..3 {
-        got.push(tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap().in_reply_to);
+        match tokio::time::timeout(WAIT, rx.recv()).await {
+            Ok(Some(reply)) => got.push(reply.in_reply_to),
+            // It failed this way once in a full parallel run (and never
+            // alone): say what the agent's connection and consumer were
+            // doing, and what the broker logged.
+            other => {
+                let consumer = js
+                    .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+                        topology::agent_replies_consumer_name(&desk(1)),
+                        REPLIES_STREAM,
+                    )
+                    .await
+                    .map(|mut c| async move { c.info().await.map(|i| format!("{i:?}")) });
+                let consumer = match consumer {
+                    Ok(info) => format!("{:?}", info.await),
+                    Err(e) => e.to_string(),
+                };
+                panic!(
+                    "{other:?} after {got:?} of {sent:?}; agent connection {:?}, connects {}\nconsumer: {consumer}\nbroker log:\n{}",
+                    agent.client().connection_state(),
+                    agent.client().statistics().connects.load(std::sync::atomic::Ordering::Relaxed),
+                    s.nats.log_tail(40)
+                );
+            }
+        }
     }
     assert_eq!(got, sent);
     assert!(tokio::time::timeout(Duration::from_secs(3), rx.recv()).await.is_err(), "no repeats");
