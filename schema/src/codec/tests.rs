@@ -487,10 +487,13 @@ fn the_fast_writers_write_the_general_paths_bytes() {
     }
 }
 
-/// Every copy of `bytes` cut short at each length, and with each byte
-/// replaced in four ways.
+/// Every copy of `bytes` cut short at each length, with each byte
+/// replaced in four ways, and with a byte after its end.
 fn damaged(bytes: &[u8]) -> Vec<Vec<u8>> {
     let mut out: Vec<Vec<u8>> = (0..bytes.len()).map(|n| bytes[..n].to_vec()).collect();
+    for extra in [0x00, 0xc1] {
+        out.push([bytes, &[extra]].concat());
+    }
     for i in 0..bytes.len() {
         for b in [0x00, 0xff, bytes[i] ^ 0x01, bytes[i].wrapping_add(0x20)] {
             let mut copy = bytes.to_vec();
