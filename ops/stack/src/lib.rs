@@ -56,8 +56,39 @@ pub fn terminate(child: &mut std::process::Child, grace: std::time::Duration) {
     let _ = child.wait();
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
+/// A TCP port on 127.0.0.1 that was free a moment ago, and that this
+/// process has not been given before.
+///
+/// The kernel may hand the same free port to two binds in a row, and a
+/// test that asks for a client, a monitor and a route port per node got
+/// one port twice (nats-server then died with "address already in use").
+/// Remembering what was handed out rules that out within a test binary,
+/// where tests run in parallel.
 pub fn free_port() -> std::io::Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    const TRIES: usize = 64;
+    for _ in 0..TRIES {
+        let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = l.local_addr()?.port();
+        // A poisoned lock still holds a valid set: a panic cannot leave it half-changed.
+        let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if given.insert(port) {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("no port this process was not given already in {TRIES} tries"),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn free_ports_are_never_handed_out_twice() {
+        let ports: Vec<u16> = (0..500).map(|_| super::free_port()).collect::<Result<_, _>>().unwrap_or_default();
+        let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+        assert_eq!((ports.len(), distinct.len()), (500, 500));
+    }
 }
