@@ -39,22 +39,10 @@ pub struct SubjectError {
     pub reason: String,
 }
 
-/// `tokens` joined by dots, without going through `fmt`: the hot paths
-/// make a subject for every event and every reply.
-fn join(tokens: &[&str]) -> Subject {
-    let mut s = String::with_capacity(tokens.iter().map(|t| t.len() + 1).sum());
-    for (i, t) in tokens.iter().enumerate() {
-        if i > 0 {
-            s.push('.');
-        }
-        s.push_str(t);
-    }
-    Subject::from(s)
-}
-
 /// `events.<agent>.<kind>`: where `agent` publishes events of `kind`.
 pub fn event(agent: &AgentId, kind: EventKind) -> Subject {
-    join(&[EVENTS, agent.as_str(), kind.as_str()])
+    // `join`, not `format!`: a subject is made for every event and every reply.
+    Subject::from([EVENTS, agent.as_str(), kind.as_str()].join("."))
 }
 
 /// `events.>`: every event.
@@ -99,7 +87,7 @@ pub fn parse_event(subject: &str) -> Result<(AgentId, EventKind), SubjectError> 
 
 /// `replies.<agent>`: where replies to `agent` are published.
 pub fn reply(agent: &AgentId) -> Subject {
-    join(&[REPLIES, agent.as_str()])
+    Subject::from([REPLIES, agent.as_str()].join("."))
 }
 
 /// Whether `subject` is a reply subject (`replies.<agent>`).

@@ -148,28 +148,24 @@ fn put_str(buf: &mut Vec<u8>, s: &str) -> Option<()> {
     Some(())
 }
 
-fn put_key(buf: &mut Vec<u8>, name: &str) -> Option<()> {
-    put_str(buf, name)
-}
-
 fn put_uuid(buf: &mut Vec<u8>, name: &str, id: &Uuid) -> Option<()> {
-    put_key(buf, name)?;
+    put_str(buf, name)?;
     put_str(buf, id.hyphenated().encode_lower(&mut Uuid::encode_buffer()))
 }
 
 /// `agent`, `kind`, `ts`, `v` and the `body` key: the part every document shares.
 fn put_common(buf: &mut Vec<u8>, agent: &AgentId, kind: &str, ts: &DateTime<Utc>) -> Option<()> {
-    put_key(buf, "agent")?;
+    put_str(buf, "agent")?;
     put_str(buf, agent.as_str())?;
-    put_key(buf, "kind")?;
+    put_str(buf, "kind")?;
     put_str(buf, kind)?;
-    put_key(buf, "ts")?;
+    put_str(buf, "ts")?;
     let mut text = [0u8; time::MAX_LEN];
     let len = time::write(ts, &mut text)?;
     put_str(buf, std::str::from_utf8(&text[..len]).ok()?)?;
-    put_key(buf, "v")?;
+    put_str(buf, "v")?;
     buf.push(VERSION_BYTE?);
-    put_key(buf, "body")
+    put_str(buf, "body")
 }
 
 fn put_body<B: Serialize>(mut buf: Vec<u8>, body: &B) -> Result<Vec<u8>, EncodeError> {
