@@ -10,6 +10,13 @@ export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON}"
 
 log() { echo "[setup-llama-cpp] $*" >&2; }
 
+# One setup at a time on this machine (the same lock directory as
+# ferry-stack's install::once): a second caller waits, then finds it done.
+LOCK_DIR="${FERRY_LOCK_DIR:-$HOME/.cache/ferry/locks}"
+mkdir -p "$LOCK_DIR"
+exec 9>"$LOCK_DIR/bench-venv.lock"
+flock 9
+
 if [ ! -x "$VENV/bin/python" ]; then
     log "creating venv at $VENV"
     mkdir -p "$(dirname "$VENV")"

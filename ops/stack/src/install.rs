@@ -51,33 +51,153 @@ pub fn ensure_package<T>(
     if !nix::unistd::Uid::effective().is_root() || find("apt-get").is_none() {
         return Err(missing());
     }
-    let lock_path = std::env::temp_dir().join("ferry-apt.lock");
-    let lock = std::fs::File::create(&lock_path).map_err(|source| StackError::Io {
-        what: format!("create {}", lock_path.display()),
+    // One lock for every apt install: dpkg has one lock for the machine.
+    once(APT_LOCK, &locate, || {
+        tracing::info!(program, package, "installing missing program with apt-get");
+        let install = || {
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", package])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+        };
+        let ok = matches!(install(), Ok(s) if s.success()) || {
+            // A fresh machine has no package lists yet.
+            let _ = Command::new("apt-get").args(["update", "-q"]).status();
+            matches!(install(), Ok(s) if s.success())
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(missing())
+        }
+    })?
+    .ok_or_else(missing)
+}
+
+/// The lock shared by every `apt-get install`.
+pub const APT_LOCK: &str = "apt";
+/// The lock shared by every `rustup` change (targets, components): rustup
+/// fails with "detected conflict" when two change one toolchain at once.
+pub const RUSTUP_LOCK: &str = "rustup";
+
+/// Where install locks live: `$FERRY_LOCK_DIR`, else
+/// `~/.cache/ferry/locks`, else `<temp>/ferry-locks`. Every process on the
+/// machine that installs the same thing must agree on it.
+pub fn lock_dir() -> PathBuf {
+    std::env::var_os("FERRY_LOCK_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/ferry/locks")))
+        .unwrap_or_else(|| std::env::temp_dir().join("ferry-locks"))
+}
+
+/// Runs one install step at most once at a time across every process and
+/// thread of this machine, and only when it is needed: `done` is asked
+/// first without the lock (the common case: already installed), then again
+/// under the exclusive lock `<lock_dir>/<lock>.lock` (another process may
+/// have installed it while this one waited), and only then is `install`
+/// run. Returns what `done` says afterwards (`None`: the install reported
+/// success but its result is still missing).
+///
+/// An install that dies half-way leaves no lock behind (the lock is the
+/// kernel's, released with the file), and `done` must not be fooled by a
+/// half-made result: check the finished thing, not the directory it goes in.
+pub fn once<T>(
+    lock: &str,
+    done: impl Fn() -> Option<T>,
+    install: impl FnOnce() -> Result<(), StackError>,
+) -> Result<Option<T>, StackError> {
+    if let Some(t) = done() {
+        return Ok(Some(t));
+    }
+    let dir = lock_dir();
+    std::fs::create_dir_all(&dir).map_err(|source| StackError::Io {
+        what: format!("create {}", dir.display()),
         source,
     })?;
-    lock.lock().map_err(|source| StackError::Io {
-        what: format!("lock {}", lock_path.display()),
+    let path = dir.join(format!("{lock}.lock"));
+    let file = std::fs::File::create(&path).map_err(|source| StackError::Io {
+        what: format!("create {}", path.display()),
         source,
     })?;
-    // Another process may have installed it while we waited for the lock.
-    if let Some(p) = locate() {
-        return Ok(p);
+    file.lock().map_err(|source| StackError::Io {
+        what: format!("lock {}", path.display()),
+        source,
+    })?;
+    if let Some(t) = done() {
+        return Ok(Some(t));
     }
-    tracing::info!(program, package, "installing missing program with apt-get");
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", package])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-    };
-    let ok = matches!(install(), Ok(s) if s.success()) || {
-        // A fresh machine has no package lists yet.
-        let _ = Command::new("apt-get").args(["update", "-q"]).status();
-        matches!(install(), Ok(s) if s.success())
-    };
-    if !ok {
-        return Err(missing());
+    install()?;
+    Ok(done())
+    // `file` drops here, which releases the lock.
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Barrier};
+    use std::time::Duration;
+
+    /// Two installs of the same thing at once (the fresh-machine race of
+    /// two Wine tests both running `rustup target add`): exactly one runs
+    /// the install, never while another is inside it, and both see it done.
+    #[test]
+    fn concurrent_installs_of_one_thing_run_it_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("installed");
+        let lock = format!("test-{}", std::process::id());
+        let running = Arc::new(AtomicUsize::new(0));
+        let runs = Arc::new(AtomicUsize::new(0));
+        let overlaps = Arc::new(AtomicUsize::new(0));
+        let start = Arc::new(Barrier::new(4));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let (marker, lock) = (marker.clone(), lock.clone());
+                let (running, runs, overlaps, start) = (running.clone(), runs.clone(), overlaps.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    once(
+                        &lock,
+                        || marker.is_file().then(|| marker.clone()),
+                        || {
+                            if running.fetch_add(1, Ordering::SeqCst) > 0 {
+                                overlaps.fetch_add(1, Ordering::SeqCst);
+                            }
+                            runs.fetch_add(1, Ordering::SeqCst);
+                            // Slow, like a download: the others arrive meanwhile.
+                            std::thread::sleep(Duration::from_millis(300));
+                            std::fs::write(&marker, "ok").unwrap();
+                            running.fetch_sub(1, Ordering::SeqCst);
+                            Ok(())
+                        },
+                    )
+                })
+            })
+            .collect();
+        for t in threads {
+            assert_eq!(t.join().unwrap().unwrap(), Some(marker.clone()), "every caller sees the result");
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "the install ran once");
+        assert_eq!(overlaps.load(Ordering::SeqCst), 0, "no two installs ran at once");
     }
-    locate().ok_or_else(missing)
+
+    /// A failed install is reported, and the next caller tries again.
+    #[test]
+    fn a_failed_install_is_tried_again_by_the_next_caller() {
+        let lock = format!("test-fail-{}", std::process::id());
+        let err = once(&lock, || None::<()>, || {
+            Err(StackError::Missing {
+                program: "thing".into(),
+                command: "install thing".into(),
+            })
+        });
+        assert!(matches!(err, Err(StackError::Missing { .. })), "{err:?}");
+        let tried = std::cell::Cell::new(false);
+        let got = once(&lock, || tried.get().then_some(7), || {
+            tried.set(true);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(got, Some(7));
+    }
 }

