@@ -230,7 +230,7 @@ fn offline_add_only_writes_files_and_every_command_has_help_with_examples() {
     // The demo agents keep their password users.
     assert!(text.contains("user: desk-1, password: $FERRY_AGENT_DESK_1_PASSWORD"));
     // nats-server accepts the generated file.
-    let checked = Command::new(ferry_stack::install::ensure("nats-server", "nats-server").unwrap())
+    let checked = Command::new(ferry_stack::nats::server_binary().unwrap())
         .arg("-t")
         .arg("-c")
         .arg(&conf)

@@ -76,7 +76,7 @@ fn program(name: &str) -> PathBuf {
     match name {
         "ferry" | "/usr/local/bin/ferry" => PathBuf::from(env!("CARGO_BIN_EXE_ferry")),
         "ferry-worker" | "/usr/local/bin/ferry-worker" => ferry_worker(),
-        "nats-server" | "/usr/sbin/nats-server" => install::ensure("nats-server", "nats-server").unwrap(),
+        "nats-server" | "/usr/sbin/nats-server" => ferry_stack::nats::server_binary().unwrap(),
         other => panic!("no program known for {other:?}"),
     }
 }

