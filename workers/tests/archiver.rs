@@ -371,26 +371,7 @@ async fn unstorable_and_undecodable_messages_go_to_dead_letters() {
         .await
         .unwrap();
     db.wait_count("SELECT count(*) FROM events", 20).await;
-    let dead_letters = async {
-        let start = Instant::now();
-        loop {
-            let letters: Vec<(String, String)> = inspect::read_all(&s.js, DEADLETTER_STREAM, "")
-                .await
-                .unwrap()
-                .into_iter()
-                .filter(|m| m.subject.as_str() == subject::dead_letter(topology::EVENTS_STREAM, "archiver-events").as_str())
-                .map(|m| {
-                    let h = m.headers.unwrap();
-                    (h.get(headers::DEAD_REASON_CODE).unwrap().to_string(), h.get(headers::DEAD_REASON).unwrap().to_string())
-                })
-                .collect();
-            if letters.len() >= 2 || start.elapsed() > WAIT {
-                return letters;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    .await;
+    let dead_letters = archiver_dead_letters(&s, 2).await;
     let mut codes: Vec<&str> = dead_letters.iter().map(|(c, _)| c.as_str()).collect();
     codes.sort();
     assert_eq!(codes, ["malformed", "unstorable"], "{dead_letters:?}");
@@ -398,4 +379,63 @@ async fn unstorable_and_undecodable_messages_go_to_dead_letters() {
     assert!(unstorable.contains("22P05"), "PostgreSQL's reason is kept: {unstorable}");
     assert_eq!(db.count("SELECT count(*) FROM events").await, 20);
     assert_eq!(a.stop().await.snapshot().poisoned, 2);
+}
+
+/// The archiver's dead letters as (code, reason), once there are `n` (or
+/// after [`WAIT`]).
+async fn archiver_dead_letters(s: &Stack, n: usize) -> Vec<(String, String)> {
+    let start = Instant::now();
+    loop {
+        let letters: Vec<(String, String)> = inspect::read_all(&s.js, DEADLETTER_STREAM, "")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|m| m.subject.as_str() == subject::dead_letter(topology::EVENTS_STREAM, "archiver-events").as_str())
+            .map(|m| {
+                let h = m.headers.unwrap();
+                (h.get(headers::DEAD_REASON_CODE).unwrap().to_string(), h.get(headers::DEAD_REASON).unwrap().to_string())
+            })
+            .collect();
+        if letters.len() >= n || start.elapsed() > WAIT {
+            return letters;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A chat whose sender is 1,500 random CJK characters is too long for the
+/// customers' index: PostgreSQL answers SQLSTATE 54000. That was taken for
+/// an outage, so the archiver retried the batch for ever and every later
+/// event waited behind it. Now the batch is split until the bad row stands
+/// alone; it goes to dead letters with PostgreSQL's message, the rest commit.
+#[tokio::test]
+async fn a_value_too_long_for_an_index_is_dead_lettered_and_the_rest_commit() {
+    let s = stack(RULES, Duration::from_secs(30)).await;
+    let db = db().await;
+    let a = archiver(&s, &db).await;
+    let mut bad = chat("desk-1", "hello");
+    // Random, so PostgreSQL cannot compress the key under the index's limit.
+    let mut x: u32 = 12345;
+    let sender: String = (0..1500)
+        .map(|_| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            char::from_u32(0x4E00 + (x >> 8) % 0x5000).unwrap()
+        })
+        .collect();
+    match &mut bad.body {
+        EventBody::Chat(c) => c.sender = sender,
+        _ => unreachable!(),
+    }
+    let mut all: Vec<Envelope> = (0..30).map(|i| activity("desk-1", i)).collect();
+    all.extend((0..5).map(|i| chat("desk-2", &format!("after {i}"))));
+    all.insert(17, bad);
+    publish_all(&s, &all, Encoding::MsgPack, true).await;
+    db.wait_count("SELECT count(*) FROM events", 35).await;
+    let dead = archiver_dead_letters(&s, 1).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0].0, "unstorable");
+    assert!(dead[0].1.contains("54000"), "PostgreSQL's reason is kept: {}", dead[0].1);
+    assert_eq!(db.count("SELECT count(*) FROM customers").await, 1, "the good chats' customer is stored");
+    let stats = a.stop().await.snapshot();
+    assert_eq!(stats.poisoned, 1, "{stats:?}");
 }

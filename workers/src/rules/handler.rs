@@ -13,6 +13,7 @@ use super::engine::{Decision, RuleSet};
 use super::reload::LiveRules;
 use crate::runtime::publish::{self, Outgoing, Publisher};
 use crate::runtime::{Handler, Outcome};
+use crate::state::Failure;
 
 /// Name of this responder; part of every reply id it makes.
 pub const RESPONDER: &str = "rules";
@@ -56,18 +57,29 @@ impl RulesHandler {
 
     /// The tags of the chat's customer, creating the customer on its first
     /// chat; empty when no rule needs them.
-    async fn customer_tags(&self, env: &Envelope, rules: &RuleSet) -> Result<Vec<String>, String> {
+    /// A database that is away is retried; a sender the database refuses
+    /// for its data (say, too long for the customers' index) is poison.
+    async fn customer_tags(&self, env: &Envelope, rules: &RuleSet) -> Result<Vec<String>, Outcome> {
         let (EventBody::Chat(c), Some(pool), true) = (&env.body, &self.customers, rules.needs_customers()) else {
             return Ok(Vec::new());
         };
         // Boxed: a PostgreSQL round trip's future is large, and every event
         // would otherwise carry (and move) room for it.
         Box::pin(async move {
-            let client = pool.get().await.map_err(|e| e.to_string())?;
+            let client = pool
+                .get()
+                .await
+                .map_err(|e| Outcome::retry(CUSTOMER_RETRY, format!("customer lookup failed: {e}")))?;
             crate::state::customers::identify(&**client, env.agent.as_str(), &c.sender, env.ts)
                 .await
                 .map(|k| k.tags)
-                .map_err(|e| e.to_string())
+                .map_err(|e| match crate::state::classify(&e) {
+                    Failure::Data => Outcome::Poison {
+                        code: "unstorable",
+                        reason: format!("customer lookup refused: {}", crate::state::db_reason(&e)),
+                    },
+                    Failure::Transient => Outcome::retry(CUSTOMER_RETRY, format!("customer lookup failed: {}", crate::state::db_reason(&e))),
+                })
         })
         .await
     }
@@ -118,7 +130,7 @@ impl Handler for RulesHandler {
         let rules = self.rules.current();
         let tags = match self.customer_tags(&env, &rules).await {
             Ok(t) => t,
-            Err(e) => return Outcome::retry(CUSTOMER_RETRY, format!("customer lookup failed: {e}")),
+            Err(outcome) => return outcome,
         };
         // Everything up to the publish is synchronous; the event, its tags
         // and the rules are dropped before the one await that takes time,

@@ -158,19 +158,42 @@ pub async fn connect_one(url: &str) -> Result<tokio_postgres::Client, StateError
 /// How a failed query should be treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Failure {
-    /// The server, the connection or a lock: try the same thing again later.
+    /// The server, the connection, a lock or the deployment: try the same
+    /// thing again later.
     Transient,
-    /// This data can never be stored (PostgreSQL error classes 22 and 23).
+    /// This data can never be stored: retrying it would wait for ever.
     Data,
 }
 
-/// Classifies an error: bad data (classes 22 "data exception" and 23
-/// "integrity constraint violation") is the row's fault; everything else
-/// (no connection, server shutting down, deadlock, a missing table after
-/// a botched deploy) is retried rather than blamed on the message.
+/// SQLSTATE classes that blame the data (PostgreSQL's manual, appendix A):
+/// - `22` data exception (a NUL in jsonb, a number out of range, bad UTF-8);
+/// - `23` integrity constraint violation;
+/// - `54` program limit exceeded: a value too large for an index (`54000`,
+///   "index row size exceeds btree maximum", from a chat sender of 1,500
+///   CJK characters) or a statement too large for its parameters, which
+///   splitting the batch also cures.
+pub const DATA_CLASSES: [&str; 3] = ["22", "23", "54"];
+
+/// Classifies an error by its SQLSTATE class: [`DATA_CLASSES`] are the
+/// row's fault. Everything else is retried rather than blamed on the
+/// message: no SQLSTATE (the connection), `08` connection exception, `53`
+/// insufficient resources (disk full, too many connections), `57` operator
+/// intervention (shutdown, restart), `40` rollback (deadlock, serialization),
+/// `55` lock not available, `58`/`XX` system and internal errors, and `42`
+/// or `3D` (a missing table or database after a botched deploy, which an
+/// operator fixes without touching the message).
 pub fn classify(e: &tokio_postgres::Error) -> Failure {
     match e.code() {
-        Some(code) if code.code().starts_with("22") || code.code().starts_with("23") => Failure::Data,
+        Some(code) if DATA_CLASSES.iter().any(|class| code.code().starts_with(class)) => Failure::Data,
         _ => Failure::Transient,
+    }
+}
+
+/// PostgreSQL's own message (with its SQLSTATE) rather than the driver's
+/// generic "db error".
+pub fn db_reason(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
+        None => e.to_string(),
     }
 }
