@@ -3,8 +3,11 @@
 //! A dead letter is published to `deadletter.<stream>.<consumer>` (stored in
 //! the `DEADLETTER` stream) with the original payload untouched, the original
 //! headers kept, and `Ferry-Dead-*` headers saying where it came from and why.
-//! Its `Nats-Msg-Id` is `<stream>:<sequence>:<consumer>`, so a worker that
-//! dead-letters the same delivery twice stores it once.
+//! Original headers in the broker's `Nats-` namespace are renamed to
+//! `Ferry-Original-Nats-*`: the broker acts on those names (a copied
+//! `Nats-Expected-Stream: EVENTS` made `DEADLETTER` refuse the dead letter
+//! for ever). Its `Nats-Msg-Id` is `<stream>:<sequence>:<consumer>`, so a
+//! worker that dead-letters the same delivery twice stores it once.
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -50,11 +53,13 @@ impl DeadLetter {
         let mut h = HeaderMap::new();
         if let Some(orig) = original {
             for (name, values) in orig.iter() {
-                if AsRef::<str>::as_ref(name) == headers::MSG_ID {
-                    continue;
-                }
+                let name: &str = name.as_ref();
+                let kept = match headers::is_broker_header(name) {
+                    true => format!("{}{name}", headers::ORIGINAL_PREFIX),
+                    false => name.to_string(),
+                };
                 for v in values {
-                    h.append(name.clone(), v.clone());
+                    h.append(kept.as_str(), v.clone());
                 }
             }
         }
@@ -81,5 +86,73 @@ impl DeadLetter {
             headers: h,
             payload,
         }
+    }
+}
+
+/// The body of a [`subject::max_deliveries_advisory`] that Ferry reads.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct MaxDeliveriesAdvisory {
+    /// The stream.
+    pub stream: String,
+    /// The consumer.
+    pub consumer: String,
+    /// The message's stream sequence.
+    pub stream_seq: u64,
+    /// How often it was delivered.
+    pub deliveries: i64,
+}
+
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn origin() -> Origin {
+        Origin {
+            stream: "EVENTS".into(),
+            consumer: "rules".into(),
+            subject: "events.desk-1.chat".into(),
+            sequence: 7,
+            deliveries: 1,
+        }
+    }
+
+    /// The broker acts on `Nats-` headers: none of the original's may reach
+    /// `DEADLETTER` under its own name, and none is lost.
+    #[test]
+    fn original_broker_headers_are_renamed_and_the_rest_kept() {
+        let mut orig = HeaderMap::new();
+        orig.insert("Nats-Expected-Stream", "EVENTS");
+        orig.insert("Nats-Msg-Id", "0190-abc");
+        orig.insert("nats-expected-last-sequence", "3");
+        orig.insert("Content-Type", "application/json");
+        orig.insert("traceparent", "00-abc-def-01");
+        let dl = DeadLetter::new(&origin(), Some(&orig), Bytes::from_static(b"{"), "malformed", "bad\nline");
+        let h = &dl.headers;
+        let get = |n: &str| h.get(n).map(|v| v.as_str().to_string());
+        assert_eq!(get("Nats-Expected-Stream"), None);
+        assert_eq!(get("nats-expected-last-sequence"), None);
+        assert_eq!(get("Ferry-Original-Nats-Expected-Stream").as_deref(), Some("EVENTS"));
+        assert_eq!(get("Ferry-Original-Nats-Msg-Id").as_deref(), Some("0190-abc"));
+        assert_eq!(get("Ferry-Original-nats-expected-last-sequence").as_deref(), Some("3"));
+        assert_eq!(get("Content-Type").as_deref(), Some("application/json"));
+        assert_eq!(get("traceparent").as_deref(), Some("00-abc-def-01"));
+        assert_eq!(get(headers::MSG_ID).as_deref(), Some("EVENTS:7:rules"));
+        assert_eq!(get(headers::DEAD_REASON_CODE).as_deref(), Some("malformed"));
+        let broker: Vec<String> = h
+            .iter()
+            .map(|(n, _)| AsRef::<str>::as_ref(n).to_string())
+            .filter(|n| headers::is_broker_header(n))
+            .collect();
+        assert_eq!(broker, [headers::MSG_ID], "only the dead letter's own id is a broker header");
+    }
+
+    /// The advisory as nats-server 2.9 and 2.10 write it.
+    #[test]
+    fn max_deliveries_advisory_parses() {
+        let json = r#"{"type":"io.nats.jetstream.advisory.v1.max_deliver","id":"x","timestamp":"2026-12-04T01:00:00Z","stream":"EVENTS","consumer":"rules","stream_seq":42,"deliveries":5}"#;
+        let a: MaxDeliveriesAdvisory = serde_json::from_str(json).unwrap();
+        assert_eq!(a, MaxDeliveriesAdvisory { stream: "EVENTS".into(), consumer: "rules".into(), stream_seq: 42, deliveries: 5 });
     }
 }

@@ -39,6 +39,16 @@ pub const DEAD_HEADERS: [&str; 7] = [
     DEAD_SEQUENCE,
     DEAD_DELIVERIES,
 ];
+/// Dead letters and re-drives: an original header in the broker's `Nats-`
+/// namespace is kept under this prefix (`Ferry-Original-Nats-Msg-Id`).
+pub const ORIGINAL_PREFIX: &str = "Ferry-Original-";
+
+/// Whether the broker acts on header `name` (`Nats-Expected-Stream`,
+/// `Nats-Msg-Id`, ...): header names are case-insensitive.
+pub fn is_broker_header(name: &str) -> bool {
+    name.get(..5).is_some_and(|p| p.eq_ignore_ascii_case("Nats-"))
+}
+
 /// Set by a stream's RePublish: the message's sequence in the stream.
 pub const STREAM_SEQUENCE: &str = "Nats-Sequence";
 /// Set by a stream's RePublish: the sequence of the previous message stored

@@ -43,6 +43,9 @@ pub const WORKER_CONSUMER_PENDING: &str = "ferry_worker_consumer_pending";
 pub const WORKER_CONSUMER_ACK_PENDING: &str = "ferry_worker_consumer_ack_pending";
 /// Redelivered, not yet acknowledged.
 pub const WORKER_CONSUMER_REDELIVERED: &str = "ferry_worker_consumer_redelivered";
+/// Gauge per consume loop: 1 while it is bound to its consumer and pulling,
+/// 0 while it is getting a lost consumer back.
+pub const WORKER_LOOP_UP: &str = "ferry_worker_loop_up";
 
 /// Events in the agent's spool.
 pub const AGENT_SPOOL_EVENTS: &str = "ferry_agent_spool_events";

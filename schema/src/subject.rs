@@ -140,6 +140,13 @@ pub fn dead_letter(stream: &str, consumer: &str) -> Subject {
     Subject::from(format!("{DEADLETTER}.{stream}.{consumer}"))
 }
 
+/// `$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>`: the
+/// broker's notice that a message of that consumer used its last delivery
+/// without an ack (its handler timed out, or its replica died every time).
+pub fn max_deliveries_advisory(stream: &str, consumer: &str) -> Subject {
+    Subject::from(format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}"))
+}
+
 /// `deadletter.>`: every dead letter.
 pub fn all_dead_letters() -> Subject {
     Subject::from_static("deadletter.>")

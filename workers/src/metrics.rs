@@ -17,7 +17,7 @@ use prometheus_client::registry::Registry;
 pub use ferry_schema::metrics::{
     WORKER_ACK_FAILURES as ACK_FAILURES, WORKER_CONSUMER_ACK_PENDING as CONSUMER_ACK_PENDING,
     WORKER_CONSUMER_PENDING as CONSUMER_PENDING, WORKER_CONSUMER_REDELIVERED as CONSUMER_REDELIVERED,
-    WORKER_HANDLING_SECONDS as HANDLING_SECONDS, WORKER_IN_FLIGHT as IN_FLIGHT, WORKER_MESSAGES as MESSAGES,
+    WORKER_HANDLING_SECONDS as HANDLING_SECONDS, WORKER_IN_FLIGHT as IN_FLIGHT, WORKER_LOOP_UP as LOOP_UP, WORKER_MESSAGES as MESSAGES,
     WORKER_MODEL_TOKENS as MODEL_TOKENS,
 };
 
@@ -67,6 +67,7 @@ pub struct Metrics {
     pending: Family<LoopLabels, Gauge>,
     ack_pending: Family<LoopLabels, Gauge>,
     redelivered: Family<LoopLabels, Gauge>,
+    up: Family<LoopLabels, Gauge>,
 }
 
 fn handling_histogram() -> Histogram {
@@ -94,6 +95,8 @@ impl Metrics {
         registry.register(CONSUMER_ACK_PENDING, "Messages delivered and not yet acknowledged", ack_pending.clone());
         let redelivered = Family::<LoopLabels, Gauge>::default();
         registry.register(CONSUMER_REDELIVERED, "Messages redelivered and not yet acknowledged", redelivered.clone());
+        let up = Family::<LoopLabels, Gauge>::default();
+        registry.register(LOOP_UP, "1 while the consume loop is bound to its consumer, 0 while it gets it back", up.clone());
         Self {
             registry,
             messages,
@@ -104,6 +107,7 @@ impl Metrics {
             pending,
             ack_pending,
             redelivered,
+            up,
         }
     }
 
@@ -128,6 +132,7 @@ impl Metrics {
             pending: self.pending.get_or_create_owned(&l),
             ack_pending: self.ack_pending.get_or_create_owned(&l),
             redelivered: self.redelivered.get_or_create_owned(&l),
+            up: self.up.get_or_create_owned(&l),
         }
     }
 
@@ -162,6 +167,7 @@ pub struct LoopMetrics {
     pub(crate) pending: Gauge,
     pub(crate) ack_pending: Gauge,
     pub(crate) redelivered: Gauge,
+    pub(crate) up: Gauge,
 }
 
 /// The process-wide metrics.

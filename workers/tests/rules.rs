@@ -4,15 +4,18 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{chat, publish, stack, RULES};
 use ferry_schema::codec::{decode_reply, DEFAULT_MAX_PAYLOAD};
 use ferry_schema::reply::{ChatAction, ResponderKind};
-use ferry_schema::topology::{DEADLETTER_STREAM, EVENTS_STREAM, REPLIES_STREAM};
+use ferry_schema::topology::{self, DEADLETTER_STREAM, EVENTS_STREAM, REPLIES_STREAM};
 use ferry_schema::{headers, subject, AgentId, Encoding, EventId, ReplyBody};
 use ferry_stack::inspect;
+use ferry_workers::runtime::{consume, ConsumeSettings, Handler, Outcome, Stats};
 use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -414,4 +417,196 @@ async fn rules_are_reloaded_when_the_file_changes_and_validates() {
     until_replies_follow(&s.js, &mut replies, "v2: hi", "v3: hi").await;
     stop.cancel();
     worker.await.unwrap().unwrap();
+}
+
+/// A malformed event published with `Nats-Expected-Stream: EVENTS` (which
+/// the broker honours on the original publish) still reaches dead letters:
+/// copied under its own name, the header made `DEADLETTER` refuse the dead
+/// letter for ever, and the worker logged an error every second.
+#[tokio::test]
+async fn poison_with_broker_headers_still_reaches_dead_letters() {
+    let s = stack(RULES, Duration::from_secs(30)).await;
+    let _worker = s.replica(8).await;
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Nats-Expected-Stream", EVENTS_STREAM);
+    h.insert(headers::MSG_ID, "hand-made-1");
+    s.js.publish_with_headers("events.desk-1.chat", h, "not an event".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    publish(&s.js, &chat("desk-1", "after"), Encoding::MsgPack, true).await;
+    inspect::wait_for_count(&s.js, DEADLETTER_STREAM, 1, WAIT).await.unwrap();
+    let dead = inspect::read_all(&s.js, DEADLETTER_STREAM, "").await.unwrap();
+    let h = dead[0].headers.as_ref().unwrap();
+    assert_eq!(h.get(headers::DEAD_REASON_CODE).unwrap().as_str(), "malformed");
+    assert_eq!(h.get("Ferry-Original-Nats-Expected-Stream").unwrap().as_str(), EVENTS_STREAM);
+    assert_eq!(h.get("Ferry-Original-Nats-Msg-Id").unwrap().as_str(), "hand-made-1");
+    assert_eq!(&dead[0].payload[..], b"not an event");
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, 1, WAIT).await.unwrap();
+}
+
+/// A handler that panics on some messages.
+struct Panicky;
+
+impl Handler for Panicky {
+    async fn handle(&self, msg: &async_nats::jetstream::Message) -> Outcome {
+        if &msg.payload[..] == b"boom" {
+            panic!("boom in the handler");
+        }
+        Outcome::Done
+    }
+}
+
+/// A handler's panic becomes a dead letter with reason `panic` and the
+/// panic's message; the loop goes on with the next messages.
+#[tokio::test]
+async fn a_handler_panic_is_dead_lettered_and_the_loop_goes_on() {
+    let s = stack(RULES, Duration::from_secs(30)).await;
+    let client = s.nats.workers("test-panicky").connect().await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stats = Arc::new(Stats::for_role("rules"));
+    let stop = CancellationToken::new();
+    let settings = ConsumeSettings {
+        max_in_flight: 4,
+        ..ConsumeSettings::default()
+    };
+    let task = {
+        let (js, stats, stop) = (js.clone(), stats.clone(), stop.clone());
+        tokio::spawn(async move {
+            consume(&js, &topology::rules_consumer(), Arc::new(Panicky), &settings, stats, stop).await
+        })
+    };
+    for payload in ["one", "boom", "two", "boom", "three"] {
+        s.js.publish("events.desk-1.chat", payload.into()).await.unwrap().await.unwrap();
+    }
+    inspect::wait_for_count(&s.js, DEADLETTER_STREAM, 2, WAIT).await.unwrap();
+    let dead = inspect::read_all(&s.js, DEADLETTER_STREAM, "").await.unwrap();
+    for m in &dead {
+        let h = m.headers.as_ref().unwrap();
+        assert_eq!(h.get(headers::DEAD_REASON_CODE).unwrap().as_str(), "panic");
+        let reason = h.get(headers::DEAD_REASON).unwrap().to_string();
+        assert!(reason.contains("boom in the handler"), "{reason}");
+        assert_eq!(&m.payload[..], b"boom");
+    }
+    let start = std::time::Instant::now();
+    while stats.snapshot().done < 3 {
+        assert!(start.elapsed() < WAIT, "the loop stopped after the panic: {:?}", stats.snapshot());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stats.snapshot().poisoned, 2);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A consumer deleted under a running worker (an operator's mistake, a
+/// botched re-provision) ended the consume loop, and the process went on
+/// looking healthy. Now the loop re-creates its consumer from its
+/// definition, starting after the ack floor, and every event published
+/// before and after is answered exactly once.
+#[tokio::test]
+async fn a_deleted_consumer_is_recreated_and_every_event_answered_once() {
+    let s = stack(RULES, Duration::from_secs(30)).await;
+    let worker = s.replica(8).await;
+    let before: Vec<_> = (0..20).map(|i| chat("desk-1", &format!("before {i}"))).collect();
+    for e in &before {
+        publish(&s.js, e, Encoding::MsgPack, true).await;
+    }
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, 20, WAIT).await.unwrap();
+    let events = s.js.get_stream(EVENTS_STREAM).await.unwrap();
+    events.delete_consumer("rules").await.unwrap();
+    let after: Vec<_> = (0..20).map(|i| chat("desk-2", &format!("after {i}"))).collect();
+    for e in &after {
+        publish(&s.js, e, Encoding::MsgPack, true).await;
+    }
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, 40, WAIT).await.unwrap();
+    // Re-answers of events acked before the floor was read are the same
+    // replies (same ids), which REPLIES de-duplicates.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let answered = stored_replies(&s.js).await;
+    for e in before.iter().chain(&after) {
+        assert_eq!(answered.get(&e.id), Some(&1), "event {} answered once", e.id);
+    }
+    assert_eq!(answered.len(), 40);
+    let info = events.consumer_info("rules").await.unwrap();
+    assert_eq!(info.num_pending, 0);
+    assert!(!worker.task.is_finished(), "the worker keeps running");
+    worker.stop.cancel();
+    worker.task.await.unwrap().unwrap();
+}
+
+/// A consumer that cannot be had back (its stream is gone) stops the
+/// worker with an error within `rebind_within`, so the process exits
+/// non-zero and its supervisor restarts it, instead of idling unseen.
+#[tokio::test]
+async fn a_consumer_that_cannot_come_back_stops_the_worker_with_an_error() {
+    use ferry_workers::rules::{self, RulesConfig};
+    let s = stack(RULES, Duration::from_secs(30)).await;
+    let client = s.nats.workers("test-rules").connect().await.unwrap();
+    let mut cfg = RulesConfig::new(s.rules_file.path());
+    cfg.consume.rebind_within = Duration::from_secs(3);
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn({
+        let stop = stop.clone();
+        async move { rules::run(client, &cfg, stop).await }
+    });
+    publish(&s.js, &chat("desk-1", "hi"), Encoding::MsgPack, true).await;
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, 1, WAIT).await.unwrap();
+    s.js.delete_stream(EVENTS_STREAM).await.unwrap();
+    let result = tokio::time::timeout(WAIT, worker).await.expect("the worker stops by itself").unwrap();
+    let error = result.expect_err("a lost consumer is an error").to_string();
+    assert!(error.contains("lost consumer EVENTS/rules"), "{error}");
+    assert!(!stop.is_cancelled());
+}
+
+/// A handler that never finishes on some messages.
+struct Stuck;
+
+impl Handler for Stuck {
+    async fn handle(&self, msg: &async_nats::jetstream::Message) -> Outcome {
+        if &msg.payload[..] == b"stuck" {
+            std::future::pending::<()>().await;
+        }
+        Outcome::Done
+    }
+}
+
+/// A message whose every delivery times out (no handler ever answers)
+/// used to vanish after `max_deliver`; the broker's max-deliveries advisory
+/// now makes it a dead letter with code `max_deliver`, and the others pass.
+#[tokio::test]
+async fn a_message_whose_deliveries_all_time_out_is_dead_lettered() {
+    // ack_wait 1 s, max_deliver 5: the broker gives up after about 5 s.
+    let s = stack(RULES, Duration::from_secs(1)).await;
+    let client = s.nats.workers("test-stuck").connect().await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stats = Arc::new(Stats::for_role("rules"));
+    let stop = CancellationToken::new();
+    let settings = ConsumeSettings {
+        max_in_flight: 16,
+        shutdown_grace: Duration::from_millis(200),
+        ..ConsumeSettings::default()
+    };
+    let task = {
+        let (js, stats, stop) = (js.clone(), stats.clone(), stop.clone());
+        tokio::spawn(async move { consume(&js, &topology::rules_consumer(), Arc::new(Stuck), &settings, stats, stop).await })
+    };
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+    s.js.publish_with_headers("events.desk-1.chat", h, "stuck".into()).await.unwrap().await.unwrap();
+    for payload in ["fine", "also fine"] {
+        s.js.publish("events.desk-2.chat", payload.into()).await.unwrap().await.unwrap();
+    }
+    inspect::wait_for_count(&s.js, DEADLETTER_STREAM, 1, WAIT).await.unwrap();
+    let dead = inspect::read_all(&s.js, DEADLETTER_STREAM, "").await.unwrap();
+    let h = dead[0].headers.as_ref().unwrap();
+    assert_eq!(h.get(headers::DEAD_REASON_CODE).unwrap().as_str(), "max_deliver");
+    assert_eq!(h.get(headers::DEAD_DELIVERIES).unwrap().as_str(), "5");
+    assert_eq!(h.get(headers::DEAD_SUBJECT).unwrap().as_str(), "events.desk-1.chat");
+    assert_eq!(h.get(headers::DEAD_SEQUENCE).unwrap().as_str(), "1");
+    assert!(h.get("traceparent").is_some(), "the original's headers are kept");
+    assert_eq!(&dead[0].payload[..], b"stuck");
+    assert_eq!(stats.snapshot().done, 2);
+    stop.cancel();
+    task.await.unwrap().unwrap();
 }

@@ -124,7 +124,9 @@ pub async fn run(cmd: DlqCmd) -> anyhow::Result<()> {
                 let mut h = async_nats::HeaderMap::new();
                 for (name, values) in l.msg.headers.iter() {
                     let n: &str = name.as_ref();
-                    if n == headers::MSG_ID || headers::DEAD_HEADERS.contains(&n) {
+                    // The dead letter's own id and reason, and the original's
+                    // broker headers (its old id would be de-duplicated away).
+                    if n == headers::MSG_ID || headers::DEAD_HEADERS.contains(&n) || n.starts_with(headers::ORIGINAL_PREFIX) {
                         continue;
                     }
                     for v in values {

@@ -113,6 +113,7 @@ pub async fn run(
     );
     let (replies, replies_writer) =
         batch::Batcher::spawn(pool, Arc::new(rows::ReplySink), cfg.batch.clone(), shutdown.clone(), "replies");
+    let loops = shutdown.child_token();
     let (ev_def, rp_def) = (topology::archiver_events_consumer(), topology::archiver_replies_consumer());
     let ev = runtime::consume(
         &js,
@@ -123,7 +124,7 @@ pub async fn run(
         }),
         &cfg.consume,
         stats.clone(),
-        shutdown.clone(),
+        loops.clone(),
     );
     let rp = runtime::consume(
         &js,
@@ -134,13 +135,12 @@ pub async fn run(
         }),
         &cfg.consume,
         stats.clone(),
-        shutdown,
+        loops.clone(),
     );
-    let (a, b) = tokio::join!(ev, rp);
+    let result = runtime::both(&loops, ev, rp).await;
     // The handlers (and their senders) are gone: the writers drain and stop.
     let _ = tokio::join!(events_writer, replies_writer);
     runtime::finish(svc, &client).await;
-    a?;
-    b?;
+    result?;
     Ok(stats)
 }

@@ -135,6 +135,7 @@ pub async fn run(
         max_payload: cfg.max_payload,
         db,
     };
+    let loops = shutdown.child_token();
     let chat_def = topology::inference_chat_consumer();
     let predict_def = topology::inference_predict_consumer();
     let chat = runtime::consume(
@@ -143,7 +144,7 @@ pub async fn run(
         Arc::new(handler::ChatHandler(shared.clone())),
         &consume,
         stats.clone(),
-        shutdown.clone(),
+        loops.clone(),
     );
     let predict = runtime::consume(
         &js,
@@ -151,11 +152,10 @@ pub async fn run(
         Arc::new(handler::PredictHandler(shared)),
         &consume,
         stats.clone(),
-        shutdown.clone(),
+        loops.clone(),
     );
-    let (a, b) = tokio::join!(chat, predict);
+    let result = runtime::both(&loops, chat, predict).await;
     runtime::finish(svc, &client).await;
-    a?;
-    b?;
+    result?;
     Ok(stats)
 }

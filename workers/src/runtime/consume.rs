@@ -8,6 +8,7 @@
 //! was delivered but not started (another replica takes it at once), wait
 //! for in-flight handlers to finish and ack, then return.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +17,7 @@ use async_nats::jetstream::{
     consumer::{pull, PullConsumer},
     AckKind,
 };
-use ferry_schema::deadletter::{DeadLetter, Origin};
+use ferry_schema::deadletter::{DeadLetter, MaxDeliveriesAdvisory, Origin};
 use ferry_schema::topology::ConsumerDef;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
@@ -54,6 +55,12 @@ pub struct ConsumeSettings {
     pub dead_letter_retry: Duration,
     /// How often the loop reads its consumer's info for the lag metrics.
     pub lag_every: Duration,
+    /// How long the loop tries to get its consumer back (re-binding, or
+    /// re-creating it from its definition) after the broker says it was
+    /// deleted or JetStream does not answer. Past this the loop fails, the
+    /// role's other loops stop, and the process exits non-zero, so its
+    /// supervisor restarts it rather than leaving it half dead.
+    pub rebind_within: Duration,
 }
 
 impl Default for ConsumeSettings {
@@ -66,6 +73,7 @@ impl Default for ConsumeSettings {
             shutdown_grace: Duration::from_secs(30),
             dead_letter_retry: Duration::from_secs(1),
             lag_every: Duration::from_secs(5),
+            rebind_within: Duration::from_secs(120),
         }
     }
 }
@@ -84,14 +92,17 @@ pub enum ConsumeError {
         #[source]
         source: jetstream::stream::ConsumerError,
     },
-    /// Pulling from the consumer failed in a way that will not heal.
-    #[error("pulling from {stream}/{consumer} failed: {reason}")]
-    Pull {
+    /// The consumer was lost (deleted, or JetStream stopped answering) and
+    /// could not be had back within `rebind_within`.
+    #[error("lost consumer {stream}/{consumer} and could not get it back within {within:?}: {reason}")]
+    Lost {
         /// Stream name.
         stream: String,
         /// Consumer name.
         consumer: String,
-        /// What went wrong.
+        /// How long it tried.
+        within: Duration,
+        /// The last failure.
         reason: String,
     },
     /// `max_in_flight` is zero.
@@ -113,7 +124,7 @@ pub async fn consume<H: Handler>(
     if settings.max_in_flight == 0 {
         return Err(ConsumeError::ZeroConcurrency);
     }
-    let pull: PullConsumer = js
+    let mut pull: PullConsumer = js
         .get_consumer_from_stream::<pull::Config, _, _>(consumer, stream)
         .await
         .map_err(|source| ConsumeError::ConsumerMissing {
@@ -131,7 +142,15 @@ pub async fn consume<H: Handler>(
     let permits = Arc::new(Semaphore::new(settings.max_in_flight));
     let tracker = TaskTracker::new();
     let metrics = crate::metrics::global().for_loop(stats.role(), consumer);
-    let lag = tokio::spawn(watch_lag(pull.clone(), metrics.clone(), settings.lag_every, shutdown.clone()));
+    // The consumer's ack floor as last read: where a re-created consumer starts.
+    let ack_floor = Arc::new(AtomicU64::new(pull.cached_info().ack_floor.stream_sequence));
+    let lag = tokio::spawn(watch_lag(
+        pull.clone(),
+        metrics.clone(),
+        ack_floor.clone(),
+        settings.lag_every,
+        shutdown.clone(),
+    ));
     let ctx = Arc::new(Ctx {
         metrics,
         js: js.clone(),
@@ -141,6 +160,8 @@ pub async fn consume<H: Handler>(
         settings: settings.clone(),
         stats,
     });
+    let exhausted = tokio::spawn(watch_exhausted(ctx.clone(), shutdown.clone()));
+    ctx.metrics.up.set(1);
     tracing::info!(
         stream,
         consumer,
@@ -204,11 +225,29 @@ pub async fn consume<H: Handler>(
                     use jetstream::consumer::pull::MessagesErrorKind as K;
                     match error.kind() {
                         K::ConsumerDeleted | K::NoResponders => {
-                            return Err(ConsumeError::Pull {
-                                stream: stream.to_string(),
-                                consumer: consumer.to_string(),
-                                reason: error.to_string(),
-                            });
+                            tracing::warn!(%error, stream, consumer, "consumer lost; getting it back");
+                            ctx.metrics.up.set(0);
+                            match rebind(js, def, ack_floor.load(Ordering::Relaxed), settings.rebind_within, &shutdown).await {
+                                Ok(Some(again)) => {
+                                    tracing::info!(stream, consumer, "consumer back; pulling again");
+                                    ctx.metrics.up.set(1);
+                                    pull = again;
+                                    continue 'pulling;
+                                }
+                                Ok(None) => break 'pulling,
+                                Err(error) => {
+                                    lag.abort();
+                                    exhausted.abort();
+                                    return Err(error);
+                                }
+                            }
+                        }
+                        K::MissingHeartbeat => {
+                            // async-nats would wait out `expires` and more before
+                            // pulling again; a fresh pull finds out at once.
+                            tracing::warn!(%error, stream, consumer, "pull heartbeat missed; starting a new pull");
+                            nak_buffered(&mut messages).await;
+                            continue 'pulling;
                         }
                         _ => tracing::warn!(%error, stream, consumer, "pull error; continuing"),
                     }
@@ -223,6 +262,7 @@ pub async fn consume<H: Handler>(
 
     // Phase two: nothing new is pulled; let in-flight handlers finish.
     lag.abort();
+    ctx.metrics.up.set(0);
     tracker.close();
     let in_flight = tracker.len();
     tracing::info!(stream, consumer, in_flight, "stopping: waiting for in-flight messages");
@@ -237,12 +277,92 @@ pub async fn consume<H: Handler>(
             "in-flight messages did not finish in time; the broker redelivers them after ack_wait"
         );
     }
+    exhausted.abort();
     Ok(())
 }
 
+/// How long a loop waits before it looks for its lost consumer: a delete
+/// is told to the loop before the broker has finished it, and nats-server
+/// 2.9 fails the delete ("directory not empty") when a re-create refills
+/// the consumer's directory meanwhile; an operator re-provisioning also
+/// gets to go first.
+const REBIND_PAUSE: Duration = Duration::from_secs(1);
+
+/// Gets the loop's consumer back after the broker said it was deleted (or
+/// JetStream did not answer): binds to it again, or re-creates it from `def`
+/// starting after `ack_floor` (so nothing unacked is skipped, and what was
+/// acked since the floor was read is redelivered to idempotent handlers),
+/// retrying with back-off for up to `within`. `Ok(None)` on shutdown.
+async fn rebind(
+    js: &jetstream::Context,
+    def: &ConsumerDef,
+    ack_floor: u64,
+    within: Duration,
+    shutdown: &CancellationToken,
+) -> Result<Option<PullConsumer>, ConsumeError> {
+    let (stream, consumer) = (def.stream, def.name());
+    let deadline = Instant::now() + within;
+    tokio::select! {
+        _ = shutdown.cancelled() => return Ok(None),
+        _ = tokio::time::sleep(REBIND_PAUSE) => {}
+    }
+    let mut attempt = 0usize;
+    loop {
+        let failure = match js.get_consumer_from_stream::<pull::Config, _, _>(consumer, stream).await {
+            Ok(pull) => return Ok(Some(pull)),
+            Err(error) if is_not_found(&error) => {
+                let mut config = def.config.clone();
+                if ack_floor > 0 {
+                    config.deliver_policy = jetstream::consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: ack_floor + 1,
+                    };
+                }
+                match js.create_consumer_on_stream(config, stream).await {
+                    Ok(pull) => {
+                        tracing::warn!(stream, consumer, from_sequence = ack_floor + 1, "re-created the missing consumer from its definition");
+                        return Ok(Some(pull));
+                    }
+                    // Another replica may have re-created it first (from
+                    // another floor): the next round binds to that one.
+                    Err(error) => format!("re-creating it failed: {error}"),
+                }
+            }
+            Err(error) => error.to_string(),
+        };
+        attempt += 1;
+        let delay = ferry_schema::connect::reconnect_delay(attempt);
+        if Instant::now() + delay > deadline {
+            return Err(ConsumeError::Lost {
+                stream: stream.to_string(),
+                consumer: consumer.to_string(),
+                within,
+                reason: failure,
+            });
+        }
+        tracing::warn!(stream, consumer, reason = %failure, ?delay, "consumer not back yet; retrying");
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Whether the broker said the consumer does not exist.
+fn is_not_found(error: &jetstream::stream::ConsumerError) -> bool {
+    matches!(error.kind(), jetstream::stream::ConsumerErrorKind::JetStream(e)
+        if e.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND)
+}
+
 /// Keeps the lag gauges of one consume loop current: the consumer's
-/// pending, ack-pending and redelivered counts, as the broker reports them.
-async fn watch_lag(mut pull: PullConsumer, m: crate::metrics::LoopMetrics, every: Duration, shutdown: CancellationToken) {
+/// pending, ack-pending and redelivered counts, as the broker reports them,
+/// and its ack floor for [`rebind`].
+async fn watch_lag(
+    mut pull: PullConsumer,
+    m: crate::metrics::LoopMetrics,
+    ack_floor: Arc<AtomicU64>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -255,9 +375,23 @@ async fn watch_lag(mut pull: PullConsumer, m: crate::metrics::LoopMetrics, every
                 m.pending.set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
                 m.ack_pending.set(i64::try_from(info.num_ack_pending).unwrap_or(i64::MAX));
                 m.redelivered.set(i64::try_from(info.num_redelivered).unwrap_or(i64::MAX));
+                ack_floor.store(info.ack_floor.stream_sequence, Ordering::Relaxed);
             }
             Err(error) => tracing::debug!(%error, "consumer info for the lag metrics failed"),
         }
+    }
+}
+
+/// The poison outcome for a handler that panicked with `panic`.
+fn panicked(panic: &(dyn std::any::Any + Send)) -> Outcome {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with a non-text payload".into());
+    Outcome::Poison {
+        code: "panic",
+        reason: format!("the handler panicked: {message}"),
     }
 }
 
@@ -298,10 +432,14 @@ impl Ctx {
                 .unwrap_or((1, 0))
         };
 
+        // A panicking handler poisons its message, not the loop: the panic
+        // becomes a dead letter with its message, and the loop goes on.
+        let work = std::panic::AssertUnwindSafe(handler.handle(&msg))
+            .catch_unwind()
+            .map(|r| r.unwrap_or_else(|panic| panicked(&*panic)));
         let outcome = match self.settings.progress_every {
-            None => handler.handle(&msg).await,
+            None => work.await,
             Some(every) => {
-                let work = handler.handle(&msg);
                 tokio::pin!(work);
                 let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                 loop {
@@ -382,11 +520,94 @@ impl Ctx {
             sequence,
             deliveries,
         };
-        let dl = DeadLetter::new(&origin, msg.headers.as_ref(), msg.payload.clone(), code, reason);
+        self.publish_dead_letter(DeadLetter::new(&origin, msg.headers.as_ref(), msg.payload.clone(), code, reason))
+            .await
+    }
+
+    async fn publish_dead_letter(&self, dl: DeadLetter) -> Result<(), async_nats::Error> {
         self.js
             .publish_with_headers(dl.subject, dl.headers, dl.payload)
             .await?
             .await?;
         Ok(())
     }
+
+    /// Dead-letters the message the broker gave up on in `advisory`: read
+    /// back from its stream, it gets code `max_deliver`. Its id
+    /// (`<stream>:<sequence>:<consumer>`) makes a second copy (another
+    /// replica, a redelivered advisory) a duplicate the stream drops.
+    async fn dead_letter_exhausted(&self, advisory: &MaxDeliveriesAdvisory) -> Result<(), String> {
+        let stream = self.js.get_stream_no_info(&self.stream).await.map_err(|e| e.to_string())?;
+        let msg = stream
+            .get_raw_message(advisory.stream_seq)
+            .await
+            .map_err(|e| format!("cannot read message {} back: {e}", advisory.stream_seq))?;
+        let origin = Origin {
+            stream: self.stream.clone(),
+            consumer: self.consumer.clone(),
+            subject: msg.subject.to_string(),
+            sequence: advisory.stream_seq,
+            deliveries: advisory.deliveries,
+        };
+        let reason = format!(
+            "delivered {} times and never acknowledged: its handler did not finish within the consumer's ack_wait, or its replica died each time",
+            advisory.deliveries
+        );
+        let dl = DeadLetter::new(&origin, Some(&msg.headers), msg.payload, "max_deliver", &reason);
+        self.publish_dead_letter(dl).await.map_err(|e| e.to_string())
+    }
+}
+
+/// How often a dead letter for an exhausted message is tried before it is
+/// only logged.
+const EXHAUSTED_TRIES: usize = 5;
+
+/// Dead-letters what the broker gives up on without any handler's word (a
+/// message whose last delivery timed out would otherwise vanish): listens
+/// to the consumer's max-deliveries advisories in a queue group, so one
+/// replica of the role takes each. An advisory sent while no replica runs
+/// is lost (core NATS); the message then stays in its stream for `ferry
+/// replay`.
+async fn watch_exhausted(ctx: Arc<Ctx>, shutdown: CancellationToken) {
+    let client = ctx.js.client();
+    let subject = ferry_schema::subject::max_deliveries_advisory(&ctx.stream, &ctx.consumer);
+    let mut advisories = match client.queue_subscribe(subject, format!("ferry.{}", ctx.consumer)).await {
+        Ok(s) => s,
+        Err(error) => {
+            tracing::error!(%error, consumer = ctx.consumer, "cannot listen for max-deliveries advisories; exhausted messages will not be dead-lettered");
+            return;
+        }
+    };
+    loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            m = advisories.next() => match m {
+                Some(m) => m,
+                None => break,
+            },
+        };
+        let advisory: MaxDeliveriesAdvisory = match serde_json::from_slice(&msg.payload) {
+            Ok(a) => a,
+            Err(error) => {
+                tracing::warn!(%error, "unreadable max-deliveries advisory");
+                continue;
+            }
+        };
+        for attempt in 1..=EXHAUSTED_TRIES {
+            match ctx.dead_letter_exhausted(&advisory).await {
+                Ok(()) => {
+                    tracing::warn!(sequence = advisory.stream_seq, deliveries = advisory.deliveries, consumer = ctx.consumer, "dead-lettered a message whose deliveries ran out");
+                    break;
+                }
+                Err(error) if attempt == EXHAUSTED_TRIES => {
+                    tracing::error!(%error, sequence = advisory.stream_seq, "cannot dead-letter an exhausted message; it stays in its stream")
+                }
+                Err(error) => {
+                    tracing::warn!(%error, sequence = advisory.stream_seq, attempt, "dead letter of an exhausted message failed; retrying");
+                    tokio::time::sleep(ctx.settings.dead_letter_retry).await;
+                }
+            }
+        }
+    }
+    let _ = advisories.unsubscribe().await;
 }
