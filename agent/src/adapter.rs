@@ -13,10 +13,17 @@
 //! - `{"type":"message","chat":"Alice","chat_type":"direct","sender":"Alice","content":"hi","msg_type":"text","time":"2026-11-22T10:00:00+08:00","ref":"42"}`:
 //!   an incoming chat message; `chat_type` (`direct`/`group`), `msg_type`
 //!   (`text`/`image`/`file`/`other`), `time` and `ref` are optional. The
-//!   agent spools it as a chat event and answers `accepted` with the event
-//!   id and the same `ref`.
+//!   agent spools it as a chat event and, once the spool has committed it
+//!   (it then survives a crash of the agent), answers `accepted` with the
+//!   event id and the same `ref`. Until then the adapter keeps the message.
 //! - `{"type":"sent","reply_id":"…"}` / `{"type":"send_failed","reply_id":"…","error":"…"}`:
-//!   the outcome of a `send`.
+//!   the outcome of a `send`. The agent records a chat reply as done only
+//!   after `sent`; a `send_failed`, or no answer within
+//!   [`SEND_CONFIRM_TIMEOUT`], makes it send again, and after
+//!   [`SEND_TRIES`] tries the reply goes to every client as an `escalation`
+//!   for a person to send. So a `send` can come twice with one `reply_id`
+//!   (an agent killed between the adapter's send and its `sent`): an adapter
+//!   sends a `reply_id` once.
 //! - `{"type":"ping"}`: answered by `pong`.
 //!
 //! From the agent:
@@ -29,8 +36,10 @@
 //! - `error` `{"message"}`: a line was not understood (the connection stays
 //!   open, except after a bad `hello`).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use ferry_schema::event::{ChatMessage, ChatType, EventBody, MessageType};
@@ -38,7 +47,7 @@ use ferry_schema::{AgentId, Envelope, EventId};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
@@ -49,6 +58,10 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7301";
 /// Name of the adapter component in the heartbeat.
 pub const COMPONENT: &str = "chat-adapter";
+/// How long the agent waits for an adapter's `sent` or `send_failed`.
+pub const SEND_CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a chat reply is given to an adapter before it is escalated.
+pub const SEND_TRIES: u32 = 5;
 /// Longest line accepted from a client.
 const MAX_LINE: usize = 256 * 1024;
 /// Lines queued for one client before it counts as stuck.
@@ -185,24 +198,44 @@ struct Client {
     tx: mpsc::Sender<ToClient>,
 }
 
+/// A `send` waiting for its `sent`: the client it went to, and who waits.
+type Pending = HashMap<String, (u64, oneshot::Sender<Result<(), String>>)>;
+
 /// The connected clients; cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct Clients {
     inner: Arc<Mutex<Vec<Client>>>,
     changed: Arc<Notify>,
+    /// `send`s waiting for the adapter's `sent` or `send_failed`, by reply id.
+    pending: Arc<Mutex<Pending>>,
 }
 
-/// Why a delivery did not happen.
+/// Why a chat reply was not sent.
 #[derive(Debug, thiserror::Error)]
-#[error("no chat adapter is connected")]
-pub struct NoAdapter;
+pub enum SendError {
+    /// No client that sends is connected.
+    #[error("no chat adapter is connected")]
+    NoAdapter,
+    /// The adapter went away before it answered.
+    #[error("the chat adapter disconnected before it confirmed the send")]
+    Disconnected,
+    /// The adapter did not answer in time.
+    #[error("the chat adapter did not confirm the send within {0:?}")]
+    Unconfirmed(Duration),
+    /// The adapter answered `send_failed`.
+    #[error("the chat adapter could not send it: {0}")]
+    Failed(String),
+}
+
+/// A poisoned lock still holds valid data: every change under these locks
+/// is a single insert or removal.
+fn unpoisoned<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 impl Clients {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Client>> {
-        match self.inner.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+        unpoisoned(&self.inner)
     }
 
     /// Whether a client that sends is connected.
@@ -221,12 +254,39 @@ impl Clients {
         }
     }
 
-    /// Gives `line` to the first connected client that sends.
-    pub async fn send(&self, line: ToClient) -> Result<(), NoAdapter> {
-        let tx = self.lock().iter().find(|c| c.sends).map(|c| c.tx.clone());
-        match tx {
-            Some(tx) => tx.send(line).await.map_err(|_| NoAdapter),
-            None => Err(NoAdapter),
+    /// Gives `line`, the `send` of reply `reply_id`, to the first connected
+    /// client that sends, and waits up to `within` for its `sent` (`Ok`) or
+    /// `send_failed`.
+    pub async fn send_confirmed(&self, reply_id: &str, line: ToClient, within: Duration) -> Result<(), SendError> {
+        let (tx, answer) = {
+            let clients = self.lock();
+            let client = clients.iter().find(|c| c.sends).ok_or(SendError::NoAdapter)?;
+            let (done, answer) = oneshot::channel();
+            // Registered while the client list is locked, so a client
+            // removed meanwhile also drops this entry (see `remove`).
+            unpoisoned(&self.pending).insert(reply_id.to_string(), (client.id, done));
+            (client.tx.clone(), answer)
+        };
+        let result = async {
+            tx.send(line).await.map_err(|_| SendError::Disconnected)?;
+            match tokio::time::timeout(within, answer).await {
+                Err(_) => Err(SendError::Unconfirmed(within)),
+                Ok(Err(_)) => Err(SendError::Disconnected),
+                Ok(Ok(Err(error))) => Err(SendError::Failed(error)),
+                Ok(Ok(Ok(()))) => Ok(()),
+            }
+        }
+        .await;
+        unpoisoned(&self.pending).remove(reply_id);
+        result
+    }
+
+    /// Hands a client's `sent` / `send_failed` to whoever waits for it;
+    /// false when nobody does (a late answer after a timeout).
+    fn confirm(&self, reply_id: &str, outcome: Result<(), String>) -> bool {
+        match unpoisoned(&self.pending).remove(reply_id) {
+            Some((_, waiter)) => waiter.send(outcome).is_ok(),
+            None => false,
         }
     }
 
@@ -249,6 +309,8 @@ impl Clients {
 
     fn remove(&self, id: u64) {
         self.lock().retain(|c| c.id != id);
+        // Its unanswered sends fail now rather than after the timeout.
+        unpoisoned(&self.pending).retain(|_, (client, _)| *client != id);
         self.changed.notify_waiters();
     }
 
@@ -262,11 +324,42 @@ impl Clients {
     }
 }
 
+/// Chat events from adapters that wait for the spool's commit, so that
+/// `accepted` means "on disk". Cheap to clone: the spool writer calls
+/// [`Spooled::committed`] with every batch it has made durable.
+#[derive(Debug, Clone, Default)]
+pub struct Spooled {
+    waiting: Arc<Mutex<HashMap<EventId, oneshot::Sender<()>>>>,
+}
+
+impl Spooled {
+    /// Resolves once `id` is committed (an error if it never will be).
+    fn register(&self, id: EventId) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        unpoisoned(&self.waiting).insert(id, tx);
+        rx
+    }
+
+    /// Tells the adapters that `events` are durable in the spool.
+    pub fn committed(&self, events: &[Envelope]) {
+        let mut waiting = unpoisoned(&self.waiting);
+        if waiting.is_empty() {
+            return;
+        }
+        for e in events {
+            if let Some(tx) = waiting.remove(&e.id) {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
 /// The listening side of the protocol.
 #[derive(Debug)]
 pub struct AdapterServer {
     listener: TcpListener,
     clients: Clients,
+    spooled: Spooled,
 }
 
 /// Why the server could not start.
@@ -298,6 +391,7 @@ impl AdapterServer {
         Ok(Self {
             listener,
             clients: Clients::default(),
+            spooled: Spooled::default(),
         })
     }
 
@@ -309,6 +403,12 @@ impl AdapterServer {
     /// The clients, for delivering replies.
     pub fn clients(&self) -> Clients {
         self.clients.clone()
+    }
+
+    /// The adapters' messages waiting for the spool; the spool writer must
+    /// report its commits here, or no message is ever `accepted`.
+    pub fn spooled(&self) -> Spooled {
+        self.spooled.clone()
     }
 
     /// Accepts clients until `shutdown`; their chat messages become chat
@@ -328,11 +428,17 @@ impl AdapterServer {
                 },
             };
             next_id += 1;
-            let (clients, agent, out, health, shutdown) =
-                (self.clients.clone(), agent.clone(), out.clone(), health.clone(), shutdown.clone());
+            let (clients, spooled, agent, out, health, shutdown) = (
+                self.clients.clone(),
+                self.spooled.clone(),
+                agent.clone(),
+                out.clone(),
+                health.clone(),
+                shutdown.clone(),
+            );
             let id = next_id;
             tokio::spawn(async move {
-                serve(id, stream, &clients, &agent, &out, &health, &shutdown).await;
+                serve(id, stream, &clients, &spooled, &agent, &out, &health, &shutdown).await;
                 clients.remove(id);
                 report(&clients, &health);
                 tracing::info!(%peer, "adapter client disconnected");
@@ -358,10 +464,12 @@ async fn write_line(w: &mut tokio::net::tcp::OwnedWriteHalf, line: &ToClient) ->
     w.write_all(&bytes).await
 }
 
+#[allow(clippy::too_many_arguments)] // one connection's whole context
 async fn serve(
     id: u64,
     stream: TcpStream,
     clients: &Clients,
+    spooled: &Spooled,
     agent: &AgentId,
     out: &mpsc::Sender<Envelope>,
     health: &Health,
@@ -425,11 +533,14 @@ async fn serve(
             }),
             Ok(FromClient::Ping) => Some(ToClient::Pong),
             Ok(FromClient::Sent { reply_id }) => {
-                tracing::debug!(client = %name, reply = %reply_id, "adapter sent reply");
+                if !clients.confirm(&reply_id, Ok(())) {
+                    tracing::debug!(client = %name, reply = %reply_id, "`sent` for a send nobody waits for");
+                }
                 None
             }
             Ok(FromClient::SendFailed { reply_id, error }) => {
-                tracing::error!(client = %name, reply = %reply_id, %error, "adapter could not send reply");
+                tracing::warn!(client = %name, reply = %reply_id, %error, "adapter could not send reply");
+                clients.confirm(&reply_id, Err(error));
                 None
             }
             Ok(FromClient::Message {
@@ -455,12 +566,28 @@ async fn serve(
                     env.ts = t;
                 }
                 let event_id = env.id;
+                let committed = spooled.register(event_id);
                 // Waits while the spool's intake is full: the adapter then
                 // stops being read, and TCP slows it down.
                 if out.send(env).await.is_err() {
                     break;
                 }
-                Some(ToClient::Accepted { event_id, reference })
+                // `accepted` once the spool has committed it; meanwhile the
+                // next lines are read, so a burst shares one commit.
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let answer = match committed.await {
+                        Ok(()) => ToClient::Accepted { event_id, reference },
+                        Err(_) => ToClient::Error {
+                            message: format!(
+                                "message {} was not spooled (the agent is stopping); send it again",
+                                reference.as_deref().unwrap_or("without ref")
+                            ),
+                        },
+                    };
+                    let _ = tx.send(answer).await;
+                });
+                None
             }
         };
         if let Some(answer) = answer {
@@ -542,6 +669,7 @@ mod tests {
         let server = AdapterServer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = server.local_addr().unwrap();
         let clients = server.clients();
+        let spooled = server.spooled();
         let (tx, mut rx) = mpsc::channel(8);
         let stop = CancellationToken::new();
         tokio::spawn(server.run(AgentId::new("desk-1").unwrap(), tx, Health::default(), stop.clone()));
@@ -555,20 +683,44 @@ mod tests {
             .unwrap();
         let env = rx.recv().await.unwrap();
         assert!(matches!(env.body, EventBody::Chat(ref c) if c.text == "hi" && c.chat == "A"));
-        let accepted = r.next_line().await.unwrap().unwrap();
-        assert!(accepted.contains(&env.id.to_string()) && accepted.contains("\"ref\":\"1\""), "{accepted}");
+        // No `accepted` before the spool's commit: the bad line's answer
+        // comes first.
         assert!(r.next_line().await.unwrap().unwrap().contains("bad line"));
+        spooled.committed(std::slice::from_ref(&env));
+        let accepted = r.next_line().await.unwrap().unwrap();
+        assert!(accepted.contains("\"accepted\"") && accepted.contains(&env.id.to_string()) && accepted.contains("\"ref\":\"1\""), "{accepted}");
         clients.wait_for_sender().await;
-        clients
-            .send(ToClient::Send {
-                reply_id: "r1".into(),
+        let send = |reply_id: &'static str, within: Duration| {
+            let clients = clients.clone();
+            let line = ToClient::Send {
+                reply_id: reply_id.into(),
                 event_id: env.id,
                 chat: "A".into(),
-                text: "hello".into(),
-            })
-            .await
-            .unwrap();
-        assert!(r.next_line().await.unwrap().unwrap().contains("\"text\":\"hello\""));
+                text: format!("hello {reply_id}"),
+            };
+            tokio::spawn(async move { clients.send_confirmed(reply_id, line, within).await })
+        };
+        // `sent` confirms a send.
+        let sending = send("r1", Duration::from_secs(30));
+        assert!(r.next_line().await.unwrap().unwrap().contains("\"text\":\"hello r1\""));
+        w.write_all(b"{\"type\":\"sent\",\"reply_id\":\"r1\"}\n").await.unwrap();
+        sending.await.unwrap().unwrap();
+        // `send_failed` says why.
+        let sending = send("r2", Duration::from_secs(30));
+        assert!(r.next_line().await.unwrap().unwrap().contains("hello r2"));
+        w.write_all(b"{\"type\":\"send_failed\",\"reply_id\":\"r2\",\"error\":\"window closed\"}\n").await.unwrap();
+        let failed = sending.await.unwrap();
+        assert!(matches!(&failed, Err(SendError::Failed(e)) if e == "window closed"), "{failed:?}");
+        // No answer in time.
+        let sending = send("r3", Duration::from_millis(200));
+        assert!(r.next_line().await.unwrap().unwrap().contains("hello r3"));
+        assert!(matches!(sending.await.unwrap(), Err(SendError::Unconfirmed(_))));
+        // A client that leaves fails the send waiting on it at once.
+        let sending = send("r4", Duration::from_secs(60));
+        assert!(r.next_line().await.unwrap().unwrap().contains("hello r4"));
+        drop((r, w));
+        let gone = tokio::time::timeout(Duration::from_secs(10), sending).await.unwrap().unwrap();
+        assert!(matches!(gone, Err(SendError::Disconnected)), "{gone:?}");
         stop.cancel();
     }
 

@@ -4,7 +4,8 @@
 //! heartbeat and prediction timers) queue events on one bounded intake; the
 //! spool writer makes them durable; the drainer publishes them. Replies are
 //! pulled from the agent's consumer and acted on: a chat reply goes to the
-//! chat adapter (once: the spool remembers acted reply ids), escalations,
+//! chat adapter until it confirms the send, and only then does the spool
+//! remember its reply id (so it is not handed on again), escalations,
 //! predictions and alerts go to every local listener; every reply is also
 //! handed to `out` (the command line prints them).
 //!
@@ -22,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::adapter::{AdapterServer, Clients, ToClient};
+use crate::adapter::{AdapterServer, Clients, ToClient, SEND_CONFIRM_TIMEOUT, SEND_TRIES};
 use crate::collect::{run_desktop, Collector};
 use crate::health::Health;
 use crate::heartbeat::{run_heartbeat, run_predictions, RecentLog};
@@ -182,9 +183,16 @@ pub async fn run(
         None => None,
     };
 
+    let spooled = sources.adapter.as_ref().map(AdapterServer::spooled);
     let writer = {
         let (spool, health, recent) = (spool.clone(), health.clone(), recent.clone());
-        tokio::spawn(write_spool(spool, agent.config().encoding, intake_rx, health, move |b| recent.observe(b)))
+        tokio::spawn(write_spool(spool, agent.config().encoding, intake_rx, health, move |b| {
+            recent.observe(b);
+            // Adapters answer `accepted` only now that the batch is durable.
+            if let Some(spooled) = &spooled {
+                spooled.committed(b);
+            }
+        }))
     };
 
     let mut lines_task: Option<JoinHandle<Result<u64, RunError>>> = None;
@@ -370,6 +378,11 @@ pub async fn run(
 }
 
 /// Acts on one reply; false to stop receiving.
+///
+/// The reply is recorded as acted on only after its effect: for a chat
+/// reply, the adapter's `sent`. An agent killed in between hands it on
+/// again after its restart, with the same `reply_id`, which the adapter
+/// protocol tells adapters to send once.
 async fn act(
     reply: Reply,
     spool: &Spool,
@@ -384,33 +397,7 @@ async fn act(
             return true;
         }
         Ok(false) => {}
-        Err(error) => tracing::warn!(%error, reply = %id, "cannot look up the reply; marking decides"),
-    }
-    // With an adapter configured, a chat reply waits for one to be connected.
-    if let (Some(clients), ReplyBody::Chat(c)) = (clients, &reply.body) {
-        if c.action == ChatAction::Reply && !clients.has_sender() {
-            tracing::info!(reply = %id, "waiting for a chat adapter to send the reply");
-            tokio::select! {
-                _ = stop.cancelled() => return false,
-                _ = clients.wait_for_sender() => {}
-            }
-        }
-    }
-    let first_time = loop {
-        match crate::spool::blocking(spool, move |s| s.mark_acted(id)).await {
-            Ok(first) => break first,
-            Err(error) => {
-                tracing::error!(%error, reply = %id, "cannot record the reply as acted on; retrying");
-                tokio::select! {
-                    _ = stop.cancelled() => return false,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
-    };
-    if !first_time {
-        tracing::info!(reply = %id, "reply already acted on; not again");
-        return true;
+        Err(error) => tracing::warn!(%error, reply = %id, "cannot look up the reply; acting on it"),
     }
     if let Some(clients) = clients {
         let reply_id = id.to_string();
@@ -418,14 +405,8 @@ async fn act(
         match &reply.body {
             ReplyBody::Chat(c) => match c.action {
                 ChatAction::Reply => {
-                    let line = ToClient::Send {
-                        reply_id,
-                        event_id,
-                        chat: c.chat.clone(),
-                        text: c.content.clone().unwrap_or_default(),
-                    };
-                    if let Err(error) = clients.send(line).await {
-                        tracing::error!(%error, reply = %id, chat = %c.chat, "chat reply not delivered to the adapter");
+                    if !send_chat(&reply, c, clients, stop).await {
+                        return false;
                     }
                 }
                 ChatAction::Escalate => {
@@ -458,8 +439,72 @@ async fn act(
             }
         }
     }
+    loop {
+        match crate::spool::blocking(spool, move |s| s.mark_acted(id)).await {
+            Ok(_) => break,
+            Err(error) => {
+                tracing::error!(%error, reply = %id, "cannot record the reply as acted on; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return false,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
     tokio::select! {
         _ = stop.cancelled() => false,
         r = acted.send(reply) => r.is_ok(),
     }
+}
+
+/// Gives a chat reply to the adapter until it confirms the send. A failed
+/// or unconfirmed send is tried again, backing off, [`SEND_TRIES`] times;
+/// then the reply goes to every client as an escalation, for a person to
+/// send. False on shutdown (the reply is then not recorded, and comes again
+/// after the restart).
+async fn send_chat(reply: &Reply, c: &ferry_schema::reply::ChatReply, clients: &Clients, stop: &CancellationToken) -> bool {
+    let reply_id = reply.id.to_string();
+    let text = c.content.clone().unwrap_or_default();
+    let line = ToClient::Send {
+        reply_id: reply_id.clone(),
+        event_id: reply.in_reply_to,
+        chat: c.chat.clone(),
+        text: text.clone(),
+    };
+    let mut last = String::new();
+    for attempt in 1..=SEND_TRIES {
+        if !clients.has_sender() {
+            tracing::info!(reply = %reply_id, "waiting for a chat adapter to send the reply");
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                _ = clients.wait_for_sender() => {}
+            }
+        }
+        let sent = tokio::select! {
+            _ = stop.cancelled() => return false,
+            r = clients.send_confirmed(&reply_id, line.clone(), SEND_CONFIRM_TIMEOUT) => r,
+        };
+        match sent {
+            Ok(()) => return true,
+            Err(error) => {
+                tracing::warn!(%error, reply = %reply_id, chat = %c.chat, attempt, "chat reply not sent; trying again");
+                last = error.to_string();
+            }
+        }
+        if attempt < SEND_TRIES {
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                _ = tokio::time::sleep(ferry_schema::connect::reconnect_delay(attempt as usize)) => {}
+            }
+        }
+    }
+    tracing::error!(reply = %reply_id, chat = %c.chat, tries = SEND_TRIES, error = %last, "chat reply could not be sent; escalating it to a person");
+    let line = ToClient::Escalation {
+        reply_id,
+        event_id: reply.in_reply_to,
+        chat: c.chat.clone(),
+        reason: format!("the reply could not be sent after {SEND_TRIES} tries ({last}); please send it by hand: {text}"),
+    };
+    clients.broadcast(line).await;
+    true
 }

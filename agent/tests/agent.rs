@@ -648,16 +648,23 @@ async fn scripted_adapter_gets_its_replies_through_the_agent_once() {
     assert_eq!(esc.len(), 1);
     assert_eq!(esc[0]["chat"], "Bob");
 
-    // Its metrics endpoint counts what happened.
-    let scrape = http_get(metrics_port, "/metrics").await;
-    for expected in [
+    // Its metrics endpoint counts what happened (a reply counts once the
+    // adapter's `sent` is in, a moment after the adapter exits).
+    let expected = [
         "ferry_agent_published_total 3",
         "ferry_agent_replies_total 3",
         "ferry_agent_spool_events 0",
         "ferry_agent_component_up{component=\"broker\"} 1",
         "ferry_agent_component_up{component=\"spool\"} 1",
-    ] {
-        assert!(scrape.contains(expected), "{expected} missing from {scrape}");
+    ];
+    let start = std::time::Instant::now();
+    loop {
+        let scrape = http_get(metrics_port, "/metrics").await;
+        match expected.iter().find(|e| !scrape.contains(**e)) {
+            None => break,
+            Some(e) => assert!(start.elapsed() < WAIT, "{e} missing from {scrape}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
     // The agent restarts: replies are redelivered only if unacked, and any
@@ -709,6 +716,109 @@ async fn scripted_adapter_gets_its_replies_through_the_agent_once() {
         .unwrap();
     assert!(!quiet.status.success(), "no second send may arrive: {}", String::from_utf8_lossy(&quiet.stdout));
     assert!(String::from_utf8_lossy(&quiet.stdout).trim().is_empty());
+}
+
+/// An adapter as the test plays it: the protocol over TCP, line by line.
+struct TestAdapter {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    write: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl TestAdapter {
+    /// Connects (waiting for the agent to listen) and says hello as a client that sends.
+    async fn connect(port: u16) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let start = std::time::Instant::now();
+        let stream = loop {
+            match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
+                Ok(s) => break s,
+                Err(e) => assert!(start.elapsed() < WAIT, "the agent never listened on {port}: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let (read, write) = stream.into_split();
+        let mut a = Self {
+            lines: tokio::io::BufReader::new(read).lines(),
+            write,
+        };
+        a.line(serde_json::json!({"type": "hello", "v": 1, "name": "test", "sends": true})).await;
+        assert_eq!(a.next().await.unwrap()["type"], "welcome");
+        a
+    }
+
+    async fn line(&mut self, v: serde_json::Value) {
+        use tokio::io::AsyncWriteExt;
+        self.write.write_all(format!("{v}\n").as_bytes()).await.unwrap();
+    }
+
+    /// The next line within `WAIT`; `None` when the agent closed.
+    async fn next(&mut self) -> Option<serde_json::Value> {
+        let line = tokio::time::timeout(WAIT, self.lines.next_line()).await.expect("a line from the agent");
+        line.unwrap().map(|l| serde_json::from_str(&l).unwrap())
+    }
+
+    /// The next line of type `kind`, skipping others.
+    async fn next_of(&mut self, kind: &str) -> serde_json::Value {
+        loop {
+            let line = self.next().await.unwrap_or_else(|| panic!("the agent closed before a {kind}"));
+            if line["type"] == kind {
+                return line;
+            }
+        }
+    }
+}
+
+/// The last hop loses nothing when the agent is killed at its worst
+/// moments. `accepted` comes only once the chat is in the spool, so a
+/// SIGKILL right after it loses nothing. And a chat reply counts as acted on
+/// only after the adapter's `sent`: killed between `send` and `sent`, the
+/// agent sends it again (same `reply_id`) after its restart, where it used
+/// to record the reply before sending and never send it again.
+#[tokio::test]
+async fn the_last_hop_survives_sigkill_at_its_worst_moments() {
+    let s = stack().await;
+    let _rules = s.rules_worker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = ferry_stack::free_port().unwrap();
+    let spawn = || {
+        agent_command(&s, &dir.path().join("spool"))
+            .args(["run", "--no-desktop", "--heartbeat", "0s", "--prediction", "0s", "--adapter"])
+            .arg(format!("127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let kill = |mut agent: tokio::process::Child| async move {
+        agent.start_kill().unwrap(); // SIGKILL
+        agent.wait().await.unwrap();
+    };
+
+    let agent = spawn();
+    let mut a = TestAdapter::connect(port).await;
+    a.line(serde_json::json!({"type": "message", "chat": "Alice", "sender": "Alice", "content": "hello?", "ref": "1"})).await;
+    let accepted = a.next_of("accepted").await;
+    kill(agent).await;
+
+    let agent = spawn();
+    let mut a = TestAdapter::connect(port).await;
+    let send = a.next_of("send").await;
+    assert_eq!(send["event_id"], accepted["event_id"], "the accepted chat was answered");
+    kill(agent).await;
+
+    let agent = spawn();
+    let mut a = TestAdapter::connect(port).await;
+    let again = a.next_of("send").await;
+    assert_eq!(again["reply_id"], send["reply_id"], "an unconfirmed send comes again");
+    a.line(serde_json::json!({"type": "sent", "reply_id": again["reply_id"]})).await;
+    // Time to record it, then one more restart: confirmed, it stays sent.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    kill(agent).await;
+
+    let agent = spawn();
+    let mut a = TestAdapter::connect(port).await;
+    let quiet = tokio::time::timeout(Duration::from_secs(5), a.next_of("send")).await;
+    assert!(quiet.is_err(), "a confirmed reply is not sent again: {quiet:?}");
+    kill(agent).await;
 }
 
 fn adapters_dir() -> std::path::PathBuf {
