@@ -186,7 +186,13 @@ pub fn rules_consumer() -> ConsumerDef {
             // A rule takes microseconds; 30 s only covers a stalled reply
             // publish before another replica gets the event.
             ack_wait: Duration::from_secs(30),
-            max_deliver: 5,
+            // A retry (PostgreSQL away for a customer-tag rule, a reply
+            // publish not acknowledged) waits 1 s, doubling per delivery up
+            // to 30 s (the workers' `retry_backoff_max`): ten deliveries
+            // span about 2.5 minutes, so a PostgreSQL restart or a short
+            // outage does not turn chats into dead letters; a replica killed
+            // with messages in hand costs each of them one delivery.
+            max_deliver: 10,
             // Shared by all replicas: the most events the role holds
             // unacknowledged at once.
             max_ack_pending: 2048,

@@ -576,7 +576,7 @@ impl Handler for Stuck {
 /// now makes it a dead letter with code `max_deliver`, and the others pass.
 #[tokio::test]
 async fn a_message_whose_deliveries_all_time_out_is_dead_lettered() {
-    // ack_wait 1 s, max_deliver 5: the broker gives up after about 5 s.
+    // ack_wait 1 s: the broker gives up after about max_deliver seconds.
     let s = stack(RULES, Duration::from_secs(1)).await;
     let client = s.nats.workers("test-stuck").connect().await.unwrap();
     let js = async_nats::jetstream::new(client);
@@ -601,12 +601,48 @@ async fn a_message_whose_deliveries_all_time_out_is_dead_lettered() {
     let dead = inspect::read_all(&s.js, DEADLETTER_STREAM, "").await.unwrap();
     let h = dead[0].headers.as_ref().unwrap();
     assert_eq!(h.get(headers::DEAD_REASON_CODE).unwrap().as_str(), "max_deliver");
-    assert_eq!(h.get(headers::DEAD_DELIVERIES).unwrap().as_str(), "5");
+    let max_deliver = topology::rules_consumer().config.max_deliver.to_string();
+    assert_eq!(h.get(headers::DEAD_DELIVERIES).unwrap().as_str(), max_deliver);
     assert_eq!(h.get(headers::DEAD_SUBJECT).unwrap().as_str(), "events.desk-1.chat");
     assert_eq!(h.get(headers::DEAD_SEQUENCE).unwrap().as_str(), "1");
     assert!(h.get("traceparent").is_some(), "the original's headers are kept");
     assert_eq!(&dead[0].payload[..], b"stuck");
     assert_eq!(stats.snapshot().done, 2);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// With a customer-tag rule, every chat needs PostgreSQL. A 10 s outage
+/// used to dead-letter the chats that came meanwhile (5 deliveries, 1 s
+/// apart); now a retry's delay doubles per delivery, and they are answered
+/// once PostgreSQL is back, none dead-lettered.
+#[tokio::test]
+async fn a_postgres_outage_does_not_dead_letter_customer_tag_chats() {
+    let rules = "[[rule]]\nname = \"vip\"\ncustomer_tags = [\"vip\"]\naction = \"escalate\"\ntemplate = \"VIP\"\n\n[[rule]]\nname = \"everyone\"\naction = \"reply\"\ntemplate = \"hi {sender}\"\n";
+    let s = stack(rules, Duration::from_secs(30)).await;
+    let mut pg = common::migrated_pg().await;
+    let client = s.nats.workers("t").connect().await.unwrap();
+    let mut cfg = ferry_workers::rules::RulesConfig::new(s.rules_file.path());
+    cfg.db = Some(ferry_workers::state::DbConfig::new(pg.url()));
+    let stop = CancellationToken::new();
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move { ferry_workers::rules::run(client, &cfg, stop).await }
+    });
+    publish(&s.js, &chat("desk-1", "before"), Encoding::MsgPack, true).await;
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, 1, WAIT).await.unwrap();
+
+    pg.kill();
+    let during: Vec<_> = (0..20).map(|i| chat("desk-2", &format!("during {i}"))).collect();
+    for e in &during {
+        publish(&s.js, e, Encoding::MsgPack, true).await;
+    }
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    pg.restart().unwrap();
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, 21, WAIT).await.unwrap();
+    let answered = stored_replies(&s.js).await;
+    assert!(during.iter().all(|e| answered.get(&e.id) == Some(&1)), "{answered:?}");
+    assert_eq!(inspect::count(&s.js, DEADLETTER_STREAM).await.unwrap(), 0, "an outage poisons nothing");
     stop.cancel();
     task.await.unwrap().unwrap();
 }

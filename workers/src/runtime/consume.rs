@@ -61,6 +61,11 @@ pub struct ConsumeSettings {
     /// role's other loops stop, and the process exits non-zero, so its
     /// supervisor restarts it rather than leaving it half dead.
     pub rebind_within: Duration,
+    /// A retry's delay doubles with every delivery of the message, from the
+    /// handler's own delay up to this: a dependency that is away for a
+    /// while (PostgreSQL restarting) is waited out within the consumer's
+    /// `max_deliver` instead of being blamed on the message.
+    pub retry_backoff_max: Duration,
 }
 
 impl Default for ConsumeSettings {
@@ -74,6 +79,7 @@ impl Default for ConsumeSettings {
             dead_letter_retry: Duration::from_secs(1),
             lag_every: Duration::from_secs(5),
             rebind_within: Duration::from_secs(120),
+            retry_backoff_max: Duration::from_secs(30),
         }
     }
 }
@@ -161,7 +167,7 @@ pub async fn consume<H: Handler>(
         stats,
     });
     let exhausted = tokio::spawn(watch_exhausted(ctx.clone(), shutdown.clone()));
-    ctx.metrics.up.set(1);
+    ctx.metrics.set_up(true);
     tracing::info!(
         stream,
         consumer,
@@ -226,11 +232,11 @@ pub async fn consume<H: Handler>(
                     match error.kind() {
                         K::ConsumerDeleted | K::NoResponders => {
                             tracing::warn!(%error, stream, consumer, "consumer lost; getting it back");
-                            ctx.metrics.up.set(0);
+                            ctx.metrics.set_up(false);
                             match rebind(js, def, ack_floor.load(Ordering::Relaxed), settings.rebind_within, &shutdown).await {
                                 Ok(Some(again)) => {
                                     tracing::info!(stream, consumer, "consumer back; pulling again");
-                                    ctx.metrics.up.set(1);
+                                    ctx.metrics.set_up(true);
                                     pull = again;
                                     continue 'pulling;
                                 }
@@ -262,7 +268,7 @@ pub async fn consume<H: Handler>(
 
     // Phase two: nothing new is pulled; let in-flight handlers finish.
     lag.abort();
-    ctx.metrics.up.set(0);
+    ctx.metrics.set_up(false);
     tracker.close();
     let in_flight = tracker.len();
     tracing::info!(stream, consumer, in_flight, "stopping: waiting for in-flight messages");
@@ -382,6 +388,14 @@ async fn watch_lag(
     }
 }
 
+/// The nak delay of a retry on delivery `delivered` (1 = first): the
+/// handler's `delay`, doubled for each delivery before this one, at most
+/// `max` (or `delay` itself when that is longer).
+fn retry_delay(delay: Duration, delivered: i64, max: Duration) -> Duration {
+    let doublings = u32::try_from(delivered.saturating_sub(1).clamp(0, 16)).unwrap_or(16);
+    delay.saturating_mul(1 << doublings).min(max.max(delay))
+}
+
 /// The poison outcome for a handler that panicked with `panic`.
 fn panicked(panic: &(dyn std::any::Any + Send)) -> Outcome {
     let message = panic
@@ -471,8 +485,9 @@ impl Ctx {
             Outcome::Done => AckKind::Ack,
             Outcome::RetryAfter { delay, reason } => {
                 let (delivered, sequence) = position();
+                let delay = retry_delay(*delay, delivered, self.settings.retry_backoff_max);
                 tracing::warn!(sequence, delivered, reason = %reason, ?delay, "retrying later");
-                AckKind::Nak(Some(*delay))
+                AckKind::Nak(Some(delay))
             }
             Outcome::Poison { code, reason } => {
                 let (delivered, sequence) = position();
@@ -610,4 +625,19 @@ async fn watch_exhausted(ctx: Arc<Ctx>, shutdown: CancellationToken) {
         }
     }
     let _ = advisories.unsubscribe().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_retry_backs_off_per_delivery_up_to_the_cap() {
+        let s = Duration::from_secs;
+        let delays: Vec<Duration> = (1..=8).map(|n| retry_delay(s(1), n, s(30))).collect();
+        assert_eq!(delays, [s(1), s(2), s(4), s(8), s(16), s(30), s(30), s(30)]);
+        assert_eq!(retry_delay(s(60), 3, s(30)), s(60), "a handler's longer delay stands");
+        assert_eq!(retry_delay(s(1), 0, s(30)), s(1), "an unknown delivery count is the first");
+        assert_eq!(retry_delay(s(1), i64::MAX, s(30)), s(30));
+    }
 }
