@@ -5,7 +5,8 @@
 //! runs one role per process, `ferry up` several, told apart by `role`.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -68,6 +69,8 @@ pub struct Metrics {
     ack_pending: Family<LoopLabels, Gauge>,
     redelivered: Family<LoopLabels, Gauge>,
     up: Family<LoopLabels, Gauge>,
+    /// Each consume loop's state, for `/health`.
+    loops: Arc<Mutex<BTreeMap<(String, String), bool>>>,
 }
 
 fn handling_histogram() -> Histogram {
@@ -108,6 +111,7 @@ impl Metrics {
             ack_pending,
             redelivered,
             up,
+            loops: Arc::default(),
         }
     }
 
@@ -133,6 +137,8 @@ impl Metrics {
             ack_pending: self.ack_pending.get_or_create_owned(&l),
             redelivered: self.redelivered.get_or_create_owned(&l),
             up: self.up.get_or_create_owned(&l),
+            loops: self.loops.clone(),
+            key: (role.to_string(), consumer.to_string()),
         }
     }
 
@@ -144,6 +150,24 @@ impl Metrics {
                 model: model.to_string(),
             })
             .inc_by(n);
+    }
+
+    /// `/health`: whether every consume loop of this process is bound to
+    /// its consumer (none yet: starting), as a status and a JSON body
+    /// listing each loop.
+    pub fn health(&self) -> (bool, String) {
+        let loops = self.loops.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let healthy = !loops.is_empty() && loops.values().all(|up| *up);
+        let list: Vec<serde_json::Value> = loops
+            .iter()
+            .map(|((role, consumer), up)| serde_json::json!({"role": role, "consumer": consumer, "up": up}))
+            .collect();
+        let status = match (healthy, loops.is_empty()) {
+            (true, _) => "ok",
+            (false, true) => "starting",
+            (false, false) => "degraded",
+        };
+        (healthy, serde_json::json!({"status": status, "loops": list}).to_string())
     }
 
     /// The metrics in the OpenMetrics text format.
@@ -167,7 +191,17 @@ pub struct LoopMetrics {
     pub(crate) pending: Gauge,
     pub(crate) ack_pending: Gauge,
     pub(crate) redelivered: Gauge,
-    pub(crate) up: Gauge,
+    up: Gauge,
+    loops: Arc<Mutex<BTreeMap<(String, String), bool>>>,
+    key: (String, String),
+}
+
+impl LoopMetrics {
+    /// Records whether the loop is bound to its consumer and pulling.
+    pub(crate) fn set_up(&self, up: bool) {
+        self.up.set(i64::from(up));
+        self.loops.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(self.key.clone(), up);
+    }
 }
 
 /// The process-wide metrics.
@@ -215,8 +249,10 @@ impl Drop for MetricsServer {
     }
 }
 
-/// Serves [`global`] metrics at `http://addr/metrics` on a thread of its
-/// own (a scrape never waits on the workers' runtime, nor they on it).
+/// Serves [`global`] metrics at `http://addr/metrics`, and at `/health` 200
+/// when every consume loop is bound to its consumer (503 otherwise), on a
+/// thread of its own (a scrape never waits on the workers' runtime, nor they
+/// on it).
 pub fn serve(addr: SocketAddr) -> Result<MetricsServer, ServeError> {
     let server = tiny_http::Server::http(addr).map_err(|e| ServeError {
         addr,
@@ -242,8 +278,12 @@ pub fn serve(addr: SocketAddr) -> Result<MetricsServer, ServeError> {
                         r.add_header(h);
                     }
                     r
+                } else if request.url() == "/health" {
+                    let (healthy, body) = global().health();
+                    tiny_http::Response::from_string(body).with_status_code(if healthy { 200 } else { 503 })
                 } else {
-                    tiny_http::Response::from_string("Ferry serves Prometheus metrics at /metrics\n").with_status_code(404)
+                    tiny_http::Response::from_string("Ferry serves Prometheus metrics at /metrics and its consume loops' state at /health\n")
+                        .with_status_code(404)
                 };
                 if let Err(error) = request.respond(response) {
                     tracing::debug!(%error, "metrics response failed");

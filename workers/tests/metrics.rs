@@ -94,6 +94,24 @@ async fn a_rules_worker_exports_what_it_did() {
     c.read_to_string(&mut out).unwrap();
     assert!(out.contains("404") && out.contains("/metrics"), "{out}");
 
+    // /health is 200 while the loop pulls, and 503 once it stopped.
+    let health = get(addr, "/health");
+    assert!(health.starts_with("HTTP/1.1 200") || health.starts_with("HTTP/1.0 200"), "{health}");
+    for part in [r#""role":"rules""#, r#""consumer":"rules""#, r#""up":true"#] {
+        assert!(health.contains(part), "{part} missing from {health}");
+    }
+    assert!(health.contains(r#""status":"ok""#), "{health}");
+    assert_eq!(sample(&text, &format!("{}{labels}}}", metrics::LOOP_UP)), Some(1.0));
     stop.cancel();
     worker.await.unwrap().unwrap();
+    let health = get(addr, "/health");
+    assert!(health.contains(" 503 ") && health.contains(r#""status":"degraded""#) && health.contains(r#""up":false"#), "{health}");
+}
+
+fn get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    c.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out
 }
