@@ -106,11 +106,20 @@ pub fn once<T>(
     done: impl Fn() -> Option<T>,
     install: impl FnOnce() -> Result<(), StackError>,
 ) -> Result<Option<T>, StackError> {
+    once_in(&lock_dir(), lock, done, install)
+}
+
+/// [`once`] with its lock in `dir`.
+fn once_in<T>(
+    dir: &Path,
+    lock: &str,
+    done: impl Fn() -> Option<T>,
+    install: impl FnOnce() -> Result<(), StackError>,
+) -> Result<Option<T>, StackError> {
     if let Some(t) = done() {
         return Ok(Some(t));
     }
-    let dir = lock_dir();
-    std::fs::create_dir_all(&dir).map_err(|source| StackError::Io {
+    std::fs::create_dir_all(dir).map_err(|source| StackError::Io {
         what: format!("create {}", dir.display()),
         source,
     })?;
@@ -145,19 +154,20 @@ mod tests {
     fn concurrent_installs_of_one_thing_run_it_once() {
         let dir = tempfile::tempdir().unwrap();
         let marker = dir.path().join("installed");
-        let lock = format!("test-{}", std::process::id());
+        let locks = dir.path().join("locks");
         let running = Arc::new(AtomicUsize::new(0));
         let runs = Arc::new(AtomicUsize::new(0));
         let overlaps = Arc::new(AtomicUsize::new(0));
         let start = Arc::new(Barrier::new(4));
         let threads: Vec<_> = (0..4)
             .map(|_| {
-                let (marker, lock) = (marker.clone(), lock.clone());
+                let (marker, locks) = (marker.clone(), locks.clone());
                 let (running, runs, overlaps, start) = (running.clone(), runs.clone(), overlaps.clone(), start.clone());
                 std::thread::spawn(move || {
                     start.wait();
-                    once(
-                        &lock,
+                    once_in(
+                        &locks,
+                        "thing",
                         || marker.is_file().then(|| marker.clone()),
                         || {
                             if running.fetch_add(1, Ordering::SeqCst) > 0 {
@@ -184,8 +194,8 @@ mod tests {
     /// A failed install is reported, and the next caller tries again.
     #[test]
     fn a_failed_install_is_tried_again_by_the_next_caller() {
-        let lock = format!("test-fail-{}", std::process::id());
-        let err = once(&lock, || None::<()>, || {
+        let locks = tempfile::tempdir().unwrap();
+        let err = once_in(locks.path(), "thing", || None::<()>, || {
             Err(StackError::Missing {
                 program: "thing".into(),
                 command: "install thing".into(),
@@ -193,7 +203,7 @@ mod tests {
         });
         assert!(matches!(err, Err(StackError::Missing { .. })), "{err:?}");
         let tried = std::cell::Cell::new(false);
-        let got = once(&lock, || tried.get().then_some(7), || {
+        let got = once_in(locks.path(), "thing", || tried.get().then_some(7), || {
             tried.set(true);
             Ok(())
         })
