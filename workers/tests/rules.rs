@@ -446,6 +446,28 @@ async fn poison_with_broker_headers_still_reaches_dead_letters() {
     inspect::wait_for_count(&s.js, REPLIES_STREAM, 1, WAIT).await.unwrap();
 }
 
+/// `handler` on the rules consumer in a consume loop of its own, as the
+/// `workers` user: its counters, its stop token and its task.
+async fn consume_loop<H: Handler>(
+    s: &common::Stack,
+    handler: H,
+    settings: ConsumeSettings,
+) -> (
+    Arc<Stats>,
+    CancellationToken,
+    tokio::task::JoinHandle<Result<(), ferry_workers::runtime::ConsumeError>>,
+) {
+    let client = s.nats.workers("test-loop").connect().await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stats = Arc::new(Stats::for_role("rules"));
+    let stop = CancellationToken::new();
+    let task = {
+        let (stats, stop) = (stats.clone(), stop.clone());
+        tokio::spawn(async move { consume(&js, &topology::rules_consumer(), Arc::new(handler), &settings, stats, stop).await })
+    };
+    (stats, stop, task)
+}
+
 /// A handler that panics on some messages.
 struct Panicky;
 
@@ -463,20 +485,11 @@ impl Handler for Panicky {
 #[tokio::test]
 async fn a_handler_panic_is_dead_lettered_and_the_loop_goes_on() {
     let s = stack(RULES, Duration::from_secs(30)).await;
-    let client = s.nats.workers("test-panicky").connect().await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let stats = Arc::new(Stats::for_role("rules"));
-    let stop = CancellationToken::new();
     let settings = ConsumeSettings {
         max_in_flight: 4,
         ..ConsumeSettings::default()
     };
-    let task = {
-        let (js, stats, stop) = (js.clone(), stats.clone(), stop.clone());
-        tokio::spawn(async move {
-            consume(&js, &topology::rules_consumer(), Arc::new(Panicky), &settings, stats, stop).await
-        })
-    };
+    let (stats, stop, task) = consume_loop(&s, Panicky, settings).await;
     for payload in ["one", "boom", "two", "boom", "three"] {
         s.js.publish("events.desk-1.chat", payload.into()).await.unwrap().await.unwrap();
     }
@@ -578,19 +591,12 @@ impl Handler for Stuck {
 async fn a_message_whose_deliveries_all_time_out_is_dead_lettered() {
     // ack_wait 1 s: the broker gives up after about max_deliver seconds.
     let s = stack(RULES, Duration::from_secs(1)).await;
-    let client = s.nats.workers("test-stuck").connect().await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let stats = Arc::new(Stats::for_role("rules"));
-    let stop = CancellationToken::new();
     let settings = ConsumeSettings {
         max_in_flight: 16,
         shutdown_grace: Duration::from_millis(200),
         ..ConsumeSettings::default()
     };
-    let task = {
-        let (js, stats, stop) = (js.clone(), stats.clone(), stop.clone());
-        tokio::spawn(async move { consume(&js, &topology::rules_consumer(), Arc::new(Stuck), &settings, stats, stop).await })
-    };
+    let (stats, stop, task) = consume_loop(&s, Stuck, settings).await;
     let mut h = async_nats::HeaderMap::new();
     h.insert("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
     s.js.publish_with_headers("events.desk-1.chat", h, "stuck".into()).await.unwrap().await.unwrap();

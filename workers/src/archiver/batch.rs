@@ -220,7 +220,8 @@ impl<S: Sink> Writer<S> {
     async fn flush(&self, rows: &[S::Row]) -> Vec<Outcome> {
         let mut out: Vec<Option<Outcome>> = vec![None; rows.len()];
         // Ranges still to write; the first half is popped first.
-        let mut todo = vec![0..rows.len()];
+        let mut todo = Vec::with_capacity(16);
+        todo.push(0..rows.len());
         while let Some(range) = todo.pop() {
             let outcome = match self.write_retrying(&rows[range.clone()]).await {
                 Ok(()) => Outcome::Done,
