@@ -36,38 +36,10 @@ fn text(out: &Output) -> String {
 /// `ferry-worker`, built next to `ferry` (same target dir and profile).
 /// Cargo builds only this package's binaries for its tests, and the
 /// workers' binary may be missing or older than the sources.
-///
-/// The build is the workspace's test build (`cargo test --workspace
-/// --no-run`), the same one `.ci/run` makes: under `.ci/run` it is a no-op.
-/// A narrower `cargo build -p ferry-workers` resolves features differently
-/// and rebuilt mistral.rs from scratch (about 13 minutes on 2 cores).
 fn ferry_worker() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
-        .get_or_init(|| {
-            let ferry = Path::new(env!("CARGO_BIN_EXE_ferry"));
-            let profile_dir = ferry.parent().unwrap();
-            let target_dir = profile_dir.parent().unwrap();
-            // Not the variables cargo set for this test process: see cargo_command.
-            let mut build = cargo::cargo_command();
-            build
-                .args(["test", "--workspace", "--no-run", "--quiet", "--target-dir"])
-                .arg(target_dir)
-                .current_dir(repo());
-            match profile_dir.file_name().and_then(|n| n.to_str()) {
-                Some("debug") => {}
-                Some("release") => {
-                    build.arg("--release");
-                }
-                Some(other) => {
-                    build.args(["--profile", other]);
-                }
-                None => panic!("unexpected binary path {}", ferry.display()),
-            }
-            let status = build.status().expect("cargo runs");
-            assert!(status.success(), "building ferry-worker failed: {status}");
-            profile_dir.join("ferry-worker")
-        })
+        .get_or_init(|| cargo::workspace_binary(Path::new(env!("CARGO_BIN_EXE_ferry")), "ferry-worker").unwrap())
         .clone()
 }
 
@@ -400,35 +372,12 @@ fn systemd_units_verify_and_their_command_lines_pass_check() {
 
 // ---------------------------------------------------------------- cluster
 
-const NODES: usize = 3;
-
-/// Ports of one local node.
-#[derive(Debug, Clone, Copy)]
-struct Ports {
-    client: u16,
-    monitor: u16,
-    route: u16,
-}
+use ferry_stack::cluster::{NodePorts as Ports, NODES};
 
 /// cluster.conf with the hosts, ports and paths of node `node` of this
-/// test. Each pattern must occur in the shipped file, so the test cannot
-/// drift from it.
+/// test (fails when the shipped file lacks a pattern it replaces).
 fn rewrite_cluster_conf(conf: &str, node: usize, ports: &[Ports; NODES], tls: &Path, store: &Path) -> String {
-    let mut out = conf.to_string();
-    let mut replace = |from: &str, to: &str| {
-        assert!(out.contains(from), "cluster.conf no longer contains {from:?}");
-        out = out.replace(from, to);
-    };
-    let me = ports[node];
-    replace("listen: 0.0.0.0:4222", &format!("listen: 127.0.0.1:{}", me.client));
-    replace("http: 127.0.0.1:8222", &format!("http: 127.0.0.1:{}", me.monitor));
-    replace("listen: 0.0.0.0:6222", &format!("listen: 127.0.0.1:{}", me.route));
-    for (n, p) in ports.iter().enumerate() {
-        replace(&format!("nats-{}.ferry.internal:6222", n + 1), &format!("127.0.0.1:{}", p.route));
-    }
-    replace("/etc/ferry/nats/tls/", &format!("{}/", tls.display()));
-    replace("/var/lib/nats/jetstream", &store.display().to_string());
-    out
+    ferry_stack::cluster::node_conf(conf, node, ports, tls, store).unwrap()
 }
 
 /// A node started with ferry-nats@.service's ExecStart line; killed on drop.

@@ -16,12 +16,16 @@
 //! - [`nats`]: [`NatsServer`], a real `nats-server` with JetStream on a
 //!   chosen or free port, with Ferry's `nats.conf`; killed (and its temp dir
 //!   removed) on drop.
+//! - [`cluster`]: [`cluster::NatsCluster`], the repository's 3-node
+//!   cluster files (ops/nats-cluster) run on loopback ports, with route TLS
+//!   from its `make-certs.sh`; nodes can be killed and restarted.
 //! - [`wine`]: cross-builds `ferry-agent.exe` and runs it under Wine on a
 //!   headless X server ([`Wine`]), for tests of the agent's Windows side.
 //!
 //! Nothing here assumes a server is already running.
 
 pub mod cargo;
+pub mod cluster;
 pub mod install;
 pub mod inspect;
 pub mod model;
