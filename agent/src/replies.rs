@@ -56,6 +56,10 @@ pub const SWEEP_IDLE: Duration = Duration::from_secs(2);
 /// catch-up.
 const TICK: Duration = Duration::from_millis(250);
 
+/// Longest wait for the broker's answer to one reply fetch, or for its
+/// next message; past it the fetch is given up and tried again.
+pub const FETCH_WAIT: Duration = Duration::from_secs(10);
+
 /// Wait before another catch-up after one failed or left deliveries unacked.
 const CATCH_UP_RETRY: Duration = Duration::from_secs(2);
 
@@ -375,16 +379,31 @@ where
     async fn fetch_all(&mut self, pass: Pass, periodic: bool) -> Caught {
         let mut handed = 0u64;
         loop {
-            let mut fetched = match self.consumer.fetch().max_messages(self.batch).messages().await {
-                Ok(m) => m,
-                Err(error) => {
+            let mut fetched = match tokio::time::timeout(FETCH_WAIT, self.consumer.fetch().max_messages(self.batch).messages()).await {
+                Ok(Ok(m)) => m,
+                Ok(Err(error)) => {
                     tracing::warn!(%error, "cannot fetch replies; trying again shortly");
+                    self.owed_later();
+                    return Caught::Done;
+                }
+                Err(_) => {
+                    tracing::warn!(waited = ?FETCH_WAIT, "a reply fetch got no answer; trying again shortly");
                     self.owed_later();
                     return Caught::Done;
                 }
             };
             let mut count = 0usize;
-            while let Some(next) = fetched.next().await {
+            loop {
+                // A fetch whose request was lost (the consumer's leader died
+                // with it, a cluster node killed) is never answered: without
+                // this bound the receiver waited on it for ever and stopped
+                // handing on replies (found by `ferry chaos node-kill`).
+                let Ok(next) = tokio::time::timeout(FETCH_WAIT, fetched.next()).await else {
+                    tracing::warn!(waited = ?FETCH_WAIT, "a reply fetch stopped answering; trying again shortly");
+                    self.owed_later();
+                    return Caught::Done;
+                };
+                let Some(next) = next else { break };
                 let msg = match next {
                     Ok(m) => m,
                     Err(error) => {
