@@ -194,19 +194,24 @@ pub fn rules_consumer() -> ConsumerDef {
             // with messages in hand costs each of them one delivery.
             max_deliver: 10,
             // Shared by all replicas: the most events the role holds
-            // unacknowledged at once.
-            max_ack_pending: 2048,
+            // unacknowledged at once. A killed replica's events (up to its
+            // `--concurrency`, 256) count here until `ack_wait` passes: with
+            // a kill every 2 s (`ferry chaos worker-kill`) that is up to
+            // 15 x 256 = 3840 stranded, so 8192 leaves the live replicas
+            // room instead of stalling the role.
+            max_ack_pending: 8192,
             max_waiting: 512,
             ..Default::default()
         },
     }
 }
 
-/// How long the broker waits for an inference ack: above the slowest
-/// generation (two model steps of at most 60 s each, see the inference
-/// config) plus margin. The worker also sends in-progress acks while it
-/// generates, so a live replica never loses its message to another.
-pub const INFERENCE_ACK_WAIT: Duration = Duration::from_secs(300);
+/// How long the broker waits for an inference ack. A live replica sends
+/// in-progress acks every third of it while it generates (however long a
+/// generation takes), so this only bounds how long the chats of a replica
+/// that died wait before another replica gets them: with 300 s, one SIGKILL
+/// held its chats back five minutes (`ferry chaos inference-kill`).
+pub const INFERENCE_ACK_WAIT: Duration = Duration::from_secs(30);
 
 fn inference_consumer(name: &str, stream: &'static str, filter: String, what: &str) -> ConsumerDef {
     ConsumerDef {
@@ -218,7 +223,12 @@ fn inference_consumer(name: &str, stream: &'static str, filter: String, what: &s
             deliver_policy: DeliverPolicy::All,
             ack_policy: AckPolicy::Explicit,
             ack_wait: INFERENCE_ACK_WAIT,
-            max_deliver: 3,
+            // A delivery is spent by each crash of the replica holding the
+            // message (a model timeout is answered with the apology, not
+            // retried). Three did not survive replicas killed every few
+            // seconds; ten does, and a message that kills every replica that
+            // takes it still reaches dead letters (`max_deliver`).
+            max_deliver: 10,
             // Generation is slow: few messages out at once across replicas.
             max_ack_pending: 64,
             max_waiting: 64,
