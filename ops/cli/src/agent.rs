@@ -451,7 +451,7 @@ where
 }
 
 /// Writes the seed file, mode 0600, in a dir only the owner can enter.
-fn write_seed(path: &Path, id: &AgentId, seed: &str) -> anyhow::Result<()> {
+pub(crate) fn write_seed(path: &Path, id: &AgentId, seed: &str) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -6,6 +6,7 @@ mod bench;
 mod bench_agent;
 mod bench_archiver;
 mod bench_inference;
+mod chaos;
 mod db;
 mod dlq;
 mod down;
@@ -41,6 +42,7 @@ use ferry_schema::connect::{Auth, NatsConfig};
 ///   ferry dlq list                # dead letters and why
 ///   ferry stats --watch 2         # lag per worker role, replicas, agents
 ///   ferry agent add desk-7 --group support   # an agent's nkey and permissions, reloaded into the broker
+///   ferry chaos worker-kill       # SIGKILL a worker every 2 s under load; exits 1 on loss
 ///   ferry bench rules --events 20000 --repeat 5
 ///   ferry bench inference
 ///   ferry bench archiver --events 100000
@@ -79,6 +81,10 @@ enum Cmd {
     Agent(agent::AgentCmd),
     /// Create or update streams and consumers (idempotent; prints what changed).
     Provision(provision::ProvisionArgs),
+    /// Fault scenarios against real processes: kill workers, the broker, a
+    /// cluster node, an agent, stop PostgreSQL; then count what was lost,
+    /// doubled or reordered.
+    Chaos(Box<chaos::ChaosArgs>),
     /// Benchmarks that run a baseline in the same run and print ratios.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -142,6 +148,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Dlq(cmd) => dlq::run(cmd).await,
         Cmd::Agent(cmd) => agent::run(cmd).await,
         Cmd::Provision(args) => provision::run(args).await,
+        Cmd::Chaos(args) => chaos::run(*args).await,
         Cmd::Bench(cmd) => bench::run(cmd).await,
     }
 }
