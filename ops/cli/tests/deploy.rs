@@ -421,17 +421,7 @@ impl Drop for Node {
     }
 }
 
-/// An HTTP GET on a local monitoring port; true on 200.
-fn http_ok(port: u16, path: &str) -> bool {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").is_err() {
-        return false;
-    }
-    let mut resp = String::new();
-    let _ = s.read_to_string(&mut resp);
-    resp.starts_with("HTTP/1.1 200") || resp.starts_with("HTTP/1.0 200")
-}
+use ferry_stack::cluster::http_ok;
 
 /// Polls `ready` until it holds: true, or false after a generous deadline
 /// (a guard against hanging, not a timing assertion).

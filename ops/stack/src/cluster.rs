@@ -254,7 +254,7 @@ impl Drop for NatsCluster {
 }
 
 /// An HTTP GET on a local monitoring port; true on 200.
-fn http_ok(port: u16, path: &str) -> bool {
+pub fn http_ok(port: u16, path: &str) -> bool {
     use std::io::{Read as _, Write as _};
     let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
