@@ -54,8 +54,9 @@ pub struct Tally {
     /// Events archived twice, chats answered twice, replies archived twice.
     pub doubled: u64,
     /// Chats an adapter offered again after the agent died before
-    /// `accepted` and that the agent then spooled twice: the adapter
-    /// protocol's documented at-least-once hop, counted apart from `doubled`.
+    /// `accepted` and that the agent then spooled twice (two answers to one
+    /// message): the adapter hop is at least once until the agent recognises
+    /// a message by its `ref`. Counted apart from `doubled` and reported.
     pub offered_twice: u64,
     /// Places where an agent's events reached the stream out of its order.
     pub order_violations: u64,
