@@ -188,6 +188,15 @@ struct Inner {
     cipher: Aes256Gcm,
     cfg: SpoolConfig,
     state: Mutex<State>,
+    /// Held by a change of the events table from before its transaction to
+    /// after the counters in `state` follow it, so that no other change
+    /// sees the table and the counters disagree (a removal of events just
+    /// appended, before the append counted them, underflowed the count).
+    changing: Mutex<()>,
+    /// Called between an append's commit and its counting (tests widen
+    /// that window with it).
+    #[cfg(test)]
+    after_append_commit: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// Woken when events are appended.
     added: tokio::sync::Notify,
     /// Woken when events are removed.
@@ -256,6 +265,9 @@ impl Spool {
                 cipher,
                 cfg,
                 state: Mutex::new(state),
+                changing: Mutex::new(()),
+                #[cfg(test)]
+                after_append_commit: Mutex::new(None),
                 added: tokio::sync::Notify::new(),
                 freed: tokio::sync::Notify::new(),
             }),
@@ -281,6 +293,11 @@ impl Spool {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         }
+    }
+
+    /// The right to change the events table and its counters.
+    fn changing(&self) -> MutexGuard<'_, ()> {
+        self.inner.changing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn db_err(&self, e: impl std::fmt::Display) -> SpoolError {
@@ -326,6 +343,7 @@ impl Spool {
         if events.is_empty() {
             return Ok(Appended::default());
         }
+        let _changing = self.changing();
         let first_seq = self.state().next_seq;
         let mut sealed = Vec::with_capacity(events.len());
         let mut add_bytes = 0u64;
@@ -390,6 +408,10 @@ impl Spool {
             }
         }
         txn.commit().map_err(|e| self.db_err(e))?;
+        #[cfg(test)]
+        if let Some(hook) = self.inner.after_append_commit.lock().ok().and_then(|mut h| h.take()) {
+            hook();
+        }
         // The oldest event held: unchanged while older events remain and none
         // were dropped; this batch's first kept event when none remain; read
         // back only when drop-oldest removed some and others are left.
@@ -434,6 +456,7 @@ impl Spool {
 
     /// Removes every event up to and including `seq` (JetStream has them).
     pub fn remove_through(&self, seq: u64) -> Result<u64, SpoolError> {
+        let _changing = self.changing();
         let mut txn = self.inner.db.begin_write().map_err(|e| self.db_err(e))?;
         // Durable too: an acknowledged event left in the spool by a crash
         // would be published again, and after more than the stream's
@@ -730,6 +753,40 @@ mod tests {
         let recs = s.read_after(0, 100).unwrap();
         assert!(recs.windows(2).all(|w| w[0].seq < w[1].seq));
         assert_eq!(recs.len(), 3);
+    }
+
+    #[test]
+    fn a_removal_racing_an_append_keeps_the_counters_right() {
+        // The drainer may read, publish and remove an append's events while
+        // the writer thread is descheduled between its commit and its
+        // counting; that removal once underflowed the count (a panic in
+        // the drainer, which then published nothing more).
+        let dir = tempfile::tempdir().unwrap();
+        let s = spool(dir.path(), 100, FullPolicy::Block);
+        let (committed_tx, committed_rx) = std::sync::mpsc::channel::<()>();
+        let (removed_tx, removed_rx) = std::sync::mpsc::channel::<()>();
+        *s.inner.after_append_commit.lock().unwrap() = Some(Box::new(move || {
+            committed_tx.send(()).unwrap();
+            // Descheduled until the removal is done, or for a second when
+            // the removal waits for this append.
+            let _ = removed_rx.recv_timeout(std::time::Duration::from_secs(1));
+        }));
+        let remover = {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                committed_rx.recv().unwrap();
+                let recs = s.read_after(0, 10).unwrap();
+                let removed = s.remove_through(recs.last().unwrap().seq).unwrap();
+                let _ = removed_tx.send(());
+                removed
+            })
+        };
+        s.append(&[activity("a"), activity("b")], Encoding::MsgPack).unwrap();
+        assert_eq!(remover.join().expect("the removal panicked"), 2);
+        assert_eq!(s.depth().events, 0);
+        assert_eq!(s.depth().bytes, 0);
+        s.append(&[activity("c")], Encoding::MsgPack).unwrap();
+        assert_eq!(s.depth().events, 1);
     }
 
     #[test]
