@@ -155,13 +155,15 @@ async fn send_record(
 impl Agent {
     /// Publishes the spool's events in order until `shutdown`, removing
     /// each run of acknowledged events, and reports each to `delivered`.
+    /// A spool that cannot be read or changed is tried again, backing off,
+    /// with the spool reported unhealthy: the drainer ends only at shutdown.
     pub async fn drain_spool(
         &self,
         spool: &Spool,
         health: &Health,
         delivered: Option<mpsc::Sender<Delivered>>,
         shutdown: &CancellationToken,
-    ) -> Result<(), SpoolError> {
+    ) {
         let window = self.cfg.publish_window.max(1);
         // Everything up to `cursor` is acknowledged (and removed or being removed).
         let mut cursor = 0u64;
@@ -176,7 +178,10 @@ impl Agent {
             tokio::pin!(appended);
             appended.as_mut().enable();
             let chunk = if confirmed { CHUNK } else { 1 };
-            let records = spool::blocking(spool, move |s| s.read_after(cursor, chunk)).await?;
+            let Some(records) = with_retries(spool, health, shutdown, "read", move |s| s.read_after(cursor, chunk)).await
+            else {
+                break;
+            };
             if records.is_empty() {
                 tokio::select! {
                     _ = shutdown.cancelled() => break,
@@ -231,7 +236,11 @@ impl Agent {
                 }
             }
             if let Some(seq) = acked {
-                spool::blocking(spool, move |s| s.remove_through(seq)).await?;
+                // Until the removal is done the events stay; published again
+                // after a restart, the stream's duplicate window drops them.
+                if with_retries(spool, health, shutdown, "removal", move |s| s.remove_through(seq)).await.is_none() {
+                    break;
+                }
                 cursor = seq;
             }
             match failed {
@@ -257,6 +266,38 @@ impl Agent {
                 }
             }
         }
-        Ok(())
+    }
+}
+
+/// Runs `op` on the spool until it succeeds, backing off between tries and
+/// reporting the spool unhealthy meanwhile; `None` on shutdown.
+async fn with_retries<T: Send + 'static>(
+    spool: &Spool,
+    health: &Health,
+    shutdown: &CancellationToken,
+    what: &'static str,
+    op: impl Fn(&Spool) -> Result<T, SpoolError> + Clone + Send + 'static,
+) -> Option<T> {
+    let mut failures = 0usize;
+    loop {
+        match spool::blocking(spool, op.clone()).await {
+            Ok(v) => {
+                if failures > 0 {
+                    tracing::info!(what, failures, "spool works again");
+                    health.set(SPOOL_COMPONENT, true, None);
+                }
+                return Some(v);
+            }
+            Err(error) => {
+                failures += 1;
+                let delay = reconnect_delay(failures).max(Duration::from_millis(100));
+                tracing::error!(%error, what, ?delay, "spool failed for the drainer; trying again");
+                health.set(SPOOL_COMPONENT, false, Some(error.to_string()));
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
     }
 }

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, consumer::PullConsumer, AckKind};
 use ferry_schema::codec::{decode_reply, DEFAULT_MAX_PAYLOAD};
+use ferry_schema::connect::reconnect_delay;
 use ferry_schema::topology::{agent_replies_consumer_name, REPLIES_STREAM};
 use ferry_schema::{headers, subject, Encoding, Reply, ReplyId};
 use futures::future::BoxFuture;
@@ -133,6 +134,37 @@ impl Agent {
         .await
     }
 
+    /// Opens the reply consumer and subscribes to live replies; also returns
+    /// the client's connect count from before the subscription.
+    async fn bind_replies(
+        &self,
+        name: &str,
+        live_subject: &async_nats::Subject,
+    ) -> Result<(PullConsumer, async_nats::Subscriber, u64), RepliesError> {
+        let consumer = self
+            .js
+            .get_consumer_from_stream::<pull::Config, _, _>(name, REPLIES_STREAM)
+            .await
+            .map_err(|source| RepliesError::Consumer {
+                consumer: name.to_string(),
+                source,
+            })?;
+        let live_error = |e: &dyn std::fmt::Display| RepliesError::Live {
+            subject: live_subject.to_string(),
+            reason: e.to_string(),
+        };
+        let connects = self.client.statistics().connects.load(Ordering::Relaxed);
+        let live = self
+            .client
+            .subscribe(live_subject.clone())
+            .await
+            .map_err(|e| live_error(&e))?;
+        // The broker has the subscription before the first catch-up, so no
+        // reply falls between the two.
+        self.client.flush().await.map_err(|e| live_error(&e))?;
+        Ok((consumer, live, connects))
+    }
+
     /// Receives this agent's replies until `shutdown`, awaiting `handle` for
     /// each new one, in stream order (see the module docs). A reply counts
     /// as received, and is acked in the consumer, only after `handle`
@@ -143,28 +175,27 @@ impl Agent {
         H: FnMut(Reply) -> BoxFuture<'static, bool> + Send,
     {
         let name = agent_replies_consumer_name(&self.cfg.agent);
-        let consumer = self
-            .js
-            .get_consumer_from_stream::<pull::Config, _, _>(&name, REPLIES_STREAM)
-            .await
-            .map_err(|source| RepliesError::Consumer {
-                consumer: name.clone(),
-                source,
-            })?;
         let live_subject = subject::live_reply(&self.cfg.agent);
-        let live_error = |e: &dyn std::fmt::Display| RepliesError::Live {
-            subject: live_subject.to_string(),
-            reason: e.to_string(),
+        // An agent that starts offline, or before its consumer is
+        // provisioned, waits for both rather than running without replies.
+        let mut attempt = 0usize;
+        let (consumer, mut live, connects) = loop {
+            match self.bind_replies(&name, &live_subject).await {
+                Ok(bound) => break bound,
+                Err(error) => {
+                    attempt += 1;
+                    let delay = reconnect_delay(attempt).max(Duration::from_millis(100));
+                    tracing::warn!(%error, ?delay, "cannot receive replies yet; trying again");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
         };
-        let connects = self.client.statistics().connects.load(Ordering::Relaxed);
-        let mut live = self
-            .client
-            .subscribe(live_subject.clone())
-            .await
-            .map_err(|e| live_error(&e))?;
-        // The broker has the subscription before the first catch-up, so no
-        // reply falls between the two.
-        self.client.flush().await.map_err(|e| live_error(&e))?;
+        if attempt > 0 {
+            tracing::info!(consumer = %name, "receiving replies");
+        }
 
         // At most half a subscription's buffer per fetch, so the client
         // never drops a fetched reply.

@@ -80,6 +80,27 @@ pub enum RunError {
     /// The metrics endpoint could not start.
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    /// A part that runs for the agent's whole life (the spool drainer, the
+    /// reply receiver) ended before shutdown: the run stops, so that the
+    /// process exits non-zero and its supervisor starts it again, instead
+    /// of running on half dead.
+    #[error("the {part} ended while the agent was running ({why})")]
+    Ended {
+        /// The part.
+        part: &'static str,
+        /// How it ended.
+        why: String,
+    },
+}
+
+/// How a task that should have run until shutdown ended.
+fn ended<E: std::fmt::Display>(part: &'static str, r: Result<Result<(), E>, tokio::task::JoinError>) -> RunError {
+    let why = match r {
+        Ok(Ok(())) => "without an error".to_string(),
+        Ok(Err(e)) => e.to_string(),
+        Err(join) => join.to_string(),
+    };
+    RunError::Ended { part, why }
 }
 
 /// Where events come from.
@@ -259,14 +280,14 @@ pub async fn run(
 
     let drain_stop = CancellationToken::new();
     let (delivered_tx, mut delivered_rx) = mpsc::channel::<Delivered>(INTAKE_QUEUE);
-    let drainer = {
+    let mut drainer = Some({
         let (agent, spool, health, stop) = (agent.clone(), spool.clone(), health.clone(), drain_stop.clone());
         tokio::spawn(async move { agent.drain_spool(&spool, &health, Some(delivered_tx), &stop).await })
-    };
+    });
 
     let replies_stop = CancellationToken::new();
     let (acted_tx, mut acted_rx) = mpsc::channel::<Reply>(agent.config().reply_batch.max(1));
-    let receiver = {
+    let mut receiver = Some({
         let (agent, spool, stop) = (agent.clone(), spool.clone(), replies_stop.clone());
         let clients = clients.clone();
         tokio::spawn(async move {
@@ -282,7 +303,7 @@ pub async fn run(
                 )
                 .await
         })
-    };
+    });
 
     let mut pending: HashSet<EventId> = HashSet::new();
     let mut answered_early: HashSet<EventId> = HashSet::new();
@@ -329,6 +350,16 @@ pub async fn run(
                     Err(join) => break Err(RunError::Read(std::io::Error::other(join.to_string()))),
                 }
             }
+            r = until_done(&mut drainer) => {
+                let e = ended("spool drainer", r.map(Ok::<(), SpoolError>));
+                tracing::error!(error = %e, "stopping");
+                break Err(e);
+            }
+            r = until_done(&mut receiver) => {
+                let e = ended("reply receiver", r);
+                tracing::error!(error = %e, "stopping");
+                break Err(e);
+            }
             _ = tokio::time::sleep(idle), if input_done && answered_mode => break Ok(()),
             _ = tokio::time::sleep(Duration::from_millis(100)), if input_done && answered_mode => {}
         }
@@ -359,12 +390,14 @@ pub async fn run(
     while let Ok(_d) = delivered_rx.try_recv() {
         counts.published();
     }
-    let drained = drainer.await;
-    let received = receiver.await;
-    result?;
-    if let Ok(Err(e)) = drained {
-        return Err(e.into());
+    if let Some(t) = drainer {
+        let _ = t.await;
     }
+    let received = match receiver {
+        Some(t) => t.await,
+        None => Ok(Ok(())),
+    };
+    result?;
     if let Ok(Err(e)) = received {
         return Err(e.into());
     }
@@ -375,6 +408,19 @@ pub async fn run(
         spooled: spool.depth().events,
     };
     Ok(report)
+}
+
+/// Waits for the task in `slot` to end and takes it out; pending forever
+/// when there is none.
+async fn until_done<T>(slot: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match slot.as_mut() {
+        Some(t) => {
+            let r = t.await;
+            *slot = None;
+            r
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Acts on one reply; false to stop receiving.

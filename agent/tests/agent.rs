@@ -225,6 +225,28 @@ async fn offline_agent_gets_its_replies_after_reconnecting() {
     h.await.unwrap().unwrap();
 }
 
+/// An agent may start before its reply consumer exists (provisioning comes
+/// later, or the broker is still loading it): the receiver waits for it
+/// instead of ending, which left the agent running without replies.
+#[tokio::test]
+async fn a_receiver_started_before_its_consumer_exists_gets_replies_once_it_does() {
+    let s = stack().await;
+    let name = topology::agent_replies_consumer_name(&desk(1));
+    s.js.get_stream(REPLIES_STREAM).await.unwrap().delete_consumer(&name).await.unwrap();
+
+    let agent = s.agent(&desk(1)).await;
+    let (mut rx, stop, receiver) = receiving(&agent, 16);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!receiver.is_finished(), "the receiver gave up: {:?}", receiver.await);
+
+    topology::provision(&s.js, &StreamSettings::default(), &[desk(1)]).await.unwrap();
+    let event = publish_reply(&s.js, &desk(1), "late consumer").await;
+    let r = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    assert_eq!(r.in_reply_to, event);
+    stop.cancel();
+    receiver.await.unwrap().unwrap();
+}
+
 /// A reply to `agent`'s event, as a worker publishes it: on the agent's
 /// reply subject, with its id as `Nats-Msg-Id`.
 async fn publish_reply(js: &jetstream::Context, agent: &AgentId, text: &str) -> ferry_schema::EventId {

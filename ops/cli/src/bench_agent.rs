@@ -119,7 +119,7 @@ pub async fn run(args: AgentBench) -> anyhow::Result<()> {
         }
         let drain_rate = args.events as f64 / t0.elapsed().as_secs_f64();
         stop.cancel();
-        drainer.await??;
+        drainer.await?;
         eprintln!("    run {run}: spool writes {write_rate:.0}/s, drain {drain_rate:.0}/s");
         writes.push(write_rate);
         drains.push(drain_rate);
