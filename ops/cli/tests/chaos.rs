@@ -7,7 +7,6 @@ use std::process::Command;
 /// every second, 5-second outages, a dozen model answers. The seed is
 /// random and printed, so a failure can be run again as it was.
 #[test]
-#[ignore = "issue #17: an agent sometimes stops publishing its spool (CI, db-outage, chaos-02 stalled at 17% with 413 events spooled and nothing pending); run with --ignored once that is fixed"]
 fn every_fault_scenario_loses_doubles_and_reorders_nothing() {
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["chaos", "all", "--events", "2000", "--rate", "250", "--agents", "4", "--outage", "5s", "--chats", "12"])

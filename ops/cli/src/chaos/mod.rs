@@ -110,7 +110,8 @@ pub struct ChaosArgs {
     /// Seed of the random choices (which replica dies when) [default: random, printed].
     #[arg(long)]
     seed: Option<u64>,
-    /// Keep the data dir (broker stores, database, spools, every process's log); its path is printed.
+    /// Keep the data dir (broker stores, database, spools, every process's log); its path is
+    /// printed. A scenario that does not pass keeps it anyway.
     #[arg(long)]
     keep: bool,
     /// db-outage: how long PostgreSQL is down [default: 60s]. agent-outage:
@@ -298,7 +299,7 @@ struct Progress {
 async fn run_one(scenario: Scenario, args: &ChaosArgs, bins: &Binaries, load: Load, seed: u64) -> anyhow::Result<Tally> {
     let temp = tempfile::Builder::new().prefix(&format!("ferry-chaos-{}-", scenario.name())).tempdir()?;
     let dir = temp.path().to_path_buf();
-    let _temp = if args.keep {
+    let temp = if args.keep {
         eprintln!("  data dir (kept): {}", temp.keep().display());
         None
     } else {
@@ -318,6 +319,11 @@ async fn run_one(scenario: Scenario, args: &ChaosArgs, bins: &Binaries, load: Lo
         eprintln!("  restarts: {}", restarts.join(", "));
     }
     futures::future::join_all(std::mem::take(&mut stack.workers).into_iter().map(Supervised::stop)).await;
+    // A run that did not pass keeps what it left (every process's log) for
+    // its diagnosis, as --keep would have.
+    if let Some(temp) = temp.filter(|_| !result.as_ref().is_ok_and(Tally::passed)) {
+        eprintln!("  data dir (kept, the run did not pass): {}", temp.keep().display());
+    }
     result
 }
 
