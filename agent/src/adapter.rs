@@ -15,7 +15,12 @@
 //!   (`text`/`image`/`file`/`other`), `time` and `ref` are optional. The
 //!   agent spools it as a chat event and, once the spool has committed it
 //!   (it then survives a crash of the agent), answers `accepted` with the
-//!   event id and the same `ref`. Until then the adapter keeps the message.
+//!   event id and the same `ref`. Until then the adapter keeps the message,
+//!   and offers it again on its next connection. `ref` identifies the
+//!   message among those of the adapter's `name`: the spool remembers the
+//!   last [`REFS_CAPACITY`](crate::spool::REFS_CAPACITY) references, and a
+//!   message offered again with one of them is answered `accepted` with
+//!   the event it already became, not spooled twice.
 //! - `{"type":"sent","reply_id":"…"}` / `{"type":"send_failed","reply_id":"…","error":"…"}`:
 //!   the outcome of a `send`. The agent records a chat reply as done only
 //!   after `sent`; a `send_failed`, or no answer within
@@ -51,6 +56,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
+use crate::spool::{self, RefKey, Spool};
 
 /// The protocol version this agent speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -325,30 +331,72 @@ impl Clients {
 }
 
 /// Chat events from adapters that wait for the spool's commit, so that
-/// `accepted` means "on disk". Cheap to clone: the spool writer calls
-/// [`Spooled::committed`] with every batch it has made durable.
+/// `accepted` means "on disk". Cheap to clone: the spool writer asks
+/// [`Spooled::refs_of`] for the references of every batch it writes and
+/// calls [`Spooled::committed`] once the batch is durable.
 #[derive(Debug, Clone, Default)]
 pub struct Spooled {
-    waiting: Arc<Mutex<HashMap<EventId, oneshot::Sender<()>>>>,
+    inner: Arc<Mutex<Waiting>>,
+}
+
+#[derive(Debug, Default)]
+struct Waiting {
+    /// Event -> who waits for its commit, and the adapter reference it has.
+    events: HashMap<EventId, (Vec<oneshot::Sender<()>>, Option<RefKey>)>,
+    /// Reference -> the event it became, until committed.
+    refs: HashMap<RefKey, EventId>,
 }
 
 impl Spooled {
     /// Resolves once `id` is committed (an error if it never will be).
-    fn register(&self, id: EventId) -> oneshot::Receiver<()> {
+    fn register(&self, id: EventId, reference: Option<RefKey>) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        unpoisoned(&self.waiting).insert(id, tx);
+        let mut w = unpoisoned(&self.inner);
+        w.events.insert(id, (vec![tx], reference));
+        if let Some(key) = reference {
+            w.refs.insert(key, id);
+        }
         rx
+    }
+
+    /// The event a reference became when it is still on its way to the
+    /// spool, with a receiver resolved at its commit.
+    fn join(&self, key: RefKey) -> Option<(EventId, oneshot::Receiver<()>)> {
+        let mut w = unpoisoned(&self.inner);
+        let id = *w.refs.get(&key)?;
+        let (waiters, _) = w.events.get_mut(&id)?;
+        let (tx, rx) = oneshot::channel();
+        waiters.push(tx);
+        Some((id, rx))
+    }
+
+    /// The adapter references of `events`, for the spool to remember in the
+    /// same transaction.
+    pub fn refs_of(&self, events: &[Envelope]) -> Vec<(RefKey, EventId)> {
+        let w = unpoisoned(&self.inner);
+        if w.refs.is_empty() {
+            return Vec::new();
+        }
+        events
+            .iter()
+            .filter_map(|e| w.events.get(&e.id).and_then(|(_, r)| *r).map(|r| (r, e.id)))
+            .collect()
     }
 
     /// Tells the adapters that `events` are durable in the spool.
     pub fn committed(&self, events: &[Envelope]) {
-        let mut waiting = unpoisoned(&self.waiting);
-        if waiting.is_empty() {
+        let mut w = unpoisoned(&self.inner);
+        if w.events.is_empty() {
             return;
         }
         for e in events {
-            if let Some(tx) = waiting.remove(&e.id) {
-                let _ = tx.send(());
+            if let Some((waiters, reference)) = w.events.remove(&e.id) {
+                if let Some(key) = reference {
+                    w.refs.remove(&key);
+                }
+                for tx in waiters {
+                    let _ = tx.send(());
+                }
             }
         }
     }
@@ -412,8 +460,15 @@ impl AdapterServer {
     }
 
     /// Accepts clients until `shutdown`; their chat messages become chat
-    /// events on `out`.
-    pub async fn run(self, agent: AgentId, out: mpsc::Sender<Envelope>, health: Health, shutdown: CancellationToken) {
+    /// events on `out`, except a message whose `ref` `spool` already has.
+    pub async fn run(
+        self,
+        agent: AgentId,
+        spool: Spool,
+        out: mpsc::Sender<Envelope>,
+        health: Health,
+        shutdown: CancellationToken,
+    ) {
         health.set(COMPONENT, false, Some("no adapter connected".into()));
         let mut next_id = 0u64;
         loop {
@@ -428,19 +483,20 @@ impl AdapterServer {
                 },
             };
             next_id += 1;
-            let (clients, spooled, agent, out, health, shutdown) = (
-                self.clients.clone(),
-                self.spooled.clone(),
-                agent.clone(),
-                out.clone(),
-                health.clone(),
-                shutdown.clone(),
-            );
+            let conn = Conn {
+                spool: spool.clone(),
+                clients: self.clients.clone(),
+                spooled: self.spooled.clone(),
+                agent: agent.clone(),
+                out: out.clone(),
+                health: health.clone(),
+                shutdown: shutdown.clone(),
+            };
             let id = next_id;
             tokio::spawn(async move {
-                serve(id, stream, &clients, &spooled, &agent, &out, &health, &shutdown).await;
-                clients.remove(id);
-                report(&clients, &health);
+                serve(id, stream, &conn).await;
+                conn.clients.remove(id);
+                report(&conn.clients, &conn.health);
                 tracing::info!(%peer, "adapter client disconnected");
             });
         }
@@ -464,17 +520,19 @@ async fn write_line(w: &mut tokio::net::tcp::OwnedWriteHalf, line: &ToClient) ->
     w.write_all(&bytes).await
 }
 
-#[allow(clippy::too_many_arguments)] // one connection's whole context
-async fn serve(
-    id: u64,
-    stream: TcpStream,
-    clients: &Clients,
-    spooled: &Spooled,
-    agent: &AgentId,
-    out: &mpsc::Sender<Envelope>,
-    health: &Health,
-    shutdown: &CancellationToken,
-) {
+/// What one connection works with.
+struct Conn {
+    spool: Spool,
+    clients: Clients,
+    spooled: Spooled,
+    agent: AgentId,
+    out: mpsc::Sender<Envelope>,
+    health: Health,
+    shutdown: CancellationToken,
+}
+
+async fn serve(id: u64, stream: TcpStream, conn: &Conn) {
+    let Conn { spool, clients, spooled, agent, out, health, shutdown } = conn;
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read);
     let mut buf = String::new();
@@ -497,6 +555,10 @@ async fn serve(
         }
         None => return,
     };
+    // References are an adapter's own: scoped by its name (adapters that
+    // give none share one scope).
+    let refs_scope = hello.0.clone().unwrap_or_default();
+    let refs_scope = refs_scope.as_str();
     let name = hello.0.unwrap_or_else(|| format!("client-{id}"));
     let welcome = ToClient::Welcome {
         v: PROTOCOL_VERSION,
@@ -552,26 +614,42 @@ async fn serve(
                 time,
                 reference,
             }) => {
-                let mut env = Envelope::new(
-                    agent.clone(),
-                    EventBody::Chat(ChatMessage {
-                        chat,
-                        chat_type,
-                        sender,
-                        text: content,
-                        msg_type,
-                    }),
-                );
-                if let Some(t) = time {
-                    env.ts = t;
-                }
-                let event_id = env.id;
-                let committed = spooled.register(event_id);
-                // Waits while the spool's intake is full: the adapter then
-                // stops being read, and TCP slows it down.
-                if out.send(env).await.is_err() {
-                    break;
-                }
+                // A message offered again (the agent died, or the connection
+                // dropped, before its `accepted`) is the event it already became.
+                let key = reference.as_deref().map(|r| spool.ref_key(refs_scope, r));
+                let known = match key {
+                    Some(key) => known_ref(spool, spooled, key).await,
+                    None => None,
+                };
+                let (event_id, committed) = match known {
+                    Some(known) => {
+                        tracing::info!(client = %name, event = %known.0, "message offered again; accepted as before");
+                        known
+                    }
+                    None => {
+                        let mut env = Envelope::new(
+                            agent.clone(),
+                            EventBody::Chat(ChatMessage {
+                                chat,
+                                chat_type,
+                                sender,
+                                text: content,
+                                msg_type,
+                            }),
+                        );
+                        if let Some(t) = time {
+                            env.ts = t;
+                        }
+                        let event_id = env.id;
+                        let committed = spooled.register(event_id, key);
+                        // Waits while the spool's intake is full: the adapter then
+                        // stops being read, and TCP slows it down.
+                        if out.send(env).await.is_err() {
+                            break;
+                        }
+                        (event_id, committed)
+                    }
+                };
                 // `accepted` once the spool has committed it; meanwhile the
                 // next lines are read, so a burst shares one commit.
                 let tx = tx.clone();
@@ -599,6 +677,29 @@ async fn serve(
     // The caller removes the client from `clients`.
     drop(tx);
     writer.abort();
+}
+
+/// The event a message reference already became: one still on its way to
+/// the spool (with its commit to wait for), else one the spool remembers
+/// (committed). A spool that cannot be read counts as not knowing it.
+async fn known_ref(spool: &Spool, spooled: &Spooled, key: RefKey) -> Option<(EventId, oneshot::Receiver<()>)> {
+    // Looked up in this order, a reference is found: it leaves `spooled`
+    // only after the spool has committed it.
+    if let Some(pending) = spooled.join(key) {
+        return Some(pending);
+    }
+    match spool::blocking(spool, move |s| s.event_for_ref(key)).await {
+        Ok(Some(id)) => {
+            let (tx, rx) = oneshot::channel();
+            let _ = tx.send(());
+            Some((id, rx))
+        }
+        Ok(None) => None,
+        Err(error) => {
+            tracing::warn!(%error, "cannot look up a message reference; spooling the message");
+            None
+        }
+    }
 }
 
 /// The next parsed line; `None` at end of stream or shutdown.
@@ -672,7 +773,9 @@ mod tests {
         let spooled = server.spooled();
         let (tx, mut rx) = mpsc::channel(8);
         let stop = CancellationToken::new();
-        tokio::spawn(server.run(AgentId::new("desk-1").unwrap(), tx, Health::default(), stop.clone()));
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(crate::spool::SpoolConfig::new(dir.path())).unwrap();
+        tokio::spawn(server.run(AgentId::new("desk-1").unwrap(), spool, tx, Health::default(), stop.clone()));
         let stream = TcpStream::connect(addr).await.unwrap();
         let (r, mut w) = stream.into_split();
         let mut r = BufReader::new(r).lines();
@@ -686,9 +789,24 @@ mod tests {
         // No `accepted` before the spool's commit: the bad line's answer
         // comes first.
         assert!(r.next_line().await.unwrap().unwrap().contains("bad line"));
+        // The same adapter offers it again on another connection before the
+        // commit: it is the same event, not a second one.
+        let again = TcpStream::connect(addr).await.unwrap();
+        let (r2, mut w2) = again.into_split();
+        let mut r2 = BufReader::new(r2).lines();
+        w2.write_all(b"{\"type\":\"hello\",\"v\":1,\"name\":\"t\"}\n").await.unwrap();
+        assert!(r2.next_line().await.unwrap().unwrap().contains("\"welcome\""));
+        w2.write_all(b"{\"type\":\"message\",\"chat\":\"A\",\"sender\":\"A\",\"content\":\"hi\",\"ref\":\"1\"}\n{\"type\":\"ping\"}\n")
+            .await
+            .unwrap();
+        assert!(r2.next_line().await.unwrap().unwrap().contains("\"pong\""));
+        assert!(rx.try_recv().is_err(), "the message offered again was queued again");
         spooled.committed(std::slice::from_ref(&env));
         let accepted = r.next_line().await.unwrap().unwrap();
         assert!(accepted.contains("\"accepted\"") && accepted.contains(&env.id.to_string()) && accepted.contains("\"ref\":\"1\""), "{accepted}");
+        let accepted = r2.next_line().await.unwrap().unwrap();
+        assert!(accepted.contains("\"accepted\"") && accepted.contains(&env.id.to_string()), "{accepted}");
+        drop((r2, w2));
         clients.wait_for_sender().await;
         let send = |reply_id: &'static str, within: Duration| {
             let clients = clients.clone();
@@ -734,7 +852,9 @@ mod tests {
         let addr = server.local_addr().unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let stop = CancellationToken::new();
-        tokio::spawn(server.run(AgentId::new("desk-1").unwrap(), tx, Health::default(), stop.clone()));
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(crate::spool::SpoolConfig::new(dir.path())).unwrap();
+        tokio::spawn(server.run(AgentId::new("desk-1").unwrap(), spool, tx, Health::default(), stop.clone()));
         let mut s = TcpStream::connect(addr).await.unwrap();
         s.write_all(b"{\"type\":\"hello\",\"v\":2}\n").await.unwrap();
         let mut text = String::new();

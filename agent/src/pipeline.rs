@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
-use crate::spool::{self, FullPolicy, Record, Spool, SpoolError};
+use crate::spool::{self, FullPolicy, Record, RefKey, Spool, SpoolError};
 use crate::Agent;
 
 /// Events queued between the sources and the spool writer.
@@ -45,13 +45,15 @@ pub const BROKER_COMPONENT: &str = "broker";
 
 /// Writes what the sources queue into the spool until every sender is
 /// gone, in batches: it waits for one event and takes whatever else is
-/// queued with it, so a burst costs one fsync, not one per event. Each
-/// batch is passed to `observe` once it is durable.
+/// queued with it, so a burst costs one fsync, not one per event. The
+/// adapter references `refs_of` names for a batch are remembered in its
+/// transaction; each batch is passed to `observe` once it is durable.
 pub async fn write_spool(
     spool: Spool,
     encoding: Encoding,
     mut rx: mpsc::Receiver<Envelope>,
     health: Health,
+    refs_of: impl Fn(&[Envelope]) -> Vec<(RefKey, EventId)> + Send,
     mut observe: impl FnMut(&[Envelope]) + Send,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
@@ -82,7 +84,9 @@ pub async fn write_spool(
         loop {
             let events = std::mem::take(&mut batch);
             let s = spool.clone();
-            let (result, events) = match tokio::task::spawn_blocking(move || (s.append(&events, encoding), events)).await {
+            let refs = refs_of(&events);
+            let appended = move || (s.append_with_refs(&events, encoding, &refs), events);
+            let (result, events) = match tokio::task::spawn_blocking(appended).await {
                 Ok(done) => done,
                 Err(join) => {
                     // The batch went down with the task: its events were

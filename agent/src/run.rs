@@ -207,7 +207,9 @@ pub async fn run(
     let spooled = sources.adapter.as_ref().map(AdapterServer::spooled);
     let writer = {
         let (spool, health, recent) = (spool.clone(), health.clone(), recent.clone());
-        tokio::spawn(write_spool(spool, agent.config().encoding, intake_rx, health, move |b| {
+        let refs = spooled.clone();
+        let refs_of = move |b: &[ferry_schema::Envelope]| refs.as_ref().map(|r| r.refs_of(b)).unwrap_or_default();
+        tokio::spawn(write_spool(spool, agent.config().encoding, intake_rx, health, refs_of, move |b| {
             recent.observe(b);
             // Adapters answer `accepted` only now that the batch is durable.
             if let Some(spooled) = &spooled {
@@ -254,7 +256,7 @@ pub async fn run(
     }
     let clients: Option<Clients> = sources.adapter.as_ref().map(AdapterServer::clients);
     if let Some(server) = sources.adapter {
-        background.push(tokio::spawn(server.run(id.clone(), intake.clone(), health.clone(), sources_stop.clone())));
+        background.push(tokio::spawn(server.run(id.clone(), spool.clone(), intake.clone(), health.clone(), sources_stop.clone())));
     }
     if let Some(every) = periodic.heartbeat {
         background.push(tokio::spawn(run_heartbeat(

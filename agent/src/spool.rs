@@ -13,8 +13,10 @@
 //! oldest events to make room and counts them, which the heartbeat reports.
 //!
 //! The same database remembers which replies the agent has acted on (so a
-//! redelivered reply is never sent to a customer twice) and the activity
-//! span still growing (so a crash does not lose it).
+//! redelivered reply is never sent to a customer twice), which event each
+//! adapter message reference became (so a message offered again is not
+//! spooled twice) and the activity span still growing (so a crash does not
+//! lose it).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,7 +26,10 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use bytes::Bytes;
 use ferry_schema::codec::{encode_event, EncodeError};
 use ferry_schema::{Encoding, Envelope, EventId, EventKind, ReplyId};
+use hmac::{Hmac, Mac};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use sha2::Sha256;
 
 use crate::platform;
 
@@ -38,15 +43,30 @@ const ACTED: TableDefinition<'_, u128, u64> = TableDefinition::new("acted");
 const ACTED_ORDER: TableDefinition<'_, u64, u128> = TableDefinition::new("acted_order");
 /// Name -> sealed bytes of small state (the open activity span).
 const STATE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("state");
+/// Adapter message reference (a keyed digest, see [`RefKey`]) -> event id.
+const REFS: TableDefinition<'_, u128, u128> = TableDefinition::new("refs");
+/// Position -> reference, to forget the oldest first.
+const REFS_ORDER: TableDefinition<'_, u64, u128> = TableDefinition::new("refs_order");
 
 const META_DROPPED: &str = "dropped";
 const META_ACTED_NEXT: &str = "acted_next";
+const META_REFS_NEXT: &str = "refs_next";
 const DB_FILE: &str = "spool.redb";
 const KEY_FILE: &str = "spool.key";
 /// Bytes of the random nonce in front of each sealed record.
 const NONCE_LEN: usize = 12;
 /// Reply ids remembered for de-duplication.
 pub const ACTED_CAPACITY: u64 = 100_000;
+/// Adapter message references remembered, so that a message offered again
+/// (the agent died before its `accepted`) is not spooled twice. A re-offer
+/// is at most an adapter's window of unaccepted messages old.
+pub const REFS_CAPACITY: u64 = 100_000;
+
+/// An adapter's reference to one message, as the spool stores it: a digest
+/// keyed with the spool's key, so the reference (a chat platform's message
+/// id, say) is not readable on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RefKey(u128);
 
 /// What to do when the spool is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
@@ -186,6 +206,8 @@ struct Inner {
     db: Database,
     path: PathBuf,
     cipher: Aes256Gcm,
+    /// Key of the reference digests, derived from the spool's key.
+    ref_key: [u8; 32],
     cfg: SpoolConfig,
     state: Mutex<State>,
     /// Held by a change of the events table from before its transaction to
@@ -224,7 +246,9 @@ impl Spool {
             path: cfg.dir.clone(),
             source,
         })?;
-        let cipher = Aes256Gcm::new(&load_or_create_key(&cfg.dir.join(KEY_FILE))?);
+        let key = load_or_create_key(&cfg.dir.join(KEY_FILE))?;
+        let cipher = Aes256Gcm::new(&key);
+        let ref_key = digest_key(key.as_slice(), b"ferry spool: adapter message references");
         let path = cfg.dir.join(DB_FILE);
         let db_err = |e: &dyn std::fmt::Display| SpoolError::Db {
             path: path.clone(),
@@ -239,6 +263,8 @@ impl Spool {
             txn.open_table(ACTED).map_err(|e| db_err(&e))?;
             txn.open_table(ACTED_ORDER).map_err(|e| db_err(&e))?;
             txn.open_table(STATE).map_err(|e| db_err(&e))?;
+            txn.open_table(REFS).map_err(|e| db_err(&e))?;
+            txn.open_table(REFS_ORDER).map_err(|e| db_err(&e))?;
             let mut bytes = 0u64;
             for row in events.iter().map_err(|e| db_err(&e))? {
                 let (_, v) = row.map_err(|e| db_err(&e))?;
@@ -263,6 +289,7 @@ impl Spool {
                 db,
                 path,
                 cipher,
+                ref_key,
                 cfg,
                 state: Mutex::new(state),
                 changing: Mutex::new(()),
@@ -340,6 +367,17 @@ impl Spool {
     /// first when they would not fit; with `block`, writes anyway (the caller
     /// waits for [`Spool::has_room`] first, see [`crate::pipeline`]).
     pub fn append(&self, events: &[Envelope], encoding: Encoding) -> Result<Appended, SpoolError> {
+        self.append_with_refs(events, encoding, &[])
+    }
+
+    /// [`Spool::append`], remembering in the same transaction which event
+    /// each adapter reference in `refs` became (see [`Spool::event_for_ref`]).
+    pub fn append_with_refs(
+        &self,
+        events: &[Envelope],
+        encoding: Encoding,
+        refs: &[(RefKey, EventId)],
+    ) -> Result<Appended, SpoolError> {
         if events.is_empty() {
             return Ok(Appended::default());
         }
@@ -406,6 +444,9 @@ impl Spool {
                 let total = self.state().dropped + dropped + skipped;
                 meta.insert(META_DROPPED, total).map_err(|e| self.db_err(e))?;
             }
+        }
+        if !refs.is_empty() {
+            self.remember_refs(&txn, refs)?;
         }
         txn.commit().map_err(|e| self.db_err(e))?;
         #[cfg(test)]
@@ -493,6 +534,51 @@ impl Spool {
         let mut txn = self.inner.db.begin_write().map_err(|e| self.db_err(e))?;
         txn.set_durability(Durability::Immediate).map_err(|e| self.db_err(e))?;
         txn.commit().map_err(|e| self.db_err(e))
+    }
+
+    /// The spool's digest of adapter `adapter`'s reference `reference`.
+    pub fn ref_key(&self, adapter: &str, reference: &str) -> RefKey {
+        let mut mac = <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(&self.inner.ref_key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
+        mac.update(&(adapter.len() as u64).to_le_bytes());
+        mac.update(adapter.as_bytes());
+        mac.update(reference.as_bytes());
+        let digest = mac.finalize().into_bytes();
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&digest[..16]);
+        RefKey(u128::from_le_bytes(first))
+    }
+
+    /// The event an adapter reference became, while it is remembered
+    /// (the last [`REFS_CAPACITY`] references).
+    pub fn event_for_ref(&self, key: RefKey) -> Result<Option<EventId>, SpoolError> {
+        let txn = self.inner.db.begin_read().map_err(|e| self.db_err(e))?;
+        let refs = txn.open_table(REFS).map_err(|e| self.db_err(e))?;
+        let found = refs.get(key.0).map_err(|e| self.db_err(e))?;
+        Ok(found.map(|v| EventId(uuid::Uuid::from_u128(v.value()))))
+    }
+
+    fn remember_refs(&self, txn: &redb::WriteTransaction, refs: &[(RefKey, EventId)]) -> Result<(), SpoolError> {
+        let mut table = txn.open_table(REFS).map_err(|e| self.db_err(e))?;
+        let mut order = txn.open_table(REFS_ORDER).map_err(|e| self.db_err(e))?;
+        let mut meta = txn.open_table(META).map_err(|e| self.db_err(e))?;
+        let mut pos = meta.get(META_REFS_NEXT).map_err(|e| self.db_err(e))?.map_or(0, |v| v.value());
+        for (key, id) in refs {
+            // A reference already remembered keeps its first event.
+            if table.get(key.0).map_err(|e| self.db_err(e))?.is_some() {
+                continue;
+            }
+            table.insert(key.0, id.0.as_u128()).map_err(|e| self.db_err(e))?;
+            order.insert(pos, key.0).map_err(|e| self.db_err(e))?;
+            if pos >= REFS_CAPACITY {
+                if let Some(old) = order.remove(pos - REFS_CAPACITY).map_err(|e| self.db_err(e))? {
+                    table.remove(old.value()).map_err(|e| self.db_err(e))?;
+                }
+            }
+            pos += 1;
+        }
+        meta.insert(META_REFS_NEXT, pos).map_err(|e| self.db_err(e))?;
+        Ok(())
     }
 
     /// Whether the agent has acted on reply `id` (as far as it remembers).
@@ -651,6 +737,14 @@ fn state_aad(name: &str) -> String {
 
 /// The spool key: 32 random bytes, stored protected (DPAPI on Windows, a
 /// 0600 file elsewhere); made on first use.
+/// A key for `purpose` derived from the spool's key.
+fn digest_key(key: &[u8], purpose: &[u8]) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as hmac::KeyInit>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes a key of any length"));
+    mac.update(purpose);
+    mac.finalize().into_bytes().into()
+}
+
 fn load_or_create_key(path: &Path) -> Result<Key<Aes256Gcm>, SpoolError> {
     let key_err = |message: String| SpoolError::Key {
         path: path.to_path_buf(),
@@ -826,6 +920,29 @@ mod tests {
         std::fs::remove_file(dir.path().join(KEY_FILE)).unwrap();
         let err = Spool::open(SpoolConfig::new(dir.path())).unwrap_err();
         assert!(matches!(err, SpoolError::Corrupt { what: "authentication", .. }), "{err}");
+    }
+
+    #[test]
+    fn an_adapter_reference_names_its_event_across_reopen_and_unreadably() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = activity("chat");
+        {
+            let s = spool(dir.path(), 100, FullPolicy::Block);
+            let key = s.ref_key("wxauto", "MSG-REF-0042");
+            assert_eq!(s.event_for_ref(key).unwrap(), None);
+            s.append_with_refs(std::slice::from_ref(&e), Encoding::MsgPack, &[(key, e.id)]).unwrap();
+            // The events go; the reference stays.
+            s.remove_through(s.read_after(0, 1).unwrap()[0].seq).unwrap();
+        }
+        let s = spool(dir.path(), 100, FullPolicy::Block);
+        assert_eq!(s.event_for_ref(s.ref_key("wxauto", "MSG-REF-0042")).unwrap(), Some(e.id));
+        // Another adapter's reference 42 is another message.
+        assert_eq!(s.event_for_ref(s.ref_key("other", "MSG-REF-0042")).unwrap(), None);
+        assert_ne!(s.ref_key("wx", "auto1"), s.ref_key("wxauto", "1"));
+        s.sync().unwrap();
+        drop(s);
+        let raw = std::fs::read(dir.path().join(DB_FILE)).unwrap();
+        assert!(!String::from_utf8_lossy(&raw).contains("MSG-REF-0042"));
     }
 
     #[test]

@@ -843,6 +843,50 @@ async fn the_last_hop_survives_sigkill_at_its_worst_moments() {
     kill(agent).await;
 }
 
+/// A chat the agent spooled but did not get to answer `accepted` for (it
+/// was killed in between) is offered again by its adapter after the
+/// restart. The agent knows it by its `ref` and answers `accepted` with the
+/// first event id, where it used to spool it again, and the customer got
+/// two answers.
+#[tokio::test]
+async fn a_message_offered_again_after_a_restart_is_spooled_once() {
+    let s = stack().await;
+    let _rules = s.rules_worker().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = ferry_stack::free_port().unwrap();
+    let spawn = || {
+        agent_command(&s, &dir.path().join("spool"))
+            .args(["run", "--no-desktop", "--heartbeat", "0s", "--prediction", "0s", "--adapter"])
+            .arg(format!("127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let message = |r: &str| serde_json::json!({"type": "message", "chat": "Alice", "sender": "Alice", "content": "hello?", "ref": r});
+
+    let mut agent = spawn();
+    let mut a = TestAdapter::connect(port).await;
+    a.line(message("m-1")).await;
+    let first = a.next_of("accepted").await;
+    agent.start_kill().unwrap(); // SIGKILL
+    agent.wait().await.unwrap();
+
+    let mut agent = spawn();
+    let mut a = TestAdapter::connect(port).await;
+    a.line(message("m-1")).await;
+    a.line(message("m-2")).await;
+    let again = a.next_of("accepted").await;
+    assert_eq!(again["event_id"], first["event_id"], "the same message is the same event");
+    let second = a.next_of("accepted").await;
+    assert_eq!(second["ref"], "m-2");
+    assert_ne!(second["event_id"], first["event_id"]);
+    inspect::wait_for_count(&s.js, EVENTS_STREAM, 2, WAIT).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(inspect::count(&s.js, EVENTS_STREAM).await.unwrap(), 2, "m-1 was published twice");
+    agent.start_kill().unwrap();
+    agent.wait().await.unwrap();
+}
+
 fn adapters_dir() -> std::path::PathBuf {
     ferry_stack::cargo::workspace_root().unwrap().join("agent/adapters")
 }

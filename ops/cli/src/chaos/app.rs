@@ -41,9 +41,9 @@ pub fn chat_number(text: &str) -> Option<u64> {
 /// What one agent's application saw.
 #[derive(Debug, Default, Clone)]
 pub struct Seen {
-    /// Chat number to the event ids the agent accepted it as (two when it
-    /// was offered again after the agent died between spooling it and
-    /// answering `accepted`, and both copies were accepted).
+    /// Chat number to the event ids the agent accepted it as (one id per
+    /// `accepted`: a chat offered again is accepted again, as the same
+    /// event when the agent recognises its `ref`).
     pub accepted: BTreeMap<u64, Vec<String>>,
     /// Chats offered again on a new connection.
     pub reoffered: BTreeSet<u64>,

@@ -226,7 +226,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
 fn header() -> String {
     format!(
         "{:<15} {:>8} {:>8} {:>8} {:>6} {:>7} {:>6} {:>7} {:>7}  dead letters",
-        "scenario", "sent", "answered", "archived", "lost", "doubled", "order", "offered2", "minutes"
+        "scenario", "sent", "answered", "archived", "lost", "doubled", "order", "reoffer", "minutes"
     )
 }
 
@@ -245,7 +245,7 @@ fn row(scenario: Scenario, t: &Tally, minutes: f64) -> String {
         t.lost,
         t.doubled,
         t.order_violations,
-        t.offered_twice,
+        t.offered_again,
         minutes
     )
 }
