@@ -8,15 +8,19 @@
 //!
 //! Nothing is published before it is on disk, and nothing leaves the disk
 //! before its publish is acknowledged. The drainer sends in spool order with
-//! a bounded window of unacknowledged publishes; at the first failure it
-//! backs off and starts again after the last event acknowledged in order,
+//! a bounded window of unacknowledged publishes, on a connection of its own
+//! that never reconnects; at the first failure it drops that connection
+//! (with whatever of the window it still held, which would otherwise go out
+//! after a reconnect, ahead of what the failure lost), backs off, and starts
+//! again after the last event acknowledged in order, on a new connection,
 //! one event at a time until one is acknowledged, then with the full window.
 //! Events of the failed window that had reached the stream are dropped by
 //! its duplicate window (`Nats-Msg-Id` = event id), so every event arrives
 //! once. Order holds as long as a stream that fails a publish does not
-//! store a later one of the same window (true of a broker that is down or
-//! restarting; a cluster's leader change in the middle of a window could
-//! break it).
+//! store a later one of the same connection: true of a broker that is down
+//! or restarting (`the_drain_keeps_its_order_through_broker_crashes`); a
+//! change of a cluster stream's leader in the middle of a window could
+//! still break it.
 
 use std::time::Duration;
 
@@ -143,6 +147,21 @@ pub struct Delivered {
     pub kind: EventKind,
 }
 
+/// The drainer's own connection (see `NatsConfig::connect_once`): when it
+/// breaks, what was queued on it dies with it, and the drainer opens a new
+/// one. Publishes of a broken window therefore never reach the stream after
+/// the break, out of order.
+struct Publisher {
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
+}
+
+impl Publisher {
+    fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
 /// Sends one spooled event; the returned future resolves with JetStream's ack.
 async fn send_record(
     js: &async_nats::jetstream::Context,
@@ -157,6 +176,15 @@ async fn send_record(
 }
 
 impl Agent {
+    async fn publisher(&self) -> Result<Publisher, ferry_schema::connect::ConnectError> {
+        let client = self.cfg.nats.connect_once().await?;
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .max_ack_inflight(self.cfg.publish_window.max(1))
+            .backpressure_on_inflight(true)
+            .build(client.clone());
+        Ok(Publisher { client, js })
+    }
+
     /// Publishes the spool's events in order until `shutdown`, removing
     /// each run of acknowledged events, and reports each to `delivered`.
     /// A spool that cannot be read or changed is tried again, backing off,
@@ -177,6 +205,7 @@ impl Agent {
         // still loading after a restart) may refuse the first events of a
         // window and store later ones, which would break their order.
         let mut confirmed = false;
+        let mut publisher: Option<Publisher> = None;
         while !shutdown.is_cancelled() {
             let appended = spool.appended().notified();
             tokio::pin!(appended);
@@ -194,6 +223,26 @@ impl Agent {
                 }
                 continue;
             }
+            // A connection that broke is not used again (see `Publisher`).
+            if !publisher.as_ref().is_some_and(Publisher::is_connected) {
+                publisher = None;
+                match self.publisher().await {
+                    Ok(p) => publisher = Some(p),
+                    Err(error) => {
+                        failures += 1;
+                        confirmed = false;
+                        let delay = reconnect_delay(failures).max(Duration::from_millis(100));
+                        health.set(BROKER_COMPONENT, false, Some(error.to_string()));
+                        tracing::warn!(%error, ?delay, spooled = spool.depth().events, "cannot connect to publish; events stay spooled");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        continue;
+                    }
+                }
+            }
+            let Some(js) = publisher.as_ref().map(|p| p.js.clone()) else { continue };
             let mut acked: Option<u64> = None;
             let mut failed = None;
             {
@@ -206,7 +255,7 @@ impl Agent {
                     let step = match next {
                         Some(r) => tokio::select! {
                             _ = shutdown.cancelled() => break,
-                            sent = send_record(&self.js, &self.cfg.agent, &r) => match sent {
+                            sent = send_record(&js, &self.cfg.agent, &r) => match sent {
                                 Ok(ack) => {
                                     inflight.push_back((r, ack));
                                     continue;
@@ -259,6 +308,9 @@ impl Agent {
                 Some((id, error)) => {
                     failures += 1;
                     confirmed = false;
+                    // Whatever of this window is still queued must not be
+                    // sent later, on another connection: drop this one.
+                    publisher = None;
                     let delay = reconnect_delay(failures).max(Duration::from_millis(100));
                     let depth = spool.depth();
                     health.set(BROKER_COMPONENT, false, Some(error.clone()));

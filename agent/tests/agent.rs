@@ -503,6 +503,77 @@ async fn agent_publishes_through_a_broker_restart() {
     assert_eq!(inspect::count(&js, EVENTS_STREAM).await.unwrap(), 2);
 }
 
+/// The drainer keeps the spool's order in the stream through broker
+/// crashes mid-drain. A publish the client had queued when its connection
+/// broke used to go out on the next connection, ahead of the earlier ones
+/// the crash lost (the chaos suite's broker-restart found it: activities
+/// 979-1043 stored before 788-978).
+#[tokio::test]
+async fn the_drain_keeps_its_order_through_broker_crashes() {
+    const EVENTS: usize = 40_000;
+    let mut s = stack().await;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(SpoolConfig::new(dir.path())).unwrap();
+    let events: Vec<Envelope> = (0..EVENTS)
+        .map(|i| {
+            Envelope::new(
+                desk(1),
+                EventBody::Activity(ferry_schema::event::Activity {
+                    app: "a.exe".into(),
+                    title: i.to_string(),
+                    exe: None,
+                    pid: None,
+                    site: None,
+                    afk: false,
+                    duration_ms: 1,
+                }),
+            )
+        })
+        .collect();
+    for batch in events.chunks(4096) {
+        spool.append(batch, Encoding::MsgPack).unwrap();
+    }
+    let agent = s.agent(&desk(1)).await;
+    let stop = CancellationToken::new();
+    let drainer = tokio::spawn({
+        let (agent, spool, stop) = (agent.clone(), spool.clone(), stop.clone());
+        async move { agent.drain_spool(&spool, &ferry_agent::health::Health::default(), None, &stop).await }
+    });
+    // SIGKILL the broker four times while the drain runs at full speed.
+    for crash in 1..=4u64 {
+        let at = crash * EVENTS as u64 / 6;
+        let deadline = std::time::Instant::now() + WAIT;
+        while (spool.depth().events as u64) > EVENTS as u64 - at {
+            assert!(std::time::Instant::now() < deadline, "the drain stalled before crash {crash}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        s.nats.kill();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.nats.restart().unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    while spool.depth().events > 0 {
+        assert!(std::time::Instant::now() < deadline, "{} events left in the spool", spool.depth().events);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    drainer.await.unwrap();
+
+    let js = jetstream::new(s.nats.operator("check").connect().await.unwrap());
+    let stored = inspect::read_all(&js, EVENTS_STREAM, "").await.unwrap();
+    let order: Vec<usize> = stored
+        .iter()
+        .map(|m| {
+            let e = ferry_schema::codec::decode_event(&m.payload, Encoding::MsgPack, 1 << 20).unwrap();
+            let EventBody::Activity(a) = e.body else { panic!("not an activity") };
+            a.title.parse().unwrap()
+        })
+        .collect();
+    let out_of_order: Vec<(usize, usize)> = order.windows(2).filter(|w| w[1] < w[0]).map(|w| (w[0], w[1])).take(5).collect();
+    assert!(out_of_order.is_empty(), "stored out of the spool's order (after, before): {out_of_order:?}");
+    assert_eq!(order, (0..EVENTS).collect::<Vec<_>>(), "every event once, in order");
+}
+
 #[tokio::test]
 async fn cli_prints_replies_as_json_lines() {
     let s = stack().await;

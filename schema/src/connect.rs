@@ -5,6 +5,8 @@
 //! fleet of agents does not reconnect in lock-step after a broker restart).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions};
@@ -164,7 +166,51 @@ impl NatsConfig {
         self.connect_with(opts).await
     }
 
+    /// Connects for a publisher that must keep its order: when this
+    /// connection breaks, the client does not reconnect, and the commands
+    /// queued on it are dropped with it. (A client that reconnects sends
+    /// what was queued at the break on the new connection, ahead of the
+    /// earlier publishes the break lost: their order in the stream is then
+    /// broken for good.) The caller opens a new connection and sends again,
+    /// in order, what was not acknowledged.
+    pub async fn connect_once(&self) -> Result<Client, ConnectError> {
+        let connected = Arc::new(AtomicBool::new(false));
+        let seen = connected.clone();
+        let servers = self.servers();
+        // After the first connection, every reconnect is sent to an address
+        // nothing listens on, until the attempts run out and the client
+        // closes; before it, the servers are tried as usual.
+        let opts = ConnectOptions::new()
+            .max_reconnects(servers.len() + 1)
+            .reconnect_to_server_callback(move |_pool, _info| {
+                let seen = seen.clone();
+                async move {
+                    if !seen.load(Ordering::Relaxed) {
+                        return None;
+                    }
+                    let addr = NOWHERE.parse().ok()?;
+                    Some(async_nats::ReconnectToServer { addr, delay: Some(Duration::ZERO) })
+                }
+            });
+        let mut pool = servers;
+        pool.push(NOWHERE);
+        let client = self.connect_to(opts, &pool, false).await?;
+        connected.store(true, Ordering::Relaxed);
+        Ok(client)
+    }
+
+    /// The server URLs: several (a cluster) are comma separated; async-nats
+    /// reads a single string as one URL.
+    fn servers(&self) -> Vec<&str> {
+        self.url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect()
+    }
+
     async fn connect_with(&self, opts: ConnectOptions) -> Result<Client, ConnectError> {
+        let servers = self.servers();
+        self.connect_to(opts, &servers, self.retry_initial_connect).await
+    }
+
+    async fn connect_to(&self, opts: ConnectOptions, servers: &[&str], retry_initial: bool) -> Result<Client, ConnectError> {
         let mut opts = opts
             .name(&self.name)
             .connection_timeout(self.connect_timeout)
@@ -190,13 +236,10 @@ impl NatsConfig {
         if let Some(prefix) = &self.inbox_prefix {
             opts = opts.custom_inbox_prefix(prefix);
         }
-        if self.retry_initial_connect {
+        if retry_initial {
             opts = opts.retry_on_initial_connect();
         }
-        // Several servers (a cluster) are comma separated; the client
-        // connects to one and fails over to the others. async-nats reads a
-        // single string as one URL.
-        let servers: Vec<&str> = self.url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+        // The client connects to one server and fails over to the others.
         opts.connect(servers)
             .await
             .map_err(|source| ConnectError::Connect {
@@ -228,6 +271,10 @@ pub enum ConnectError {
         source: async_nats::ConnectError,
     },
 }
+
+/// Where a connection that must not come back reconnects: port 0, which
+/// nothing listens on, so the attempt fails at once.
+const NOWHERE: &str = "nats://127.0.0.1:0";
 
 /// Smallest reconnect delay.
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
