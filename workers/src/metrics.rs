@@ -152,6 +152,17 @@ impl Metrics {
             .inc_by(n);
     }
 
+    /// The state of each consume loop of `role` in this process, for its
+    /// micro service's status and stats.
+    pub fn loop_states(&self, role: &str) -> Vec<LoopState> {
+        let loops = self.loops.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        loops
+            .iter()
+            .filter(|((r, _), _)| r == role)
+            .map(|((_, consumer), up)| LoopState { consumer: consumer.clone(), up: *up })
+            .collect()
+    }
+
     /// `/health`: whether every consume loop of this process is bound to
     /// its consumer (none yet: starting), as a status and a JSON body
     /// listing each loop.
@@ -177,6 +188,15 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
+}
+
+/// Whether one consume loop is bound to its consumer and pulling.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LoopState {
+    /// The durable consumer it reads.
+    pub consumer: String,
+    /// Bound and pulling (false while it re-binds).
+    pub up: bool,
 }
 
 /// One consume loop's metric handles (cheap clones of shared atomics).

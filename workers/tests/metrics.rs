@@ -102,6 +102,11 @@ async fn a_rules_worker_exports_what_it_did() {
     }
     assert!(health.contains(r#""status":"ok""#), "{health}");
     assert_eq!(sample(&text, &format!("{}{labels}}}", metrics::LOOP_UP)), Some(1.0));
+    // The micro service's status (and `nats micro stats`) names each loop too.
+    let op = s.nats.operator("test-status").connect().await.unwrap();
+    let status = op.request(ferry_schema::subject::service_status("rules"), "".into()).await.unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.payload).unwrap();
+    assert_eq!(status["loops"], serde_json::json!([{"consumer": "rules", "up": true}]), "{status}");
     stop.cancel();
     worker.await.unwrap().unwrap();
     let health = get(addr, "/health");

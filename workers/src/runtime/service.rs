@@ -23,12 +23,14 @@ struct Status<'a> {
     info: &'a serde_json::Value,
     #[serde(flatten)]
     stats: super::StatsSnapshot,
+    /// Each consume loop of the role in this process: bound or re-binding.
+    loops: Vec<crate::metrics::LoopState>,
 }
 
 /// Starts the micro service of one replica of `role`. It has one endpoint,
 /// `status` on `ferry.svc.<role>.status`, answering with `info` (what the
-/// replica loaded at start) and its counters, and reports the same as `data`
-/// in `nats micro stats`.
+/// replica loaded at start), its counters and the state of each of its
+/// consume loops, and reports the same as `data` in `nats micro stats`.
 /// The returned service must be kept alive; stop it on shutdown.
 pub async fn register(
     client: &async_nats::Client,
@@ -50,6 +52,7 @@ pub async fn register(
                 version,
                 info: &info_for_stats,
                 stats: for_stats.snapshot(),
+                loops: crate::metrics::global().loop_states(role),
             })
             .unwrap_or_default()
         })
@@ -67,6 +70,7 @@ pub async fn register(
                 version,
                 info: &info,
                 stats: stats.snapshot(),
+                loops: crate::metrics::global().loop_states(role),
             })
             .unwrap_or_default();
             if let Err(error) = request.respond(Ok(body.into())).await {
