@@ -590,7 +590,10 @@ async fn drive(
         } else {
             quiet_since = None;
         }
-        if now != last {
+        // A fault that holds the load on purpose (an agent offline, the
+        // database stopped) is not a stall, however long it lasts.
+        let holding = fault.task.is_some() || (fault.since.is_some() && !fault.ended);
+        if now != last || holding {
             last = now;
             last_change = Instant::now();
         } else if last_change.elapsed() >= args.stall {
