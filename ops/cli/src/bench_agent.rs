@@ -7,7 +7,8 @@
 //!     in the batches the spool writer makes (encode, seal, fsync per batch).
 //! (c) Drain after an outage: the same spool, now full, published to the
 //!     broker by the drainer until empty (in order, acks awaited, removal
-//!     fsynced).
+//!     fsynced). With `--sync-cost`, also to a broker that fsyncs every
+//!     write (`sync_interval: always`), for its cost.
 //!
 //! The targets are absolute, so the "baseline" each row is compared to is
 //! its target: the ratio says how far inside (>= 1) or outside (< 1) it is.
@@ -46,6 +47,12 @@ pub struct AgentBench {
     /// in a fresh prefix on its own Xvfb) and report its memory, for information.
     #[arg(long)]
     wine: bool,
+    /// Also drain (c) to a second broker with `sync_interval: always` (an
+    /// fsync per write, the production setting) and report its rate as a
+    /// share of the default broker's. Needs nats-server 2.10 or later:
+    /// FERRY_NATS_SERVER=2.15.1.
+    #[arg(long)]
+    sync_cost: bool,
 }
 
 fn activity(agent: &AgentId, i: usize) -> Envelope {
@@ -85,44 +92,36 @@ pub async fn run(args: AgentBench) -> anyhow::Result<()> {
         None
     };
 
-    // (b) and (c).
+    // (b) and (c), and (c) again on a broker that fsyncs every write.
+    let sync_nats = if args.sync_cost {
+        eprintln!("(c') a second nats-server with sync_interval: always ...");
+        let dir = tempfile::tempdir()?;
+        let conf = dir.path().join("nats.conf");
+        let store = dir.path().join("store");
+        std::fs::write(&conf, ferry_stack::nats::with_sync_always(&ferry_stack::nats::with_store_dir(ferry_stack::NATS_CONF, &store)))?;
+        let opts = ferry_stack::NatsServerOptions { data_dir: Some(dir.path().to_path_buf()), conf: Some(conf), ..Default::default() };
+        let server = NatsServer::start(opts).context(
+            "starting nats-server with sync_interval: always (2.10 or later: run with FERRY_NATS_SERVER=2.15.1)",
+        )?;
+        let js = async_nats::jetstream::new(server.operator("bench").connect().await?);
+        topology::provision(&js, &StreamSettings::default(), std::slice::from_ref(&agent_id)).await?;
+        Some((server, dir))
+    } else {
+        None
+    };
     let mut writes = Vec::new();
     let mut drains = Vec::new();
+    let mut synced = Vec::new();
     for run in 1..=args.repeat.max(1) {
-        let dir = tempfile::tempdir()?;
-        let events: Vec<Envelope> = (0..args.events).map(|i| activity(&agent_id, i)).collect();
-        let spool = Spool::open(SpoolConfig::new(dir.path().join("spool")))?;
-        let t0 = Instant::now();
-        let s = spool.clone();
-        tokio::task::spawn_blocking(move || {
-            for batch in events.chunks(MAX_BATCH) {
-                s.append(batch, Encoding::MsgPack)?;
-            }
-            anyhow::Ok(())
-        })
-        .await??;
-        let write_rate = args.events as f64 / t0.elapsed().as_secs_f64();
-
-        let conn = nats.agent(&agent_id).context("nats.conf has no user for desk-1")?;
-        let agent = Agent::connect(AgentConfig::new(agent_id.clone(), conn)).await?;
-        let stop = CancellationToken::new();
-        let drainer = {
-            let (agent, spool, stop) = (agent.clone(), spool.clone(), stop.clone());
-            tokio::spawn(async move { agent.drain_spool(&spool, &Health::default(), None, &stop).await })
-        };
-        let t0 = Instant::now();
-        while spool.depth().events > 0 {
-            if t0.elapsed() > Duration::from_secs(600) {
-                anyhow::bail!("the drain did not finish in 10 minutes ({} left)", spool.depth().events);
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let drain_rate = args.events as f64 / t0.elapsed().as_secs_f64();
-        stop.cancel();
-        drainer.await?;
+        let (write_rate, drain_rate) = spool_and_drain(&nats, &agent_id, args.events).await?;
         eprintln!("    run {run}: spool writes {write_rate:.0}/s, drain {drain_rate:.0}/s");
         writes.push(write_rate);
         drains.push(drain_rate);
+        if let Some((server, _)) = &sync_nats {
+            let (_, rate) = spool_and_drain(server, &agent_id, args.events).await?;
+            eprintln!("    run {run}: drain to the fsync-every-write broker {rate:.0}/s");
+            synced.push(rate);
+        }
     }
     let write = median(&mut writes);
     let drain = median(&mut drains);
@@ -143,7 +142,51 @@ pub async fn run(args: AgentBench) -> anyhow::Result<()> {
     }
     row("spool writes", format!("{write:.0} events/s"), ">= 50,000/s", write / 50_000.0);
     row("drain after an outage", format!("{drain:.0} events/s"), ">= 20,000/s", drain / 20_000.0);
+    if !synced.is_empty() {
+        let rate = median(&mut synced);
+        println!(
+            "| drain, broker with `sync_interval: always` (information) | {rate:.0} events/s | | {:.2}x of the default broker's | |",
+            rate / drain
+        );
+    }
     Ok(())
+}
+
+/// (b) and (c) once: `events` activities spooled in the writer's batches,
+/// then drained to `nats` until the spool is empty; the two rates.
+async fn spool_and_drain(nats: &NatsServer, agent_id: &AgentId, n: usize) -> anyhow::Result<(f64, f64)> {
+    let dir = tempfile::tempdir()?;
+    let events: Vec<Envelope> = (0..n).map(|i| activity(agent_id, i)).collect();
+    let spool = Spool::open(SpoolConfig::new(dir.path().join("spool")))?;
+    let t0 = Instant::now();
+    let s = spool.clone();
+    tokio::task::spawn_blocking(move || {
+        for batch in events.chunks(MAX_BATCH) {
+            s.append(batch, Encoding::MsgPack)?;
+        }
+        anyhow::Ok(())
+    })
+    .await??;
+    let write_rate = n as f64 / t0.elapsed().as_secs_f64();
+
+    let conn = nats.agent(agent_id).context("nats.conf has no user for desk-1")?;
+    let agent = Agent::connect(AgentConfig::new(agent_id.clone(), conn)).await?;
+    let stop = CancellationToken::new();
+    let drainer = {
+        let (agent, spool, stop) = (agent.clone(), spool.clone(), stop.clone());
+        tokio::spawn(async move { agent.drain_spool(&spool, &Health::default(), None, &stop).await })
+    };
+    let t0 = Instant::now();
+    while spool.depth().events > 0 {
+        if t0.elapsed() > Duration::from_secs(600) {
+            anyhow::bail!("the drain did not finish in 10 minutes ({} left)", spool.depth().events);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let drain_rate = n as f64 / t0.elapsed().as_secs_f64();
+    stop.cancel();
+    drainer.await?;
+    Ok((write_rate, drain_rate))
 }
 
 fn row(what: &str, measured: String, target: &str, ratio: f64) {

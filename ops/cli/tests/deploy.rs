@@ -44,11 +44,18 @@ fn ferry_worker() -> PathBuf {
 }
 
 /// The real program behind a command name used in the deployment files.
+/// The nats-server minor release compose pins (`nats:2.10-alpine`), and a
+/// release of it from PyPI that checks compose's broker config.
+const COMPOSE_NATS_MINOR: &str = "2.10";
+const COMPOSE_NATS_RELEASE: &str = "2.10.26";
+
 fn program(name: &str) -> PathBuf {
     match name {
         "ferry" | "/usr/local/bin/ferry" => PathBuf::from(env!("CARGO_BIN_EXE_ferry")),
         "ferry-worker" | "/usr/local/bin/ferry-worker" => ferry_worker(),
         "nats-server" | "/usr/sbin/nats-server" => ferry_stack::nats::server_binary().unwrap(),
+        // A binary this test chose itself.
+        other if Path::new(other).is_absolute() && Path::new(other).is_file() => PathBuf::from(other),
         other => panic!("no program known for {other:?}"),
     }
 }
@@ -250,6 +257,9 @@ fn compose_services_are_complete_and_every_command_passes_check() {
     };
     let compose_conf = read(&repo().join("ops/compose/nats.conf"));
     assert!(compose_conf.contains("store_dir: \"/data\""), "{compose_conf}");
+    // A single production node fsyncs each write before its ack
+    // (ARCHITECTURE.md: what an acknowledged publish survives).
+    assert!(compose_conf.contains("sync_interval: always"), "{compose_conf}");
     assert_eq!(limits(&compose_conf), limits(&read(&repo().join("nats.conf"))));
     assert_eq!(limits(&compose_conf).len(), 2);
 
@@ -264,7 +274,11 @@ fn compose_services_are_complete_and_every_command_passes_check() {
         let mounts = bind_mounts(svc);
         let env = environment(svc);
         if name == "nats" {
-            argv.insert(0, "nats-server".into());
+            // The image's release, not the local default (Debian's 2.9
+            // refuses sync_interval).
+            let image = svc["image"].as_str().unwrap();
+            assert!(image.starts_with(&format!("nats:{COMPOSE_NATS_MINOR}")), "{image}");
+            argv.insert(0, ferry_stack::nats::release_binary(COMPOSE_NATS_RELEASE).unwrap().display().to_string());
             argv.push("-t".into());
         } else {
             assert!(svc["image"].as_str().unwrap().starts_with("ferry:"), "{name}");

