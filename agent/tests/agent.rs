@@ -873,30 +873,19 @@ async fn the_last_hop_survives_sigkill_at_its_worst_moments() {
     let _rules = s.rules_worker().await;
     let dir = tempfile::tempdir().unwrap();
     let port = ferry_stack::free_port().unwrap();
-    let spawn = || {
-        agent_command(&s, &dir.path().join("spool"))
-            .args(["run", "--no-desktop", "--heartbeat", "0s", "--prediction", "0s", "--adapter"])
-            .arg(format!("127.0.0.1:{port}"))
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let kill = |mut agent: tokio::process::Child| async move {
-        agent.start_kill().unwrap(); // SIGKILL
-        agent.wait().await.unwrap();
-    };
+    let spawn = || adapter_agent(&s, &dir.path().join("spool"), port);
 
     let agent = spawn();
     let mut a = TestAdapter::connect(port).await;
     a.line(serde_json::json!({"type": "message", "chat": "Alice", "sender": "Alice", "content": "hello?", "ref": "1"})).await;
     let accepted = a.next_of("accepted").await;
-    kill(agent).await;
+    sigkill(agent).await;
 
     let agent = spawn();
     let mut a = TestAdapter::connect(port).await;
     let send = a.next_of("send").await;
     assert_eq!(send["event_id"], accepted["event_id"], "the accepted chat was answered");
-    kill(agent).await;
+    sigkill(agent).await;
 
     let agent = spawn();
     let mut a = TestAdapter::connect(port).await;
@@ -905,13 +894,13 @@ async fn the_last_hop_survives_sigkill_at_its_worst_moments() {
     a.line(serde_json::json!({"type": "sent", "reply_id": again["reply_id"]})).await;
     // Time to record it, then one more restart: confirmed, it stays sent.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    kill(agent).await;
+    sigkill(agent).await;
 
     let agent = spawn();
     let mut a = TestAdapter::connect(port).await;
     let quiet = tokio::time::timeout(Duration::from_secs(5), a.next_of("send")).await;
     assert!(quiet.is_err(), "a confirmed reply is not sent again: {quiet:?}");
-    kill(agent).await;
+    sigkill(agent).await;
 }
 
 /// A chat the agent spooled but did not get to answer `accepted` for (it
@@ -925,24 +914,16 @@ async fn a_message_offered_again_after_a_restart_is_spooled_once() {
     let _rules = s.rules_worker().await;
     let dir = tempfile::tempdir().unwrap();
     let port = ferry_stack::free_port().unwrap();
-    let spawn = || {
-        agent_command(&s, &dir.path().join("spool"))
-            .args(["run", "--no-desktop", "--heartbeat", "0s", "--prediction", "0s", "--adapter"])
-            .arg(format!("127.0.0.1:{port}"))
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let spawn = || adapter_agent(&s, &dir.path().join("spool"), port);
     let message = |r: &str| serde_json::json!({"type": "message", "chat": "Alice", "sender": "Alice", "content": "hello?", "ref": r});
 
-    let mut agent = spawn();
+    let agent = spawn();
     let mut a = TestAdapter::connect(port).await;
     a.line(message("m-1")).await;
     let first = a.next_of("accepted").await;
-    agent.start_kill().unwrap(); // SIGKILL
-    agent.wait().await.unwrap();
+    sigkill(agent).await;
 
-    let mut agent = spawn();
+    let agent = spawn();
     let mut a = TestAdapter::connect(port).await;
     a.line(message("m-1")).await;
     a.line(message("m-2")).await;
@@ -954,7 +935,21 @@ async fn a_message_offered_again_after_a_restart_is_spooled_once() {
     inspect::wait_for_count(&s.js, EVENTS_STREAM, 2, WAIT).await.unwrap();
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(inspect::count(&s.js, EVENTS_STREAM).await.unwrap(), 2, "m-1 was published twice");
-    agent.start_kill().unwrap();
+    sigkill(agent).await;
+}
+
+/// `ferry-agent run` with its chat adapter server on `port` and no timers.
+fn adapter_agent(s: &Stack, spool: &std::path::Path, port: u16) -> tokio::process::Child {
+    agent_command(s, spool)
+        .args(["run", "--no-desktop", "--heartbeat", "0s", "--prediction", "0s", "--adapter"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn sigkill(mut agent: tokio::process::Child) {
+    agent.start_kill().unwrap(); // SIGKILL on Unix
     agent.wait().await.unwrap();
 }
 
