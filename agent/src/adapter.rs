@@ -40,6 +40,10 @@
 //!   `{"reply_id","rule","message"}`: to every client.
 //! - `error` `{"message"}`: a line was not understood (the connection stays
 //!   open, except after a bad `hello`).
+//!
+//! One file on purpose: the protocol's types, the server, the clients a
+//! reply is sent to and the spool commits an `accepted` waits for are one
+//! conversation, read together; a third of it is its tests.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -17,6 +17,10 @@
 //! adapter message reference became (so a message offered again is not
 //! spooled twice) and the activity span still growing (so a crash does not
 //! lose it).
+//!
+//! One file on purpose: its tables share one database, one key and one
+//! transaction discipline (a change of the events table and its counters
+//! under one lock), and a third of it is the tests of exactly that.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
