@@ -189,3 +189,54 @@ fn a_groups_file_adds_agents_to_groups() {
     assert!(matches!(set.decide(&chat("desk-7", "Bob", "hello"), &[]), Decision::Reply { rule, .. } if rule == "greeting"));
     assert!(matches!(set.decide(&chat("desk-1", "Bob", "hello"), &[]), Decision::Reply { rule, .. } if rule == "greeting"));
 }
+
+/// Hostile input to the rules: whatever a chat says, and whatever a rules
+/// file holds, the engine decides or refuses; it never panics.
+mod hostile {
+    use proptest::prelude::*;
+
+    use super::{activity, chat, parse, DEMO};
+    use crate::rules::engine::Decision;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Any sender and text, with template placeholders and control
+        /// characters in them: the demo rules decide, and a reply's text
+        /// is the template filled in, never the raw placeholder syntax of
+        /// the input expanded again.
+        #[test]
+        fn any_chat_gets_a_decision(sender in "\\PC{0,64}|\\{sender\\}|\\{text\\}", text in "\\PC{0,1024}") {
+            let set = parse(DEMO, "demo").unwrap();
+            let d = set.decide(&chat("desk-1", &sender, &text), &["vip".to_string()]);
+            if let Decision::Reply { text: reply, .. } = &d {
+                prop_assert!(reply.len() <= 4 * (sender.len() + text.len()) + 4096, "{reply}");
+            }
+            let _ = set.decide(&activity(&sender, &text), &[]);
+        }
+
+        /// Any text as a rules file: parsed or refused with a message.
+        #[test]
+        fn any_rules_file_parses_or_is_refused(text in "\\PC{0,512}") {
+            if let Err(e) = parse(&text, "fuzz") {
+                prop_assert!(!e.to_string().is_empty());
+            }
+        }
+
+        /// Rules files shaped like real ones, with arbitrary values: parsed
+        /// or refused with a message that names the file.
+        #[test]
+        fn rule_shaped_files_parse_or_are_refused(
+            name in "\\PC{0,16}", action in "reply|escalate|ignore|infer|\\PC{0,8}",
+            keyword in "\\PC{0,16}", pattern in "\\PC{0,24}", template in "\\PC{0,64}",
+        ) {
+            let file = format!(
+                "[[rule]]\nname = {name:?}\nkeywords = [{keyword:?}]\npattern = {pattern:?}\naction = {action:?}\ntemplate = {template:?}\n"
+            );
+            match parse(&file, "fuzz.toml") {
+                Ok(set) => { let _ = set.decide(&chat("desk-1", "Bob", &keyword), &[]); }
+                Err(e) => prop_assert!(e.to_string().contains("fuzz.toml"), "{e}"),
+            }
+        }
+    }
+}
