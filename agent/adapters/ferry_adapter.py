@@ -5,9 +5,24 @@ Standard library only, so an adapter runs on any Python 3.8+.
 """
 
 import json
+import os
 import socket
 
 PROTOCOL_VERSION = 1
+
+# Where adapters find the agent's token file unless told (--token-file):
+# ferry-agent writes it as `adapter.token` in its spool directory.
+TOKEN_FILE_ENV = "FERRY_ADAPTER_TOKEN_FILE"
+
+
+def read_token(path=None):
+    """The agent's adapter token, from `path` or $FERRY_ADAPTER_TOKEN_FILE."""
+    path = path or os.environ.get(TOKEN_FILE_ENV)
+    if not path:
+        raise ProtocolError(
+            "no token file: pass --token-file (the agent's spool dir/adapter.token) or set " + TOKEN_FILE_ENV)
+    with open(path, encoding="utf-8") as f:
+        return f.read().strip()
 
 
 class ProtocolError(Exception):
@@ -17,10 +32,11 @@ class ProtocolError(Exception):
 class AgentConnection:
     """One connection to ferry-agent's adapter port."""
 
-    def __init__(self, host="127.0.0.1", port=7301, name="adapter", sends=True, timeout=None):
+    def __init__(self, host="127.0.0.1", port=7301, name="adapter", sends=True, timeout=None, token=None):
+        token = token if token is not None else read_token()
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.reader = self.sock.makefile("r", encoding="utf-8", newline="\n")
-        self.send_line({"type": "hello", "v": PROTOCOL_VERSION, "name": name, "sends": sends})
+        self.send_line({"type": "hello", "v": PROTOCOL_VERSION, "token": token, "name": name, "sends": sends})
         welcome = self.read_line()
         if welcome is None or welcome.get("type") != "welcome":
             raise ProtocolError(f"agent refused the hello: {welcome}")

@@ -16,13 +16,15 @@ import json
 import sys
 import time
 
-from ferry_adapter import AgentConnection
+from ferry_adapter import AgentConnection, read_token
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7301)
+    p.add_argument("--token-file", default=None,
+                   help="the agent's adapter.token (in its spool dir); default: $FERRY_ADAPTER_TOKEN_FILE")
     p.add_argument("--script", required=True, help="JSON lines of messages to send")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answers")
     p.add_argument("--expect", type=int, default=None,
@@ -36,9 +38,11 @@ def main():
     deadline = time.monotonic() + args.connect_timeout
     while True:
         try:
-            conn = AgentConnection(args.host, args.port, name="scripted", timeout=args.timeout)
+            # The agent writes its token before it listens.
+            conn = AgentConnection(args.host, args.port, name="scripted", timeout=args.timeout,
+                                   token=read_token(args.token_file))
             break
-        except OSError as e:
+        except OSError as e:  # not listening yet, or no token file yet
             if time.monotonic() > deadline:
                 print(f"scripted adapter: cannot connect to {args.host}:{args.port}: {e}", file=sys.stderr)
                 return 1

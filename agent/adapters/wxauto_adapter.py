@@ -19,13 +19,15 @@ import sys
 import threading
 import time
 
-from ferry_adapter import AgentConnection
+from ferry_adapter import AgentConnection, read_token
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7301)
+    p.add_argument("--token-file", default=None,
+                   help="the agent's adapter.token (in its spool dir); default: $FERRY_ADAPTER_TOKEN_FILE")
     p.add_argument("--chat", action="append", required=True, help="a chat to listen to (repeat)")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between wxauto polls")
     args = p.parse_args()
@@ -39,7 +41,7 @@ def main():
     wx = WeChat()
     for chat in args.chat:
         wx.AddListenChat(who=chat)
-    conn = AgentConnection(args.host, args.port, name="wxauto", sends=True)
+    conn = AgentConnection(args.host, args.port, name="wxauto", sends=True, token=read_token(args.token_file))
     print(f"connected to ferry-agent {conn.agent}; listening to {', '.join(args.chat)}", file=sys.stderr)
 
     # wxauto drives the WeChat window: every call stays on this thread. The

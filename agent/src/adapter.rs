@@ -4,12 +4,21 @@
 //! The agent listens (default `127.0.0.1:7301`, loopback only); adapters and
 //! other local listeners connect. Every line is one JSON object with a
 //! `type`. The first line from a client must be `hello` with the protocol
-//! version `v`; the agent answers `welcome` or an `error` and closes.
+//! version `v` and the install's token; the agent answers `welcome` or an
+//! `error` and closes.
+//!
+//! Loopback is not a boundary between the programs of one PC, so a client
+//! proves it may read the agent's files: the token is a random secret the
+//! agent writes once into [`TOKEN_FILE`] in its spool directory, readable
+//! by its user only (mode 0600; on Windows the spool's directory under the
+//! user's local app data carries the user's ACL). One client that sends
+//! chat messages at a time: a second is refused while the first is
+//! connected (listeners are not limited).
 //!
 //! From the client:
-//! - `{"type":"hello","v":1,"name":"wxauto","sends":true}`: `sends` says the
-//!   client can send chat messages (an adapter); without it the client only
-//!   listens (predictions, escalations, alerts).
+//! - `{"type":"hello","v":1,"token":"…","name":"wxauto","sends":true}`:
+//!   `sends` says the client can send chat messages (an adapter); without
+//!   it the client only listens (predictions, escalations, alerts).
 //! - `{"type":"message","chat":"Alice","chat_type":"direct","sender":"Alice","content":"hi","msg_type":"text","time":"2026-11-22T10:00:00+08:00","ref":"42"}`:
 //!   an incoming chat message; `chat_type` (`direct`/`group`), `msg_type`
 //!   (`text`/`image`/`file`/`other`), `time` and `ref` are optional. The
@@ -77,6 +86,47 @@ const MAX_LINE: usize = 256 * 1024;
 /// Lines queued for one client before it counts as stuck.
 const CLIENT_QUEUE: usize = 256;
 
+/// The file in the spool directory that holds the adapters' token.
+pub const TOKEN_FILE: &str = "adapter.token";
+
+/// The adapters' token in `dir` ([`TOKEN_FILE`]), made (mode 0600) on the
+/// first start; a token already there is kept, so adapters keep working
+/// across restarts.
+pub fn load_or_create_token(dir: &std::path::Path) -> std::io::Result<String> {
+    use rand::Rng as _;
+    use std::io::Write as _;
+    let path = dir.join(TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) if t.trim().len() >= 32 => return Ok(t.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::create_dir_all(dir)?;
+    let token: String = rand::thread_rng()
+        .sample_iter(&rand::distributions::Alphanumeric)
+        .take(43)
+        .map(char::from)
+        .collect();
+    let partial = dir.join(format!("{TOKEN_FILE}.partial"));
+    let _ = std::fs::remove_file(&partial);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(&partial)?;
+    f.write_all(token.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&partial, &path)?;
+    Ok(token)
+}
+
+/// Whether `given` is `token`, in time that does not depend on where they
+/// first differ.
+fn token_matches(given: &str, token: &str) -> bool {
+    given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
 /// A line from a client.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
@@ -85,6 +135,9 @@ pub enum FromClient {
     Hello {
         /// Protocol version.
         v: u32,
+        /// The install's token, from [`TOKEN_FILE`].
+        #[serde(default)]
+        token: Option<String>,
         /// Client's name, for logs and the heartbeat.
         #[serde(default)]
         name: Option<String>,
@@ -412,6 +465,7 @@ pub struct AdapterServer {
     listener: TcpListener,
     clients: Clients,
     spooled: Spooled,
+    token: Arc<str>,
 }
 
 /// Why the server could not start.
@@ -432,8 +486,8 @@ pub enum AdapterError {
 }
 
 impl AdapterServer {
-    /// Binds `addr` (loopback only).
-    pub async fn bind(addr: SocketAddr) -> Result<Self, AdapterError> {
+    /// Binds `addr` (loopback only); clients must say `token` in their hello.
+    pub async fn bind(addr: SocketAddr, token: &str) -> Result<Self, AdapterError> {
         if !addr.ip().is_loopback() {
             return Err(AdapterError::NotLoopback(addr));
         }
@@ -444,6 +498,7 @@ impl AdapterServer {
             listener,
             clients: Clients::default(),
             spooled: Spooled::default(),
+            token: Arc::from(token),
         })
     }
 
@@ -495,6 +550,7 @@ impl AdapterServer {
                 out: out.clone(),
                 health: health.clone(),
                 shutdown: shutdown.clone(),
+                token: self.token.clone(),
             };
             let id = next_id;
             tokio::spawn(async move {
@@ -533,16 +589,30 @@ struct Conn {
     out: mpsc::Sender<Envelope>,
     health: Health,
     shutdown: CancellationToken,
+    token: Arc<str>,
 }
 
 async fn serve(id: u64, stream: TcpStream, conn: &Conn) {
-    let Conn { spool, clients, spooled, agent, out, health, shutdown } = conn;
+    let Conn { spool, clients, spooled, agent, out, health, shutdown, token } = conn;
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(read);
     let mut buf = String::new();
     // The hello.
     let hello = match read_line(&mut lines, &mut buf, shutdown).await {
-        Some(Ok(FromClient::Hello { v, name, sends })) if v == PROTOCOL_VERSION => (name, sends),
+        Some(Ok(FromClient::Hello { v, token: given, name, sends })) if v == PROTOCOL_VERSION => {
+            if !given.as_deref().is_some_and(|g| token_matches(g, token)) {
+                tracing::warn!(client = ?name, "adapter client refused: wrong or missing token");
+                let message = format!("the hello must carry the token from the agent's {TOKEN_FILE} (in its spool directory)");
+                let _ = write_line(&mut write, &ToClient::Error { message }).await;
+                return;
+            }
+            if sends && clients.has_sender() {
+                let message = format!("another adapter ({}) is connected; one at a time", clients.describe());
+                let _ = write_line(&mut write, &ToClient::Error { message }).await;
+                return;
+            }
+            (name, sends)
+        }
         Some(Ok(FromClient::Hello { v, .. })) => {
             let message = format!("unsupported protocol version {v}; this agent speaks {PROTOCOL_VERSION}");
             let _ = write_line(&mut write, &ToClient::Error { message }).await;
@@ -740,6 +810,7 @@ async fn read_line(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    const TEST_TOKEN: &str = "test-token";
     use super::*;
 
     #[test]
@@ -771,7 +842,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_talks_the_protocol() {
-        let server = AdapterServer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let server = AdapterServer::bind("127.0.0.1:0".parse().unwrap(), TEST_TOKEN).await.unwrap();
         let addr = server.local_addr().unwrap();
         let clients = server.clients();
         let spooled = server.spooled();
@@ -783,7 +854,7 @@ mod tests {
         let stream = TcpStream::connect(addr).await.unwrap();
         let (r, mut w) = stream.into_split();
         let mut r = BufReader::new(r).lines();
-        w.write_all(b"{\"type\":\"hello\",\"v\":1,\"name\":\"t\",\"sends\":true}\n").await.unwrap();
+        w.write_all(b"{\"type\":\"hello\",\"v\":1,\"token\":\"test-token\",\"name\":\"t\",\"sends\":true}\n").await.unwrap();
         assert!(r.next_line().await.unwrap().unwrap().contains("\"welcome\""));
         w.write_all(b"{\"type\":\"message\",\"chat\":\"A\",\"sender\":\"A\",\"content\":\"hi\",\"ref\":\"1\"}\nnot json\n")
             .await
@@ -798,7 +869,7 @@ mod tests {
         let again = TcpStream::connect(addr).await.unwrap();
         let (r2, mut w2) = again.into_split();
         let mut r2 = BufReader::new(r2).lines();
-        w2.write_all(b"{\"type\":\"hello\",\"v\":1,\"name\":\"t\"}\n").await.unwrap();
+        w2.write_all(b"{\"type\":\"hello\",\"v\":1,\"token\":\"test-token\",\"name\":\"t\"}\n").await.unwrap();
         assert!(r2.next_line().await.unwrap().unwrap().contains("\"welcome\""));
         w2.write_all(b"{\"type\":\"message\",\"chat\":\"A\",\"sender\":\"A\",\"content\":\"hi\",\"ref\":\"1\"}\n{\"type\":\"ping\"}\n")
             .await
@@ -849,10 +920,10 @@ mod tests {
     #[tokio::test]
     async fn wrong_version_and_non_loopback_are_refused() {
         assert!(matches!(
-            AdapterServer::bind("0.0.0.0:0".parse().unwrap()).await,
+            AdapterServer::bind("0.0.0.0:0".parse().unwrap(), TEST_TOKEN).await,
             Err(AdapterError::NotLoopback(_))
         ));
-        let server = AdapterServer::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let server = AdapterServer::bind("127.0.0.1:0".parse().unwrap(), TEST_TOKEN).await.unwrap();
         let addr = server.local_addr().unwrap();
         let (tx, _rx) = mpsc::channel(8);
         let stop = CancellationToken::new();
@@ -864,6 +935,41 @@ mod tests {
         let mut text = String::new();
         s.read_to_string(&mut text).await.unwrap();
         assert!(text.contains("unsupported protocol version 2; this agent speaks 1"), "{text}");
+        // Without the token, or with a wrong one: refused and closed.
+        for hello in [
+            &b"{\"type\":\"hello\",\"v\":1,\"name\":\"x\",\"sends\":true}\n"[..],
+            &b"{\"type\":\"hello\",\"v\":1,\"token\":\"test-tokem\",\"sends\":true}\n"[..],
+        ] {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(hello).await.unwrap();
+            let mut text = String::new();
+            s.read_to_string(&mut text).await.unwrap();
+            assert!(text.contains("must carry the token") && !text.contains("welcome"), "{text}");
+        }
+        // With it: welcome; a second sender meanwhile is refused.
+        let first = TcpStream::connect(addr).await.unwrap();
+        let (r1, mut w1) = first.into_split();
+        let mut r1 = BufReader::new(r1).lines();
+        w1.write_all(b"{\"type\":\"hello\",\"v\":1,\"token\":\"test-token\",\"name\":\"a\",\"sends\":true}\n").await.unwrap();
+        assert!(r1.next_line().await.unwrap().unwrap().contains("\"welcome\""));
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        second.write_all(b"{\"type\":\"hello\",\"v\":1,\"token\":\"test-token\",\"name\":\"b\",\"sends\":true}\n").await.unwrap();
+        let mut text = String::new();
+        second.read_to_string(&mut text).await.unwrap();
+        assert!(text.contains("another adapter") && text.contains("one at a time"), "{text}");
         stop.cancel();
+    }
+
+    /// The token file is made once, private to the user, and kept.
+    #[test]
+    fn the_token_is_made_once_and_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let t = load_or_create_token(dir.path()).unwrap();
+        assert!(t.len() >= 32);
+        assert_eq!(load_or_create_token(dir.path()).unwrap(), t);
+        let mode = std::fs::metadata(dir.path().join(TOKEN_FILE)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(token_matches(&t, &t) && !token_matches("x", &t));
     }
 }

@@ -4,6 +4,7 @@
 //! id = "desk-7"
 //! server = "nats://broker.example:4222"
 //! nkey = 'C:\Users\desk\AppData\Local\Ferry\desk-7.nk'   # or user/password, or creds
+//! tls_ca = 'C:\ProgramData\Ferry\ca.pem'   # TLS required; without it, tls:// trusts the system store
 //! encoding = "msgpack"                  # or "json"
 //!
 //! [spool]
@@ -94,6 +95,12 @@ pub struct FileConfig {
     pub creds: Option<PathBuf>,
     /// nkey seed file.
     pub nkey: Option<PathBuf>,
+    /// CA (PEM) of the broker's certificate; TLS is then required.
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM), for a broker that verifies clients.
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    pub tls_key: Option<PathBuf>,
     /// `msgpack` or `json`.
     pub encoding: Option<String>,
     /// `[spool]`.

@@ -80,6 +80,7 @@ pub struct Agent {
     cfg: AgentConfig,
     client: async_nats::Client,
     js: jetstream::Context,
+    counts: metrics::Counts,
 }
 
 impl Agent {
@@ -88,15 +89,27 @@ impl Agent {
         cfg.nats.inbox_prefix = Some(subject::agent_inbox_prefix(&cfg.agent));
         let client = cfg.nats.connect().await?;
         let js = jetstream::ContextBuilder::new()
+            .api_prefix(subject::AGENT_JS_API_PREFIX)
             .max_ack_inflight(cfg.publish_window.max(1))
             .backpressure_on_inflight(true)
             .build(client.clone());
-        Ok(Self { cfg, client, js })
+        Ok(Self {
+            cfg,
+            client,
+            js,
+            counts: metrics::Counts::default(),
+        })
     }
 
     /// The agent's settings.
     pub fn config(&self) -> &AgentConfig {
         &self.cfg
+    }
+
+    /// What this agent counted: events published, replies acted on and
+    /// replies refused; shared by its clones.
+    pub fn counts(&self) -> &metrics::Counts {
+        &self.counts
     }
 
     /// The underlying client.

@@ -12,7 +12,7 @@ use ferry_agent::run::{run, Sources, Until};
 use ferry_agent::spool::{FullPolicy, Spool};
 use ferry_agent::{platform, Agent, AgentConfig};
 use ferry_schema::codec::encode_reply;
-use ferry_schema::connect::{Auth, NatsConfig};
+use ferry_schema::connect::{Auth, NatsConfig, TlsFiles};
 use ferry_schema::{AgentId, Encoding};
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
@@ -59,6 +59,16 @@ struct Cli {
     /// nkey seed file from `ferry agent add` (instead of --user/--password).
     #[arg(long, env = "FERRY_AGENT_NKEY", global = true, conflicts_with_all = ["creds", "password"])]
     nkey: Option<PathBuf>,
+    /// Require TLS and trust this CA for the broker's certificate (on top
+    /// of the system's roots; a `tls://` URL alone trusts the system's).
+    #[arg(long, env = "NATS_TLS_CA", global = true)]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate, for a broker that verifies clients (with --tls-key).
+    #[arg(long, env = "NATS_TLS_CERT", global = true)]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's key.
+    #[arg(long, env = "NATS_TLS_KEY", global = true)]
+    tls_key: Option<PathBuf>,
     /// Spool directory [default: %LOCALAPPDATA%\Ferry\<id>\spool, or ~/.local/share/ferry/<id>/spool].
     #[arg(long, global = true)]
     spool: Option<PathBuf>,
@@ -179,6 +189,11 @@ fn resolve(cli: &Cli) -> anyhow::Result<Resolved> {
         },
         (None, None, None) => Auth::None,
     };
+    nats.tls = TlsFiles::from_parts(
+        cli.tls_ca.clone().or_else(|| file.tls_ca.clone()),
+        cli.tls_cert.clone().or_else(|| file.tls_cert.clone()),
+        cli.tls_key.clone().or_else(|| file.tls_key.clone()),
+    );
     if let Some(dir) = &cli.spool {
         file.spool.dir = Some(dir.clone());
     }
@@ -283,8 +298,14 @@ async fn run_cmd(cli: &Cli, args: &RunArgs) -> anyhow::Result<()> {
         sources.desktop = Some((desktop, Collector::new(collect, privacy)));
     }
     if let Some(addr) = adapter_addr {
-        let server = AdapterServer::bind(addr).await?;
-        tracing::info!(listen = %server.local_addr()?, "waiting for chat adapters");
+        let token = ferry_agent::adapter::load_or_create_token(&spool_dir)
+            .with_context(|| format!("the adapters' token in {}", spool_dir.display()))?;
+        let server = AdapterServer::bind(addr, &token).await?;
+        tracing::info!(
+            listen = %server.local_addr()?,
+            token_file = %spool_dir.join(ferry_agent::adapter::TOKEN_FILE).display(),
+            "waiting for chat adapters"
+        );
         sources.adapter = Some(server);
     }
 

@@ -19,6 +19,7 @@ use crate::spool::Spool;
 
 use ferry_schema::metrics::{
     AGENT_COMPONENT_UP as COMPONENT_UP, AGENT_PUBLISHED as PUBLISHED, AGENT_REPLIES as REPLIES,
+    AGENT_REPLIES_REFUSED as REPLIES_REFUSED,
     AGENT_SPOOL_BYTES as SPOOL_BYTES, AGENT_SPOOL_DROPPED as SPOOL_DROPPED, AGENT_SPOOL_EVENTS as SPOOL_EVENTS,
     AGENT_SPOOL_OLDEST_SECONDS as SPOOL_OLDEST_SECONDS,
 };
@@ -33,6 +34,7 @@ struct ComponentLabel {
 pub struct Counts {
     published: Arc<AtomicU64>,
     replies: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
 }
 
 impl Counts {
@@ -44,6 +46,16 @@ impl Counts {
     /// One more reply acted on.
     pub fn reply(&self) {
         self.replies.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One more reply dropped unread (another agent's, or undecodable).
+    pub fn refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Replies dropped unread so far.
+    pub fn refused_so_far(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 
     /// Events acknowledged so far.
@@ -80,6 +92,11 @@ fn render(spool: &Spool, health: &Health, counts: &Counts) -> String {
     registry.register(SPOOL_DROPPED, "Events deleted unsent because the spool was full", counter(depth.dropped));
     registry.register(PUBLISHED, "Events JetStream acknowledged", counter(counts.published_so_far()));
     registry.register(REPLIES, "Replies acted on", counter(counts.replies_so_far()));
+    registry.register(
+        REPLIES_REFUSED,
+        "Replies dropped unread: addressed to another agent, or undecodable",
+        counter(counts.refused_so_far()),
+    );
     let up = Family::<ComponentLabel, Gauge<i64>>::default();
     for c in health.snapshot() {
         up.get_or_create(&ComponentLabel { component: c.name }).set(i64::from(c.ok));

@@ -179,6 +179,7 @@ impl Agent {
     async fn publisher(&self) -> Result<Publisher, ferry_schema::connect::ConnectError> {
         let client = self.cfg.nats.connect_once().await?;
         let js = async_nats::jetstream::ContextBuilder::new()
+            .api_prefix(ferry_schema::subject::AGENT_JS_API_PREFIX)
             .max_ack_inflight(self.cfg.publish_window.max(1))
             .backpressure_on_inflight(true)
             .build(client.clone());

@@ -38,12 +38,13 @@ use async_nats::jetstream::{self, consumer::pull, consumer::PullConsumer, AckKin
 use ferry_schema::codec::{decode_reply, DEFAULT_MAX_PAYLOAD};
 use ferry_schema::connect::reconnect_delay;
 use ferry_schema::topology::{agent_replies_consumer_name, REPLIES_STREAM};
-use ferry_schema::{headers, subject, Encoding, Reply, ReplyId};
+use ferry_schema::{headers, subject, AgentId, Encoding, Reply, ReplyId};
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Counts;
 use crate::Agent;
 
 /// How many reply ids the agent remembers for de-duplication.
@@ -206,6 +207,8 @@ impl Agent {
         // Every reply up to the consumer's ack floor was handed on before.
         let cursor = consumer.cached_info().ack_floor.stream_sequence;
         let mut rx = Receiver {
+            agent: self.cfg.agent.clone(),
+            counts: self.counts.clone(),
             consumer,
             shutdown: shutdown.clone(),
             handle,
@@ -293,13 +296,18 @@ enum Caught {
 enum Offered {
     /// Handed on, or already handed on before (same id).
     Taken,
-    /// It cannot be decoded; it is dropped with an error log.
-    Undecodable,
+    /// It cannot be decoded, or it is addressed to another agent (which
+    /// the broker's accounts should make impossible); it is dropped with an
+    /// error log and counted.
+    Refused,
     /// The handler asked to stop; the reply was not taken.
     Stop,
 }
 
 struct Receiver<H> {
+    /// The agent whose replies these are.
+    agent: AgentId,
+    counts: Counts,
     consumer: PullConsumer,
     shutdown: CancellationToken,
     handle: H,
@@ -343,7 +351,13 @@ where
         match decoded {
             Err(error) => {
                 tracing::error!(%error, "undecodable reply dropped");
-                Offered::Undecodable
+                self.counts.refused();
+                Offered::Refused
+            }
+            Ok(reply) if reply.agent != self.agent => {
+                tracing::error!(reply = %reply.id, addressed_to = %reply.agent, "reply to another agent dropped");
+                self.counts.refused();
+                Offered::Refused
             }
             Ok(reply) if self.seen.set.contains(&reply.id) => {
                 tracing::debug!(reply = %reply.id, "duplicate reply ignored");
@@ -387,7 +401,7 @@ where
         }
         match self.offer(msg.headers.as_ref(), &msg.payload).await {
             Offered::Stop => return Caught::Stopped,
-            Offered::Taken | Offered::Undecodable => {}
+            Offered::Taken | Offered::Refused => {}
         }
         self.cursor = seq;
         self.unswept += 1;
@@ -470,7 +484,7 @@ where
                                 Pass::Deliver => Caught::Stopped,
                             };
                         }
-                        Offered::Undecodable => {
+                        Offered::Refused => {
                             ack(&msg, AckKind::Term).await;
                             self.cursor = self.cursor.max(seq);
                             continue;

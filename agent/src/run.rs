@@ -27,7 +27,6 @@ use crate::adapter::{AdapterServer, Clients, ToClient, SEND_CONFIRM_TIMEOUT, SEN
 use crate::collect::{run_desktop, Collector};
 use crate::health::Health;
 use crate::heartbeat::{run_heartbeat, run_predictions, RecentLog};
-use crate::metrics::Counts;
 use crate::pipeline::{write_spool, Delivered, INTAKE_QUEUE};
 use crate::platform::Desktop;
 use crate::replies::RepliesError;
@@ -194,7 +193,7 @@ pub async fn run(
     let recent = RecentLog::new(periodic.recent);
     let sources_stop = CancellationToken::new();
     let (intake, intake_rx) = mpsc::channel(INTAKE_QUEUE);
-    let counts = Counts::default();
+    let counts = agent.counts().clone();
     let _metrics = match periodic.metrics_listen {
         Some(addr) => {
             let server = crate::metrics::serve(addr, spool.clone(), health.clone(), counts.clone())?;

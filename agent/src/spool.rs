@@ -119,6 +119,14 @@ pub enum SpoolError {
         #[source]
         source: std::io::Error,
     },
+    /// The database is there but its key file is gone.
+    #[error("spool {dir}: its key file {key} is gone, so the events spooled there cannot be read; to start again, move the spool directory aside (its unsent events are lost with the key)")]
+    KeyLost {
+        /// The spool directory.
+        dir: PathBuf,
+        /// The missing key file.
+        key: PathBuf,
+    },
     /// The key could not be stored or recovered.
     #[error("spool key {path}: {message}")]
     Key {
@@ -136,7 +144,7 @@ pub enum SpoolError {
         message: String,
     },
     /// A record did not decrypt or parse: the spool or its key was altered.
-    #[error("spool record {seq} is corrupt ({what}); was the key file replaced?")]
+    #[error("spool record {seq} is corrupt ({what}); was the key file replaced? To start again, move the spool directory aside (its unsent events are lost)")]
     Corrupt {
         /// The record.
         seq: u64,
@@ -250,7 +258,12 @@ impl Spool {
             path: cfg.dir.clone(),
             source,
         })?;
-        let key = load_or_create_key(&cfg.dir.join(KEY_FILE))?;
+        let key_path = cfg.dir.join(KEY_FILE);
+        if !key_path.exists() && cfg.dir.join(DB_FILE).exists() {
+            // A new key would read nothing of what is there.
+            return Err(SpoolError::KeyLost { dir: cfg.dir.clone(), key: key_path });
+        }
+        let key = load_or_create_key(&key_path)?;
         let cipher = Aes256Gcm::new(&key);
         let ref_key = digest_key(key.as_slice(), b"ferry spool: adapter message references");
         let path = cfg.dir.join(DB_FILE);
@@ -920,10 +933,19 @@ mod tests {
         let raw = std::fs::read(dir.path().join(DB_FILE)).unwrap();
         let hay = String::from_utf8_lossy(&raw);
         assert!(!hay.contains("SECRET-TITLE-4711") && !hay.contains("SECRET-SPAN-0815"));
-        // Another key cannot read the records.
+        // Without its key the spool is refused, saying how to recover ...
+        let key = std::fs::read(dir.path().join(KEY_FILE)).unwrap();
         std::fs::remove_file(dir.path().join(KEY_FILE)).unwrap();
         let err = Spool::open(SpoolConfig::new(dir.path())).unwrap_err();
-        assert!(matches!(err, SpoolError::Corrupt { what: "authentication", .. }), "{err}");
+        assert!(matches!(err, SpoolError::KeyLost { .. }) && err.to_string().contains("move the spool directory aside"), "{err}");
+        // ... and another key cannot read the records.
+        let mut other = key.clone();
+        let last = other.len() - 1;
+        other[last] ^= 1;
+        std::fs::write(dir.path().join(KEY_FILE), &other).unwrap();
+        let err = Spool::open(SpoolConfig::new(dir.path())).unwrap_err();
+        assert!(matches!(err, SpoolError::Corrupt { .. } | SpoolError::Key { .. }), "{err}");
+        assert!(err.to_string().contains("spool"), "{err}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use ferry_schema::event::{ChatMessage, ChatType, MessageType};
 use ferry_schema::reply::ChatAction;
 use ferry_schema::topology::{self, StreamSettings, EVENTS_STREAM, REPLIES_STREAM};
 use ferry_schema::{headers, subject, AgentId, Encoding, Envelope, EventBody, ReplyBody};
+use ferry_schema::connect::NatsConfig;
 use ferry_stack::{inspect, NatsServer};
 use ferry_workers::rules::{self, RulesConfig};
 use tokio::sync::mpsc;
@@ -43,7 +44,10 @@ struct Stack {
 }
 
 async fn stack() -> Stack {
-    let nats = NatsServer::start_temp().expect("nats-server starts");
+    stack_on(NatsServer::start_temp().expect("nats-server starts")).await
+}
+
+async fn stack_on(nats: NatsServer) -> Stack {
     let op = nats.operator("test-operator").connect().await.unwrap();
     let js = jetstream::new(op);
     topology::provision(&js, &StreamSettings::default(), &[desk(1), desk(2)])
@@ -56,7 +60,7 @@ async fn stack() -> Stack {
 
 impl Stack {
     async fn rules_worker(&self) -> CancellationToken {
-        let client = self.nats.workers("test-rules").connect().await.unwrap();
+        let client = self.nats.role(topology::Role::Rules, "test-rules").connect().await.unwrap();
         let cfg = RulesConfig::new(self.rules_file.path());
         let stop = CancellationToken::new();
         let token = stop.clone();
@@ -162,6 +166,7 @@ async fn broker_confines_an_agent_to_its_own_subjects() {
 
     // And so is pulling from another agent's reply consumer.
     let other = jetstream::ContextBuilder::new()
+        .api_prefix(subject::AGENT_JS_API_PREFIX)
         .timeout(Duration::from_secs(2))
         .build(client.clone());
     let pulled = other
@@ -172,10 +177,100 @@ async fn broker_confines_an_agent_to_its_own_subjects() {
         .await;
     assert!(pulled.is_err());
     let e = next_error(&mut errors).await;
-    assert!(e.contains("Permissions Violation for Publish to \"$JS.API.CONSUMER.INFO.REPLIES.agent-desk-2\""), "{e}");
+    assert!(e.contains("Permissions Violation for Publish to \"$JS.FERRY.API.CONSUMER.INFO.REPLIES.agent-desk-2\""), "{e}");
 
     // Only the allowed publish reached the stream.
     assert_eq!(inspect::count(&s.js, EVENTS_STREAM).await.unwrap(), 1);
+}
+
+/// A raw client with `agent`'s credentials, as a hostile program on its PC
+/// would use; the broker's complaints come out of the returned channel.
+async fn raw_agent_client(
+    s: &Stack,
+    agent: &AgentId,
+) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
+    let (tx, errors) = mpsc::unbounded_channel();
+    let client = async_nats::ConnectOptions::new()
+        .user_and_password(agent.to_string(), s.nats.secrets().agent(agent.as_str()).unwrap().into())
+        .custom_inbox_prefix(subject::agent_inbox_prefix(agent))
+        .event_callback(move |event| {
+            let tx = tx.clone();
+            async move {
+                if let async_nats::Event::ServerError(e) = event {
+                    let _ = tx.send(e.to_string());
+                }
+            }
+        })
+        .connect(s.nats.url())
+        .await
+        .unwrap();
+    (client, errors)
+}
+
+/// NATS publish permissions do not cover the reply-to subject a client
+/// chooses, and JetStream answers to it: an agent must not be able to make
+/// the broker publish into another agent's `replies.<id>` (where `REPLIES`
+/// would store it and hand it to that agent), neither with the publish
+/// acknowledgement of its own event nor with a pull request that sends one
+/// of its own replies (whose text it can steer through a rule) there.
+#[tokio::test]
+async fn a_client_chosen_reply_to_cannot_reach_another_agents_replies() {
+    let s = stack().await;
+    let (client, _errors) = raw_agent_client(&s, &desk(1)).await;
+    let victim = subject::reply(&desk(2));
+
+    // Vector 1: its own event, with the victim's reply subject as reply-to.
+    let event = chat(&desk(1), "inject the ack");
+    client
+        .publish_with_reply_and_headers(
+            subject::event(&desk(1), ferry_schema::EventKind::Chat),
+            victim.clone(),
+            headers::for_publish(event.id.text(), Encoding::MsgPack, None),
+            encode_event(&event, Encoding::MsgPack).unwrap().into(),
+        )
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    inspect::wait_for_count(&s.js, EVENTS_STREAM, 1, WAIT).await.unwrap();
+
+    // Vector 2: a pull request on its own reply consumer, delivering to the
+    // victim's subject.
+    publish_reply(&s.js, &desk(1), "steered text").await;
+    let next = format!(
+        "{}.CONSUMER.MSG.NEXT.{REPLIES_STREAM}.{}",
+        subject::AGENT_JS_API_PREFIX,
+        topology::agent_replies_consumer_name(&desk(1))
+    );
+    client
+        .publish_with_reply(next, victim.clone(), r#"{"batch":1,"expires":2000000000}"#.into())
+        .await
+        .unwrap();
+    client.flush().await.unwrap();
+    // Across the accounts the request is answered on a reply subject the
+    // server made up, which leads back to the requester's account and not
+    // into FERRY's REPLIES; with nobody listening there the server may drop
+    // the request instead. Either way: give it a moment to be served ...
+    let mut consumer = s
+        .js
+        .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+            topology::agent_replies_consumer_name(&desk(1)),
+            REPLIES_STREAM,
+        )
+        .await
+        .unwrap();
+    for _ in 0..50 {
+        if consumer.info().await.unwrap().num_ack_pending > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ... and an acknowledged publish after both is stored after anything
+    // they could have put into REPLIES.
+    publish_reply(&s.js, &desk(1), "marker").await;
+
+    let stored = inspect::read_all(&s.js, REPLIES_STREAM, "").await.unwrap();
+    let subjects: Vec<&str> = stored.iter().map(|m| m.subject.as_str()).collect();
+    assert_eq!(subjects, ["replies.desk-1", "replies.desk-1"], "nothing reached desk-2's replies");
 }
 
 #[tokio::test]
@@ -247,14 +342,50 @@ async fn a_receiver_started_before_its_consumer_exists_gets_replies_once_it_does
     receiver.await.unwrap().unwrap();
 }
 
+/// A reply on this agent's subject that is addressed to another agent (the
+/// broker's accounts keep agents from putting one there; a misconfigured
+/// worker could) or that does not decode is dropped and counted, never
+/// acted on.
+#[tokio::test]
+async fn an_agent_drops_and_counts_replies_that_are_not_its_own() {
+    let s = stack().await;
+    let agent = s.agent(&desk(1)).await;
+    let (mut rx, stop, receiver) = receiving(&agent, 16);
+    publish_reply_to(&s.js, &desk(1), &desk(2), "for desk-2").await;
+    s.js.publish_with_headers(
+        subject::reply(&desk(1)),
+        headers::for_publish("junk-1", Encoding::MsgPack, None),
+        vec![0xc1, 0xff, 0x00].into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let own = publish_reply(&s.js, &desk(1), "mine").await;
+    // Replies are handed on in stream order: the two before were looked at.
+    let r = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap();
+    assert_eq!(r.in_reply_to, own);
+    assert_eq!(r.agent, desk(1));
+    assert_eq!(agent.counts().refused_so_far(), 2);
+    stop.cancel();
+    receiver.await.unwrap().unwrap();
+    assert!(rx.try_recv().is_err(), "only its own reply was handed on");
+}
+
 /// A reply to `agent`'s event, as a worker publishes it: on the agent's
 /// reply subject, with its id as `Nats-Msg-Id`.
 async fn publish_reply(js: &jetstream::Context, agent: &AgentId, text: &str) -> ferry_schema::EventId {
-    let event = chat(agent, text);
+    publish_reply_to(js, agent, agent, text).await
+}
+
+/// A reply published on `on`'s reply subject but addressed to `to`.
+async fn publish_reply_to(js: &jetstream::Context, on: &AgentId, to: &AgentId, text: &str) -> ferry_schema::EventId {
+    let agent = on;
+    let event = chat(to, text);
     let reply = ferry_schema::Reply::new(
         "test",
         event.id,
-        agent.clone(),
+        to.clone(),
         ReplyBody::Chat(ferry_schema::reply::ChatReply {
             chat: "Bob".into(),
             action: ChatAction::Reply,
@@ -438,6 +569,65 @@ async fn an_agent_without_the_live_permission_still_gets_its_replies() {
     assert_eq!(tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap().in_reply_to, second);
     stop.cancel();
     receiver.await.unwrap().unwrap();
+}
+
+/// On a broker that requires TLS: a plaintext client is refused, and so is
+/// a client that trusts another CA; an agent and a rules worker that trust
+/// the broker's CA carry the demo chat end to end.
+#[tokio::test]
+async fn on_a_tls_broker_only_clients_that_trust_its_ca_get_in() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = ferry_stack::tls::Ca::open_or_create(certs.path()).unwrap();
+    ca.server(&[]).unwrap();
+    let nats = NatsServer::start(ferry_stack::NatsServerOptions {
+        tls: Some(certs.path().to_path_buf()),
+        ..Default::default()
+    })
+    .unwrap();
+
+    // Plaintext, speaking the protocol by hand with good credentials.
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", nats.port())).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut info = String::new();
+    let mut reader = std::io::BufReader::new(raw.try_clone().unwrap());
+    std::io::BufRead::read_line(&mut reader, &mut info).unwrap();
+    assert!(info.contains("\"tls_required\":true"), "{info}");
+    let connect = format!(
+        "CONNECT {{\"user\":\"operator\",\"pass\":\"{}\",\"verbose\":false}}\r\nPING\r\n",
+        nats.secrets().operator
+    );
+    std::io::Write::write_all(&mut raw, connect.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = std::io::Read::read_to_string(&mut reader, &mut answer);
+    assert!(!answer.contains("PONG"), "a plaintext client got in: {answer}");
+
+    // TLS, but trusting another CA.
+    let other = tempfile::tempdir().unwrap();
+    let other_ca = ferry_stack::tls::Ca::open_or_create(other.path()).unwrap();
+    let mut wrong = NatsConfig::new(nats.url(), "wrong CA").with_user("operator", &nats.secrets().operator);
+    wrong.tls = Some(ferry_schema::connect::TlsFiles { ca: Some(other_ca.cert_path()), ..Default::default() });
+    let refused = wrong.connect().await;
+    assert!(refused.is_err(), "a client trusting another CA got in");
+
+    // The right CA: the whole path works.
+    assert!(nats.tls_ca().is_some());
+    let s = stack_on(nats).await;
+    let _rules = s.rules_worker().await;
+    let agent = s.agent(&desk(1)).await;
+    let (tx, mut rx) = mpsc::channel(64);
+    let spool_dir = tempfile::tempdir().unwrap();
+    let report = run_lines(
+        &agent,
+        Spool::open(SpoolConfig::new(spool_dir.path())).unwrap(),
+        std::io::Cursor::new(demo_chat().into_bytes()),
+        Until::Answered { idle_timeout: WAIT },
+        tx,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.unanswered, 0);
+    assert!(rx.try_recv().is_ok(), "replies arrived over TLS");
 }
 
 #[tokio::test]
@@ -724,7 +914,7 @@ async fn scripted_adapter_gets_its_replies_through_the_agent_once() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let out = scripted_adapter(port, &script).await;
+    let out = scripted_adapter(port, &dir.path().join("spool"), &script).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
         .unwrap()
@@ -804,6 +994,8 @@ async fn scripted_adapter_gets_its_replies_through_the_agent_once() {
         .arg(adapters_dir().join("scripted_adapter.py"))
         .args(["--port", &port.to_string(), "--expect", "1", "--timeout", "3", "--script"])
         .arg(&empty)
+        .arg("--token-file")
+        .arg(dir.path().join("spool").join(ferry_agent::adapter::TOKEN_FILE))
         .output()
         .await
         .unwrap();
@@ -818,8 +1010,9 @@ struct TestAdapter {
 }
 
 impl TestAdapter {
-    /// Connects (waiting for the agent to listen) and says hello as a client that sends.
-    async fn connect(port: u16) -> Self {
+    /// Connects (waiting for the agent to listen) and says hello as a client
+    /// that sends, with the token the agent keeps in `spool`.
+    async fn connect(port: u16, spool: &std::path::Path) -> Self {
         use tokio::io::AsyncBufReadExt;
         let start = std::time::Instant::now();
         let stream = loop {
@@ -834,7 +1027,9 @@ impl TestAdapter {
             lines: tokio::io::BufReader::new(read).lines(),
             write,
         };
-        a.line(serde_json::json!({"type": "hello", "v": 1, "name": "test", "sends": true})).await;
+        // The agent writes its token before it listens.
+        let token = std::fs::read_to_string(spool.join(ferry_agent::adapter::TOKEN_FILE)).unwrap();
+        a.line(serde_json::json!({"type": "hello", "v": 1, "token": token.trim(), "name": "test", "sends": true})).await;
         assert_eq!(a.next().await.unwrap()["type"], "welcome");
         a
     }
@@ -876,19 +1071,19 @@ async fn the_last_hop_survives_sigkill_at_its_worst_moments() {
     let spawn = || adapter_agent(&s, &dir.path().join("spool"), port);
 
     let agent = spawn();
-    let mut a = TestAdapter::connect(port).await;
+    let mut a = TestAdapter::connect(port, &dir.path().join("spool")).await;
     a.line(serde_json::json!({"type": "message", "chat": "Alice", "sender": "Alice", "content": "hello?", "ref": "1"})).await;
     let accepted = a.next_of("accepted").await;
     sigkill(agent).await;
 
     let agent = spawn();
-    let mut a = TestAdapter::connect(port).await;
+    let mut a = TestAdapter::connect(port, &dir.path().join("spool")).await;
     let send = a.next_of("send").await;
     assert_eq!(send["event_id"], accepted["event_id"], "the accepted chat was answered");
     sigkill(agent).await;
 
     let agent = spawn();
-    let mut a = TestAdapter::connect(port).await;
+    let mut a = TestAdapter::connect(port, &dir.path().join("spool")).await;
     let again = a.next_of("send").await;
     assert_eq!(again["reply_id"], send["reply_id"], "an unconfirmed send comes again");
     a.line(serde_json::json!({"type": "sent", "reply_id": again["reply_id"]})).await;
@@ -897,7 +1092,7 @@ async fn the_last_hop_survives_sigkill_at_its_worst_moments() {
     sigkill(agent).await;
 
     let agent = spawn();
-    let mut a = TestAdapter::connect(port).await;
+    let mut a = TestAdapter::connect(port, &dir.path().join("spool")).await;
     let quiet = tokio::time::timeout(Duration::from_secs(5), a.next_of("send")).await;
     assert!(quiet.is_err(), "a confirmed reply is not sent again: {quiet:?}");
     sigkill(agent).await;
@@ -918,13 +1113,13 @@ async fn a_message_offered_again_after_a_restart_is_spooled_once() {
     let message = |r: &str| serde_json::json!({"type": "message", "chat": "Alice", "sender": "Alice", "content": "hello?", "ref": r});
 
     let agent = spawn();
-    let mut a = TestAdapter::connect(port).await;
+    let mut a = TestAdapter::connect(port, &dir.path().join("spool")).await;
     a.line(message("m-1")).await;
     let first = a.next_of("accepted").await;
     sigkill(agent).await;
 
     let agent = spawn();
-    let mut a = TestAdapter::connect(port).await;
+    let mut a = TestAdapter::connect(port, &dir.path().join("spool")).await;
     a.line(message("m-1")).await;
     a.line(message("m-2")).await;
     let again = a.next_of("accepted").await;
@@ -957,11 +1152,13 @@ fn adapters_dir() -> std::path::PathBuf {
     ferry_stack::cargo::workspace_root().unwrap().join("agent/adapters")
 }
 
-async fn scripted_adapter(port: u16, script: &std::path::Path) -> std::process::Output {
+async fn scripted_adapter(port: u16, spool: &std::path::Path, script: &std::path::Path) -> std::process::Output {
     tokio::process::Command::new("python3")
         .arg(adapters_dir().join("scripted_adapter.py"))
         .args(["--port", &port.to_string(), "--timeout", "60", "--script"])
         .arg(script)
+        .arg("--token-file")
+        .arg(spool.join(ferry_agent::adapter::TOKEN_FILE))
         .output()
         .await
         .unwrap()

@@ -148,7 +148,7 @@ async fn the_exe_collects_activity_and_serves_a_chat_adapter_under_wine() {
     std::fs::write(rules_file.path(), include_str!("../../ops/demo/rules.toml")).unwrap();
     let rules_stop = CancellationToken::new();
     {
-        let client = nats.workers("test-rules").connect().await.unwrap();
+        let client = nats.role(ferry_schema::topology::Role::Rules, "test-rules").connect().await.unwrap();
         let cfg = RulesConfig::new(rules_file.path());
         let stop = rules_stop.clone();
         tokio::spawn(async move { rules::run(client, &cfg, stop).await });
@@ -252,6 +252,8 @@ async fn the_exe_collects_activity_and_serves_a_chat_adapter_under_wine() {
         .arg(ferry_stack::cargo::workspace_root().unwrap().join("agent/adapters/scripted_adapter.py"))
         .args(["--port", &adapter_port.to_string(), "--timeout", "60", "--script"])
         .arg(&script)
+        .arg("--token-file")
+        .arg(work.path().join("spool").join(ferry_agent::adapter::TOKEN_FILE))
         .output()
         .await
         .unwrap();

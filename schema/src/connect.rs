@@ -117,6 +117,30 @@ pub struct NatsConfig {
     pub connect_timeout: Duration,
     /// Capacity of each subscription's buffer (bounded queue in the client).
     pub subscription_capacity: usize,
+    /// TLS settings; `None`: TLS only if the URL says `tls://` or the
+    /// server requires it, trusting the system's roots.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The files of a TLS connection to NATS.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The CA (PEM) that signed the server's certificate, trusted on top
+    /// of the system's roots. `None`: the system's roots only.
+    pub ca: Option<PathBuf>,
+    /// A client certificate (PEM) for servers that verify clients
+    /// (`verify` / `verify_and_map`); goes with `key`.
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    pub key: Option<PathBuf>,
+}
+
+impl TlsFiles {
+    /// The settings of the `--tls-ca`, `--tls-cert` and `--tls-key` flags
+    /// (or config keys): `None` when none is given.
+    pub fn from_parts(ca: Option<PathBuf>, cert: Option<PathBuf>, key: Option<PathBuf>) -> Option<Self> {
+        (ca.is_some() || cert.is_some() || key.is_some()).then_some(Self { ca, cert, key })
+    }
 }
 
 impl NatsConfig {
@@ -130,7 +154,15 @@ impl NatsConfig {
             retry_initial_connect: false,
             connect_timeout: Duration::from_secs(5),
             subscription_capacity: 8192,
+            tls: None,
         }
+    }
+
+    /// The same settings, requiring TLS and trusting `ca` for the server's
+    /// certificate.
+    pub fn with_tls_ca(mut self, ca: impl Into<PathBuf>) -> Self {
+        self.tls.get_or_insert_with(TlsFiles::default).ca = Some(ca.into());
+        self
     }
 
     /// The same settings with a user and password.
@@ -211,6 +243,7 @@ impl NatsConfig {
     }
 
     async fn connect_to(&self, opts: ConnectOptions, servers: &[&str], retry_initial: bool) -> Result<Client, ConnectError> {
+        install_crypto_provider();
         let mut opts = opts
             .name(&self.name)
             .connection_timeout(self.connect_timeout)
@@ -236,6 +269,28 @@ impl NatsConfig {
         if let Some(prefix) = &self.inbox_prefix {
             opts = opts.custom_inbox_prefix(prefix);
         }
+        if let Some(tls) = &self.tls {
+            // Never fall back to plaintext once TLS is configured.
+            opts = opts.require_tls(true);
+            if let Some(ca) = &tls.ca {
+                if !ca.is_file() {
+                    return Err(ConnectError::TlsFile { what: "tls_ca", path: ca.clone() });
+                }
+                opts = opts.add_root_certificates(ca.clone());
+            }
+            match (&tls.cert, &tls.key) {
+                (Some(cert), Some(key)) => {
+                    for (what, path) in [("tls_cert", cert), ("tls_key", key)] {
+                        if !path.is_file() {
+                            return Err(ConnectError::TlsFile { what, path: path.clone() });
+                        }
+                    }
+                    opts = opts.add_client_certificate(cert.clone(), key.clone());
+                }
+                (None, None) => {}
+                _ => return Err(ConnectError::TlsPair),
+            }
+        }
         if retry_initial {
             opts = opts.retry_on_initial_connect();
         }
@@ -249,9 +304,30 @@ impl NatsConfig {
     }
 }
 
+/// async-nats builds rustls with both of its crypto back-ends, so rustls
+/// cannot pick one itself and panics on the first TLS handshake: choose
+/// `ring` for the whole process, once, unless something else already did.
+fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = async_nats::rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 /// Why a connection could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// A TLS file named in the settings is not there.
+    #[error("{what} {path} is not a readable file")]
+    TlsFile {
+        /// The setting (`tls_ca`, `tls_cert`, `tls_key`).
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+    },
+    /// A client certificate without its key, or the other way round.
+    #[error("tls_cert and tls_key go together: give both or neither")]
+    TlsPair,
     /// The credentials file could not be read.
     #[error("cannot read NATS credentials file {path}: {source}")]
     Credentials {

@@ -1,8 +1,10 @@
 //! Dead letters: a poison message's original bytes plus why it was given up.
 //!
 //! A dead letter is published to `deadletter.<stream>.<consumer>` (stored in
-//! the `DEADLETTER` stream) with the original payload untouched, the original
-//! headers kept, and `Ferry-Dead-*` headers saying where it came from and why.
+//! the `DEADLETTER` stream) with the original payload untouched up to
+//! [`EXCERPT_BYTES`] (a larger one keeps its first bytes and its size; the
+//! whole original stays in its stream, at the sequence the dead letter
+//! names, while that stream keeps it), the original headers kept, and `Ferry-Dead-*` headers saying where it came from and why.
 //! Original headers in the broker's `Nats-` namespace are renamed to
 //! `Ferry-Original-Nats-*`: the broker acts on those names (a copied
 //! `Nats-Expected-Stream: EVENTS` made `DEADLETTER` refuse the dead letter
@@ -13,6 +15,11 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 
 use crate::{headers, subject};
+
+/// The most bytes of the original body a dead letter keeps. A flood of
+/// large junk is dead-lettered once per consumer: kept whole, each would
+/// cost `DEADLETTER` a copy of it.
+pub const EXCERPT_BYTES: usize = 16 * 1024;
 
 /// Where a poison message came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +43,7 @@ pub struct DeadLetter {
     pub subject: async_nats::Subject,
     /// Original headers plus the `Ferry-Dead-*` ones.
     pub headers: HeaderMap,
-    /// The original payload.
+    /// The original payload, or its first [`EXCERPT_BYTES`].
     pub payload: Bytes,
 }
 
@@ -81,10 +88,11 @@ impl DeadLetter {
             headers::DEAD_DELIVERIES,
             origin.deliveries.to_string().as_str(),
         );
+        h.insert(headers::DEAD_PAYLOAD_BYTES, payload.len().to_string().as_str());
         Self {
             subject: subject::dead_letter(&origin.stream, &origin.consumer),
             headers: h,
-            payload,
+            payload: payload.slice(..payload.len().min(EXCERPT_BYTES)),
         }
     }
 }
@@ -146,6 +154,19 @@ mod tests {
             .filter(|n| headers::is_broker_header(n))
             .collect();
         assert_eq!(broker, [headers::MSG_ID], "only the dead letter's own id is a broker header");
+    }
+
+    /// A large body is cut to its first bytes, with its size kept; a small
+    /// one is kept whole.
+    #[test]
+    fn a_large_body_keeps_an_excerpt_and_its_size() {
+        let big = Bytes::from(vec![b'x'; 1024 * 1024]);
+        let dl = DeadLetter::new(&origin(), None, big, "too_large", "1 MiB");
+        assert_eq!(dl.payload.len(), EXCERPT_BYTES);
+        assert_eq!(dl.headers.get(headers::DEAD_PAYLOAD_BYTES).unwrap().as_str(), "1048576");
+        let small = DeadLetter::new(&origin(), None, Bytes::from_static(b"{}"), "malformed", "x");
+        assert_eq!(&small.payload[..], b"{}");
+        assert_eq!(small.headers.get(headers::DEAD_PAYLOAD_BYTES).unwrap().as_str(), "2");
     }
 
     /// The advisory as nats-server 2.9 and 2.10 write it.

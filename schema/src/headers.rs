@@ -29,8 +29,12 @@ pub const DEAD_SUBJECT: &str = "Ferry-Dead-Subject";
 pub const DEAD_SEQUENCE: &str = "Ferry-Dead-Sequence";
 /// Dead letters: how many times it was delivered.
 pub const DEAD_DELIVERIES: &str = "Ferry-Dead-Deliveries";
+/// Dead letters: the original body's size in bytes; when it is larger than
+/// the dead letter's body, that body is only its first bytes
+/// ([`crate::deadletter::EXCERPT_BYTES`]).
+pub const DEAD_PAYLOAD_BYTES: &str = "Ferry-Dead-Payload-Bytes";
 /// Every header a dead letter adds (so a re-drive can strip them).
-pub const DEAD_HEADERS: [&str; 7] = [
+pub const DEAD_HEADERS: [&str; 8] = [
     DEAD_REASON_CODE,
     DEAD_REASON,
     DEAD_STREAM,
@@ -38,6 +42,7 @@ pub const DEAD_HEADERS: [&str; 7] = [
     DEAD_SUBJECT,
     DEAD_SEQUENCE,
     DEAD_DELIVERIES,
+    DEAD_PAYLOAD_BYTES,
 ];
 /// Dead letters and re-drives: an original header in the broker's `Nats-`
 /// namespace is kept under this prefix (`Ferry-Original-Nats-Msg-Id`).

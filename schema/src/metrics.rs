@@ -59,5 +59,7 @@ pub const AGENT_SPOOL_DROPPED: &str = "ferry_agent_spool_dropped";
 pub const AGENT_PUBLISHED: &str = "ferry_agent_published";
 /// Replies acted on.
 pub const AGENT_REPLIES: &str = "ferry_agent_replies";
+/// Replies dropped unread: not addressed to this agent, or undecodable.
+pub const AGENT_REPLIES_REFUSED: &str = "ferry_agent_replies_refused";
 /// 1 when a component is fine.
 pub const AGENT_COMPONENT_UP: &str = "ferry_agent_component_up";

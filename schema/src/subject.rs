@@ -8,6 +8,7 @@
 //! | `work.inference.<kind>`          | rules → inference hand-off (stream `WORK`)|
 //! | `deadletter.<stream>.<consumer>` | poison messages with reasons (`DEADLETTER`)|
 //! | `ferry.svc.<role>.status`        | a worker's status endpoint (micro service)|
+//! | `$JS.FERRY.API.…`               | an agent's JetStream API calls, imported from the `FERRY` account ([`AGENT_JS_API_PREFIX`]) |
 //! | `shadow.<run>.<subject>`         | a shadow replay's output (`ferry replay --shadow`), core NATS only |
 //! | `debug.replay`                   | default target of `ferry replay --to` (core NATS only) |
 
@@ -215,6 +216,24 @@ pub fn unshadow<'a>(run: &str, subject: &'a str) -> Option<&'a str> {
 pub fn agent_inbox_prefix(agent: &AgentId) -> String {
     format!("_INBOX.{agent}")
 }
+
+/// Inbox prefix for a worker role's connections (`_INBOX.<role>`), so the
+/// broker can keep each role to its own inboxes.
+pub fn role_inbox_prefix(role: &str) -> String {
+    format!("_INBOX.{role}")
+}
+
+/// The micro-service name of a worker role (`ferry-rules`).
+pub fn service_name(role: &str) -> String {
+    format!("ferry-{role}")
+}
+
+/// The JetStream API prefix of an agent's connection. Agents live in their
+/// own NATS account (`AGENTS` in `nats.conf`), which has no JetStream: it
+/// imports the few API calls an agent may make from the `FERRY` account
+/// under this prefix (`$JS.FERRY.API.CONSUMER.MSG.NEXT.REPLIES.agent-<id>`
+/// reaches `$JS.API.CONSUMER.MSG.NEXT.REPLIES.agent-<id>` there).
+pub const AGENT_JS_API_PREFIX: &str = "$JS.FERRY.API";
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]

@@ -41,7 +41,16 @@ pub struct StreamSettings {
     pub max_message_size: i32,
     /// Bytes the events stream may use before the oldest are discarded.
     pub events_max_bytes: i64,
+    /// Bytes the replies stream may use before the oldest are discarded.
+    pub replies_max_bytes: i64,
+    /// Bytes the work queue may hold; beyond it a hand-off is refused (and
+    /// retried by the worker that makes it), never an unprocessed one evicted.
+    pub work_max_bytes: i64,
+    /// Bytes the dead letters may use before the oldest are discarded.
+    pub deadletter_max_bytes: i64,
 }
+
+const GIB: i64 = 1024 * 1024 * 1024;
 
 impl Default for StreamSettings {
     fn default() -> Self {
@@ -52,7 +61,12 @@ impl Default for StreamSettings {
             deadletter_max_age: Duration::from_secs(30 * 24 * 3600),
             duplicate_window: Duration::from_secs(10 * 60),
             max_message_size: 1024 * 1024,
-            events_max_bytes: 10 * 1024 * 1024 * 1024,
+            // Together 17 GiB, under the broker's 20 GB `max_file_store`
+            // (nats.conf), so no stream can take another's room.
+            events_max_bytes: 10 * GIB,
+            replies_max_bytes: 4 * GIB,
+            work_max_bytes: 2 * GIB,
+            deadletter_max_bytes: GIB,
         }
     }
 }
@@ -92,6 +106,7 @@ pub fn replies_stream(s: &StreamSettings) -> stream::Config {
     stream::Config {
         description: Some("Replies to agents, kept while agents are offline.".into()),
         max_age: s.replies_max_age,
+        max_bytes: s.replies_max_bytes,
         republish: Some(stream::Republish {
             source: subject::all_replies().to_string(),
             destination: subject::all_live_replies().to_string(),
@@ -107,6 +122,10 @@ pub fn work_stream(s: &StreamSettings) -> stream::Config {
         description: Some("Work handed from one worker role to another.".into()),
         retention: RetentionPolicy::WorkQueue,
         max_age: s.events_max_age,
+        max_bytes: s.work_max_bytes,
+        // Full: refuse the new hand-off (the rules worker retries it) rather
+        // than evict one nobody has processed yet.
+        discard: DiscardPolicy::New,
         ..base_stream(WORK_STREAM, vec![subject::all_work().to_string()], s)
     }
 }
@@ -116,6 +135,7 @@ pub fn deadletter_stream(s: &StreamSettings) -> stream::Config {
     stream::Config {
         description: Some("Messages a worker gave up on, with the reason.".into()),
         max_age: s.deadletter_max_age,
+        max_bytes: s.deadletter_max_bytes,
         ..base_stream(
             DEADLETTER_STREAM,
             vec![subject::all_dead_letters().to_string()],
@@ -343,34 +363,89 @@ pub fn agent_replies_consumer(agent: &AgentId) -> ConsumerDef {
     }
 }
 
-/// What the broker lets an agent do: the allow-lists of its user in
+/// What the broker lets one user do: the allow-lists of its entry in
 /// `nats.conf`. Everything else is denied.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgentPermissions {
-    /// Subjects it may publish to: its own events, and the JetStream API
-    /// calls that read and ack its own reply consumer.
+pub struct Permissions {
+    /// Subjects it may publish to.
     pub publish: Vec<String>,
-    /// Subjects it may subscribe to: its own inboxes and its live replies.
+    /// Subjects it may subscribe to.
     pub subscribe: Vec<String>,
+    /// It may also answer each request it received, once, on the
+    /// request's reply subject (`allow_responses`): how a worker's micro
+    /// service answers `nats micro` and `ferry stats` without being allowed
+    /// to publish on every inbox.
+    pub allow_responses: bool,
 }
 
-/// The permissions of `agent`'s user: publish only `events.<id>.>`, read and
-/// ack only its consumer `agent-<id>` on `REPLIES`, and receive only on
+/// The permissions of `agent`'s user in the `AGENTS` account: publish only
+/// `events.<id>.>`, read (through [`subject::AGENT_JS_API_PREFIX`]) and ack
+/// only its consumer `agent-<id>` on `REPLIES`, and receive only on
 /// `_INBOX.<id>.>` (the prefix [`subject::agent_inbox_prefix`] sets) and
 /// its own live replies `live.replies.<id>`.
-pub fn agent_permissions(agent: &AgentId) -> AgentPermissions {
+pub fn agent_permissions(agent: &AgentId) -> Permissions {
     let consumer = agent_replies_consumer_name(agent);
-    AgentPermissions {
+    Permissions {
         publish: vec![
             subject::events_of_agent(agent).to_string(),
-            format!("$JS.API.CONSUMER.INFO.{REPLIES_STREAM}.{consumer}"),
-            format!("$JS.API.CONSUMER.MSG.NEXT.{REPLIES_STREAM}.{consumer}"),
+            format!("{}.CONSUMER.INFO.{REPLIES_STREAM}.{consumer}", subject::AGENT_JS_API_PREFIX),
+            format!("{}.CONSUMER.MSG.NEXT.{REPLIES_STREAM}.{consumer}", subject::AGENT_JS_API_PREFIX),
             format!("$JS.ACK.{REPLIES_STREAM}.{consumer}.>"),
         ],
         subscribe: vec![
             format!("{}.>", subject::agent_inbox_prefix(agent)),
             subject::live_reply(agent).to_string(),
         ],
+        allow_responses: false,
+    }
+}
+
+/// The permissions of `role`'s user (`rules`, `inference`, `archiver` in
+/// `nats.conf`), from its consumers: read, ack and (should it have been
+/// deleted) re-create only its own consumers; dead-letter only on their
+/// dead-letter subjects, hear only their max-deliveries advisories and read
+/// back only from their streams the messages those advisories name;
+/// publish what the role produces (replies, hand-offs); receive only on its
+/// own inbox prefix `_INBOX.<role>` ([`subject::role_inbox_prefix`]); serve
+/// its micro service. No role can touch an agent's reply consumer.
+pub fn role_permissions(role: Role) -> Permissions {
+    let mut publish = Vec::new();
+    let mut subscribe = vec![
+        format!("{}.>", subject::role_inbox_prefix(role.as_str())),
+        "$SRV.*".to_string(),
+        format!("$SRV.*.{}", subject::service_name(role.as_str())),
+        format!("$SRV.*.{}.>", subject::service_name(role.as_str())),
+        subject::service_status(role.as_str()).to_string(),
+    ];
+    let mut streams: Vec<&str> = Vec::new();
+    for def in role.consumers() {
+        let (stream, name) = (def.stream, def.name());
+        publish.extend([
+            format!("$JS.API.CONSUMER.INFO.{stream}.{name}"),
+            format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}"),
+            format!("$JS.API.CONSUMER.CREATE.{stream}.{name}"),
+            format!("$JS.API.CONSUMER.CREATE.{stream}.{name}.>"),
+            format!("$JS.ACK.{stream}.{name}.>"),
+            subject::dead_letter(stream, name).to_string(),
+        ]);
+        subscribe.push(subject::max_deliveries_advisory(stream, name).to_string());
+        if !streams.contains(&stream) {
+            streams.push(stream);
+        }
+    }
+    publish.extend(streams.iter().map(|s| format!("$JS.API.STREAM.MSG.GET.{s}")));
+    match role {
+        Role::Rules => publish.extend([
+            subject::all_replies().to_string(),
+            subject::WorkQueue::InferenceChat.subject().to_string(),
+        ]),
+        Role::Inference => publish.push(subject::all_replies().to_string()),
+        Role::Archiver => {}
+    }
+    Permissions {
+        publish,
+        subscribe,
+        allow_responses: true,
     }
 }
 
@@ -735,5 +810,44 @@ mod tests {
         let p = agent_permissions(&AgentId::new("desk-1").unwrap());
         let want: Vec<&str> = p.publish.iter().chain(&p.subscribe).map(String::as_str).collect();
         assert_eq!(quoted, want);
+    }
+
+    /// Every stream is bounded in bytes and age, together within the
+    /// broker's file store (nats.conf's `max_file_store: 20GB`, read in
+    /// decimal gigabytes, the smaller reading), and the work queue refuses
+    /// new hand-offs rather than evicting unprocessed ones.
+    #[test]
+    fn every_stream_is_bounded_and_all_fit_the_broker_store() {
+        let s = StreamSettings::default();
+        let mut total = 0i64;
+        for c in all_streams(&s) {
+            assert!(c.max_bytes > 0, "{} has no byte cap", c.name);
+            assert!(c.max_age > Duration::ZERO, "{} has no age cap", c.name);
+            total += c.max_bytes;
+        }
+        let conf = include_str!("../../nats.conf");
+        assert!(conf.contains("max_file_store: 20GB"));
+        assert!(total <= 20_000_000_000, "{total} bytes of streams in a 20 GB store");
+        assert_eq!(work_stream(&s).discard, DiscardPolicy::New);
+        assert_eq!(events_stream(&s).discard, DiscardPolicy::Old);
+    }
+
+    /// Each worker role's user in the committed `nats.conf` has exactly the
+    /// permissions generated from its consumers and outputs.
+    #[test]
+    fn role_permissions_match_their_entries_in_nats_conf() {
+        let conf = include_str!("../../nats.conf");
+        for role in Role::ALL {
+            let start = conf
+                .find(&format!("user: {}, password:", role.as_str()))
+                .unwrap_or_else(|| panic!("{} entry", role.as_str()));
+            let entry = &conf[start..];
+            let entry = &entry[..entry.find("\n      }").expect("end of entry")];
+            let quoted: Vec<&str> = entry.split('"').skip(1).step_by(2).collect();
+            let p = role_permissions(role);
+            let want: Vec<&str> = p.publish.iter().chain(&p.subscribe).map(String::as_str).collect();
+            assert_eq!(quoted, want, "{}", role.as_str());
+            assert_eq!(entry.contains("allow_responses: true"), p.allow_responses, "{}", role.as_str());
+        }
     }
 }

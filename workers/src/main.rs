@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ferry_schema::connect::{Auth, NatsConfig};
+use ferry_schema::topology::Role;
 use ferry_workers::{archiver, inference, rules, runtime};
 use tokio_util::sync::CancellationToken;
 
@@ -57,7 +58,7 @@ struct NatsArgs {
     /// NATS server URL(s), comma separated.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222", global = true)]
     server: String,
-    /// NATS user (see nats.conf; workers use `workers`).
+    /// NATS user: the role's own (`rules`, `inference`, `archiver` in nats.conf).
     #[arg(long, env = "NATS_USER", global = true)]
     user: Option<String>,
     /// NATS password for --user.
@@ -66,6 +67,15 @@ struct NatsArgs {
     /// NATS credentials file (instead of --user/--password).
     #[arg(long, env = "NATS_CREDS", global = true)]
     creds: Option<PathBuf>,
+    /// Require TLS and trust this CA for the server's certificate.
+    #[arg(long, env = "NATS_TLS_CA", global = true)]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate, for a server that verifies clients (with --tls-key).
+    #[arg(long, env = "NATS_TLS_CERT", global = true, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The client certificate's key.
+    #[arg(long, env = "NATS_TLS_KEY", global = true, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -161,16 +171,27 @@ struct RulesArgs {
     db: DbArgs,
 }
 
-fn nats_config(args: &NatsArgs, name: &str) -> anyhow::Result<NatsConfig> {
-    let mut cfg = NatsConfig::new(&args.server, name);
+/// The connection of one replica of `role`: its inboxes under
+/// `_INBOX.<role>`, the only ones its user in `nats.conf` may read.
+fn nats_config(args: &NatsArgs, role: Role) -> anyhow::Result<NatsConfig> {
+    let mut cfg = NatsConfig::new(&args.server, format!("ferry-worker {}", role.as_str()));
     cfg.retry_initial_connect = true;
+    cfg.inbox_prefix = Some(ferry_schema::subject::role_inbox_prefix(role.as_str()));
+    cfg.tls = ferry_schema::connect::TlsFiles::from_parts(args.tls_ca.clone(), args.tls_cert.clone(), args.tls_key.clone());
     cfg.auth = match (&args.user, &args.password, &args.creds) {
         (_, _, Some(path)) => Auth::CredsFile(path.clone()),
+        (Some(user), None, None) => anyhow::bail!(
+            "NATS_PASSWORD (--password) is not set: set it to the password of NATS user {user} (FERRY_{}_PASSWORD in the broker's environment)",
+            role.as_str().to_ascii_uppercase()
+        ),
+        (Some(user), Some(password), None) if password.is_empty() => anyhow::bail!(
+            "NATS_PASSWORD (--password) is empty: set it to the password of NATS user {user} (FERRY_{}_PASSWORD in the broker's environment)",
+            role.as_str().to_ascii_uppercase()
+        ),
         (Some(user), Some(password), None) => Auth::UserPassword {
             user: user.clone(),
             password: password.clone(),
         },
-        (Some(_), None, None) => anyhow::bail!("--user needs --password (or NATS_PASSWORD)"),
         (None, _, None) => Auth::None,
     };
     Ok(cfg)
@@ -251,7 +272,7 @@ async fn main() -> anyhow::Result<()> {
             cfg.reload_every = Some(args.reload_every); // 0s turns it off (rules::run)
             // Validate the rules before touching the network.
             let set = rules::config::load_with_groups(&cfg.rules_path, cfg.groups_path.as_deref())?;
-            let nats = nats_config(&cli.nats, "ferry-worker rules")?;
+            let nats = nats_config(&cli.nats, Role::Rules)?;
             if cli.check {
                 check_db(cfg.db.as_ref())?;
                 if set.needs_customers() && cfg.db.is_none() {
@@ -273,7 +294,7 @@ async fn main() -> anyhow::Result<()> {
             cfg.groups_path = args.groups.clone();
             // Validate the config before loading models or connecting.
             let settings = inference::config::load_with_groups(&cfg.config_path, cfg.groups_path.as_deref())?;
-            let nats = nats_config(&cli.nats, "ferry-worker inference")?;
+            let nats = nats_config(&cli.nats, Role::Inference)?;
             if cli.check {
                 check_db(cfg.db.as_ref())?;
                 check_models(&settings);
@@ -305,7 +326,7 @@ async fn main() -> anyhow::Result<()> {
             cfg.conversation_idle = std::time::Duration::from_secs(args.conversation_idle_mins * 60);
             // Check the URL before touching the network.
             ferry_workers::state::parse_url(&cfg.db.url)?;
-            let nats = nats_config(&cli.nats, "ferry-worker archiver")?;
+            let nats = nats_config(&cli.nats, Role::Archiver)?;
             if cli.check {
                 println!("ferry-worker archiver: ok: database {}", describe_db(&cfg.db.url)?);
                 return Ok(());

@@ -82,7 +82,7 @@ impl Archiver {
 }
 
 async fn archiver(s: &Stack, db: &Db) -> Archiver {
-    let client = s.nats.workers("test-archiver").connect().await.unwrap();
+    let client = s.nats.role(topology::Role::Archiver, "test-archiver").connect().await.unwrap();
     let mut cfg = ArchiverConfig::new(db.pg.url());
     cfg.batch.backoff_max = Duration::from_millis(500);
     let stop = CancellationToken::new();
@@ -266,8 +266,8 @@ async fn killed_archiver_process_loses_and_doubles_nothing() {
     }
     let spawn = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_ferry-worker"))
-            .args(["--server", &s.nats.url(), "--user", "workers"])
-            .args(["--password", &s.nats.secrets().workers])
+            .args(["--server", &s.nats.url(), "--user", "archiver"])
+            .args(["--password", s.nats.secrets().role(topology::Role::Archiver)])
             .args(["archiver", "--batch-rows", "50", "--database-url", &db.pg.url()])
             .env("RUST_LOG", "warn")
             .spawn()

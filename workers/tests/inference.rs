@@ -62,7 +62,7 @@ struct Inference {
 async fn inference_replica(s: &common::Stack, config: &str) -> Inference {
     let mut file = tempfile::NamedTempFile::new().unwrap();
     std::io::Write::write_all(&mut file, config.as_bytes()).unwrap();
-    let client = s.nats.workers("test-inference").connect().await.unwrap();
+    let client = s.nats.role(ferry_schema::topology::Role::Inference, "test-inference").connect().await.unwrap();
     let cfg = InferenceConfig::new(file.path());
     let stop = CancellationToken::new();
     let token = stop.clone();
@@ -268,7 +268,7 @@ max_tokens = 8
 "#;
     let mut file = tempfile::NamedTempFile::new().unwrap();
     std::io::Write::write_all(&mut file, cfg.as_bytes()).unwrap();
-    let client = s.nats.workers("test-inference").connect().await.unwrap();
+    let client = s.nats.role(ferry_schema::topology::Role::Inference, "test-inference").connect().await.unwrap();
     let mut icfg = InferenceConfig::new(file.path());
     icfg.db = Some(ferry_workers::state::DbConfig::new(pg.url()));
     let stop = CancellationToken::new();

@@ -35,7 +35,7 @@ async fn a_rules_worker_exports_what_it_did() {
     let addr = server.addr();
     let s = stack(RULES, Duration::from_secs(30)).await;
 
-    let client = s.nats.workers("test-rules").connect().await.unwrap();
+    let client = s.nats.role(ferry_schema::topology::Role::Rules, "test-rules").connect().await.unwrap();
     let mut cfg = ferry_workers::rules::RulesConfig::new(s.rules_file.path());
     cfg.consume.lag_every = Duration::from_millis(100);
     let stop = tokio_util::sync::CancellationToken::new();

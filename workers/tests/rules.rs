@@ -161,8 +161,8 @@ async fn killed_replica_process_loses_nothing() {
     let s = stack(RULES, Duration::from_secs(2)).await;
     let spawn = || {
         std::process::Command::new(env!("CARGO_BIN_EXE_ferry-worker"))
-            .args(["--server", &s.nats.url(), "--user", "workers"])
-            .args(["--password", &s.nats.secrets().workers])
+            .args(["--server", &s.nats.url(), "--user", "rules"])
+            .args(["--password", s.nats.secrets().role(topology::Role::Rules)])
             .args(["rules", "--concurrency", "32", "--rules"])
             .arg(s.rules_file.path())
             .env("RUST_LOG", "warn")
@@ -309,12 +309,12 @@ template = "hi {sender}"
     ferry_workers::state::customers::set_tags(&c, vip.id, &["vip".to_string()]).await.unwrap();
 
     // Without a database the worker refuses to start, saying why.
-    let client = s.nats.workers("t").connect().await.unwrap();
+    let client = s.nats.role(topology::Role::Rules, "t").connect().await.unwrap();
     let cfg = ferry_workers::rules::RulesConfig::new(s.rules_file.path());
     let err = ferry_workers::rules::run(client, &cfg, tokio_util::sync::CancellationToken::new()).await.unwrap_err();
     assert!(err.to_string().contains("needs PostgreSQL: pass --database-url"), "{err}");
 
-    let client = s.nats.workers("t").connect().await.unwrap();
+    let client = s.nats.role(topology::Role::Rules, "t").connect().await.unwrap();
     let mut cfg = ferry_workers::rules::RulesConfig::new(s.rules_file.path());
     cfg.db = Some(ferry_workers::state::DbConfig::new(pg.url()));
     let stop = tokio_util::sync::CancellationToken::new();
@@ -353,7 +353,7 @@ async fn rules_are_reloaded_when_the_file_changes_and_validates() {
     let agent = AgentId::new("desk-1").unwrap();
     let mut replies = s.op.subscribe(subject::reply(&agent)).await.unwrap();
     s.op.flush().await.unwrap();
-    let client = s.nats.workers("test-rules").connect().await.unwrap();
+    let client = s.nats.role(topology::Role::Rules, "test-rules").connect().await.unwrap();
     let mut cfg = RulesConfig::new(s.rules_file.path());
     cfg.reload_every = Some(Duration::from_millis(100));
     let stop = tokio_util::sync::CancellationToken::new();
@@ -447,7 +447,7 @@ async fn poison_with_broker_headers_still_reaches_dead_letters() {
 }
 
 /// `handler` on the rules consumer in a consume loop of its own, as the
-/// `workers` user: its counters, its stop token and its task.
+/// `rules` user: its counters, its stop token and its task.
 async fn consume_loop<H: Handler>(
     s: &common::Stack,
     handler: H,
@@ -457,7 +457,7 @@ async fn consume_loop<H: Handler>(
     CancellationToken,
     tokio::task::JoinHandle<Result<(), ferry_workers::runtime::ConsumeError>>,
 ) {
-    let client = s.nats.workers("test-loop").connect().await.unwrap();
+    let client = s.nats.role(topology::Role::Rules, "test-loop").connect().await.unwrap();
     let js = async_nats::jetstream::new(client);
     let stats = Arc::new(Stats::for_role("rules"));
     let stop = CancellationToken::new();
@@ -555,7 +555,7 @@ async fn a_deleted_consumer_is_recreated_and_every_event_answered_once() {
 async fn a_consumer_that_cannot_come_back_stops_the_worker_with_an_error() {
     use ferry_workers::rules::{self, RulesConfig};
     let s = stack(RULES, Duration::from_secs(30)).await;
-    let client = s.nats.workers("test-rules").connect().await.unwrap();
+    let client = s.nats.role(topology::Role::Rules, "test-rules").connect().await.unwrap();
     let mut cfg = RulesConfig::new(s.rules_file.path());
     cfg.consume.rebind_within = Duration::from_secs(3);
     let stop = CancellationToken::new();
@@ -627,7 +627,7 @@ async fn a_postgres_outage_does_not_dead_letter_customer_tag_chats() {
     let rules = "[[rule]]\nname = \"vip\"\ncustomer_tags = [\"vip\"]\naction = \"escalate\"\ntemplate = \"VIP\"\n\n[[rule]]\nname = \"everyone\"\naction = \"reply\"\ntemplate = \"hi {sender}\"\n";
     let s = stack(rules, Duration::from_secs(30)).await;
     let mut pg = common::migrated_pg().await;
-    let client = s.nats.workers("t").connect().await.unwrap();
+    let client = s.nats.role(topology::Role::Rules, "t").connect().await.unwrap();
     let mut cfg = ferry_workers::rules::RulesConfig::new(s.rules_file.path());
     cfg.db = Some(ferry_workers::state::DbConfig::new(pg.url()));
     let stop = CancellationToken::new();

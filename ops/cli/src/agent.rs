@@ -413,6 +413,7 @@ fn agent_conn(server: &str, id: &AgentId, auth: Auth) -> NatsConfig {
 async fn check_agent(conn: &NatsConfig, id: &AgentId) -> anyhow::Result<()> {
     let client = quiet(conn.connect()).await?;
     let js = jetstream::ContextBuilder::new()
+        .api_prefix(subject::AGENT_JS_API_PREFIX)
         .timeout(Duration::from_secs(2))
         .build(client);
     js.get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(

@@ -165,7 +165,7 @@ impl Registry {
     /// registry's users. Fails when `conf` lacks the two marker lines.
     pub fn splice_into(&self, conf: &str, origin: &str) -> anyhow::Result<String> {
         let begin = line_with(conf, BEGIN_MARKER).with_context(|| {
-            format!("{origin} has no `{BEGIN_MARKER}` line; add the two lines `{BEGIN_MARKER}` and `{END_MARKER}` inside the FERRY account's users list (see Ferry's nats.conf)")
+            format!("{origin} has no `{BEGIN_MARKER}` line; add the two lines `{BEGIN_MARKER}` and `{END_MARKER}` inside the AGENTS account's users list (see Ferry's nats.conf)")
         })?;
         let end = line_with(&conf[begin.end..], END_MARKER)
             .map(|r| (r.start + begin.end)..(r.end + begin.end))

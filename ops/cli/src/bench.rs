@@ -409,7 +409,7 @@ async fn scenario(path: Path, rate: Option<f64>, args: &RulesBench) -> anyhow::R
         std::fs::write(&rules_file, BENCH_RULES)?;
         let mut cfg = RulesConfig::new(&rules_file);
         cfg.consume.max_in_flight = args.concurrency;
-        let worker_client = nats.workers("bench rules").connect().await?;
+        let worker_client = nats.role(topology::Role::Rules, "bench rules").connect().await?;
         let worker_stop = stop.clone();
         tokio::spawn(async move {
             rules::run(worker_client, &cfg, worker_stop).await?;

@@ -161,7 +161,7 @@ async fn archiver_run(
     topology::ensure_consumer(js, &def).await?;
     let cfg = args.config(url);
     let stop = CancellationToken::new();
-    let worker_client = nats.workers("bench archiver").connect().await?;
+    let worker_client = nats.role(ferry_schema::topology::Role::Archiver, "bench archiver").connect().await?;
     let token = stop.clone();
     let start = Instant::now();
     let worker = tokio::spawn(async move { archiver::run(worker_client, &cfg, token).await });

@@ -148,7 +148,7 @@ async fn worker_e2e(model: &std::path::Path, concurrency: usize, args: &Inferenc
     config::load(&cfg_path)?;
     let stop = CancellationToken::new();
     let worker = {
-        let client = nats.workers("bench inference").connect().await?;
+        let client = nats.role(topology::Role::Inference, "bench inference").connect().await?;
         let cfg = InferenceConfig::new(&cfg_path);
         let stop = stop.clone();
         tokio::spawn(async move { inference_worker::run(client, &cfg, stop).await })

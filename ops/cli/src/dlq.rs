@@ -87,6 +87,34 @@ pub async fn letters(js: &jetstream::Context) -> anyhow::Result<Vec<Letter>> {
     Ok(out)
 }
 
+/// The original body of dead letter `l`: its own body, or, when that is
+/// only an excerpt, the original read back from its stream (which keeps
+/// it for its `max_age`).
+async fn whole_body(js: &jetstream::Context, l: &Letter) -> anyhow::Result<bytes::Bytes> {
+    let size: Option<usize> = l.msg.headers.get(headers::DEAD_PAYLOAD_BYTES).and_then(|v| v.as_str().parse().ok());
+    if size.is_none_or(|n| n <= l.msg.payload.len()) {
+        return Ok(l.msg.payload.clone());
+    }
+    let stream = header(&l.msg, headers::DEAD_STREAM);
+    let seq: u64 = header(&l.msg, headers::DEAD_SEQUENCE)
+        .parse()
+        .with_context(|| format!("dead letter {} holds an excerpt but no {} header", l.seq, headers::DEAD_SEQUENCE))?;
+    let original = js
+        .get_stream(&stream)
+        .await
+        .with_context(|| format!("looking up stream {stream}"))?
+        .get_raw_message(seq)
+        .await
+        .with_context(|| {
+            format!(
+                "dead letter {} holds only the first {} bytes of its original, and {stream} no longer has it at sequence {seq}: it cannot be re-driven",
+                l.seq,
+                l.msg.payload.len()
+            )
+        })?;
+    Ok(original.payload)
+}
+
 pub async fn run(cmd: DlqCmd) -> anyhow::Result<()> {
     match cmd {
         DlqCmd::List(args) => {
@@ -133,7 +161,8 @@ pub async fn run(cmd: DlqCmd) -> anyhow::Result<()> {
                         h.append(name.clone(), v.clone());
                     }
                 }
-                js.publish_with_headers(l.subject.clone(), h, l.msg.payload.clone())
+                let payload = whole_body(&js, l).await?;
+                js.publish_with_headers(l.subject.clone(), h, payload)
                     .await?
                     .await
                     .with_context(|| format!("re-driving {} to {}", l.seq, l.subject))?;

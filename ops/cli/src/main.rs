@@ -6,6 +6,7 @@ mod bench;
 mod bench_agent;
 mod bench_archiver;
 mod bench_inference;
+mod certs;
 mod chaos;
 mod db;
 mod dlq;
@@ -32,6 +33,8 @@ use ferry_schema::connect::{Auth, NatsConfig};
 /// Examples:
 ///   ferry up                      # broker, PostgreSQL, workers, demo agent; Ctrl-C or `ferry down` stops
 ///   ferry up --once               # same, exit after the demo agent got its replies
+///   ferry up --tls                # the broker on TLS only (local CA under .ferry/tls)
+///   ferry certs --dir tls --name nats.example.com   # TLS files for a real broker
 ///   ferry down                    # stop what `ferry up` started (also after a crash)
 ///   ferry provision --user operator --password "$FERRY_OPERATOR_PASSWORD"
 ///   ferry migrate --database-url postgres://ferry:PW@db:5432/ferry
@@ -81,6 +84,8 @@ enum Cmd {
     Agent(agent::AgentCmd),
     /// Create or update streams and consumers (idempotent; prints what changed).
     Provision(provision::ProvisionArgs),
+    /// TLS files: a local CA, the broker's certificate, clients' certificates.
+    Certs(certs::CertsArgs),
     /// Fault scenarios against real processes: kill workers, the broker, a
     /// cluster node, an agent, stop PostgreSQL; then count what was lost,
     /// doubled or reordered.
@@ -105,6 +110,16 @@ pub struct ConnArgs {
     /// Credentials file instead of --user/--password.
     #[arg(long, env = "NATS_CREDS")]
     pub creds: Option<PathBuf>,
+    /// Require TLS and trust this CA for the server's certificate
+    /// (`ferry up --tls`: .ferry/tls/ca.pem).
+    #[arg(long, env = "NATS_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate, for a server that verifies clients (with --tls-key).
+    #[arg(long, env = "NATS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The client certificate's key.
+    #[arg(long, env = "NATS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl ConnArgs {
@@ -119,6 +134,7 @@ impl ConnArgs {
             },
             (None, None) => Auth::None,
         };
+        c.tls = ferry_schema::connect::TlsFiles::from_parts(self.tls_ca.clone(), self.tls_cert.clone(), self.tls_key.clone());
         c
     }
 }
@@ -147,6 +163,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Stats(args) => stats::run(args).await,
         Cmd::Dlq(cmd) => dlq::run(cmd).await,
         Cmd::Agent(cmd) => agent::run(cmd).await,
+        Cmd::Certs(args) => certs::run(args),
         Cmd::Provision(args) => provision::run(args).await,
         Cmd::Chaos(args) => chaos::run(*args).await,
         Cmd::Bench(cmd) => bench::run(cmd).await,

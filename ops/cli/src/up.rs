@@ -85,6 +85,12 @@ pub struct UpArgs {
     /// Port of the workers' Prometheus metrics on 127.0.0.1 (0: any free port).
     #[arg(long, default_value_t = 9464)]
     metrics_port: u16,
+    /// Run the broker on TLS only: a local CA and a server certificate are
+    /// made once under <data-dir>/tls (as `ferry certs` does), every client
+    /// must use TLS and trust <data-dir>/tls/ca.pem
+    /// (e.g. `ferry stats --tls-ca .ferry/tls/ca.pem`).
+    #[arg(long)]
+    tls: bool,
 }
 
 fn port_free(port: u16) -> bool {
@@ -123,7 +129,20 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let registry = crate::agent_registry::Registry::load(&crate::agent_registry::registry_path(&args.data_dir))?;
     let conf = args.data_dir.join("nats").join("nats.conf");
     let store = std::path::absolute(args.data_dir.join("nats").join("store")).context("resolving the store dir")?;
-    let conf_text = ferry_stack::nats::with_store_dir(&registry.splice_into(ferry_stack::NATS_CONF, "nats.conf")?, &store);
+    let mut conf_text = ferry_stack::nats::with_store_dir(&registry.splice_into(ferry_stack::NATS_CONF, "nats.conf")?, &store);
+    let tls = match args.tls {
+        false => None,
+        true => {
+            let dir = std::path::absolute(args.data_dir.join("tls")).context("resolving the TLS dir")?;
+            let ca = ferry_stack::tls::Ca::open_or_create(&dir)?;
+            if !dir.join(ferry_stack::tls::SERVER_CERT).is_file() {
+                ca.server(&[])?;
+            }
+            conf_text.push_str(&ferry_stack::tls::server_block(&dir));
+            eprintln!("ferry: TLS only; clients trust {}", ca.cert_path().display());
+            Some(dir)
+        }
+    };
     crate::agent_registry::write_atomic(&conf, conf_text.as_bytes(), 0o644)?;
     eprintln!("ferry: starting nats-server (store in {}) ...", args.data_dir.join("nats").display());
     let mut nats = NatsServer::start(NatsServerOptions {
@@ -132,6 +151,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         monitor_port: Some(args.monitor_port),
         conf: Some(conf),
         secrets: Some(secrets.clone()),
+        tls,
     })?;
     let pid_file = args.data_dir.join(PID_FILE);
     std::fs::write(
@@ -199,14 +219,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     rules::config::load_with_groups(&rules_path, Some(&groups_path))?;
     let shutdown = CancellationToken::new();
     let archiver_worker = {
-        let client = nats.workers("ferry up: archiver").connect().await?;
+        let client = nats.role(topology::Role::Archiver, "ferry up: archiver").connect().await?;
         let cfg = ArchiverConfig::new(db_url.clone());
         let token = shutdown.clone();
         tokio::spawn(async move { archiver::run(client, &cfg, token).await })
     };
     eprintln!("ferry: archiver running");
     let worker = {
-        let client = nats.workers("ferry up: rules").connect().await?;
+        let client = nats.role(topology::Role::Rules, "ferry up: rules").connect().await?;
         let mut cfg = RulesConfig::new(&rules_path);
         cfg.db = Some(db.clone());
         cfg.groups_path = Some(groups_path.clone());
@@ -230,7 +250,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             }
         };
         inference::config::load_with_groups(&config_path, Some(&groups_path))?;
-        let client = nats.workers("ferry up: inference").connect().await?;
+        let client = nats.role(topology::Role::Inference, "ferry up: inference").connect().await?;
         let mut cfg = InferenceConfig::new(&config_path);
         cfg.db = Some(db.clone());
         cfg.groups_path = Some(groups_path.clone());

@@ -131,6 +131,7 @@ async fn added_agent_is_confined_and_revoke_locks_it_out_after_reload() {
         .unwrap();
     // ... and it may read its own reply consumer.
     let own = jetstream::ContextBuilder::new()
+        .api_prefix(subject::AGENT_JS_API_PREFIX)
         .timeout(Duration::from_secs(2))
         .build(client.clone());
     own.get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
@@ -162,7 +163,7 @@ async fn added_agent_is_confined_and_revoke_locks_it_out_after_reload() {
         .await;
     assert!(theirs.is_err());
     let e = next_error(&mut errors).await;
-    assert!(e.contains("Permissions Violation for Publish to \"$JS.API.CONSUMER.INFO.REPLIES.agent-desk-8\""), "{e}");
+    assert!(e.contains("Permissions Violation for Publish to \"$JS.FERRY.API.CONSUMER.INFO.REPLIES.agent-desk-8\""), "{e}");
     assert_eq!(inspect::count(&js, EVENTS_STREAM).await.unwrap(), 1, "only the allowed publish was stored");
 
     let listed = list(data.path());

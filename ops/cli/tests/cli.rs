@@ -261,7 +261,7 @@ async fn tap_decodes_live_events_and_dlq_lists_and_redrives() {
     // dlq: a rules worker dead-letters JSON sent without its Content-Type.
     let mut rules = tempfile::NamedTempFile::new().unwrap();
     std::io::Write::write_all(&mut rules, include_bytes!("../../demo/rules.toml")).unwrap();
-    let client = nats.workers("t").connect().await.unwrap();
+    let client = nats.role(topology::Role::Rules, "t").connect().await.unwrap();
     let cfg = ferry_workers::rules::RulesConfig::new(rules.path());
     let stop = tokio_util::sync::CancellationToken::new();
     let token = stop.clone();
@@ -301,6 +301,45 @@ async fn tap_decodes_live_events_and_dlq_lists_and_redrives() {
     worker.await.unwrap().unwrap();
 }
 
+/// A body larger than a dead letter keeps (a flooder's junk) is stored in
+/// DEADLETTER as its first bytes and its size, not a full copy; a re-drive
+/// reads the whole original back from EVENTS.
+#[tokio::test]
+async fn a_large_dead_letter_keeps_an_excerpt_and_redrives_the_whole_original() {
+    let nats = NatsServer::start_temp().unwrap();
+    let js = jetstream::new(nats.operator("t").connect().await.unwrap());
+    topology::provision(&js, &topology::StreamSettings::default(), &[]).await.unwrap();
+    let mut rules = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut rules, b"[[rule]]\nname = \"echo\"\naction = \"reply\"\ntemplate = \"echo\"\n").unwrap();
+    let client = nats.role(topology::Role::Rules, "t").connect().await.unwrap();
+    let cfg = ferry_workers::rules::RulesConfig::new(rules.path());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let token = stop.clone();
+    let worker = tokio::spawn(async move { ferry_workers::rules::run(client, &cfg, token).await });
+
+    let junk: Vec<u8> = (0..300 * 1024).map(|i| (i % 251) as u8).collect();
+    js.publish("events.desk-1.chat", junk.clone().into()).await.unwrap().await.unwrap();
+    let dl = topology::DEADLETTER_STREAM;
+    ferry_stack::inspect::wait_for_count(&js, dl, 1, Duration::from_secs(30)).await.unwrap();
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+    let letter = &ferry_stack::inspect::read_all(&js, dl, "").await.unwrap()[0];
+    assert_eq!(letter.payload.len(), ferry_schema::deadletter::EXCERPT_BYTES);
+    assert_eq!(&letter.payload[..], &junk[..letter.payload.len()]);
+    let h = letter.headers.as_ref().unwrap();
+    assert_eq!(h.get(ferry_schema::headers::DEAD_PAYLOAD_BYTES).unwrap().as_str(), (300 * 1024).to_string());
+
+    let out = ferry()
+        .args(["dlq", "redrive", "--code", h.get(ferry_schema::headers::DEAD_REASON_CODE).unwrap().as_str()])
+        .args(["--server", &nats.url(), "--password", &nats.secrets().operator])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let events = ferry_stack::inspect::read_all(&js, topology::EVENTS_STREAM, "").await.unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(&events[1].payload[..], &junk[..], "the whole original went back");
+}
+
 #[tokio::test]
 async fn stats_match_what_was_published_and_consumed() {
     use ferry_schema::event::Heartbeat;
@@ -311,7 +350,7 @@ async fn stats_match_what_was_published_and_consumed() {
     topology::provision(&js, &topology::StreamSettings::default(), &[AgentId::new("desk-1").unwrap()]).await.unwrap();
     let mut rules = tempfile::NamedTempFile::new().unwrap();
     std::io::Write::write_all(&mut rules, b"[[rule]]\nname = \"echo\"\naction = \"reply\"\ntemplate = \"echo\"\n").unwrap();
-    let client = nats.workers("t").connect().await.unwrap();
+    let client = nats.role(topology::Role::Rules, "t").connect().await.unwrap();
     let cfg = ferry_workers::rules::RulesConfig::new(rules.path());
     let stop = tokio_util::sync::CancellationToken::new();
     let token = stop.clone();

@@ -304,7 +304,7 @@ fn compose_services_are_complete_and_every_command_passes_check() {
     assert!(text(&out).contains("rules.toml"), "{}", text(&out));
     let out = run_line(&argv, &bind_mounts(rules), &BTreeMap::new());
     assert!(!out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("--user needs --password"), "{}", text(&out));
+    assert!(text(&out).contains("NATS_PASSWORD (--password) is not set"), "{}", text(&out));
 }
 
 // ---------------------------------------------------------------- systemd
@@ -358,9 +358,21 @@ fn systemd_units_verify_and_their_command_lines_pass_check() {
         }
         assert_eq!(unit_values(&unit, "KillSignal", instance), ["SIGTERM"], "{unit_name}");
         // The environment: the example env file, then Environment= lines.
+        let role = unit_name.trim_start_matches("ferry-").trim_end_matches("@.service");
         let files = unit_values(&unit, "EnvironmentFile", instance);
-        assert_eq!(files, ["/etc/ferry/ferry.env"], "{unit_name}");
+        assert_eq!(files, ["/etc/ferry/ferry.env".to_string(), format!("/etc/ferry/{role}.env")], "{unit_name}");
         let mut env = parse_env_file(&read(&units.join("ferry.env.example")));
+        env.extend(parse_env_file(&read(&units.join(format!("{role}.env.example")))));
+        assert_eq!(env.get("NATS_USER").map(String::as_str), Some(role), "{unit_name}: its role's own user");
+        // The example holds no password that works: as shipped, the check
+        // refuses and names the variable to set ...
+        assert_eq!(env.get("NATS_PASSWORD").map(String::as_str), Some(""), "{unit_name}");
+        let exec = unit_values(&unit, "ExecStart", instance);
+        let argv: Vec<String> = exec[0].split_whitespace().map(String::from).chain(["--check".to_string()]).collect();
+        let out = run_line(&argv, &unit_mounts(), &env);
+        assert!(!out.status.success() && text(&out).contains("NATS_PASSWORD (--password) is empty"), "{unit_name}: {}", text(&out));
+        // ... and once the operator filled it in, it passes.
+        env.insert("NATS_PASSWORD".into(), "filledInByTheOperator1".into());
         for e in unit_values(&unit, "Environment", instance) {
             let (k, v) = e.split_once('=').unwrap();
             env.insert(k.into(), v.into());
@@ -501,16 +513,24 @@ async fn three_node_cluster_from_the_shipped_files_replicates_streams() {
         })
         .collect();
 
-    // The passwords: the example env file of the unit, which must name
-    // every variable nats.conf reads.
-    let env = parse_env_file(&read(&repo().join("ops/systemd/nats.env.example")));
+    // The passwords: the example env file of the unit names every variable
+    // nats.conf reads, but sets none (no example password works) ...
+    let example = read(&repo().join("ops/systemd/nats.env.example"));
+    assert!(parse_env_file(&example).is_empty(), "nats.env.example sets a password");
     for var in conf_variables(&nats_conf) {
-        assert!(env.contains_key(&var), "nats.env.example lacks {var}, which nats.conf reads");
+        assert!(example.contains(&format!("\n#{var}=\n")), "nats.env.example lacks {var}, which nats.conf reads");
     }
+    // ... so the unit's config test refuses it as shipped, naming one;
+    // the operator fills them in (here: generated).
+    let unit = read(&repo().join("ops/systemd/ferry-nats@.service"));
+    let pre = unit_values(&unit, "ExecStartPre", "node-1");
+    let shipped: Vec<String> = pre[0].split_whitespace().map(String::from).collect();
+    let out = run_line(&shipped, &[("/etc/ferry/nats".to_string(), node_dirs[0].clone())], &BTreeMap::new());
+    assert!(!out.status.success() && text(&out).contains("variable reference for 'FERRY_"), "{}", text(&out));
+    let env: BTreeMap<String, String> = ferry_stack::Secrets::generate().env().into_iter().collect();
     let operator_password = env["FERRY_OPERATOR_PASSWORD"].clone();
 
     // The unit's command lines, on each node's files: the config test, then the server.
-    let unit = read(&repo().join("ops/systemd/ferry-nats@.service"));
     let mut nodes = Vec::new();
     for (i, d) in node_dirs.iter().enumerate() {
         let instance = format!("node-{}", i + 1);

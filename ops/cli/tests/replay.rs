@@ -125,7 +125,7 @@ async fn fixture() -> Fixture {
     let mut rules = tempfile::NamedTempFile::new().unwrap();
     std::io::Write::write_all(&mut rules, RULES.as_bytes()).unwrap();
 
-    let client = nats.workers("t").connect().await.unwrap();
+    let client = nats.role(topology::Role::Rules, "t").connect().await.unwrap();
     let cfg = ferry_workers::rules::RulesConfig::new(rules.path());
     let stop = tokio_util::sync::CancellationToken::new();
     let token = stop.clone();

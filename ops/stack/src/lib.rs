@@ -19,6 +19,8 @@
 //! - [`cluster`]: [`cluster::NatsCluster`], the repository's 3-node
 //!   cluster files (ops/nats-cluster) run on loopback ports, with route TLS
 //!   from its `make-certs.sh`; nodes can be killed and restarted.
+//! - [`tls`]: a local certificate authority and the server and client
+//!   certificates of Ferry's TLS (`ferry certs`, `ferry up --tls`, tests).
 //! - [`wine`]: cross-builds `ferry-agent.exe` and runs it under Wine on a
 //!   headless X server ([`Wine`]), for tests of the agent's Windows side.
 //!
@@ -32,6 +34,7 @@ pub mod model;
 pub mod nats;
 pub mod postgres;
 pub mod secrets;
+pub mod tls;
 pub mod wine;
 
 pub use nats::{NatsServer, NatsServerOptions, StackError};

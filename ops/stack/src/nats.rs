@@ -5,9 +5,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_schema::connect::NatsConfig;
+use ferry_schema::topology::Role;
 use ferry_schema::{subject, AgentId};
 
-use crate::secrets::{Secrets, OPERATOR_USER, WORKERS_USER};
+use crate::secrets::{Secrets, OPERATOR_USER};
 use crate::{free_port, install, NATS_CONF};
 
 /// How long to wait for a started server to accept connections.
@@ -170,6 +171,12 @@ pub struct NatsServerOptions {
     pub conf: Option<PathBuf>,
     /// Passwords; `None`: freshly generated.
     pub secrets: Option<Secrets>,
+    /// A directory made by [`crate::tls::Ca`] with a server certificate:
+    /// the server then requires TLS of every client, and the connection
+    /// settings this server hands out trust that CA. With `conf: None` the
+    /// `tls` block is added to the embedded `nats.conf`; a given `conf`
+    /// must hold it already ([`crate::tls::server_block`]).
+    pub tls: Option<PathBuf>,
 }
 
 /// A running `nats-server`. Dropping it kills the server and removes its temp
@@ -183,6 +190,8 @@ pub struct NatsServer {
     port: u16,
     monitor_port: u16,
     secrets: Secrets,
+    /// The CA clients trust, when the server requires TLS.
+    tls_ca: Option<PathBuf>,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -219,8 +228,12 @@ impl NatsServer {
             None => {
                 let c = dir.join("nats.conf");
                 let store = std::path::absolute(dir.join("store")).map_err(io("resolve the store dir"))?;
-                std::fs::write(&c, with_store_dir(NATS_CONF, &store))
-                    .map_err(io(format!("write {}", c.display())))?;
+                let mut text = with_store_dir(NATS_CONF, &store);
+                if let Some(tls) = &opts.tls {
+                    let tls = std::path::absolute(tls).map_err(io("resolve the TLS dir"))?;
+                    text.push_str(&crate::tls::server_block(&tls));
+                }
+                std::fs::write(&c, text).map_err(io(format!("write {}", c.display())))?;
                 c
             }
         };
@@ -240,6 +253,7 @@ impl NatsServer {
             port,
             monitor_port,
             secrets: opts.secrets.unwrap_or_else(Secrets::generate),
+            tls_ca: opts.tls.map(|d| d.join(crate::tls::CA_CERT)),
             _temp: temp,
         };
         // A port found free can be taken by someone else before the server
@@ -366,22 +380,38 @@ impl NatsServer {
         &self.secrets
     }
 
-    /// Connection settings for the `operator` user.
-    pub fn operator(&self, name: &str) -> NatsConfig {
-        NatsConfig::new(self.url(), name).with_user(OPERATOR_USER, &self.secrets.operator)
+    /// Plain connection settings for this server: its URL, and its CA
+    /// when it requires TLS.
+    pub fn base(&self, name: &str) -> NatsConfig {
+        let c = NatsConfig::new(self.url(), name);
+        match &self.tls_ca {
+            Some(ca) => c.with_tls_ca(ca),
+            None => c,
+        }
     }
 
-    /// Connection settings for the `workers` user.
-    pub fn workers(&self, name: &str) -> NatsConfig {
-        NatsConfig::new(self.url(), name).with_user(WORKERS_USER, &self.secrets.workers)
+    /// The CA file clients trust, when the server requires TLS.
+    pub fn tls_ca(&self) -> Option<&Path> {
+        self.tls_ca.as_deref()
+    }
+
+    /// Connection settings for the `operator` user.
+    pub fn operator(&self, name: &str) -> NatsConfig {
+        self.base(name).with_user(OPERATOR_USER, &self.secrets.operator)
+    }
+
+    /// Connection settings for `role`'s user, with its inbox prefix.
+    pub fn role(&self, role: Role, name: &str) -> NatsConfig {
+        let mut c = self.base(name).with_user(role.as_str(), self.secrets.role(role));
+        c.inbox_prefix = Some(subject::role_inbox_prefix(role.as_str()));
+        c
     }
 
     /// Connection settings for an agent user, with its inbox prefix; `None`
     /// when the server's config has no user for it.
     pub fn agent(&self, agent: &AgentId) -> Option<NatsConfig> {
         let password = self.secrets.agent(agent.as_str())?;
-        let mut c = NatsConfig::new(self.url(), format!("agent-{agent}"))
-            .with_user(agent.as_str(), password);
+        let mut c = self.base(&format!("agent-{agent}")).with_user(agent.as_str(), password);
         c.inbox_prefix = Some(subject::agent_inbox_prefix(agent));
         Some(c)
     }

@@ -6,21 +6,21 @@ use std::path::Path;
 use rand::distributions::Alphanumeric;
 use rand::Rng;
 
+use ferry_schema::topology::Role;
+
 use crate::nats::StackError;
 
 /// Agents with entries in the committed `nats.conf` (the demo agents).
 pub const DEMO_AGENTS: &[&str] = &["desk-1", "desk-2"];
 
-/// User name of the workers in `nats.conf`.
-pub const WORKERS_USER: &str = "workers";
 /// User name of operators in `nats.conf`.
 pub const OPERATOR_USER: &str = "operator";
 
 /// Passwords of every user in `nats.conf`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secrets {
-    /// Password of the `workers` user.
-    pub workers: String,
+    /// Password of each worker role's user, by role name (`rules`, …).
+    pub roles: BTreeMap<String, String>,
     /// Password of the `operator` user.
     pub operator: String,
     /// Password of each agent user, by agent id.
@@ -60,6 +60,11 @@ fn is_safe_password(p: &str) -> bool {
 /// cluster's `ferry` password.
 pub const POSTGRES_ENV: &str = "FERRY_POSTGRES_PASSWORD";
 
+/// Environment variable holding `role`'s password (`FERRY_RULES_PASSWORD`).
+pub fn role_env_var(role: Role) -> String {
+    format!("FERRY_{}_PASSWORD", role.as_str().to_ascii_uppercase())
+}
+
 /// Environment variable holding `agent`'s password (`FERRY_AGENT_DESK_1_PASSWORD`).
 pub fn agent_env_var(agent: &str) -> String {
     format!(
@@ -72,7 +77,10 @@ impl Secrets {
     /// Fresh random passwords for every user.
     pub fn generate() -> Self {
         Self {
-            workers: generate_password(),
+            roles: Role::ALL
+                .iter()
+                .map(|r| (r.as_str().to_string(), generate_password()))
+                .collect(),
             operator: generate_password(),
             agents: DEMO_AGENTS
                 .iter()
@@ -84,10 +92,11 @@ impl Secrets {
 
     /// The environment `nats-server` needs for `nats.conf`.
     pub fn env(&self) -> Vec<(String, String)> {
-        let mut env = vec![
-            ("FERRY_WORKERS_PASSWORD".to_string(), self.workers.clone()),
-            ("FERRY_OPERATOR_PASSWORD".to_string(), self.operator.clone()),
-        ];
+        let mut env: Vec<(String, String)> = Role::ALL
+            .iter()
+            .filter_map(|r| Some((role_env_var(*r), self.roles.get(r.as_str())?.clone())))
+            .collect();
+        env.push(("FERRY_OPERATOR_PASSWORD".to_string(), self.operator.clone()));
         env.extend(
             self.agents
                 .iter()
@@ -95,6 +104,11 @@ impl Secrets {
         );
         env.push((POSTGRES_ENV.to_string(), self.postgres.clone()));
         env
+    }
+
+    /// Password of `role`'s user.
+    pub fn role(&self, role: Role) -> &str {
+        self.roles.get(role.as_str()).map_or("", String::as_str)
     }
 
     /// Password of `agent`, if it has a user.
@@ -174,7 +188,8 @@ impl Secrets {
     }
 
     /// Parses an env file; the flag says whether it held every password
-    /// (the PostgreSQL one is generated when an older file lacks it).
+    /// (those an older file lacks, PostgreSQL's and the worker roles', are
+    /// generated; an older file's shared `FERRY_WORKERS_PASSWORD` is dropped).
     fn parse(text: &str) -> Result<(Self, bool), String> {
         let mut vars = BTreeMap::new();
         for (n, line) in text.lines().enumerate() {
@@ -188,6 +203,7 @@ impl Secrets {
             vars.insert(k.trim().to_string(), v.trim().to_string());
         }
         let has_postgres = vars.contains_key(POSTGRES_ENV);
+        let has_roles = Role::ALL.iter().all(|r| vars.contains_key(&role_env_var(*r)));
         let mut take = |k: &str| {
             let v = vars.remove(k).ok_or_else(|| format!("{k} is missing"))?;
             if is_safe_password(&v) {
@@ -198,7 +214,13 @@ impl Secrets {
                 ))
             }
         };
-        let workers = take("FERRY_WORKERS_PASSWORD")?;
+        let roles = Role::ALL
+            .iter()
+            .map(|r| {
+                let p = if has_roles { take(&role_env_var(*r))? } else { generate_password() };
+                Ok((r.as_str().to_string(), p))
+            })
+            .collect::<Result<_, String>>()?;
         let operator = take("FERRY_OPERATOR_PASSWORD")?;
         let agents = DEMO_AGENTS
             .iter()
@@ -209,9 +231,10 @@ impl Secrets {
         } else {
             (generate_password(), false)
         };
+        let complete = complete && has_roles;
         Ok((
             Self {
-                workers,
+                roles,
                 operator,
                 agents,
                 postgres,
@@ -252,7 +275,7 @@ mod tests {
     fn broken_file_names_the_missing_variable() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("secrets.env");
-        std::fs::write(&path, "FERRY_WORKERS_PASSWORD=abcdefghijklmnopqrst\n").unwrap();
+        std::fs::write(&path, "FERRY_RULES_PASSWORD=abcdefghijklmnopqrst\n").unwrap();
         let err = Secrets::load_or_create(&path).unwrap_err().to_string();
         assert!(err.contains("FERRY_OPERATOR_PASSWORD is missing"), "{err}");
     }
@@ -265,13 +288,14 @@ mod tests {
         let text: String = old
             .env()
             .into_iter()
-            .filter(|(k, _)| k != POSTGRES_ENV)
+            .filter(|(k, _)| k != POSTGRES_ENV && !k.starts_with("FERRY_RULES") && !k.starts_with("FERRY_INFERENCE") && !k.starts_with("FERRY_ARCHIVER"))
             .map(|(k, v)| format!("{k}={v}\n"))
             .collect();
         std::fs::write(&path, text).unwrap();
         let a = Secrets::load_or_create(&path).unwrap();
-        assert_eq!((&a.workers, &a.operator, &a.agents), (&old.workers, &old.operator, &old.agents));
+        assert_eq!((&a.operator, &a.agents), (&old.operator, &old.agents));
         assert!(is_safe_password(&a.postgres));
+        assert!(a.roles.values().all(|p| is_safe_password(p)) && a.roles.len() == 3);
         assert_eq!(Secrets::load_or_create(&path).unwrap(), a, "the added password is saved");
     }
 }

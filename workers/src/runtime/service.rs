@@ -9,10 +9,7 @@ use serde::Serialize;
 
 use super::Stats;
 
-/// The service name of a role (`ferry-rules`).
-pub fn service_name(role: &str) -> String {
-    format!("ferry-{role}")
-}
+pub use ferry_schema::subject::service_name;
 
 /// What the status endpoint and the stats `data` field report.
 #[derive(Debug, Serialize)]

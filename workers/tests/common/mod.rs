@@ -69,7 +69,7 @@ pub struct Replica {
 impl Stack {
     /// Starts one rules worker replica with its own connection as `workers`.
     pub async fn replica(&self, max_in_flight: usize) -> Replica {
-        let client = self.nats.workers("test-rules").connect().await.expect("workers connect");
+        let client = self.nats.role(ferry_schema::topology::Role::Rules, "test-rules").connect().await.expect("workers connect");
         let mut cfg = RulesConfig::new(self.rules_file.path());
         cfg.consume.max_in_flight = max_in_flight;
         let stop = CancellationToken::new();

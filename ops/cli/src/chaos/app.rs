@@ -7,6 +7,7 @@
 //! it has seen before is not sent to the chat a second time.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -75,12 +76,13 @@ impl App {
     /// Runs the adapter for `chats` numbered chats against the agent on
     /// `port` until `stop`, reconnecting whenever the agent goes away.
     /// `per_sec` paces the chats (none: as fast as the agent accepts them).
-    pub fn start(port: u16, chats: u64, per_sec: Option<f64>, model: bool, stop: CancellationToken) -> Self {
+    /// Each hello carries the agent's token, read from `token_file`.
+    pub fn start(port: u16, token_file: PathBuf, chats: u64, per_sec: Option<f64>, model: bool, stop: CancellationToken) -> Self {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let app = Self { seen };
         let task = app.clone();
         let pace = Pace::new(per_sec);
-        tokio::spawn(async move { task.run(port, chats, pace, model, stop).await });
+        tokio::spawn(async move { task.run(port, &token_file, chats, pace, model, stop).await });
         app
     }
 
@@ -100,7 +102,7 @@ impl App {
         self.seen.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    async fn run(&self, port: u16, chats: u64, pace: Pace, model: bool, stop: CancellationToken) {
+    async fn run(&self, port: u16, token_file: &Path, chats: u64, pace: Pace, model: bool, stop: CancellationToken) {
         let mut next = 0u64;
         let mut unaccepted: BTreeSet<u64> = BTreeSet::new();
         let mut sent_ids: BTreeSet<String> = BTreeSet::new();
@@ -111,8 +113,10 @@ impl App {
                     () = tokio::time::sleep(RECONNECT_PAUSE) => continue,
                 }
             };
+            // The agent writes its token before it listens.
+            let token = std::fs::read_to_string(token_file).unwrap_or_default();
             self.lock().connections += 1;
-            let result = self.session(conn, chats, &pace, model, &mut next, &mut unaccepted, &mut sent_ids, &stop).await;
+            let result = self.session(conn, token.trim(), chats, &pace, model, &mut next, &mut unaccepted, &mut sent_ids, &stop).await;
             if let Err(error) = result {
                 tracing::debug!(port, %error, "adapter connection ended");
             }
@@ -123,6 +127,7 @@ impl App {
     async fn session(
         &self,
         conn: TcpStream,
+        token: &str,
         chats: u64,
         pace: &Pace,
         model: bool,
@@ -133,7 +138,7 @@ impl App {
     ) -> std::io::Result<()> {
         let (read, mut write) = conn.into_split();
         let mut lines = BufReader::new(read).lines();
-        let hello = json!({"type": "hello", "v": PROTOCOL_VERSION, "name": "ferry-chaos", "sends": true});
+        let hello = json!({"type": "hello", "v": PROTOCOL_VERSION, "token": token, "name": "ferry-chaos", "sends": true});
         write.write_all(format!("{hello}\n").as_bytes()).await?;
         // What the last connection left unaccepted is offered again first, in order.
         let again: Vec<u64> = unaccepted.iter().copied().collect();

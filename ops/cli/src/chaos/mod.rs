@@ -365,7 +365,8 @@ async fn drive(
         };
         let adapter_port = ferry_stack::free_port()?;
         let (proc, stdin) = AgentProc::start(agent_spec(stack, bins, &id, &server, adapter_port))?;
-        let app = App::start(adapter_port, load.chats_per_agent, share_of_rate(load.chats_per_agent), model, stop.child_token());
+        let token_file = stack::spool_path(&stack.dir, &id).join(ferry_agent::adapter::TOKEN_FILE);
+        let app = App::start(adapter_port, token_file, load.chats_per_agent, share_of_rate(load.chats_per_agent), model, stop.child_token());
         agents.push(RunningAgent { id, proc, stdin: Some(stdin), app, proxy });
     }
     eprintln!("  {} agents started ({})", agents.len(), bins.agent.display());

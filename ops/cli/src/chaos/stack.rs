@@ -169,8 +169,6 @@ pub(super) async fn start_stack(scenario: Scenario, dir: &Path, bins: &Binaries,
     std::fs::write(&rules, if scenario == Scenario::InferenceKill { RULES_INFER } else { RULES })?;
     let env = vec![
         ("NATS_URL".to_string(), urls.clone()),
-        ("NATS_USER".to_string(), ferry_stack::secrets::WORKERS_USER.to_string()),
-        ("NATS_PASSWORD".to_string(), secrets.workers.clone()),
         ("DATABASE_URL".to_string(), db_url.clone()),
         ("RUST_LOG".to_string(), "info".to_string()),
     ];
@@ -189,10 +187,13 @@ pub(super) async fn start_stack(scenario: Scenario, dir: &Path, bins: &Binaries,
     for (role, args) in roles {
         for i in 1..=REPLICAS {
             let name = format!("{role}-{i}");
+            let mut env = env.clone();
+            env.push(("NATS_USER".to_string(), role.to_string()));
+            env.push(("NATS_PASSWORD".to_string(), secrets.roles.get(role).cloned().unwrap_or_default()));
             let spec = Spec {
                 program: bins.worker.clone(),
                 args: args.clone(),
-                env: env.clone(),
+                env,
                 log: dir.join("logs").join(format!("{name}.log")),
             };
             workers.push(Supervised::start(name, spec)?);
@@ -229,8 +230,13 @@ pub(super) fn seed_path(dir: &Path, agent: &AgentId) -> PathBuf {
     dir.join("agents").join(format!("{agent}.nk"))
 }
 
+/// The spool dir of agent `id` in a chaos run's `dir` (its adapter token is there too).
+pub(super) fn spool_path(dir: &Path, id: &AgentId) -> PathBuf {
+    dir.join("agents").join(id.as_str()).join("spool")
+}
+
 pub(super) fn agent_spec(stack: &Stack, bins: &Binaries, id: &AgentId, server: &str, adapter_port: u16) -> Spec {
-    let spool = stack.dir.join("agents").join(id.as_str()).join("spool");
+    let spool = spool_path(&stack.dir, id);
     Spec {
         program: bins.agent.clone(),
         args: vec![
