@@ -553,8 +553,12 @@ async fn three_node_cluster_from_the_shipped_files_replicates_streams() {
     }
 
     let urls = ports.iter().map(|p| format!("nats://127.0.0.1:{}", p.client)).collect::<Vec<_>>().join(",");
+    // The nodes require TLS of clients: one without the cluster's CA is refused.
+    let plain = NatsConfig::new(&urls, "deploy test, plaintext").with_user(OPERATOR_USER, &operator_password);
+    assert!(plain.connect_once().await.is_err(), "a client without the CA got into the cluster");
     let client = NatsConfig::new(&urls, "deploy test")
         .with_user(OPERATOR_USER, &operator_password)
+        .with_tls_ca(tls.join("ca.pem"))
         .connect()
         .await
         .unwrap();
@@ -575,6 +579,8 @@ async fn three_node_cluster_from_the_shipped_files_replicates_streams() {
     let provision = || {
         Command::new(env!("CARGO_BIN_EXE_ferry"))
             .args(["provision", "--server", &urls, "--user", OPERATOR_USER, "--replicas", "3", "--agent", "desk-1"])
+            .arg("--tls-ca")
+            .arg(tls.join("ca.pem"))
             .env("NATS_PASSWORD", &operator_password)
             .output()
             .unwrap()

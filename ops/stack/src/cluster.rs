@@ -76,6 +76,8 @@ struct Node {
 #[derive(Debug)]
 pub struct NatsCluster {
     binary: PathBuf,
+    /// The cluster's CA: what clients trust (the nodes require TLS).
+    ca: PathBuf,
     secrets: Secrets,
     nodes: Vec<Node>,
 }
@@ -139,7 +141,7 @@ impl NatsCluster {
             write(&format!("node-{}.conf", i + 1), NODE_FILES[i])?;
             nodes.push(Node { dir: d, ports: *p, child: None });
         }
-        let mut cluster = Self { binary, secrets: secrets.clone(), nodes };
+        let mut cluster = Self { binary, ca: tls.join("ca.pem"), secrets: secrets.clone(), nodes };
         for i in 0..NODES {
             cluster.spawn(i)?;
         }
@@ -211,6 +213,11 @@ impl NatsCluster {
         let text = std::fs::read_to_string(self.nodes[i].dir.join("nats-server.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// The CA file clients must trust: the nodes require TLS of clients.
+    pub fn tls_ca(&self) -> &Path {
+        &self.ca
     }
 
     /// Every node's client URL, comma separated, as clients are given them.

@@ -92,6 +92,15 @@ impl Broker {
             Self::Three(c) => c.urls(),
         }
     }
+
+    /// The CA clients must trust, when the broker requires TLS (the
+    /// cluster's nodes do).
+    pub(super) fn tls_ca(&self) -> Option<PathBuf> {
+        match self {
+            Self::One(n) => n.tls_ca().map(Path::to_path_buf),
+            Self::Three(c) => Some(c.tls_ca().to_path_buf()),
+        }
+    }
 }
 
 /// What a running scenario holds.
@@ -104,6 +113,8 @@ pub(super) struct Stack {
     pub(super) js: jetstream::Context,
     pub(super) workers: Vec<Supervised>,
     pub(super) agents: Vec<AgentId>,
+    /// The CA every client trusts when the broker requires TLS.
+    pub(super) tls_ca: Option<PathBuf>,
 }
 
 pub(super) async fn start_stack(scenario: Scenario, dir: &Path, bins: &Binaries, load: Load) -> anyhow::Result<Stack> {
@@ -146,8 +157,12 @@ pub(super) async fn start_stack(scenario: Scenario, dir: &Path, bins: &Binaries,
         (Broker::One(tokio::task::spawn_blocking(move || NatsServer::start(opts)).await??), 1)
     };
     let urls = broker.urls();
-    let op = ferry_schema::connect::NatsConfig::new(&urls, "ferry chaos")
+    let tls_ca = broker.tls_ca();
+    let mut op = ferry_schema::connect::NatsConfig::new(&urls, "ferry chaos")
         .with_user(ferry_stack::secrets::OPERATOR_USER, &secrets.operator);
+    if let Some(ca) = &tls_ca {
+        op = op.with_tls_ca(ca);
+    }
     let js = jetstream::new(op.connect().await?);
     let settings = StreamSettings { replicas, ..StreamSettings::default() };
     if let Broker::Three(_) = &broker {
@@ -167,11 +182,14 @@ pub(super) async fn start_stack(scenario: Scenario, dir: &Path, bins: &Binaries,
 
     let rules = dir.join("rules.toml");
     std::fs::write(&rules, if scenario == Scenario::InferenceKill { RULES_INFER } else { RULES })?;
-    let env = vec![
+    let mut env = vec![
         ("NATS_URL".to_string(), urls.clone()),
         ("DATABASE_URL".to_string(), db_url.clone()),
         ("RUST_LOG".to_string(), "info".to_string()),
     ];
+    if let Some(ca) = &tls_ca {
+        env.push(("NATS_TLS_CA".to_string(), ca.display().to_string()));
+    }
     let mut roles: Vec<(&str, Vec<String>)> = vec![
         ("rules", vec!["rules".into(), "--rules".into(), rules.display().to_string()]),
         ("archiver", vec!["archiver".into()]),
@@ -209,6 +227,7 @@ pub(super) async fn start_stack(scenario: Scenario, dir: &Path, bins: &Binaries,
         js,
         workers,
         agents,
+        tls_ca,
     })
 }
 
@@ -259,7 +278,9 @@ pub(super) fn agent_spec(stack: &Stack, bins: &Binaries, id: &AgentId, server: &
             "--prediction".into(),
             "0s".into(),
         ],
-        env: vec![("RUST_LOG".into(), "info".into())],
+        env: std::iter::once(("RUST_LOG".to_string(), "info".to_string()))
+            .chain(stack.tls_ca.iter().map(|ca| ("NATS_TLS_CA".to_string(), ca.display().to_string())))
+            .collect(),
         log: stack.dir.join("logs").join(format!("{id}.log")),
     }
 }
