@@ -271,7 +271,7 @@ fn compose_services_are_complete_and_every_command_passes_check() {
             continue;
         };
         let mut argv = strings(command);
-        let mounts = bind_mounts(svc);
+        let mut mounts = bind_mounts(svc);
         let env = environment(svc);
         if name == "nats" {
             // The image's release, not the local default (Debian's 2.9
@@ -280,8 +280,34 @@ fn compose_services_are_complete_and_every_command_passes_check() {
             assert!(image.starts_with(&format!("nats:{COMPOSE_NATS_MINOR}")), "{image}");
             argv.insert(0, ferry_stack::nats::release_binary(COMPOSE_NATS_RELEASE).unwrap().display().to_string());
             argv.push("-t".into());
+            // The broker requires TLS: its files as `ferry certs --name nats`
+            // makes them, where compose mounts them (rewritten to a temp
+            // copy here, as the config names absolute container paths).
+            let certs = dir.path().join("tls");
+            let ca = ferry_stack::tls::Ca::open_or_create(&certs).unwrap();
+            let server = ca.server(&["nats".into()]).unwrap();
+            assert!(server.is_file());
+            let conf = read(&repo().join("ops/compose/nats.conf"));
+            assert!(conf.contains("/etc/nats/tls/server.pem"), "compose's broker requires TLS: {conf}");
+            assert!(
+                strings(&svc["volumes"]).iter().any(|v| v.ends_with(".ferry/tls:/etc/nats/tls:ro")),
+                "the broker gets the TLS files"
+            );
+            // nats-server resolves includes against the including file:
+            // the same layout as the container's /etc/nats.
+            let local = conf.replace("/etc/nats/tls/", &format!("{}/", certs.display()));
+            let etc = dir.path().join("etc-nats");
+            std::fs::create_dir_all(etc.join("ops/compose")).unwrap();
+            std::fs::copy(repo().join("nats.conf"), etc.join("nats.conf")).unwrap();
+            let local_path = etc.join("ops/compose/nats.conf");
+            std::fs::write(&local_path, local).unwrap();
+            mounts.retain(|(target, _)| target != "/etc/nats/ops/compose/nats.conf");
+            mounts.push(("/etc/nats/ops/compose/nats.conf".into(), local_path));
         } else {
             assert!(svc["image"].as_str().unwrap().starts_with("ferry:"), "{name}");
+            if name != "migrate" {
+                assert_eq!(env.get("NATS_TLS_CA").map(String::as_str), Some("/etc/ferry/tls/ca.pem"), "{name} trusts the CA");
+            }
             argv.push("--check".into());
         }
         let out = run_line(&argv, &mounts, &env);
@@ -364,6 +390,7 @@ fn systemd_units_verify_and_their_command_lines_pass_check() {
         let mut env = parse_env_file(&read(&units.join("ferry.env.example")));
         env.extend(parse_env_file(&read(&units.join(format!("{role}.env.example")))));
         assert_eq!(env.get("NATS_USER").map(String::as_str), Some(role), "{unit_name}: its role's own user");
+        assert!(env.get("NATS_TLS_CA").is_some_and(|ca| ca.ends_with("ca.pem")), "{unit_name}: the cluster requires TLS");
         // The example holds no password that works: as shipped, the check
         // refuses and names the variable to set ...
         assert_eq!(env.get("NATS_PASSWORD").map(String::as_str), Some(""), "{unit_name}");
