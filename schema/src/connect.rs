@@ -307,7 +307,8 @@ impl NatsConfig {
 /// async-nats builds rustls with both of its crypto back-ends, so rustls
 /// cannot pick one itself and panics on the first TLS handshake: choose
 /// `ring` for the whole process, once, unless something else already did.
-fn install_crypto_provider() {
+/// Every TLS client in Ferry (NATS, PostgreSQL) calls this first.
+pub fn install_crypto_provider() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         let _ = async_nats::rustls::crypto::ring::default_provider().install_default();

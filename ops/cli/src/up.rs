@@ -181,6 +181,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 port: Some(args.pg_port),
                 password: Some(secrets.postgres.clone()),
                 unsafe_fast: false,
+                // Loopback only; TLS to PostgreSQL is for remote servers
+                // (`sslmode=require` in DATABASE_URL).
+                tls: None,
             };
             let server = tokio::task::spawn_blocking(move || PgServer::start(opts)).await??;
             let url = server.url();

@@ -33,6 +33,10 @@ pub struct PgServerOptions {
     /// Turn off `fsync`: for throwaway test clusters only, never for data
     /// anyone keeps.
     pub unsafe_fast: bool,
+    /// A directory made by [`crate::tls::Ca`] with a server certificate:
+    /// the server then offers TLS with it (`ssl = on`), for clients that
+    /// ask with `sslmode=require`.
+    pub tls: Option<PathBuf>,
 }
 
 /// A running PostgreSQL cluster. Dropping it stops the server (immediate
@@ -44,6 +48,8 @@ pub struct PgServer {
     port: u16,
     password: String,
     unsafe_fast: bool,
+    /// The server offers TLS (its certificate is in the data directory).
+    tls: bool,
     running: bool,
     /// Run the server programs as `postgres` (this process is root).
     as_postgres: bool,
@@ -174,12 +180,16 @@ impl PgServer {
             port,
             password,
             unsafe_fast: opts.unsafe_fast,
+            tls: false,
             running: false,
             as_postgres,
             _temp: temp,
         };
         if fresh {
             pg.initdb()?;
+        }
+        if let Some(dir) = &opts.tls {
+            pg.install_tls(dir)?;
         }
         // A cluster left running by a killed `ferry up` holds the port and
         // its postmaster.pid: stop it first so this start owns the server.
@@ -225,6 +235,22 @@ impl PgServer {
 
     fn command(&self, program: &str) -> Command {
         server_command(&self.bin, self.as_postgres, program)
+    }
+
+    /// Copies the server certificate and key from `dir` into the data
+    /// directory, readable by the server's user only (PostgreSQL refuses a
+    /// key others can read).
+    fn install_tls(&mut self, dir: &Path) -> Result<(), StackError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        for (from, to) in [(crate::tls::SERVER_CERT, "server.crt"), (crate::tls::SERVER_KEY, "server.key")] {
+            let (from, to) = (dir.join(from), self.data_dir().join(to));
+            std::fs::copy(&from, &to).map_err(io(format!("copy {} to {}", from.display(), to.display())))?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+                .map_err(io(format!("chmod {}", to.display())))?;
+            self.chown_to_postgres(&to)?;
+        }
+        self.tls = true;
+        Ok(())
     }
 
     fn chown_to_postgres(&self, path: &Path) -> Result<(), StackError> {
@@ -295,6 +321,10 @@ impl PgServer {
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' -c max_connections=200",
             self.port
         );
+        if self.tls {
+            // Relative to the data directory, where `install_tls` put them.
+            opts.push_str(" -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key");
+        }
         if self.unsafe_fast {
             // Safe against a crash of the server process (what tests do), not of
             // the machine. `synchronous_commit` stays on: with it off, an

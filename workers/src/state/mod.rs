@@ -67,6 +67,55 @@ pub enum StateError {
     /// A query failed.
     #[error("PostgreSQL query failed: {0}")]
     Query(#[from] tokio_postgres::Error),
+    /// `sslmode=require` was asked for, but the CA to trust is unusable.
+    #[error("{ROOT_CERT_VAR}={path}: {reason}")]
+    RootCert {
+        /// The file named.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// The CA (PEM) a `sslmode=require` connection trusts for the server's
+/// certificate, as libpq names it; unset: the system's roots.
+pub const ROOT_CERT_VAR: &str = "PGSSLROOTCERT";
+
+/// The TLS connector of a `sslmode=require` URL: rustls, verifying the
+/// server's certificate and name against [`ROOT_CERT_VAR`]'s CA, or the
+/// system's roots. (Stricter than libpq's `require`, which checks nothing:
+/// what `verify-full` does there.) Other modes connect in plaintext, as
+/// before: `prefer` never verified anything either.
+fn tls_connector() -> Result<tokio_postgres_rustls::MakeRustlsConnect, StateError> {
+    use async_nats::rustls;
+    ferry_schema::connect::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    match std::env::var(ROOT_CERT_VAR) {
+        Ok(path) if !path.is_empty() => {
+            let bad = |reason: String| StateError::RootCert { path: path.clone(), reason };
+            let pem = std::fs::read(&path).map_err(|e| bad(e.to_string()))?;
+            let mut found = 0;
+            use rustls::pki_types::pem::PemObject as _;
+            for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
+                roots.add(cert.map_err(|e| bad(e.to_string()))?).map_err(|e| bad(e.to_string()))?;
+                found += 1;
+            }
+            if found == 0 {
+                return Err(bad("no certificate in it".into()));
+            }
+        }
+        _ => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+fn wants_tls(pg: &tokio_postgres::Config) -> bool {
+    pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require
 }
 
 impl From<deadpool_postgres::PoolError> for StateError {
@@ -109,13 +158,13 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, StateError> {
 /// and again after the server comes back).
 pub fn pool(cfg: &DbConfig) -> Result<Pool, StateError> {
     let pg = parse_url(&cfg.url)?;
-    let mgr = Manager::from_config(
-        pg,
-        tokio_postgres::NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let manager = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let mgr = match wants_tls(&pg) {
+        true => Manager::from_config(pg, tls_connector()?, manager),
+        false => Manager::from_config(pg, tokio_postgres::NoTls, manager),
+    };
     Pool::builder(mgr)
         .max_size(cfg.pool_size.max(1))
         .wait_timeout(Some(cfg.wait_timeout))
@@ -143,16 +192,30 @@ pub async fn connect_checked(cfg: &DbConfig) -> Result<Pool, StateError> {
 /// CLI and migrations.
 pub async fn connect_one(url: &str) -> Result<tokio_postgres::Client, StateError> {
     let pg = parse_url(url)?;
-    let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(|e| StateError::Connect {
+    let failed = |e: tokio_postgres::Error| StateError::Connect {
         target: describe(&pg),
         reason: e.to_string(),
-    })?;
-    tokio::spawn(async move {
-        if let Err(error) = conn.await {
-            tracing::debug!(%error, "PostgreSQL connection ended");
+    };
+    let client = match wants_tls(&pg) {
+        true => {
+            let (client, conn) = pg.connect(tls_connector()?).await.map_err(failed)?;
+            tokio::spawn(drive(conn));
+            client
         }
-    });
+        false => {
+            let (client, conn) = pg.connect(tokio_postgres::NoTls).await.map_err(failed)?;
+            tokio::spawn(drive(conn));
+            client
+        }
+    };
     Ok(client)
+}
+
+/// Runs a connection's driver until it ends.
+async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(conn: F) {
+    if let Err(error) = conn.await {
+        tracing::debug!(%error, "PostgreSQL connection ended");
+    }
 }
 
 /// How a failed query should be treated.
