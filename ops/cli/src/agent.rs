@@ -1,4 +1,4 @@
-//! `ferry agent add|list|revoke`: an agent's credentials (an nkey), its broker permissions and reply consumer, reloaded into a running nats-server.
+//! `ferry agent add|list|revoke|rotate`: an agent's credentials (an nkey), its broker permissions and reply consumer, reloaded into a running nats-server.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -47,6 +47,18 @@ pub enum AgentCmd {
     ///   ferry agent revoke desk-7 --nats-conf /etc/nats/nats.conf --nats-pid 4711
     #[command(verbatim_doc_comment)]
     Revoke(RevokeArgs),
+    /// Give an agent a new key: a new nkey (seed saved over
+    /// <data-dir>/agents/<id>.nk and printed), its user in nats.conf
+    /// updated and nats-server reloaded, which closes connections made with
+    /// the old key and refuses it from then on. Its reply consumer, and the
+    /// replies waiting in it, stay. Rotate when a seed may have leaked, when
+    /// a PC changes hands, or on a schedule.
+    ///
+    /// Examples:
+    ///   ferry agent rotate desk-7
+    ///   ferry agent rotate desk-7 --nats-conf /etc/nats/nats.conf --nats-pid 4711
+    #[command(verbatim_doc_comment)]
+    Rotate(RevokeArgs),
 }
 
 /// Where the registry, the broker's config and the broker are.
@@ -109,6 +121,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
         AgentCmd::Add(args) => add(args).await,
         AgentCmd::List(args) => list(&args),
         AgentCmd::Revoke(args) => revoke(args).await,
+        AgentCmd::Rotate(args) => rotate(args).await,
     }
 }
 
@@ -133,6 +146,7 @@ async fn add(args: AddArgs) -> anyhow::Result<()> {
         public_key: pair.public_key(),
         created: Utc::now(),
         revoked: None,
+        rotated: None,
     })?;
     let seed_file = registry::seed_path(&t.data_dir, &id);
     write_seed(&seed_file, &id, &seed)?;
@@ -212,6 +226,51 @@ fn list(args: &ListArgs) -> anyhow::Result<()> {
             registry::rfc3339(&a.created),
         );
     }
+    Ok(())
+}
+
+async fn rotate(args: RevokeArgs) -> anyhow::Result<()> {
+    let t = &args.target;
+    let id = AgentId::new(args.id.as_str()).context("agent id")?;
+    let _lock = RegistryLock::take(&t.data_dir)?;
+    let reg_path = registry::registry_path(&t.data_dir);
+    let mut reg = Registry::load(&reg_path)?;
+    let plan = plan(t, &reg)?;
+    let seed_file = registry::seed_path(&t.data_dir, &id);
+    let old_auth = Auth::nkey_file(&seed_file).ok();
+    let pair = nkeys::KeyPair::new_user();
+    let seed = pair.seed().context("encoding the new nkey seed")?;
+    let old_key = reg.rotate(id.as_str(), pair.public_key(), Utc::now())?;
+    write_seed(&seed_file, &id, &seed)?;
+    reg.save(&reg_path)?;
+    tracing::info!(agent = %id, old = %old_key, new = %pair.public_key(), "agent key rotated");
+    println!("Rotated the key of agent {id}.");
+    println!("  public key  {} (was {old_key})", pair.public_key());
+    println!("  seed        {seed}");
+    println!("  seed file   {} (mode 0600)", seed_file.display());
+    let applied = apply(t, &plan, &reg)?;
+    if !t.offline && applied.reloaded {
+        let conn = agent_conn(&t.conn.server, &id, Auth::Nkey { seed: seed.clone() });
+        wait_until(&format!("{id} to be able to connect with its new seed"), || async {
+            check_agent(&conn, &id).await.map_err(|e| format!("{e:#}"))
+        })
+        .await?;
+        println!("  check       {id} connected with its new seed: ok");
+        if let Some(auth) = old_auth {
+            let conn = agent_conn(&t.conn.server, &id, auth);
+            wait_until(&format!("the broker to refuse {id}'s old seed"), || async {
+                match quiet(conn.connect()).await {
+                    Ok(_) => Err("it still connects".to_string()),
+                    Err(_) => Ok(()),
+                }
+            })
+            .await?;
+            println!("  check       the broker refuses the old seed: ok");
+        }
+    }
+    println!();
+    println!("Copy the new seed file to the agent's PC (mode 0600) and restart the agent;");
+    println!("until then it cannot connect, and its events wait in its spool.");
     Ok(())
 }
 

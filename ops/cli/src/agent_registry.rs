@@ -52,6 +52,9 @@ pub struct AgentEntry {
     /// When it was revoked; revoked agents get no user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked: Option<DateTime<Utc>>,
+    /// When its key was last replaced (`ferry agent rotate`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotated: Option<DateTime<Utc>>,
 }
 
 impl AgentEntry {
@@ -113,6 +116,21 @@ impl Registry {
         }
         self.agents.push(entry);
         Ok(())
+    }
+
+    /// Gives active agent `id` the key `public_key` (its old key stops
+    /// working at the next reload); returns the old public key.
+    pub fn rotate(&mut self, id: &str, public_key: String, at: DateTime<Utc>) -> anyhow::Result<String> {
+        let entry = self
+            .agents
+            .iter_mut()
+            .find(|a| a.id == id)
+            .with_context(|| format!("agent {id} is not in the registry (see `ferry agent list`)"))?;
+        if let Some(when) = entry.revoked {
+            anyhow::bail!("agent {id} was revoked at {}; `ferry agent add {id}` gives it a new key", rfc3339(&when));
+        }
+        entry.rotated = Some(at);
+        Ok(std::mem::replace(&mut entry.public_key, public_key))
     }
 
     /// Marks `id` revoked at `at`; returns its entry.
@@ -295,6 +313,7 @@ mod tests {
             public_key: format!("UKEY{}", id.to_ascii_uppercase()),
             created: DateTime::parse_from_rfc3339("2026-05-01T10:00:00Z").unwrap().to_utc(),
             revoked: None,
+            rotated: None,
         }
     }
 

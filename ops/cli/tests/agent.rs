@@ -172,6 +172,24 @@ async fn added_agent_is_confined_and_revoke_locks_it_out_after_reload() {
     assert!(lines[1].starts_with("desk-7  support") && lines[1].ends_with("active"), "{listed}");
     assert!(lines[2].starts_with("desk-8  support") && lines[2].ends_with("active"), "{listed}");
 
+    // Rotate desk-8's key: the new seed works, the old one is refused, and
+    // its reply consumer (with what waits in it) stays.
+    let old8 = seed_of(data.path(), "desk-8");
+    let out = ok(agent_cmd(&nats, data.path(), &["rotate", "desk-8"]));
+    assert!(out.contains("connected with its new seed: ok") && out.contains("refuses the old seed: ok"), "{out}");
+    let new8 = seed_of(data.path(), "desk-8");
+    assert_ne!(old8, new8);
+    assert!(out.contains(&new8), "{out}");
+    connect_as(&nats, "desk-8", &new8).await.unwrap();
+    let refused = connect_as(&nats, "desk-8", &old8).await.expect_err("the old seed is refused");
+    assert!(refused.to_string().to_lowercase().contains("authorization"), "{refused}");
+    js.get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+        topology::agent_replies_consumer_name(&agent("desk-8")),
+        REPLIES_STREAM,
+    )
+    .await
+    .expect("desk-8's consumer stays");
+
     // Revoke desk-7 while it is connected.
     let out = ok(agent_cmd(&nats, data.path(), &["revoke", "desk-7"]));
     assert!(out.contains("the broker refuses desk-7's seed: ok"), "{out}");

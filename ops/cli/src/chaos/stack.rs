@@ -133,6 +133,7 @@ pub(super) async fn start_stack(scenario: Scenario, dir: &Path, bins: &Binaries,
             public_key: pair.public_key(),
             created: chrono::Utc::now(),
             revoked: None,
+            rotated: None,
         })?;
     }
     let conf = registry.splice_into(ferry_stack::NATS_CONF, "nats.conf")?;
