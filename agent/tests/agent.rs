@@ -541,8 +541,9 @@ async fn replies_published_across_a_broker_restart_arrive_once() {
 #[tokio::test]
 async fn an_agent_without_the_live_permission_still_gets_its_replies() {
     let dir = tempfile::tempdir().unwrap();
-    let old_conf = ferry_stack::NATS_CONF.replace(", \"live.replies.desk-1\"", "");
-    assert_ne!(old_conf, ferry_stack::NATS_CONF, "the committed nats.conf gives desk-1 its live replies");
+    let demo = ferry_stack::nats::demo_nats_conf();
+    let old_conf = demo.replace(", \"live.replies.desk-1\"", "");
+    assert_ne!(old_conf, demo, "the demo config gives desk-1 its live replies");
     let conf = dir.path().join("nats.conf");
     std::fs::write(&conf, ferry_stack::nats::with_store_dir(&old_conf, &dir.path().join("store"))).unwrap();
     let nats = NatsServer::start(ferry_stack::NatsServerOptions {

@@ -798,20 +798,6 @@ pub async fn provision(
 mod tests {
     use super::*;
 
-    /// The committed `nats.conf` gives demo agent desk-1 exactly the
-    /// permissions `ferry agent add` generates for an agent.
-    #[test]
-    fn agent_permissions_match_the_demo_entry_in_nats_conf() {
-        let conf = include_str!("../../nats.conf");
-        let start = conf.find("user: desk-1,").expect("desk-1 entry");
-        let entry = &conf[start..];
-        let entry = &entry[..entry.find("\n      }").expect("end of entry")];
-        let quoted: Vec<&str> = entry.split('"').skip(1).step_by(2).collect();
-        let p = agent_permissions(&AgentId::new("desk-1").unwrap());
-        let want: Vec<&str> = p.publish.iter().chain(&p.subscribe).map(String::as_str).collect();
-        assert_eq!(quoted, want);
-    }
-
     /// Every stream is bounded in bytes and age, together within the
     /// broker's file store (nats.conf's `max_file_store: 20GB`, read in
     /// decimal gigabytes, the smaller reading), and the work queue refuses

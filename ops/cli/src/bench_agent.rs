@@ -98,7 +98,7 @@ pub async fn run(args: AgentBench) -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let conf = dir.path().join("nats.conf");
         let store = dir.path().join("store");
-        std::fs::write(&conf, ferry_stack::nats::with_sync_always(&ferry_stack::nats::with_store_dir(ferry_stack::NATS_CONF, &store)))?;
+        std::fs::write(&conf, ferry_stack::nats::with_sync_always(&ferry_stack::nats::with_store_dir(&ferry_stack::nats::demo_nats_conf(), &store)))?;
         let opts = ferry_stack::NatsServerOptions { data_dir: Some(dir.path().to_path_buf()), conf: Some(conf), ..Default::default() };
         let server = NatsServer::start(opts).context(
             "starting nats-server with sync_interval: always (2.10 or later: run with FERRY_NATS_SERVER=2.15.1)",

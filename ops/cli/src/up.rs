@@ -129,7 +129,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let registry = crate::agent_registry::Registry::load(&crate::agent_registry::registry_path(&args.data_dir))?;
     let conf = args.data_dir.join("nats").join("nats.conf");
     let store = std::path::absolute(args.data_dir.join("nats").join("store")).context("resolving the store dir")?;
-    let mut conf_text = ferry_stack::nats::with_store_dir(&registry.splice_into(ferry_stack::NATS_CONF, "nats.conf")?, &store);
+    let mut conf_text = ferry_stack::nats::with_store_dir(&registry.splice_into(&ferry_stack::nats::demo_nats_conf(), "nats.conf")?, &store);
     let tls = match args.tls {
         false => None,
         true => {

@@ -157,6 +157,35 @@ fn pypi_server(version: &str) -> Result<PathBuf, StackError> {
     .ok_or_else(missing)
 }
 
+/// The committed `nats.conf` with the demo agents' users added after its
+/// generated agent users: `desk-1` and `desk-2` ([`crate::secrets::DEMO_AGENTS`]),
+/// with passwords from `$FERRY_AGENT_DESK_<N>_PASSWORD` and exactly the
+/// permissions `ferry agent add` gives an agent. What `ferry up`, the
+/// benchmarks and the tests run; production configs (compose, the cluster)
+/// use the committed file, which has no user that works out of the box.
+pub fn demo_nats_conf() -> String {
+    let mut entries = String::from("      # Demo agents with passwords (ferry-stack adds them; ferry up and tests only).\n");
+    for agent in crate::secrets::DEMO_AGENTS {
+        let Ok(id) = AgentId::new(*agent) else { continue };
+        let p = ferry_schema::topology::agent_permissions(&id);
+        let quote = |v: &Vec<String>| v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>();
+        entries.push_str(&format!(
+            "      {{\n        user: {agent}, password: ${}\n        permissions: {{\n          publish: {{ allow: [\n            {}\n          ] }}\n          subscribe: {{ allow: [{}] }}\n        }}\n      }}\n",
+            crate::secrets::agent_env_var(agent),
+            quote(&p.publish).join(",\n            "),
+            quote(&p.subscribe).join(", "),
+        ));
+    }
+    let marker = "# END ferry agents\n";
+    match NATS_CONF.find(marker) {
+        Some(at) => {
+            let end = at + marker.len();
+            format!("{}{entries}{}", &NATS_CONF[..end], &NATS_CONF[end..])
+        }
+        None => NATS_CONF.to_string(),
+    }
+}
+
 /// How to start a [`NatsServer`].
 #[derive(Debug, Clone, Default)]
 pub struct NatsServerOptions {
@@ -228,7 +257,7 @@ impl NatsServer {
             None => {
                 let c = dir.join("nats.conf");
                 let store = std::path::absolute(dir.join("store")).map_err(io("resolve the store dir"))?;
-                let mut text = with_store_dir(NATS_CONF, &store);
+                let mut text = with_store_dir(&demo_nats_conf(), &store);
                 if let Some(tls) = &opts.tls {
                     let tls = std::path::absolute(tls).map_err(io("resolve the TLS dir"))?;
                     text.push_str(&crate::tls::server_block(&tls));
