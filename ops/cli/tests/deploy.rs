@@ -580,6 +580,55 @@ async fn three_node_cluster_from_the_shipped_files_replicates_streams() {
     }
 
     let urls = ports.iter().map(|p| format!("nats://127.0.0.1:{}", p.client)).collect::<Vec<_>>().join(",");
+    // A host without the cluster's route certificate cannot join: its route
+    // to node 1 fails the TLS handshake, and node 1 keeps its two routes.
+    let intruder_dir = dir.path().join("intruder");
+    std::fs::create_dir_all(&intruder_dir).unwrap();
+    let intruder_monitor = ferry_stack::free_port().unwrap();
+    let intruder_conf = intruder_dir.join("intruder.conf");
+    std::fs::write(
+        &intruder_conf,
+        format!(
+            "listen: 127.0.0.1:{}\nhttp: 127.0.0.1:{intruder_monitor}\nserver_name: intruder\ncluster {{\n  name: ferry\n  listen: 127.0.0.1:{}\n  routes: [nats-route://127.0.0.1:{}]\n}}\n",
+            ferry_stack::free_port().unwrap(),
+            ferry_stack::free_port().unwrap(),
+            ports[0].route
+        ),
+    )
+    .unwrap();
+    let intruder = Node::start(
+        &["nats-server".into(), "-c".into(), intruder_conf.display().to_string()],
+        &[],
+        &BTreeMap::new(),
+        intruder_dir.join("nats-server.log"),
+    );
+    let tried = wait_until(|| {
+        let log = nodes[0].log();
+        // A route's handshake that failed, as node 1 logs it.
+        async move {
+            log.lines().any(|l| {
+                let l = l.to_lowercase();
+                l.contains("rid:") && l.contains("handshake") && l.contains("error")
+            })
+        }
+    })
+    .await;
+    assert!(tried, "node 1 saw no route handshake fail: {}\n{}", nodes[0].log(), intruder.log());
+    let routes = |port: u16| -> String {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(b"GET /routez HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    };
+    let mine = routes(ports[0].monitor);
+    assert!(mine.contains("\"num_routes\": 2"), "node 1: {mine}");
+    assert!(!mine.contains("intruder"), "node 1 routes to the intruder: {mine}");
+    let theirs = routes(intruder_monitor);
+    assert!(theirs.contains("\"num_routes\": 0"), "the intruder joined: {theirs}\n{}", intruder.log());
+    drop(intruder);
+
     // The nodes require TLS of clients: one without the cluster's CA is refused.
     let plain = NatsConfig::new(&urls, "deploy test, plaintext").with_user(OPERATOR_USER, &operator_password);
     assert!(plain.connect_once().await.is_err(), "a client without the CA got into the cluster");
