@@ -117,21 +117,7 @@ async fn next_error(errors: &mut mpsc::UnboundedReceiver<String>) -> String {
 async fn broker_confines_an_agent_to_its_own_subjects() {
     let s = stack().await;
     // A plain client with desk-1's credentials, as a misbehaving agent would use.
-    let (tx, mut errors) = mpsc::unbounded_channel();
-    let client = async_nats::ConnectOptions::new()
-        .user_and_password("desk-1".into(), s.nats.secrets().agent("desk-1").unwrap().into())
-        .custom_inbox_prefix("_INBOX.desk-1")
-        .event_callback(move |event| {
-            let tx = tx.clone();
-            async move {
-                if let async_nats::Event::ServerError(e) = event {
-                    let _ = tx.send(e.to_string());
-                }
-            }
-        })
-        .connect(s.nats.url())
-        .await
-        .unwrap();
+    let (client, mut errors) = raw_agent_client(&s, &desk(1)).await;
 
     // Its own subject works.
     let js = jetstream::new(client.clone());
@@ -250,14 +236,7 @@ async fn a_client_chosen_reply_to_cannot_reach_another_agents_replies() {
     // server made up, which leads back to the requester's account and not
     // into FERRY's REPLIES; with nobody listening there the server may drop
     // the request instead. Either way: give it a moment to be served ...
-    let mut consumer = s
-        .js
-        .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
-            topology::agent_replies_consumer_name(&desk(1)),
-            REPLIES_STREAM,
-        )
-        .await
-        .unwrap();
+    let mut consumer = replies_consumer(&s.js, &desk(1)).await;
     for _ in 0..50 {
         if consumer.info().await.unwrap().num_ack_pending > 0 {
             break;
@@ -372,6 +351,16 @@ async fn an_agent_drops_and_counts_replies_that_are_not_its_own() {
     assert!(rx.try_recv().is_err(), "only its own reply was handed on");
 }
 
+/// `agent`'s reply consumer, read as the operator.
+async fn replies_consumer(js: &jetstream::Context, agent: &AgentId) -> jetstream::consumer::PullConsumer {
+    js.get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
+        topology::agent_replies_consumer_name(agent),
+        REPLIES_STREAM,
+    )
+    .await
+    .unwrap()
+}
+
 /// A reply to `agent`'s event, as a worker publishes it: on the agent's
 /// reply subject, with its id as `Nats-Msg-Id`.
 async fn publish_reply(js: &jetstream::Context, agent: &AgentId, text: &str) -> ferry_schema::EventId {
@@ -456,14 +445,7 @@ async fn a_slow_agent_that_drops_live_replies_still_gets_each_once_in_order() {
     stop.cancel();
     receiver.await.unwrap().unwrap();
 
-    let mut consumer = s
-        .js
-        .get_consumer_from_stream::<jetstream::consumer::pull::Config, _, _>(
-            topology::agent_replies_consumer_name(&desk(1)),
-            REPLIES_STREAM,
-        )
-        .await
-        .unwrap();
+    let mut consumer = replies_consumer(&s.js, &desk(1)).await;
     // The broker applies acks in the background: wait for the last ones.
     let mut info = consumer.info().await.unwrap().clone();
     let deadline = std::time::Instant::now() + WAIT;
@@ -615,10 +597,18 @@ async fn on_a_tls_broker_only_clients_that_trust_its_ca_get_in() {
     let s = stack_on(nats).await;
     let _rules = s.rules_worker().await;
     let agent = s.agent(&desk(1)).await;
-    let (tx, mut rx) = mpsc::channel(64);
+    let (report, mut rx) = run_demo_chat(&agent).await;
+    assert_eq!(report.unanswered, 0);
+    assert!(rx.try_recv().is_ok(), "replies arrived over TLS");
+}
+
+/// `agent` sends the demo chat from a fresh spool until every line is
+/// answered: its report, and the replies it got.
+async fn run_demo_chat(agent: &Agent) -> (ferry_agent::run::RunReport, mpsc::Receiver<ferry_schema::Reply>) {
+    let (tx, rx) = mpsc::channel(64);
     let spool_dir = tempfile::tempdir().unwrap();
     let report = run_lines(
-        &agent,
+        agent,
         Spool::open(SpoolConfig::new(spool_dir.path())).unwrap(),
         std::io::Cursor::new(demo_chat().into_bytes()),
         Until::Answered { idle_timeout: WAIT },
@@ -627,8 +617,7 @@ async fn on_a_tls_broker_only_clients_that_trust_its_ca_get_in() {
     )
     .await
     .unwrap();
-    assert_eq!(report.unanswered, 0);
-    assert!(rx.try_recv().is_ok(), "replies arrived over TLS");
+    (report, rx)
 }
 
 #[tokio::test]
@@ -640,19 +629,7 @@ async fn demo_lines_get_rule_replies_in_both_encodings() {
         let mut cfg = AgentConfig::new(desk(2), nats);
         cfg.encoding = enc;
         let agent = Agent::connect(cfg).await.unwrap();
-        let (tx, mut rx) = mpsc::channel(64);
-        let spool_dir = tempfile::tempdir().unwrap();
-        let spool = Spool::open(SpoolConfig::new(spool_dir.path())).unwrap();
-        let report = run_lines(
-            &agent,
-            spool,
-            std::io::Cursor::new(demo_chat().into_bytes()),
-            Until::Answered { idle_timeout: WAIT },
-            tx,
-            CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+        let (report, mut rx) = run_demo_chat(&agent).await;
         let lines = demo_chat().lines().filter(|l| !l.trim().is_empty()).count() as u64;
         assert_eq!(report.published, lines);
         assert_eq!(report.unanswered, 0);

@@ -229,13 +229,28 @@ fn list(args: &ListArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn rotate(args: RevokeArgs) -> anyhow::Result<()> {
-    let t = &args.target;
-    let id = AgentId::new(args.id.as_str()).context("agent id")?;
+/// What `rotate` and `revoke` start from: the agent, the registry (locked
+/// until this is dropped) and the plan, checked before anything changes.
+struct Opened {
+    id: AgentId,
+    _lock: RegistryLock,
+    reg_path: PathBuf,
+    reg: Registry,
+    plan: Plan,
+}
+
+fn open_registry(t: &Target, id: &str) -> anyhow::Result<Opened> {
+    let id = AgentId::new(id).context("agent id")?;
     let _lock = RegistryLock::take(&t.data_dir)?;
     let reg_path = registry::registry_path(&t.data_dir);
-    let mut reg = Registry::load(&reg_path)?;
+    let reg = Registry::load(&reg_path)?;
     let plan = plan(t, &reg)?;
+    Ok(Opened { id, _lock, reg_path, reg, plan })
+}
+
+async fn rotate(args: RevokeArgs) -> anyhow::Result<()> {
+    let t = &args.target;
+    let Opened { id, _lock, reg_path, mut reg, plan } = open_registry(t, &args.id)?;
     let seed_file = registry::seed_path(&t.data_dir, &id);
     let old_auth = Auth::nkey_file(&seed_file).ok();
     let pair = nkeys::KeyPair::new_user();
@@ -257,14 +272,7 @@ async fn rotate(args: RevokeArgs) -> anyhow::Result<()> {
         .await?;
         println!("  check       {id} connected with its new seed: ok");
         if let Some(auth) = old_auth {
-            let conn = agent_conn(&t.conn.server, &id, auth);
-            wait_until(&format!("the broker to refuse {id}'s old seed"), || async {
-                match quiet(conn.connect()).await {
-                    Ok(_) => Err("it still connects".to_string()),
-                    Err(_) => Ok(()),
-                }
-            })
-            .await?;
+            wait_refused(t, &id, auth).await?;
             println!("  check       the broker refuses the old seed: ok");
         }
     }
@@ -274,13 +282,21 @@ async fn rotate(args: RevokeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits until the reloaded broker refuses `id` with `auth` (an old seed).
+async fn wait_refused(t: &Target, id: &AgentId, auth: Auth) -> anyhow::Result<()> {
+    let conn = agent_conn(&t.conn.server, id, auth);
+    wait_until(&format!("the broker to refuse {id}'s old seed"), || async {
+        match quiet(conn.connect()).await {
+            Ok(_) => Err("it still connects".to_string()),
+            Err(_) => Ok(()),
+        }
+    })
+    .await
+}
+
 async fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
     let t = &args.target;
-    let id = AgentId::new(args.id.as_str()).context("agent id")?;
-    let _lock = RegistryLock::take(&t.data_dir)?;
-    let reg_path = registry::registry_path(&t.data_dir);
-    let mut reg = Registry::load(&reg_path)?;
-    let plan = plan(t, &reg)?;
+    let Opened { id, _lock, reg_path, mut reg, plan } = open_registry(t, &args.id)?;
     reg.revoke(id.as_str(), Utc::now())?;
     reg.save(&reg_path)?;
     tracing::info!(agent = %id, "agent revoked in the registry");
@@ -292,14 +308,7 @@ async fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
     if !t.offline {
         if applied.reloaded {
             if let Some(auth) = old_auth {
-                let conn = agent_conn(&t.conn.server, &id, auth);
-                wait_until(&format!("the broker to refuse {id}"), || async {
-                    match quiet(conn.connect()).await {
-                        Ok(_) => Err("it still connects".to_string()),
-                        Err(_) => Ok(()),
-                    }
-                })
-                .await?;
+                wait_refused(t, &id, auth).await?;
                 println!("  check       the broker refuses {id}'s seed: ok");
             }
         }

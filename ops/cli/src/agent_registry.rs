@@ -121,29 +121,29 @@ impl Registry {
     /// Gives active agent `id` the key `public_key` (its old key stops
     /// working at the next reload); returns the old public key.
     pub fn rotate(&mut self, id: &str, public_key: String, at: DateTime<Utc>) -> anyhow::Result<String> {
-        let entry = self
-            .agents
-            .iter_mut()
-            .find(|a| a.id == id)
-            .with_context(|| format!("agent {id} is not in the registry (see `ferry agent list`)"))?;
-        if let Some(when) = entry.revoked {
-            anyhow::bail!("agent {id} was revoked at {}; `ferry agent add {id}` gives it a new key", rfc3339(&when));
-        }
+        let entry = self.active_entry(id, &format!("; `ferry agent add {id}` gives it a new key"))?;
         entry.rotated = Some(at);
         Ok(std::mem::replace(&mut entry.public_key, public_key))
     }
 
     /// Marks `id` revoked at `at`; returns its entry.
     pub fn revoke(&mut self, id: &str, at: DateTime<Utc>) -> anyhow::Result<&AgentEntry> {
+        let entry = self.active_entry(id, "")?;
+        entry.revoked = Some(at);
+        Ok(entry)
+    }
+
+    /// The entry of `id`, which must be active (`why` ends the message
+    /// when it was revoked).
+    fn active_entry(&mut self, id: &str, why: &str) -> anyhow::Result<&mut AgentEntry> {
         let entry = self
             .agents
             .iter_mut()
             .find(|a| a.id == id)
             .with_context(|| format!("agent {id} is not in the registry (see `ferry agent list`)"))?;
         if let Some(when) = entry.revoked {
-            anyhow::bail!("agent {id} was already revoked at {}", rfc3339(&when));
+            anyhow::bail!("agent {id} was already revoked at {}{why}", rfc3339(&when));
         }
-        entry.revoked = Some(at);
         Ok(entry)
     }
 

@@ -301,6 +301,27 @@ async fn tap_decodes_live_events_and_dlq_lists_and_redrives() {
     worker.await.unwrap().unwrap();
 }
 
+/// A rules worker, as the `rules` user, answering every chat "echo": the
+/// rules file (keep it while the worker runs), its stop token and its task.
+async fn echo_rules_worker(
+    nats: &NatsServer,
+) -> (
+    tempfile::NamedTempFile,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<Result<(), String>>,
+) {
+    let mut rules = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut rules, b"[[rule]]\nname = \"echo\"\naction = \"reply\"\ntemplate = \"echo\"\n").unwrap();
+    let client = nats.role(topology::Role::Rules, "t").connect().await.unwrap();
+    let cfg = ferry_workers::rules::RulesConfig::new(rules.path());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let token = stop.clone();
+    let worker = tokio::spawn(async move {
+        ferry_workers::rules::run(client, &cfg, token).await.map(|_| ()).map_err(|e| e.to_string())
+    });
+    (rules, stop, worker)
+}
+
 /// A body larger than a dead letter keeps (a flooder's junk) is stored in
 /// DEADLETTER as its first bytes and its size, not a full copy; a re-drive
 /// reads the whole original back from EVENTS.
@@ -309,13 +330,7 @@ async fn a_large_dead_letter_keeps_an_excerpt_and_redrives_the_whole_original() 
     let nats = NatsServer::start_temp().unwrap();
     let js = jetstream::new(nats.operator("t").connect().await.unwrap());
     topology::provision(&js, &topology::StreamSettings::default(), &[]).await.unwrap();
-    let mut rules = tempfile::NamedTempFile::new().unwrap();
-    std::io::Write::write_all(&mut rules, b"[[rule]]\nname = \"echo\"\naction = \"reply\"\ntemplate = \"echo\"\n").unwrap();
-    let client = nats.role(topology::Role::Rules, "t").connect().await.unwrap();
-    let cfg = ferry_workers::rules::RulesConfig::new(rules.path());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let token = stop.clone();
-    let worker = tokio::spawn(async move { ferry_workers::rules::run(client, &cfg, token).await });
+    let (_rules, stop, worker) = echo_rules_worker(&nats).await;
 
     let junk: Vec<u8> = (0..300 * 1024).map(|i| (i % 251) as u8).collect();
     js.publish("events.desk-1.chat", junk.clone().into()).await.unwrap().await.unwrap();
@@ -348,13 +363,7 @@ async fn stats_match_what_was_published_and_consumed() {
     let op = nats.operator("t").connect().await.unwrap();
     let js = jetstream::new(op.clone());
     topology::provision(&js, &topology::StreamSettings::default(), &[AgentId::new("desk-1").unwrap()]).await.unwrap();
-    let mut rules = tempfile::NamedTempFile::new().unwrap();
-    std::io::Write::write_all(&mut rules, b"[[rule]]\nname = \"echo\"\naction = \"reply\"\ntemplate = \"echo\"\n").unwrap();
-    let client = nats.role(topology::Role::Rules, "t").connect().await.unwrap();
-    let cfg = ferry_workers::rules::RulesConfig::new(rules.path());
-    let stop = tokio_util::sync::CancellationToken::new();
-    let token = stop.clone();
-    let worker = tokio::spawn(async move { ferry_workers::rules::run(client, &cfg, token).await });
+    let (_rules, stop, worker) = echo_rules_worker(&nats).await;
 
     let chat = |text: &str| {
         Envelope::new(
