@@ -16,6 +16,8 @@
 //! - [`subject`]: builders and parsers for every subject Ferry uses.
 //! - [`headers`]: header names and the header maps Ferry attaches.
 //! - [`topology`]: streams and consumers as code, and idempotent provisioning.
+//! - [`permissions`]: what each agent and worker role may do at the broker,
+//!   generated from the topology.
 //! - [`deadletter`]: what a dead letter carries and how it is published.
 //! - [`connect`]: connection settings shared by agent, workers and CLI.
 //! - `db` (feature `db`): the PostgreSQL migrations (`schema/migrations/`),
@@ -32,6 +34,7 @@ pub mod deadletter;
 pub mod event;
 pub mod headers;
 pub mod metrics;
+pub mod permissions;
 pub mod reply;
 pub mod subject;
 pub mod topology;

@@ -1,0 +1,120 @@
+//! What the broker lets each user do, generated from the topology: the allow-lists of agents and worker roles in `nats.conf`.
+//!
+//! `ferry agent add` writes an agent's entry from [`agent_permissions`];
+//! the role users in the committed `nats.conf` are checked against
+//! [`role_permissions`] by this module's test, so neither can drift from the
+//! consumers and subjects in [`crate::topology`] and [`crate::subject`].
+
+use crate::topology::{agent_replies_consumer_name, Role, REPLIES_STREAM};
+use crate::{subject, AgentId};
+
+/// What the broker lets one user do: the allow-lists of its entry in
+/// `nats.conf`. Everything else is denied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permissions {
+    /// Subjects it may publish to.
+    pub publish: Vec<String>,
+    /// Subjects it may subscribe to.
+    pub subscribe: Vec<String>,
+    /// It may also answer each request it received, once, on the
+    /// request's reply subject (`allow_responses`): how a worker's micro
+    /// service answers `nats micro` and `ferry stats` without being allowed
+    /// to publish on every inbox.
+    pub allow_responses: bool,
+}
+
+/// The permissions of `agent`'s user in the `AGENTS` account: publish only
+/// `events.<id>.>`, read (through [`subject::AGENT_JS_API_PREFIX`]) and ack
+/// only its consumer `agent-<id>` on `REPLIES`, and receive only on
+/// `_INBOX.<id>.>` (the prefix [`subject::agent_inbox_prefix`] sets) and
+/// its own live replies `live.replies.<id>`.
+pub fn agent_permissions(agent: &AgentId) -> Permissions {
+    let consumer = agent_replies_consumer_name(agent);
+    Permissions {
+        publish: vec![
+            subject::events_of_agent(agent).to_string(),
+            format!("{}.CONSUMER.INFO.{REPLIES_STREAM}.{consumer}", subject::AGENT_JS_API_PREFIX),
+            format!("{}.CONSUMER.MSG.NEXT.{REPLIES_STREAM}.{consumer}", subject::AGENT_JS_API_PREFIX),
+            format!("$JS.ACK.{REPLIES_STREAM}.{consumer}.>"),
+        ],
+        subscribe: vec![
+            format!("{}.>", subject::agent_inbox_prefix(agent)),
+            subject::live_reply(agent).to_string(),
+        ],
+        allow_responses: false,
+    }
+}
+
+/// The permissions of `role`'s user (`rules`, `inference`, `archiver` in
+/// `nats.conf`), from its consumers: read, ack and (should it have been
+/// deleted) re-create only its own consumers; dead-letter only on their
+/// dead-letter subjects, hear only their max-deliveries advisories and read
+/// back only from their streams the messages those advisories name;
+/// publish what the role produces (replies, hand-offs); receive only on its
+/// own inbox prefix `_INBOX.<role>` ([`subject::role_inbox_prefix`]); serve
+/// its micro service. No role can touch an agent's reply consumer.
+pub fn role_permissions(role: Role) -> Permissions {
+    let mut publish = Vec::new();
+    let mut subscribe = vec![
+        format!("{}.>", subject::role_inbox_prefix(role.as_str())),
+        "$SRV.*".to_string(),
+        format!("$SRV.*.{}", subject::service_name(role.as_str())),
+        format!("$SRV.*.{}.>", subject::service_name(role.as_str())),
+        subject::service_status(role.as_str()).to_string(),
+    ];
+    let mut streams: Vec<&str> = Vec::new();
+    for def in role.consumers() {
+        let (stream, name) = (def.stream, def.name());
+        publish.extend([
+            format!("$JS.API.CONSUMER.INFO.{stream}.{name}"),
+            format!("$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}"),
+            format!("$JS.API.CONSUMER.CREATE.{stream}.{name}"),
+            format!("$JS.API.CONSUMER.CREATE.{stream}.{name}.>"),
+            format!("$JS.ACK.{stream}.{name}.>"),
+            subject::dead_letter(stream, name).to_string(),
+        ]);
+        subscribe.push(subject::max_deliveries_advisory(stream, name).to_string());
+        if !streams.contains(&stream) {
+            streams.push(stream);
+        }
+    }
+    publish.extend(streams.iter().map(|s| format!("$JS.API.STREAM.MSG.GET.{s}")));
+    match role {
+        Role::Rules => publish.extend([
+            subject::all_replies().to_string(),
+            subject::WorkQueue::InferenceChat.subject().to_string(),
+        ]),
+        Role::Inference => publish.push(subject::all_replies().to_string()),
+        Role::Archiver => {}
+    }
+    Permissions {
+        publish,
+        subscribe,
+        allow_responses: true,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// Each worker role's user in the committed `nats.conf` has exactly the
+    /// permissions generated from its consumers and outputs.
+    #[test]
+    fn role_permissions_match_their_entries_in_nats_conf() {
+        let conf = include_str!("../../nats.conf");
+        for role in Role::ALL {
+            let start = conf
+                .find(&format!("user: {}, password:", role.as_str()))
+                .unwrap_or_else(|| panic!("{} entry", role.as_str()));
+            let entry = &conf[start..];
+            let entry = &entry[..entry.find("\n      }").expect("end of entry")];
+            let quoted: Vec<&str> = entry.split('"').skip(1).step_by(2).collect();
+            let p = role_permissions(role);
+            let want: Vec<&str> = p.publish.iter().chain(&p.subscribe).map(String::as_str).collect();
+            assert_eq!(quoted, want, "{}", role.as_str());
+            assert_eq!(entry.contains("allow_responses: true"), p.allow_responses, "{}", role.as_str());
+        }
+    }
+}
