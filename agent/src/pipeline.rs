@@ -117,9 +117,9 @@ pub async fn write_spool(
                     batch.clear();
                     break;
                 }
-                Err(SpoolError::TooBig { id, bytes, max }) => {
-                    // Cannot ever fit: say so and go on without it.
-                    tracing::error!(event = %id, bytes, max, "event larger than the whole spool; dropped");
+                Err(error @ (SpoolError::TooBig { id, .. } | SpoolError::TooLarge { id, .. })) => {
+                    // Cannot ever fit or be sent: say so and go on without it.
+                    tracing::error!(event = %id, %error, "event dropped");
                     batch = events.into_iter().filter(|e| e.id != id).collect();
                     if batch.is_empty() {
                         break;

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use aes_gcm::aead::{Aead, Generate, Key, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use bytes::Bytes;
-use ferry_schema::codec::{encode_event, EncodeError};
+use ferry_schema::codec::{encode_event, EncodeError, DEFAULT_MAX_PAYLOAD};
 use ferry_schema::{Encoding, Envelope, EventId, EventKind, ReplyId};
 use hmac::{Hmac, Mac};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -154,6 +154,18 @@ pub enum SpoolError {
     /// The event could not be encoded.
     #[error(transparent)]
     Encode(#[from] EncodeError),
+    /// One event is larger than the broker takes from an agent (the codec's
+    /// limit, under the `AGENTS` account's `max_payload`): it could never
+    /// be published, so it is not spooled.
+    #[error("event {id} is {bytes} bytes encoded, over the {max}-byte event limit; not sent")]
+    TooLarge {
+        /// The event.
+        id: EventId,
+        /// Its encoded size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
     /// One event is bigger than the whole spool may be.
     #[error("event {id} needs {bytes} bytes but the spool holds at most {max} (spool.max_bytes)")]
     TooBig {
@@ -690,6 +702,9 @@ impl Spool {
 
     fn seal(&self, seq: u64, env: &Envelope, encoding: Encoding) -> Result<Vec<u8>, SpoolError> {
         let payload = encode_event(env, encoding)?;
+        if payload.len() > DEFAULT_MAX_PAYLOAD {
+            return Err(SpoolError::TooLarge { id: env.id, bytes: payload.len(), max: DEFAULT_MAX_PAYLOAD });
+        }
         let kind = env.kind().as_str().as_bytes();
         let mut plain = Vec::with_capacity(16 + 1 + 8 + 1 + kind.len() + payload.len());
         plain.extend_from_slice(env.id.0.as_bytes());
@@ -864,6 +879,24 @@ mod tests {
         let recs = s.read_after(0, 100).unwrap();
         assert!(recs.windows(2).all(|w| w[0].seq < w[1].seq));
         assert_eq!(recs.len(), 3);
+    }
+
+    #[test]
+    fn an_event_the_broker_would_refuse_is_not_spooled() {
+        // Over the codec's limit it could never be published: the broker
+        // closes an agent's connection past the AGENTS account's
+        // max_payload, and the drainer would retry it for ever.
+        let dir = tempfile::tempdir().unwrap();
+        let s = spool(dir.path(), 100, FullPolicy::Block);
+        let big = activity(&"x".repeat(DEFAULT_MAX_PAYLOAD));
+        match s.append(&[activity("ok"), big.clone()], Encoding::MsgPack) {
+            Err(SpoolError::TooLarge { id, bytes, max }) => {
+                assert_eq!((id, max), (big.id, DEFAULT_MAX_PAYLOAD));
+                assert!(bytes > max);
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        assert_eq!(s.depth().events, 0, "the batch is refused whole; the writer retries it without the event");
     }
 
     #[test]

@@ -18,6 +18,8 @@
 //! - [`topology`]: streams and consumers as code, and idempotent provisioning.
 //! - [`permissions`]: what each agent and worker role may do at the broker,
 //!   generated from the topology.
+//! - [`quota`]: what one agent may put into the broker, and the keeper that
+//!   frees processed history.
 //! - [`deadletter`]: what a dead letter carries and how it is published.
 //! - [`connect`]: connection settings shared by agent, workers and CLI.
 //! - `db` (feature `db`): the PostgreSQL migrations (`schema/migrations/`),
@@ -35,6 +37,7 @@ pub mod event;
 pub mod headers;
 pub mod metrics;
 pub mod permissions;
+pub mod quota;
 pub mod reply;
 pub mod subject;
 pub mod topology;

@@ -24,19 +24,22 @@ pub struct Permissions {
 }
 
 /// The permissions of `agent`'s user in the `AGENTS` account: publish only
-/// `events.<id>.>`, read (through [`subject::AGENT_JS_API_PREFIX`]) and ack
+/// `events.<id>.<kind>` for the four kinds (so the per-subject cap of
+/// [`crate::quota`] bounds the agent), read (through [`subject::AGENT_JS_API_PREFIX`]) and ack
 /// only its consumer `agent-<id>` on `REPLIES`, and receive only on
 /// `_INBOX.<id>.>` (the prefix [`subject::agent_inbox_prefix`] sets) and
 /// its own live replies `live.replies.<id>`.
 pub fn agent_permissions(agent: &AgentId) -> Permissions {
     let consumer = agent_replies_consumer_name(agent);
     Permissions {
-        publish: vec![
-            subject::events_of_agent(agent).to_string(),
+        publish: crate::quota::agent_event_subjects(agent)
+            .into_iter()
+            .chain([
             format!("{}.CONSUMER.INFO.{REPLIES_STREAM}.{consumer}", subject::AGENT_JS_API_PREFIX),
             format!("{}.CONSUMER.MSG.NEXT.{REPLIES_STREAM}.{consumer}", subject::AGENT_JS_API_PREFIX),
             format!("$JS.ACK.{REPLIES_STREAM}.{consumer}.>"),
-        ],
+            ])
+            .collect(),
         subscribe: vec![
             format!("{}.>", subject::agent_inbox_prefix(agent)),
             subject::live_reply(agent).to_string(),
@@ -85,7 +88,14 @@ pub fn role_permissions(role: Role) -> Permissions {
             subject::WorkQueue::InferenceChat.subject().to_string(),
         ]),
         Role::Inference => publish.push(subject::all_replies().to_string()),
-        Role::Archiver => {}
+        // The keeper (crate::quota) runs in the archiver.
+        Role::Archiver => {
+            for s in crate::quota::keeper_publish() {
+                if !publish.contains(&s) {
+                    publish.push(s);
+                }
+            }
+        }
     }
     Permissions {
         publish,

@@ -56,7 +56,7 @@ pub fn events_of_kind(kind: EventKind) -> Subject {
     Subject::from(format!("{EVENTS}.*.{kind}"))
 }
 
-/// `events.<agent>.>`: every event of one agent (its publish permission).
+/// `events.<agent>.>`: every event of one agent.
 pub fn events_of_agent(agent: &AgentId) -> Subject {
     Subject::from(format!("{EVENTS}.{agent}.>"))
 }

@@ -39,8 +39,13 @@ pub struct StreamSettings {
     /// Largest message a stream accepts (the broker's `max_payload` is the
     /// hard cap; Ferry's codec limit is lower, see [`crate::codec`]).
     pub max_message_size: i32,
-    /// Bytes the events stream may use before the oldest are discarded.
+    /// Bytes the events stream may use; beyond them, on a server that
+    /// enforces quotas, new events are refused (agents keep them spooled),
+    /// else the oldest are discarded (see [`crate::quota`]).
     pub events_max_bytes: i64,
+    /// Events one agent may have in `EVENTS` per kind, where the server can
+    /// refuse beyond it (see [`crate::quota`]); 0 for no cap.
+    pub agent_kind_max_msgs: i64,
     /// Bytes the replies stream may use before the oldest are discarded.
     pub replies_max_bytes: i64,
     /// Bytes the work queue may hold; beyond it a hand-off is refused (and
@@ -64,6 +69,11 @@ impl Default for StreamSettings {
             // Together 17 GiB, under the broker's 20 GB `max_file_store`
             // (nats.conf), so no stream can take another's room.
             events_max_bytes: 10 * GIB,
+            // A week of history at 1.6 events a second per kind; a busier
+            // agent nears it only if the keeper (run by the archiver)
+            // cannot free processed events; past it, an agent waits with
+            // its events in its spool (crate::quota).
+            agent_kind_max_msgs: 1_000_000,
             replies_max_bytes: 4 * GIB,
             work_max_bytes: 2 * GIB,
             deadletter_max_bytes: GIB,
@@ -83,12 +93,16 @@ fn base_stream(name: &str, subjects: Vec<String>, s: &StreamSettings) -> stream:
         // -1 (no limit) as the server stores it, so a re-run compares equal.
         max_bytes: -1,
         max_messages: -1,
+        max_messages_per_subject: -1,
         discard: DiscardPolicy::Old,
         ..Default::default()
     }
 }
 
 /// `EVENTS`: all events, limits retention, kept `events_max_age` for replay.
+/// Full, it discards its oldest; on a server that can enforce the agents'
+/// quotas (2.10 and later), [`provision`] makes it refuse new events
+/// instead and caps each agent ([`crate::quota::apply`]).
 pub fn events_stream(s: &StreamSettings) -> stream::Config {
     stream::Config {
         description: Some("Every event from every agent; replayable.".into()),
@@ -477,6 +491,17 @@ fn stream_diff(have: &stream::Config, want: &stream::Config) -> Vec<String> {
             format!("{:?}", want.discard),
         ),
         (
+            "max_msgs_per_subject",
+            // 0 and -1 both mean no limit.
+            if have.max_messages_per_subject > 0 { have.max_messages_per_subject } else { -1 }.to_string(),
+            if want.max_messages_per_subject > 0 { want.max_messages_per_subject } else { -1 }.to_string(),
+        ),
+        (
+            "discard_new_per_subject",
+            have.discard_new_per_subject.to_string(),
+            want.discard_new_per_subject.to_string(),
+        ),
+        (
             "num_replicas",
             have.num_replicas.max(1).to_string(),
             want.num_replicas.max(1).to_string(),
@@ -688,14 +713,19 @@ pub async fn remove_agent_consumer(
 }
 
 /// Provisions every stream, every role's consumer, and the reply consumer of
-/// each agent in `agents`. Safe to run any number of times.
+/// each agent in `agents`. Safe to run any number of times. The per-agent
+/// cap on `EVENTS` follows the version of the server `js` is connected to.
 pub async fn provision(
     js: &jetstream::Context,
     settings: &StreamSettings,
     agents: &[AgentId],
 ) -> Result<Vec<Provisioned>, ProvisionError> {
     let mut report = Vec::new();
-    for s in all_streams(settings) {
+    let version = js.client().server_info().version;
+    for mut s in all_streams(settings) {
+        if s.name == EVENTS_STREAM {
+            crate::quota::apply(&mut s, settings, &version);
+        }
         report.push(ensure_stream(js, &s).await?);
     }
     for role in Role::ALL {
@@ -717,7 +747,8 @@ mod tests {
     /// Every stream is bounded in bytes and age, together within the
     /// broker's file store (nats.conf's `max_file_store: 20GB`, read in
     /// decimal gigabytes, the smaller reading), and the work queue refuses
-    /// new hand-offs rather than evicting unprocessed ones.
+    /// new hand-offs rather than evicting unprocessed ones (the events do
+    /// where the server enforces quotas: `crate::quota`'s tests).
     #[test]
     fn every_stream_is_bounded_and_all_fit_the_broker_store() {
         let s = StreamSettings::default();

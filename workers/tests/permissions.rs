@@ -97,6 +97,11 @@ async fn each_role_is_refused_what_is_not_its_own() {
         // The operator's work.
         p.publish_refused(&format!("$JS.API.STREAM.DELETE.{EVENTS_STREAM}")).await;
         p.publish_refused(&format!("$JS.API.STREAM.PURGE.{DEADLETTER_STREAM}")).await;
+        // Only the archiver's keeper may purge, and only EVENTS.
+        p.publish_refused(&format!("$JS.API.STREAM.PURGE.{REPLIES_STREAM}")).await;
+        if role != Role::Archiver {
+            p.publish_refused(&format!("$JS.API.STREAM.PURGE.{EVENTS_STREAM}")).await;
+        }
         p.publish_refused("$JS.API.STREAM.CREATE.MINE").await;
         p.publish_refused(&format!("$JS.API.CONSUMER.DELETE.{}.{}", other.stream, other.name())).await;
         // Speaking for an agent.
@@ -124,6 +129,9 @@ async fn an_agent_is_refused_everything_but_its_own() {
         format!("$JS.API.STREAM.MSG.GET.{EVENTS_STREAM}"),
         format!("{api}.STREAM.MSG.GET.{REPLIES_STREAM}"),
         "events.desk-2.chat".to_string(),
+        // Only one subject per kind: the per-agent cap counts subjects.
+        "events.desk-1.junk".to_string(),
+        "events.desk-1.chat.more".to_string(),
         "replies.desk-1".to_string(),
         "replies.desk-2".to_string(),
         "live.replies.desk-2".to_string(),

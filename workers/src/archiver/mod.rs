@@ -5,7 +5,10 @@
 //! - [`rows`]: the SQL: events, agents, activities, chats with customers and
 //!   conversations; replies, predictions, alerts.
 //! - [`handler`]: decode, submit, return the commit's outcome.
-//! - [`run`]: the pool and schema check, both consume loops, the service.
+//! - [`run`]: the pool and schema check, both consume loops, the service,
+//!   and the keeper ([`ferry_schema::quota::trim_processed`]), which frees
+//!   from `EVENTS` what every consumer has processed, so a per-agent cap
+//!   counts unprocessed events.
 
 pub mod batch;
 pub mod handler;
@@ -35,7 +38,14 @@ pub struct ArchiverConfig {
     pub conversation_idle: Duration,
     /// Largest payload decoded; larger ones are dead-lettered.
     pub max_payload: usize,
+    /// How often the keeper looks at `EVENTS`; `None`: no keeper.
+    pub keeper_every: Option<Duration>,
 }
+
+/// How often the keeper looks at `EVENTS` by default: one stream and three
+/// consumer infos a second, and in a second an agent can add at most its
+/// cap per kind before the next trim.
+pub const KEEPER_EVERY: Duration = Duration::from_secs(1);
 
 impl ArchiverConfig {
     /// Defaults for `database_url`.
@@ -57,6 +67,7 @@ impl ArchiverConfig {
             batch: batch::BatchSettings::default(),
             conversation_idle: conversations::DEFAULT_IDLE,
             max_payload: DEFAULT_MAX_PAYLOAD,
+            keeper_every: Some(KEEPER_EVERY),
         }
     }
 }
@@ -137,10 +148,42 @@ pub async fn run(
         stats.clone(),
         loops.clone(),
     );
+    let keeper = cfg.keeper_every.map(|every| tokio::spawn(keep(js.clone(), every, loops.clone())));
     let result = runtime::both(&loops, ev, rp).await;
+    loops.cancel();
+    if let Some(k) = keeper {
+        let _ = k.await;
+    }
     // The handlers (and their senders) are gone: the writers drain and stop.
     let _ = tokio::join!(events_writer, replies_writer);
     runtime::finish(svc, &client).await;
     result?;
     Ok(stats)
+}
+
+/// The keeper's loop: a pass every `every` until `stop`; a failed pass is
+/// logged and tried again on the next tick.
+async fn keep(js: async_nats::jetstream::Context, every: Duration, stop: CancellationToken) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match ferry_schema::quota::trim_processed(&js).await {
+            Ok(t) => {
+                if failing {
+                    tracing::info!("keeper works again");
+                }
+                failing = false;
+                tracing::debug!(purges = t.purges, messages = t.messages, "keeper pass");
+            }
+            Err(error) => {
+                if !failing {
+                    tracing::warn!(%error, "keeper pass failed; trying again");
+                }
+                failing = true;
+            }
+        }
+    }
 }
