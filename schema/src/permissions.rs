@@ -23,6 +23,30 @@ pub struct Permissions {
     pub allow_responses: bool,
 }
 
+impl Permissions {
+    /// This user's entry in `nats.conf`, each line after `indent`: `{`,
+    /// the `credential` line (`user: desk-1, password: $VAR` or
+    /// `nkey: U...`), the allow-lists, `}`. The one writer of agent entries
+    /// (`ferry agent add`, and the demo agents of `ferry up` and the tests).
+    pub fn conf_entry(&self, credential: &str, indent: &str) -> String {
+        let quote = |v: &[String]| v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>();
+        let mut lines = vec![
+            "{".to_string(),
+            format!("  {credential}"),
+            "  permissions: {".to_string(),
+            "    publish: { allow: [".to_string(),
+            format!("      {}", quote(&self.publish).join(",\n      ")),
+            "    ] }".to_string(),
+            format!("    subscribe: {{ allow: [{}] }}", quote(&self.subscribe).join(", ")),
+        ];
+        if self.allow_responses {
+            lines.push("    allow_responses: true".to_string());
+        }
+        lines.extend(["  }".to_string(), "}".to_string()]);
+        lines.iter().flat_map(|block| block.lines()).map(|l| format!("{indent}{l}\n")).collect()
+    }
+}
+
 /// The permissions of `agent`'s user in the `AGENTS` account: publish only
 /// `events.<id>.<kind>` for the four kinds (so the per-subject cap of
 /// [`crate::quota`] bounds the agent), read (through [`subject::AGENT_JS_API_PREFIX`]) and ack
@@ -108,6 +132,22 @@ pub fn role_permissions(role: Role) -> Permissions {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    /// An entry lists exactly the allow-lists, in order, and nats-server's
+    /// syntax holds (checked against a real server by ops/cli's
+    /// `added_agent_is_confined_and_revoke_locks_it_out_after_reload`).
+    #[test]
+    fn an_entry_carries_the_allow_lists_and_the_credential() {
+        let p = agent_permissions(&AgentId::new("desk-9").unwrap());
+        let entry = p.conf_entry("nkey: UABC", "  ");
+        assert!(entry.lines().all(|l| l.starts_with("  ")), "{entry}");
+        assert_eq!(entry.lines().nth(1), Some("    nkey: UABC"));
+        let quoted: Vec<&str> = entry.split('"').skip(1).step_by(2).collect();
+        let want: Vec<&str> = p.publish.iter().chain(&p.subscribe).map(String::as_str).collect();
+        assert_eq!(quoted, want);
+        assert!(!entry.contains("allow_responses"));
+        assert!(role_permissions(Role::Rules).conf_entry("user: rules", "").contains("\n    allow_responses: true\n"));
+    }
 
     /// Each worker role's user in the committed `nats.conf` has exactly the
     /// permissions generated from its consumers and outputs.

@@ -153,28 +153,9 @@ impl Registry {
         let mut out = String::new();
         for a in self.active() {
             let id = AgentId::new(a.id.as_str())?;
-            let perms = topology::agent_permissions(&id);
             let group = a.group.as_deref().map(|g| format!(", group {g}")).unwrap_or_default();
-            let quote = |s: &String| format!("\"{s}\"");
-            let publish: Vec<String> = perms.publish.iter().map(quote).collect();
-            let subscribe: Vec<String> = perms.subscribe.iter().map(quote).collect();
-            let lines = [
-                format!("# agent {id}{group}, added {}", rfc3339(&a.created)),
-                "{".to_string(),
-                format!("  nkey: {}", a.public_key),
-                "  permissions: {".to_string(),
-                "    publish: { allow: [".to_string(),
-                format!("      {}", publish.join(",\n      ")),
-                "    ] }".to_string(),
-                format!("    subscribe: {{ allow: [{}] }}", subscribe.join(", ")),
-                "  }".to_string(),
-                "}".to_string(),
-            ];
-            for block in lines {
-                for line in block.lines() {
-                    out.push_str(&format!("{indent}{line}\n"));
-                }
-            }
+            out.push_str(&format!("{indent}# agent {id}{group}, added {}\n", rfc3339(&a.created)));
+            out.push_str(&topology::agent_permissions(&id).conf_entry(&format!("nkey: {}", a.public_key), indent));
         }
         Ok(out)
     }

@@ -245,7 +245,8 @@ fn offline_add_only_writes_files_and_every_command_has_help_with_examples() {
         .unwrap()
         .trim_matches('"');
     assert!(text.contains(&format!("nkey: {key}")), "{text}");
-    assert!(text.contains("\"events.desk-9.>\""), "{text}");
+    assert!(text.contains("\"events.desk-9.chat\""), "{text}");
+    assert!(!text.contains("\"events.desk-9.>\""), "one subject per kind, not all: {text}");
     // The committed config has no demo users; the demo config keeps them
     // beside the generated ones.
     assert!(!text.contains("user: desk-1"), "{text}");

@@ -167,14 +167,8 @@ pub fn demo_nats_conf() -> String {
     let mut entries = String::from("      # Demo agents with passwords (ferry-stack adds them; ferry up and tests only).\n");
     for agent in crate::secrets::DEMO_AGENTS {
         let Ok(id) = AgentId::new(*agent) else { continue };
-        let p = ferry_schema::topology::agent_permissions(&id);
-        let quote = |v: &Vec<String>| v.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>();
-        entries.push_str(&format!(
-            "      {{\n        user: {agent}, password: ${}\n        permissions: {{\n          publish: {{ allow: [\n            {}\n          ] }}\n          subscribe: {{ allow: [{}] }}\n        }}\n      }}\n",
-            crate::secrets::agent_env_var(agent),
-            quote(&p.publish).join(",\n            "),
-            quote(&p.subscribe).join(", "),
-        ));
+        let credential = format!("user: {agent}, password: ${}", crate::secrets::agent_env_var(agent));
+        entries.push_str(&ferry_schema::topology::agent_permissions(&id).conf_entry(&credential, "      "));
     }
     let marker = "# END ferry agents\n";
     match NATS_CONF.find(marker) {
