@@ -18,7 +18,7 @@ use crate::ConnArgs;
 pub enum AgentCmd {
     /// Create an agent's credentials: an nkey (seed saved to
     /// <data-dir>/agents/<id>.nk, mode 0600, and printed), its user in
-    /// nats.conf (publish only events.<id>.>, read only its own replies),
+    /// nats.conf (publish only its own events, read only its own replies),
     /// its reply consumer REPLIES/agent-<id>; then reload the running
     /// nats-server and check that the agent can connect.
     ///
@@ -45,6 +45,10 @@ pub enum AgentCmd {
     /// Examples:
     ///   ferry agent revoke desk-7
     ///   ferry agent revoke desk-7 --nats-conf /etc/nats/nats.conf --nats-pid 4711
+    ///   # a cluster: every node's copy of nats.conf and every node's server,
+    ///   # then each node is checked on its own URL
+    ///   ferry agent revoke desk-7 --nats-conf n1/nats.conf --nats-conf n2/nats.conf --nats-conf n3/nats.conf \
+    ///       --nats-pid n1.pid --nats-pid n2.pid --nats-pid n3.pid --server nats://n1:4222,nats://n2:4222,nats://n3:4222
     #[command(verbatim_doc_comment)]
     Revoke(RevokeArgs),
     /// Give an agent a new key: a new nkey (seed saved over
@@ -69,14 +73,18 @@ pub struct Target {
     #[arg(long, default_value = ".ferry")]
     data_dir: PathBuf,
     /// nats.conf whose agent users to rewrite (between its `# BEGIN ferry
-    /// agents` and `# END ferry agents` lines). Default: the one `ferry up`
-    /// runs, <data-dir>/nats/nats.conf, when it exists.
-    #[arg(long, env = "FERRY_NATS_CONF")]
-    nats_conf: Option<PathBuf>,
-    /// nats-server to reload: a process id or a pid file. Default: `ferry
-    /// up`'s broker (from <data-dir>/up.pid) when it runs.
+    /// agents` and `# END ferry agents` lines). Repeat it (or separate with
+    /// commas) for each node's copy on a cluster. Default: the one `ferry
+    /// up` runs, <data-dir>/nats/nats.conf, when it exists.
+    #[arg(long, env = "FERRY_NATS_CONF", value_delimiter = ',')]
+    nats_conf: Vec<PathBuf>,
+    /// nats-server to reload: a process id or a pid file. Repeat it for
+    /// each node of a cluster. Default: `ferry up`'s broker (from
+    /// <data-dir>/up.pid) when it runs. After a reload, each URL of
+    /// --server is checked on its own: a cluster is done only when every
+    /// node refuses (or accepts) the key.
     #[arg(long, value_name = "PID|FILE")]
-    nats_pid: Option<String>,
+    nats_pid: Vec<String>,
     /// Change only the files: no reload, no consumer created or deleted
     /// (for a broker this machine does not run or reach).
     #[arg(long)]
@@ -166,12 +174,7 @@ async fn add(args: AddArgs) -> anyhow::Result<()> {
         let line = crate::provision::describe(std::slice::from_ref(&report));
         println!("  consumer    {}", line.trim_start_matches("consumer "));
         if applied.reloaded {
-            let conn = agent_conn(&t.conn.server, &id, Auth::Nkey { seed: seed.clone() });
-            wait_until(&format!("{id} to be able to connect"), || async {
-                check_agent(&conn, &id).await.map_err(|e| format!("{e:#}"))
-            })
-            .await?;
-            println!("  check       {id} connected with its seed and read its consumer: ok");
+            wait_accepted(t, &id, &seed).await?;
         }
     }
     println!();
@@ -265,15 +268,9 @@ async fn rotate(args: RevokeArgs) -> anyhow::Result<()> {
     println!("  seed file   {} (mode 0600)", seed_file.display());
     let applied = apply(t, &plan, &reg)?;
     if !t.offline && applied.reloaded {
-        let conn = agent_conn(&t.conn.server, &id, Auth::Nkey { seed: seed.clone() });
-        wait_until(&format!("{id} to be able to connect with its new seed"), || async {
-            check_agent(&conn, &id).await.map_err(|e| format!("{e:#}"))
-        })
-        .await?;
-        println!("  check       {id} connected with its new seed: ok");
+        wait_accepted(t, &id, &seed).await?;
         if let Some(auth) = old_auth {
             wait_refused(t, &id, auth).await?;
-            println!("  check       the broker refuses the old seed: ok");
         }
     }
     println!();
@@ -282,16 +279,41 @@ async fn rotate(args: RevokeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits until the reloaded broker refuses `id` with `auth` (an old seed).
+/// The URLs of `--server`, each checked on its own: on a cluster a change
+/// holds only once every node has it.
+fn nodes(t: &Target) -> Vec<&str> {
+    t.conn.server.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
+}
+
+/// Waits until every node lets `id` in with `seed` and read its consumer.
+async fn wait_accepted(t: &Target, id: &AgentId, seed: &str) -> anyhow::Result<()> {
+    for url in nodes(t) {
+        let conn = agent_conn(t, url, id, Auth::Nkey { seed: seed.to_string() });
+        wait_until(&format!("{url} to let {id} in with its seed"), || async {
+            check_agent(&conn, id).await.map_err(|e| format!("{e:#}"))
+        })
+        .await?;
+        println!("  check       {url}: {id} connected with its seed and read its consumer: ok");
+    }
+    Ok(())
+}
+
+/// Waits until every node refuses `id` with `auth` (an old seed). A node
+/// that cannot be reached is not taken for one that refuses.
 async fn wait_refused(t: &Target, id: &AgentId, auth: Auth) -> anyhow::Result<()> {
-    let conn = agent_conn(&t.conn.server, id, auth);
-    wait_until(&format!("the broker to refuse {id}'s old seed"), || async {
-        match quiet(conn.connect()).await {
-            Ok(_) => Err("it still connects".to_string()),
-            Err(_) => Ok(()),
-        }
-    })
-    .await
+    for url in nodes(t) {
+        let conn = agent_conn(t, url, id, auth.clone());
+        wait_until(&format!("{url} to refuse {id}'s old seed"), || async {
+            match quiet(conn.connect()).await {
+                Ok(_) => Err("it still connects".to_string()),
+                Err(e) if format!("{e:#}").to_lowercase().contains("authoriz") => Ok(()),
+                Err(e) => Err(format!("cannot tell, the node did not answer: {e:#}")),
+            }
+        })
+        .await?;
+        println!("  check       {url}: refuses {id}'s old seed: ok");
+    }
+    Ok(())
 }
 
 async fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
@@ -309,7 +331,6 @@ async fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
         if applied.reloaded {
             if let Some(auth) = old_auth {
                 wait_refused(t, &id, auth).await?;
-                println!("  check       the broker refuses {id}'s seed: ok");
             }
         }
         let js = jetstream::new(operator(t, "ferry agent revoke")?.connect().await?);
@@ -333,35 +354,43 @@ async fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
 /// before anything changes.
 #[derive(Debug)]
 struct Plan {
-    /// The config with the generated block, if there is one to update.
-    conf: Option<PathBuf>,
-    /// The nats-server to reload, unless offline or unknown.
-    pid: Option<i32>,
+    /// The configs with the generated block (one per node), if any.
+    confs: Vec<PathBuf>,
+    /// The nats-servers to reload; none when offline or unknown.
+    pids: Vec<i32>,
 }
 
 fn plan(t: &Target, reg: &Registry) -> anyhow::Result<Plan> {
     let default_conf = t.data_dir.join("nats").join("nats.conf");
-    let conf = match &t.nats_conf {
-        Some(p) => Some(p.clone()),
-        None => default_conf.exists().then_some(default_conf),
+    let confs = if t.nats_conf.is_empty() {
+        default_conf.exists().then_some(default_conf).into_iter().collect()
+    } else {
+        t.nats_conf.clone()
     };
-    if let Some(conf) = &conf {
+    for conf in &confs {
         let text = std::fs::read_to_string(conf).with_context(|| format!("reading {}", conf.display()))?;
         reg.splice_into(&text, &conf.display().to_string())?;
     }
-    let pid = if t.offline || conf.is_none() { None } else { nats_pid(t)? };
-    if let (Some(pid), Some(conf)) = (pid, &conf) {
-        if let Some(running_conf) = config_of(pid) {
-            if std::fs::canonicalize(&running_conf).ok() != std::fs::canonicalize(conf).ok() {
+    let pids = if t.offline || confs.is_empty() { Vec::new() } else { nats_pids(t)? };
+    // A node's config may be the given file or one beside it that includes
+    // it (the cluster's node-N.conf includes nats.conf).
+    let dirs: Vec<_> = confs
+        .iter()
+        .filter_map(|c| std::fs::canonicalize(c).ok())
+        .filter_map(|c| c.parent().map(Path::to_path_buf))
+        .collect();
+    for pid in &pids {
+        if let Some(running_conf) = config_of(*pid) {
+            let beside = std::fs::canonicalize(&running_conf).ok().and_then(|c| c.parent().map(Path::to_path_buf));
+            if !beside.is_some_and(|d| dirs.contains(&d)) {
                 eprintln!(
-                    "ferry: warning: nats-server (pid {pid}) runs with {}, not {}",
-                    running_conf.display(),
-                    conf.display()
+                    "ferry: warning: nats-server (pid {pid}) runs with {}, not with any --nats-conf given",
+                    running_conf.display()
                 );
             }
         }
     }
-    Ok(Plan { conf, pid })
+    Ok(Plan { confs, pids })
 }
 
 /// What [`apply`] did.
@@ -378,38 +407,56 @@ fn apply(t: &Target, plan: &Plan, reg: &Registry) -> anyhow::Result<Applied> {
     registry::write_atomic(&groups, reg.groups_toml()?.as_bytes(), 0o644)?;
     println!("  groups      {} (workers read it with --groups at start)", groups.display());
 
-    let Some(conf) = &plan.conf else {
+    if plan.confs.is_empty() {
         println!(
             "  nats.conf   none at {}: `ferry up` writes the agent users at its next start; for another broker pass --nats-conf",
             t.data_dir.join("nats").join("nats.conf").display()
         );
         return Ok(Applied { reloaded: false });
-    };
-    let text = std::fs::read_to_string(conf).with_context(|| format!("reading {}", conf.display()))?;
-    let new = reg.splice_into(&text, &conf.display().to_string())?;
-    if new != text {
-        registry::write_atomic(conf, new.as_bytes(), 0o644)?;
     }
-    println!("  nats.conf   {}: {} agent users", conf.display(), reg.active().count());
+    for conf in &plan.confs {
+        let text = std::fs::read_to_string(conf).with_context(|| format!("reading {}", conf.display()))?;
+        let new = reg.splice_into(&text, &conf.display().to_string())?;
+        if new != text {
+            registry::write_atomic(conf, new.as_bytes(), 0o644)?;
+        }
+        println!("  nats.conf   {}: {} agent users", conf.display(), reg.active().count());
+    }
     if t.offline {
-        println!("  reload      skipped (--offline); reload it with: nats-server --signal reload=<pid>");
+        println!("  reload      skipped (--offline); copy the file to every node and reload each with: nats-server --signal reload=<pid>");
         return Ok(Applied { reloaded: false });
     }
-    let Some(pid) = plan.pid else {
+    if plan.pids.is_empty() {
         println!("  reload      no running nats-server known (no `ferry up` in {}); reload yours with: nats-server --signal reload=<pid>, or pass --nats-pid", t.data_dir.display());
         return Ok(Applied { reloaded: false });
-    };
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP)
-        .with_context(|| format!("signalling nats-server (pid {pid}) to reload"))?;
-    tracing::info!(pid, conf = %conf.display(), "nats-server reload requested");
-    println!("  reload      nats-server (pid {pid}) told to reload its configuration");
+    }
+    for &pid in &plan.pids {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGHUP)
+            .with_context(|| format!("signalling nats-server (pid {pid}) to reload"))?;
+        tracing::info!(pid, "nats-server reload requested");
+        println!("  reload      nats-server (pid {pid}) told to reload its configuration");
+    }
     Ok(Applied { reloaded: true })
 }
 
-/// The nats-server to reload: `--nats-pid` (a pid or pid file), or the one
-/// `ferry up` started from this data dir, if it runs.
-fn nats_pid(t: &Target) -> anyhow::Result<Option<i32>> {
-    if let Some(given) = &t.nats_pid {
+/// The nats-servers to reload: every `--nats-pid` (a pid or pid file), or
+/// the one `ferry up` started from this data dir, if it runs.
+fn nats_pids(t: &Target) -> anyhow::Result<Vec<i32>> {
+    if !t.nats_pid.is_empty() {
+        return t.nats_pid.iter().map(|given| given_pid(given)).collect();
+    }
+    let up = t.data_dir.join(crate::up::PID_FILE);
+    Ok(crate::down::pids(&up)
+        .into_iter()
+        .filter(|(what, pid)| what == "nats" && crate::down::running(*pid, "nats-server"))
+        .map(|(_, pid)| pid)
+        .take(1)
+        .collect())
+}
+
+/// One `--nats-pid`: a process id, or a file holding one, of a running nats-server.
+fn given_pid(given: &str) -> anyhow::Result<i32> {
+    {
         let text = match given.trim().parse::<i32>() {
             Ok(pid) => pid.to_string(),
             Err(_) => std::fs::read_to_string(given).with_context(|| format!("reading --nats-pid file {given}"))?,
@@ -422,13 +469,8 @@ fn nats_pid(t: &Target) -> anyhow::Result<Option<i32>> {
             crate::down::running(pid, "nats-server"),
             "--nats-pid {given}: process {pid} is not a running nats-server"
         );
-        return Ok(Some(pid));
+        Ok(pid)
     }
-    let up = t.data_dir.join(crate::up::PID_FILE);
-    Ok(crate::down::pids(&up)
-        .into_iter()
-        .find(|(what, pid)| what == "nats" && crate::down::running(*pid, "nats-server"))
-        .map(|(_, pid)| pid))
 }
 
 /// The config file a running nats-server was started with (`-c FILE`), if it can be read.
@@ -467,9 +509,11 @@ fn operator(t: &Target, name: &str) -> anyhow::Result<NatsConfig> {
     Ok(c)
 }
 
-/// The connection settings `ferry-agent` uses for `id` with `auth`.
-fn agent_conn(server: &str, id: &AgentId, auth: Auth) -> NatsConfig {
-    let mut c = NatsConfig::new(server, format!("ferry agent check {id}"));
+/// The connection settings `ferry-agent` uses for `id` with `auth`, to the
+/// one node `url`, with the TLS settings of `--tls-ca` etc.
+fn agent_conn(t: &Target, url: &str, id: &AgentId, auth: Auth) -> NatsConfig {
+    let mut c = t.conn.config(&format!("ferry agent check {id}"));
+    c.url = url.to_string();
     c.auth = auth;
     c.inbox_prefix = Some(subject::agent_inbox_prefix(id));
     c.connect_timeout = Duration::from_secs(2);

@@ -456,6 +456,10 @@ impl Node {
         Self { child: Some(child), log }
     }
 
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(std::process::Child::id).expect("a running node")
+    }
+
     fn log(&self) -> String {
         format!("{}:\n{}", self.log.display(), std::fs::read_to_string(&self.log).unwrap_or_default())
     }
@@ -695,6 +699,40 @@ async fn three_node_cluster_from_the_shipped_files_replicates_streams() {
     assert!(out.status.success(), "{}", text(&out));
     let again = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(again.lines().all(|l| l.ends_with(": unchanged")), "{again}");
+
+    // An agent added on every node gets in on each; revoked on every node,
+    // each refuses it (every node's copy of nats.conf rewritten, every
+    // server reloaded, each URL checked on its own).
+    let data = dir.path().join("ferry-data");
+    let agent_cmd = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_ferry"));
+        c.arg("agent").args(args).arg("--data-dir").arg(&data);
+        for (d, node) in node_dirs.iter().zip(&nodes) {
+            c.arg("--nats-conf").arg(d.join("nats.conf"));
+            c.arg("--nats-pid").arg(node.pid().to_string());
+        }
+        c.args(["--server", &urls, "--user", OPERATOR_USER, "--tls-ca"])
+            .arg(tls.join("ca.pem"))
+            .env("NATS_PASSWORD", &operator_password)
+            .output()
+            .unwrap()
+    };
+    let out = agent_cmd(&["add", "desk-9"]);
+    assert!(out.status.success(), "ferry agent add on the cluster: {}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    for p in &ports {
+        let url = format!("nats://127.0.0.1:{}", p.client);
+        assert!(said.contains(&format!("{url}: desk-9 connected with its seed and read its consumer: ok")), "{said}");
+    }
+    assert!(!text(&out).contains("warning"), "{}", text(&out));
+    let out = agent_cmd(&["revoke", "desk-9"]);
+    assert!(out.status.success(), "ferry agent revoke on the cluster: {}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    for (d, p) in node_dirs.iter().zip(&ports) {
+        let url = format!("nats://127.0.0.1:{}", p.client);
+        assert!(said.contains(&format!("{url}: refuses desk-9's old seed: ok")), "{said}");
+        assert!(!read(&d.join("nats.conf")).contains("desk-9"), "{}", d.display());
+    }
 
     // Kill the node that leads EVENTS: the other two elect a new leader and
     // keep storing events.
