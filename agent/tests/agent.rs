@@ -602,6 +602,77 @@ async fn on_a_tls_broker_only_clients_that_trust_its_ca_get_in() {
     assert!(rx.try_recv().is_ok(), "replies arrived over TLS");
 }
 
+/// Mutual TLS with `verify_and_map`: the client certificate chooses the
+/// user (by its DNS name) and that user's password is still checked, so a
+/// password without its certificate is refused, and so are a certificate
+/// for a name with no user and a certificate for one user with another's
+/// password. A user logged in that way has its own permissions; an agent
+/// and a rules worker logged in that way carry the demo chat.
+#[tokio::test]
+async fn with_verify_and_map_the_certificate_chooses_the_user() {
+    let certs = tempfile::tempdir().unwrap();
+    let ca = ferry_stack::tls::Ca::open_or_create(certs.path()).unwrap();
+    ca.server(&[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("nats.conf");
+    let text = ferry_stack::nats::with_store_dir(&ferry_stack::nats::demo_nats_conf(), &dir.path().join("store"));
+    std::fs::write(&conf, text + &ferry_stack::tls::mapped_server_block(certs.path())).unwrap();
+    let nats = NatsServer::start(ferry_stack::NatsServerOptions {
+        data_dir: Some(dir.path().join("run")),
+        conf: Some(conf),
+        tls: Some(certs.path().to_path_buf()),
+        ..Default::default()
+    })
+    .unwrap();
+    let with_cert = |mut c: NatsConfig, name: &str| {
+        let (cert, key) = ca.client(name).unwrap();
+        c.tls = Some(ferry_schema::connect::TlsFiles { ca: Some(ca.cert_path()), cert: Some(cert), key: Some(key) });
+        c
+    };
+
+    let refused = [
+        ("a password without a certificate", nats.operator("no cert")),
+        ("a certificate for no user", with_cert(nats.operator("intruder"), "intruder")),
+        ("desk-1's certificate with the operator's password", with_cert(nats.operator("desk-1 as operator"), "desk-1")),
+    ];
+    for (what, c) in refused {
+        assert!(c.connect_once().await.is_err(), "{what} got in");
+    }
+
+    // The operator's certificate and password provision; desk-1's are
+    // confined as desk-1.
+    let js = jetstream::new(with_cert(nats.operator("operator"), "operator").connect().await.unwrap());
+    topology::provision(&js, &StreamSettings::default(), &[desk(1)]).await.unwrap();
+    let as_desk1 = with_cert(nats.agent(&desk(1)).unwrap(), "desk-1");
+    let (tx, mut errors) = mpsc::unbounded_channel();
+    let raw = as_desk1
+        .connect_reporting(move |e| {
+            let _ = tx.send(e);
+        })
+        .await
+        .unwrap();
+    raw.publish(subject::event(&desk(2), ferry_schema::EventKind::Chat), "spoofed".into()).await.unwrap();
+    raw.flush().await.unwrap();
+    let e = next_error(&mut errors).await;
+    assert!(e.contains("Permissions Violation for Publish to \"events.desk-2.chat\""), "{e}");
+
+    // An agent and a rules worker, each with its certificate, carry the chat.
+    let rules_conn = with_cert(nats.role(topology::Role::Rules, "rules"), "rules");
+    let mut rules_file = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut rules_file, format!("{DEMO_RULES}{CATCH_ALL}").as_bytes()).unwrap();
+    let cfg = RulesConfig::new(rules_file.path());
+    let stop = CancellationToken::new();
+    let rules_client = rules_conn.connect().await.unwrap();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move { rules::run(rules_client, &cfg, stop).await }
+    });
+    let agent = Agent::connect(AgentConfig::new(desk(1), as_desk1)).await.unwrap();
+    let (report, _rx) = run_demo_chat(&agent).await;
+    assert_eq!(report.unanswered, 0);
+    stop.cancel();
+}
+
 /// `agent` sends the demo chat from a fresh spool until every line is
 /// answered: its report, and the replies it got.
 async fn run_demo_chat(agent: &Agent) -> (ferry_agent::run::RunReport, mpsc::Receiver<ferry_schema::Reply>) {

@@ -164,13 +164,14 @@ impl Ca {
     }
 
     /// Writes `client-<name>.pem` and `client-<name>-key.pem`, a client
-    /// certificate whose common name is `name` (what `verify_and_map`
-    /// maps to a user). Returns both paths.
+    /// certificate with `name` as its common name and its DNS name: a
+    /// server with `verify_and_map` ([`mapped_server_block`]) logs it in
+    /// as the user `name`. Returns both paths.
     pub fn client(&self, name: &str) -> Result<(PathBuf, PathBuf), TlsError> {
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
             return Err(TlsError::BadName(name.to_string()));
         }
-        let (cert, key) = self.sign(&[], ExtendedKeyUsagePurpose::ClientAuth, name)?;
+        let (cert, key) = self.sign(&[name.to_string()], ExtendedKeyUsagePurpose::ClientAuth, name)?;
         let (c, k) = (self.dir.join(format!("client-{name}.pem")), self.dir.join(format!("client-{name}-key.pem")));
         write(&k, &key, true)?;
         write(&c, &cert, false)?;
@@ -187,6 +188,13 @@ pub fn server_block(dir: &Path) -> String {
         dir.join(SERVER_KEY).display(),
         dir.join(CA_CERT).display()
     )
+}
+
+/// Like [`server_block`], and every client must also present a
+/// certificate this CA signed, which logs it in as the user its DNS name
+/// names (`verify_and_map`): no password is asked, and one is not enough.
+pub fn mapped_server_block(dir: &Path) -> String {
+    server_block(dir).replace("  timeout: 2\n", "  timeout: 2\n  verify_and_map: true\n")
 }
 
 #[cfg(test)]
