@@ -57,6 +57,47 @@ fn wait_for_front(wine: &Wine, exe: &Path, exe_name: &str) -> Value {
     .unwrap_or_else(|e| panic!("{e}; the last probe printed {last:?}"))
 }
 
+/// Puts the CA certificate `ca_pem` into the prefix's machine Root store
+/// (HKLM\...\SystemCertificates\Root, as `certutil -addstore Root` would):
+/// a `reg import` of the serialized certificate, named by its SHA-1.
+fn import_root_ca(wine: &Wine, ca_pem: &Path, dir: &Path) {
+    let openssl = ferry_stack::install::ensure("openssl", "openssl").unwrap();
+    let der_path = dir.join("root-ca.der");
+    run_checked(
+        std::process::Command::new(&openssl).args(["x509", "-outform", "DER", "-in"]).arg(ca_pem).arg("-out").arg(&der_path),
+        "openssl x509",
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let digest = run_checked(
+        std::process::Command::new(&openssl).args(["dgst", "-sha1", "-r"]).arg(&der_path),
+        "openssl dgst",
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let sha1 = String::from_utf8_lossy(&digest.stdout).split_whitespace().next().unwrap().to_ascii_uppercase();
+    let der = std::fs::read(&der_path).unwrap();
+    // One property: CERT_CERT_PROP_ID (32), then 1, the length, the DER.
+    let mut blob = Vec::new();
+    for n in [32u32, 1, der.len() as u32] {
+        blob.extend(n.to_le_bytes());
+    }
+    blob.extend(&der);
+    let hex: Vec<String> = blob.iter().map(|b| format!("{b:02x}")).collect();
+    let reg = dir.join("root-ca.reg");
+    std::fs::write(
+        &reg,
+        format!(
+            "Windows Registry Editor Version 5.00\r\n\r\n[HKEY_LOCAL_MACHINE\\Software\\Microsoft\\SystemCertificates\\Root\\Certificates\\{sha1}]\r\n\"Blob\"=hex:{}\r\n",
+            hex.join(",")
+        ),
+    )
+    .unwrap();
+    let mut import = wine.builtin("reg");
+    import.args(["import", &format!("Z:{}", reg.display())]);
+    run_checked(&mut import, "reg import of the CA", Duration::from_secs(60)).unwrap();
+}
+
 #[test]
 fn probe_names_the_window_in_front_under_wine() {
     let start = Instant::now();
@@ -191,6 +232,52 @@ async fn the_exe_collects_activity_and_serves_a_chat_adapter_under_wine() {
     let report = String::from_utf8_lossy(&check.stdout).into_owned();
     assert!(!report.contains("PROBLEM"), "{report}");
     assert!(report.contains("ok      permissions"), "{report}");
+
+    // The Windows system store: given a tls:// URL and no CA, the agent
+    // trusts what Windows trusts. Refused while the prefix does not know
+    // the broker's CA; in once the CA is in the machine's Root store.
+    let certs = tempfile::tempdir().unwrap();
+    let ca = ferry_stack::tls::Ca::open_or_create(certs.path()).unwrap();
+    ca.server(&[]).unwrap();
+    let tls_nats = NatsServer::start(ferry_stack::NatsServerOptions {
+        tls: Some(certs.path().to_path_buf()),
+        ..Default::default()
+    })
+    .unwrap();
+    let tls_js = async_nats::jetstream::new(tls_nats.operator("test").connect().await.unwrap());
+    topology::provision(&tls_js, &StreamSettings::default(), std::slice::from_ref(&desk)).await.unwrap();
+    let tls_conf = work.path().join("ferry-agent-tls.toml");
+    std::fs::write(
+        &tls_conf,
+        format!(
+            "id = \"desk-1\"\nserver = \"tls://127.0.0.1:{}\"\npassword = \"{}\"\n\n[spool]\ndir = 'Z:{}'\n",
+            tls_nats.port(),
+            tls_nats.secrets().agent("desk-1").unwrap(),
+            work.path().join("spool-tls").display(),
+        ),
+    )
+    .unwrap();
+    let tls_check = || {
+        let mut c = wine.command(&exe).unwrap();
+        c.args(["--config", &format!("Z:{}", tls_conf.display()), "check"]);
+        async move {
+            let out = tokio::task::spawn_blocking(move || {
+                c.stdout(Stdio::piped()).stderr(Stdio::piped()).output().unwrap()
+            })
+            .await
+            .unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+    let unknown = tls_check().await;
+    assert!(unknown.contains("PROBLEM broker"), "the prefix trusted a CA it was never given: {unknown}");
+    {
+        let (wine, ca_pem, dir) = (wine.clone(), ca.cert_path(), work.path().to_path_buf());
+        tokio::task::spawn_blocking(move || import_root_ca(&wine, &ca_pem, &dir)).await.unwrap();
+    }
+    let trusted = tls_check().await;
+    assert!(trusted.contains("ok      broker") && trusted.contains("ok      permissions"), "{trusted}");
+    drop(tls_nats);
 
     // install / uninstall: the per-user Run key, written and removed.
     let run_exe = |args: Vec<String>| {

@@ -424,6 +424,11 @@ impl Wine {
             .env("WINEDLLOVERRIDES", "mscoree,mshtml=")
             .env("DISPLAY", self.display())
             .env_remove("WAYLAND_DISPLAY")
+            // Wine hands the host's environment to Windows programs, and
+            // with these set rustls-native-certs reads that file instead
+            // of the Windows certificate store; a Windows desktop has none.
+            .env_remove("SSL_CERT_FILE")
+            .env_remove("SSL_CERT_DIR")
             .stdin(Stdio::null());
         cmd
     }
@@ -449,6 +454,14 @@ impl Wine {
         let mut cmd = self.base_command(&self.loader);
         cmd.arg(exe);
         Ok(cmd)
+    }
+
+    /// A command running one of Wine's own console programs (`reg`) in
+    /// this prefix; run it with [`run_checked`].
+    pub fn builtin(&self, name: &str) -> Command {
+        let mut cmd = self.base_command(&self.loader);
+        cmd.arg(name);
+        cmd
     }
 
     /// Starts one of Wine's own programs (`notepad`, `winver`, `regedit`)
