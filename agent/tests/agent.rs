@@ -1,6 +1,8 @@
 //! The agent against a real nats-server and rules worker: confinement, offline replies, reconnect, CLI.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
+mod common;
+
 use std::time::Duration;
 
 use async_nats::jetstream;
@@ -8,13 +10,13 @@ use ferry_agent::run::{run_lines, Until};
 use ferry_agent::spool::{Spool, SpoolConfig};
 use ferry_agent::{Agent, AgentConfig};
 use ferry_schema::codec::encode_event;
-use ferry_schema::event::{ChatMessage, ChatType, MessageType};
 use ferry_schema::reply::ChatAction;
 use ferry_schema::topology::{self, StreamSettings, EVENTS_STREAM, REPLIES_STREAM};
 use ferry_schema::{headers, subject, AgentId, Encoding, Envelope, EventBody, ReplyBody};
 use ferry_schema::connect::NatsConfig;
 use ferry_stack::{inspect, NatsServer};
 use ferry_workers::rules::{self, RulesConfig};
+use common::{chat, desk, raw_agent_client};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -33,9 +35,6 @@ fn demo_chat() -> String {
 }
 const WAIT: Duration = Duration::from_secs(60);
 
-fn desk(n: u8) -> AgentId {
-    AgentId::new(format!("desk-{n}")).unwrap()
-}
 
 struct Stack {
     nats: NatsServer,
@@ -74,18 +73,6 @@ impl Stack {
     }
 }
 
-fn chat(agent: &AgentId, text: &str) -> Envelope {
-    Envelope::new(
-        agent.clone(),
-        EventBody::Chat(ChatMessage {
-            chat: "Bob".into(),
-            chat_type: ChatType::Direct,
-            sender: "Bob".into(),
-            text: text.into(),
-            msg_type: MessageType::Text,
-        }),
-    )
-}
 
 /// Starts `agent`'s reply receiver; replies come out of the returned
 /// channel (of `capacity`). Cancel the token and await the handle to stop it.
@@ -117,7 +104,7 @@ async fn next_error(errors: &mut mpsc::UnboundedReceiver<String>) -> String {
 async fn broker_confines_an_agent_to_its_own_subjects() {
     let s = stack().await;
     // A plain client with desk-1's credentials, as a misbehaving agent would use.
-    let (client, mut errors) = raw_agent_client(&s, &desk(1)).await;
+    let (client, mut errors) = raw_agent_client(&s.nats, &desk(1)).await;
 
     // Its own subject works.
     let js = jetstream::new(client.clone());
@@ -169,29 +156,6 @@ async fn broker_confines_an_agent_to_its_own_subjects() {
     assert_eq!(inspect::count(&s.js, EVENTS_STREAM).await.unwrap(), 1);
 }
 
-/// A raw client with `agent`'s credentials, as a hostile program on its PC
-/// would use; the broker's complaints come out of the returned channel.
-async fn raw_agent_client(
-    s: &Stack,
-    agent: &AgentId,
-) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
-    let (tx, errors) = mpsc::unbounded_channel();
-    let client = async_nats::ConnectOptions::new()
-        .user_and_password(agent.to_string(), s.nats.secrets().agent(agent.as_str()).unwrap().into())
-        .custom_inbox_prefix(subject::agent_inbox_prefix(agent))
-        .event_callback(move |event| {
-            let tx = tx.clone();
-            async move {
-                if let async_nats::Event::ServerError(e) = event {
-                    let _ = tx.send(e.to_string());
-                }
-            }
-        })
-        .connect(s.nats.url())
-        .await
-        .unwrap();
-    (client, errors)
-}
 
 /// NATS publish permissions do not cover the reply-to subject a client
 /// chooses, and JetStream answers to it: an agent must not be able to make
@@ -202,7 +166,7 @@ async fn raw_agent_client(
 #[tokio::test]
 async fn a_client_chosen_reply_to_cannot_reach_another_agents_replies() {
     let s = stack().await;
-    let (client, _errors) = raw_agent_client(&s, &desk(1)).await;
+    let (client, _errors) = raw_agent_client(&s.nats, &desk(1)).await;
     let victim = subject::reply(&desk(2));
 
     // Vector 1: its own event, with the victim's reply subject as reply-to.

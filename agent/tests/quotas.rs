@@ -1,6 +1,8 @@
 //! One agent cannot hurt the others: a flood of junk and valid events against a small store, with real agents, rules worker and archiver (whose keeper frees processed history).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,13 +12,13 @@ use ferry_agent::run::{run_lines, RunReport, Until};
 use ferry_agent::spool::{Spool, SpoolConfig};
 use ferry_agent::{Agent, AgentConfig};
 use ferry_schema::codec::encode_event;
-use ferry_schema::event::{ChatMessage, ChatType, MessageType};
 use ferry_schema::topology::{self, Role, StreamSettings, EVENTS_STREAM};
-use ferry_schema::{quota, subject, AgentId, Encoding, Envelope, EventBody, EventKind};
+use ferry_schema::{quota, subject, Encoding, EventKind};
 use ferry_stack::{NatsServer, PgServer};
 use ferry_workers::archiver::{self, ArchiverConfig};
 use ferry_workers::rules::{self, RulesConfig};
 use futures::StreamExt;
+use common::{chat, desk, raw_agent_client};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -30,22 +32,7 @@ const FLOOD_TEXT: usize = 4000;
 /// The flood stops after this many publishes even if the test is slow.
 const FLOOD_MAX: usize = 200_000;
 
-fn desk(n: u8) -> AgentId {
-    AgentId::new(format!("desk-{n}")).unwrap()
-}
 
-fn chat(agent: &AgentId, text: &str) -> Envelope {
-    Envelope::new(
-        agent.clone(),
-        EventBody::Chat(ChatMessage {
-            chat: "Bob".into(),
-            chat_type: ChatType::Direct,
-            sender: "Bob".into(),
-            text: text.into(),
-            msg_type: MessageType::Text,
-        }),
-    )
-}
 
 /// `n` chat lines for an agent's JSON-lines source.
 fn chat_lines(n: usize, tag: &str) -> String {
@@ -73,26 +60,6 @@ async fn run_until_answered(agent: &Agent, lines: String) -> RunReport {
     report
 }
 
-/// A raw client with `agent`'s credentials, as a hostile program on its PC
-/// would use; the broker's complaints come out of the returned channel.
-async fn raw_agent_client(nats: &NatsServer, agent: &AgentId) -> (async_nats::Client, mpsc::UnboundedReceiver<String>) {
-    let (tx, errors) = mpsc::unbounded_channel();
-    let client = async_nats::ConnectOptions::new()
-        .user_and_password(agent.to_string(), nats.secrets().agent(agent.as_str()).unwrap().into())
-        .custom_inbox_prefix(subject::agent_inbox_prefix(agent))
-        .event_callback(move |event| {
-            let tx = tx.clone();
-            async move {
-                if let async_nats::Event::ServerError(e) = event {
-                    let _ = tx.send(e.to_string());
-                }
-            }
-        })
-        .connect(nats.url())
-        .await
-        .unwrap();
-    (client, errors)
-}
 
 async fn count(pg: &PgServer, sql: &str) -> i64 {
     let c = ferry_workers::state::connect_one(&pg.url()).await.unwrap();
