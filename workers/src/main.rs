@@ -96,39 +96,77 @@ struct DbArgs {
     /// PostgreSQL URL (postgres://user:password@host:port/database).
     #[arg(long = "database-url", env = "DATABASE_URL", hide_env_values = true)]
     url: Option<String>,
-    /// Connections in this replica's PostgreSQL pool.
-    #[arg(long, default_value_t = 8)]
-    db_pool: usize,
+    #[arg(long, value_name = "N", help = with_default(
+        "Connections in this replica's PostgreSQL pool.",
+        ferry_workers::state::DbConfig::new("").pool_size,
+    ))]
+    db_pool: Option<usize>,
 }
 
 impl DbArgs {
     fn config(&self) -> Option<ferry_workers::state::DbConfig> {
         self.url.as_ref().map(|url| {
             let mut c = ferry_workers::state::DbConfig::new(url);
-            c.pool_size = self.db_pool;
+            if let Some(n) = self.db_pool {
+                c.pool_size = n.max(1);
+            }
             c
         })
     }
+}
+
+/// The help of a flag that overrides a library default: no flag restates a
+/// default (they once drifted apart), and `--help` prints the library's.
+fn with_default(what: &str, default: impl std::fmt::Display) -> String {
+    format!("{what} [default: {default}]")
 }
 
 #[derive(Debug, Args)]
 struct ArchiverArgs {
     #[command(flatten)]
     db: DbArgs,
-    /// Messages held at once per consumer (events, replies): the rows
-    /// waiting for a commit, and the pull batch size.
-    #[arg(long, default_value_t = 4096)]
-    concurrency: usize,
-    /// Most rows in one transaction.
-    #[arg(long, default_value_t = 1000)]
-    batch_rows: usize,
-    /// How long the first row of a batch waits for more, in milliseconds.
-    #[arg(long, default_value_t = 20)]
-    batch_wait_ms: u64,
-    /// A conversation idle this many minutes is closed by the next chat,
-    /// which opens a new one.
-    #[arg(long, default_value_t = 30)]
-    conversation_idle_mins: u64,
+    #[arg(long, value_name = "N", help = with_default(
+        "Messages held at once per consumer (events, replies): the rows waiting for a commit, and the pull batch size.",
+        archiver::ArchiverConfig::new("").consume.max_in_flight,
+    ))]
+    concurrency: Option<usize>,
+    #[arg(long, value_name = "N", help = with_default(
+        "Most rows in one transaction.",
+        archiver::ArchiverConfig::new("").batch.max_rows,
+    ))]
+    batch_rows: Option<usize>,
+    #[arg(long, value_name = "MS", help = with_default(
+        "How long the first row of a batch waits for more, in milliseconds.",
+        archiver::ArchiverConfig::new("").batch.max_wait.as_millis(),
+    ))]
+    batch_wait_ms: Option<u64>,
+    #[arg(long, value_name = "MINUTES", help = with_default(
+        "A conversation idle this many minutes is closed by the next chat, which opens a new one.",
+        archiver::ArchiverConfig::new("").conversation_idle.as_secs() / 60,
+    ))]
+    conversation_idle_mins: Option<u64>,
+}
+
+impl ArchiverArgs {
+    /// The archiver's config: the library's defaults, with what the flags
+    /// set.
+    fn config(&self, db: ferry_workers::state::DbConfig) -> archiver::ArchiverConfig {
+        let mut cfg = archiver::ArchiverConfig::new(db.url.clone());
+        cfg.db = db;
+        if let Some(n) = self.concurrency {
+            cfg.consume.max_in_flight = n.max(1);
+        }
+        if let Some(n) = self.batch_rows {
+            cfg.batch.max_rows = n.max(1);
+        }
+        if let Some(ms) = self.batch_wait_ms {
+            cfg.batch.max_wait = std::time::Duration::from_millis(ms);
+        }
+        if let Some(mins) = self.conversation_idle_mins {
+            cfg.conversation_idle = std::time::Duration::from_secs(mins * 60);
+        }
+        cfg
+    }
 }
 
 #[derive(Debug, Args)]
@@ -156,19 +194,37 @@ struct RulesArgs {
     /// --group` writes it: <data dir>/groups.toml); read again with the rules.
     #[arg(long, env = "FERRY_GROUPS")]
     groups: Option<PathBuf>,
-    /// How often the rules and groups files are read again. A change that
-    /// validates replaces the rules in use between two events; one that does
-    /// not is logged (file, rule, field) and the rules in use stay. 0s: read
-    /// once, at start.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
-    reload_every: std::time::Duration,
-    /// Events handled at once by this replica (also the pull batch size).
-    #[arg(long, default_value_t = 256)]
-    concurrency: usize,
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, help = with_default(
+        "How often the rules and groups files are read again. A change that validates replaces the rules in use between two events; one that does not is logged (file, rule, field) and the rules in use stay. 0s: read once, at start.",
+        humantime::format_duration(rules::RELOAD_EVERY),
+    ))]
+    reload_every: Option<std::time::Duration>,
+    #[arg(long, value_name = "N", help = with_default(
+        "Events handled at once by this replica (also the pull batch size).",
+        rules::RulesConfig::new("").consume.max_in_flight,
+    ))]
+    concurrency: Option<usize>,
     /// Customer tags for rules with `customer_tags`: read from this
     /// PostgreSQL (required when a rule uses them).
     #[command(flatten)]
     db: DbArgs,
+}
+
+impl RulesArgs {
+    /// The rules worker's config: the library's defaults, with what the
+    /// flags set.
+    fn config(&self) -> rules::RulesConfig {
+        let mut cfg = rules::RulesConfig::new(&self.rules);
+        if let Some(n) = self.concurrency {
+            cfg.consume.max_in_flight = n;
+        }
+        cfg.db = self.db.config();
+        cfg.groups_path = self.groups.clone();
+        if let Some(every) = self.reload_every {
+            cfg.reload_every = Some(every); // 0s turns it off (rules::run)
+        }
+        cfg
+    }
 }
 
 /// The connection of one replica of `role`: its inboxes under
@@ -265,11 +321,7 @@ async fn main() -> anyhow::Result<()> {
     });
     match cli.role {
         RoleCmd::Rules(args) => {
-            let mut cfg = rules::RulesConfig::new(&args.rules);
-            cfg.consume.max_in_flight = args.concurrency;
-            cfg.db = args.db.config();
-            cfg.groups_path = args.groups.clone();
-            cfg.reload_every = Some(args.reload_every); // 0s turns it off (rules::run)
+            let cfg = args.config();
             // Validate the rules before touching the network.
             let set = rules::config::load_with_groups(&cfg.rules_path, cfg.groups_path.as_deref())?;
             let nats = nats_config(&cli.nats, Role::Rules)?;
@@ -318,12 +370,7 @@ async fn main() -> anyhow::Result<()> {
             let Some(db) = args.db.config() else {
                 anyhow::bail!("the archiver needs a database: pass --database-url or set DATABASE_URL (postgres://user:password@host:port/database)");
             };
-            let mut cfg = archiver::ArchiverConfig::new(db.url.clone());
-            cfg.db = db;
-            cfg.consume.max_in_flight = args.concurrency.max(1);
-            cfg.batch.max_rows = args.batch_rows.max(1);
-            cfg.batch.max_wait = std::time::Duration::from_millis(args.batch_wait_ms);
-            cfg.conversation_idle = std::time::Duration::from_secs(args.conversation_idle_mins * 60);
+            let cfg = args.config(db);
             // Check the URL before touching the network.
             ferry_workers::state::parse_url(&cfg.db.url)?;
             let nats = nats_config(&cli.nats, Role::Archiver)?;
@@ -340,4 +387,62 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("ferry-worker").chain(args.iter().copied())).unwrap()
+    }
+
+    /// With no flags a deployed worker runs the library's defaults. The
+    /// archiver's flags once restated 4096 and 1000 over the library's 8192
+    /// and 2000, so compose and systemd (which pass neither) ran the old
+    /// numbers.
+    #[test]
+    fn without_flags_the_workers_run_the_library_defaults() {
+        let url = "postgres://ferry@127.0.0.1:5432/ferry";
+        let RoleCmd::Archiver(a) = parse(&["archiver", "--database-url", url]).role else { panic!("archiver") };
+        let got = a.config(a.db.config().unwrap());
+        let want = archiver::ArchiverConfig::new(url);
+        assert_eq!(got.consume.max_in_flight, want.consume.max_in_flight);
+        assert_eq!((got.batch.max_rows, got.batch.max_wait), (want.batch.max_rows, want.batch.max_wait));
+        assert_eq!(got.conversation_idle, want.conversation_idle);
+        assert_eq!(got.db.pool_size, want.db.pool_size);
+
+        let RoleCmd::Rules(r) = parse(&["rules", "--rules", "r.toml"]).role else { panic!("rules") };
+        let (got, want) = (r.config(), rules::RulesConfig::new("r.toml"));
+        assert_eq!(got.consume.max_in_flight, want.consume.max_in_flight);
+        assert_eq!(got.reload_every, want.reload_every);
+    }
+
+    #[test]
+    fn flags_override_and_help_names_the_library_default() {
+        let RoleCmd::Archiver(a) = parse(&[
+            "archiver", "--database-url", "postgres://x@h/d", "--concurrency", "64", "--batch-rows", "10",
+            "--batch-wait-ms", "5", "--conversation-idle-mins", "2", "--db-pool", "3",
+        ])
+        .role
+        else {
+            panic!("archiver")
+        };
+        let got = a.config(a.db.config().unwrap());
+        assert_eq!((got.consume.max_in_flight, got.batch.max_rows, got.db.pool_size), (64, 10, 3));
+        assert_eq!(got.batch.max_wait, std::time::Duration::from_millis(5));
+        assert_eq!(got.conversation_idle, std::time::Duration::from_secs(120));
+        let RoleCmd::Rules(r) = parse(&["rules", "--concurrency", "8", "--reload-every", "0s"]).role else { panic!("rules") };
+        let got = r.config();
+        assert_eq!((got.consume.max_in_flight, got.reload_every), (8, Some(std::time::Duration::ZERO)));
+
+        let help = match Cli::try_parse_from(["ferry-worker", "archiver", "--help"]) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("--help parses to help"),
+        };
+        let want = archiver::ArchiverConfig::new("");
+        assert!(help.contains(&format!("[default: {}]", want.consume.max_in_flight)), "{help}");
+        assert!(help.contains(&format!("[default: {}]", want.batch.max_rows)), "{help}");
+    }
 }
