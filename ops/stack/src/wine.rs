@@ -283,6 +283,12 @@ fn display_taken(n: u32) -> bool {
     Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() || Path::new(&format!("/tmp/.X{n}-lock")).exists()
 }
 
+/// The process id in display `n`'s lock file (`/tmp/.X<n>-lock`, which
+/// the X server that holds the display writes), if it can be read.
+fn lock_owner(n: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/tmp/.X{n}-lock")).ok()?.trim().parse().ok()
+}
+
 /// Starts `Xvfb` on the first free display from :90 on and waits for its socket.
 fn start_xvfb(xvfb: &Path, log_dir: &Path) -> Result<(u32, Child), StackError> {
     let mut last_error = String::new();
@@ -312,8 +318,16 @@ fn start_xvfb(xvfb: &Path, log_dir: &Path) -> Result<(u32, Child), StackError> {
                 );
                 break;
             }
-            if socket.exists() {
+            // The socket may be another Xvfb's that took :n between our
+            // check and our start (two tests starting at once): the display
+            // is ours only when its lock file names our process.
+            if socket.exists() && lock_owner(n) == Some(child.id()) {
                 return Ok((n, child));
+            }
+            if socket.exists() && lock_owner(n).is_some_and(|pid| pid != child.id()) {
+                stop_xvfb(&mut child);
+                last_error = format!("display :{n} was taken by another Xvfb as ours started");
+                break;
             }
             if start.elapsed() > XVFB_TIMEOUT {
                 stop_xvfb(&mut child);
@@ -519,4 +533,42 @@ impl Drop for Wine {
 /// after 5 s.
 fn stop_xvfb(child: &mut Child) {
     crate::terminate(child, Duration::from_secs(5));
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    /// Tests that start Xvfb at the same moment each get a display of
+    /// their own. (Two once shared :90: the second took the first one's
+    /// socket for its own, and the Wine test saw the other test's window.)
+    #[test]
+    fn xvfbs_started_at_once_get_displays_of_their_own() {
+        let xvfb = install::ensure("Xvfb", "xvfb").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let started: Vec<_> = (0..4)
+            .map(|i| {
+                let (xvfb, barrier) = (xvfb.clone(), barrier.clone());
+                let log_dir = dir.path().join(i.to_string());
+                std::fs::create_dir_all(&log_dir).unwrap();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    start_xvfb(&xvfb, &log_dir).unwrap()
+                })
+            })
+            .collect();
+        let mut started: Vec<(u32, Child)> = started.into_iter().map(|t| t.join().unwrap()).collect();
+        let mut displays: Vec<u32> = started.iter().map(|(n, _)| *n).collect();
+        for (n, child) in &started {
+            assert_eq!(lock_owner(*n), Some(child.id()), "display :{n} is another Xvfb's");
+        }
+        displays.sort_unstable();
+        displays.dedup();
+        assert_eq!(displays.len(), 4, "{displays:?}");
+        for (_, child) in &mut started {
+            stop_xvfb(child);
+        }
+    }
 }
