@@ -20,7 +20,9 @@
 //! store a later one of the same connection: true of a broker that is down
 //! or restarting (`the_drain_keeps_its_order_through_broker_crashes`); a
 //! change of a cluster stream's leader in the middle of a window could
-//! still break it.
+//! still break it, and so could a quota refusal (`EVENTS` full, or this
+//! agent at its cap: `ferry_schema::quota`) followed by a later publish of
+//! the window that finds room the keeper freed in between.
 
 use std::time::Duration;
 
