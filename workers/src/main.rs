@@ -328,7 +328,7 @@ async fn main() -> anyhow::Result<()> {
             if cli.check {
                 check_db(cfg.db.as_ref())?;
                 if set.needs_customers() && cfg.db.is_none() {
-                    return Err(rules::RunError::NeedsDatabase(cfg.rules_path.display().to_string()).into());
+                    return Err(rules::StartError::NeedsDatabase(cfg.rules_path.display().to_string()).into());
                 }
                 println!("ferry-worker rules: ok: {} rules in {}", set.len(), cfg.rules_path.display());
                 return Ok(());

@@ -1,4 +1,4 @@
-//! The inference config (TOML): models, routes with sampling, fallback templates, apology.
+//! The inference role's configuration: [`InferenceConfig`] and its TOML file (models, routes with sampling, fallback templates, apology).
 //!
 //! ```toml
 //! system_prompt = "You are a helpful customer-service assistant. Answer briefly."
@@ -41,10 +41,44 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ferry_schema::codec::DEFAULT_MAX_PAYLOAD;
 use ferry_schema::AgentId;
 use serde::Deserialize;
 
 use crate::groups::AgentGroups;
+
+/// What an inference worker replica needs.
+#[derive(Debug, Clone)]
+pub struct InferenceConfig {
+    /// The inference config file.
+    pub config_path: PathBuf,
+    /// Largest event payload decoded.
+    pub max_payload: usize,
+    /// In-progress ack interval while generating (capped at a third of the
+    /// consumer's ack_wait).
+    pub progress_every: Duration,
+    /// How long shutdown waits for generations in flight.
+    pub shutdown_grace: Duration,
+    /// PostgreSQL for conversation context and the knowledge base; without
+    /// it prompts hold the message only.
+    pub db: Option<crate::state::DbConfig>,
+    /// A groups file completing the config's `[groups]` (`--groups`).
+    pub groups_path: Option<PathBuf>,
+}
+
+impl InferenceConfig {
+    /// Defaults for a config file.
+    pub fn new(config_path: impl Into<PathBuf>) -> Self {
+        Self {
+            config_path: config_path.into(),
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            progress_every: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(120),
+            db: None,
+            groups_path: None,
+        }
+    }
+}
 
 /// What a model is asked to do; routes are chosen per task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

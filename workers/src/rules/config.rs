@@ -1,4 +1,4 @@
-//! The rules file (TOML): parsing and validation into a [`RuleSet`](super::engine::RuleSet).
+//! The rules role's configuration: [`RulesConfig`] and the rules file (TOML), parsed and validated into a [`RuleSet`](super::engine::RuleSet).
 //!
 //! ```toml
 //! [groups]
@@ -25,12 +25,50 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
+use ferry_schema::codec::DEFAULT_MAX_PAYLOAD;
 use ferry_schema::{AgentId, EventKind};
 use serde::Deserialize;
 
 use super::engine::{Action, Rule, RuleSet, Template, UnmatchedChat};
 use crate::groups::AgentGroups;
+use crate::runtime::ConsumeSettings;
+
+/// What a rules worker replica needs.
+#[derive(Debug, Clone)]
+pub struct RulesConfig {
+    /// The rules file.
+    pub rules_path: PathBuf,
+    /// Consume loop limits.
+    pub consume: ConsumeSettings,
+    /// Largest event payload decoded; larger ones are dead-lettered.
+    pub max_payload: usize,
+    /// PostgreSQL, for rules on customer tags (required when a rule has them).
+    pub db: Option<crate::state::DbConfig>,
+    /// A groups file completing the rules file's `[groups]` (`--groups`).
+    pub groups_path: Option<PathBuf>,
+    /// How often the rules and groups files are read again; a change that
+    /// validates replaces the rules in use ([`reload`]). `None` or zero: read once.
+    pub reload_every: Option<Duration>,
+}
+
+/// The default of [`RulesConfig::reload_every`].
+pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
+
+impl RulesConfig {
+    /// Defaults for a rules file.
+    pub fn new(rules_path: impl Into<PathBuf>) -> Self {
+        Self {
+            rules_path: rules_path.into(),
+            consume: ConsumeSettings::default(),
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            db: None,
+            groups_path: None,
+            reload_every: Some(RELOAD_EVERY),
+        }
+    }
+}
 
 /// Why a rules file was rejected. The message names the file, the rule and
 /// the field, and what was expected.

@@ -1,73 +1,34 @@
 //! The rules worker: keyword/regex rules, auto-replies, escalation, routing to inference.
 //!
-//! - [`config`]: the TOML rules file and its validation.
+//! # Layout
+//!
+//! - [`config`]: [`RulesConfig`] and the TOML rules file with its validation.
 //! - [`engine`]: matching and templates (pure).
 //! - [`handler`]: one event in, one reply (or hand-off) out.
 //! - [`reload`]: the rule set in use, replaced when its files change and validate.
-//! - [`run`]: wires them to the shared consume loop and micro service.
+//!
+//! [`Rules`] declares the role to [`runtime::serve`]; [`run`] serves it.
 
 pub mod config;
 pub mod engine;
 pub mod handler;
 pub mod reload;
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use ferry_schema::codec::DEFAULT_MAX_PAYLOAD;
-use ferry_schema::topology::{self, Role};
+use ferry_schema::topology;
 use tokio_util::sync::CancellationToken;
 
-use crate::runtime::{self, service, ConsumeSettings, Stats};
+use crate::runtime::{self, ConsumeSettings, Ctx, Description, Stats, Wiring};
 
-/// What a rules worker replica needs.
-#[derive(Debug, Clone)]
-pub struct RulesConfig {
-    /// The rules file.
-    pub rules_path: PathBuf,
-    /// Consume loop limits.
-    pub consume: ConsumeSettings,
-    /// Largest event payload decoded; larger ones are dead-lettered.
-    pub max_payload: usize,
-    /// PostgreSQL, for rules on customer tags (required when a rule has them).
-    pub db: Option<crate::state::DbConfig>,
-    /// A groups file completing the rules file's `[groups]` (`--groups`).
-    pub groups_path: Option<PathBuf>,
-    /// How often the rules and groups files are read again; a change that
-    /// validates replaces the rules in use ([`reload`]). `None` or zero: read once.
-    pub reload_every: Option<Duration>,
-}
+pub use config::{RulesConfig, RELOAD_EVERY};
 
-/// The default of [`RulesConfig::reload_every`].
-pub const RELOAD_EVERY: Duration = Duration::from_secs(2);
-
-impl RulesConfig {
-    /// Defaults for a rules file.
-    pub fn new(rules_path: impl Into<PathBuf>) -> Self {
-        Self {
-            rules_path: rules_path.into(),
-            consume: ConsumeSettings::default(),
-            max_payload: DEFAULT_MAX_PAYLOAD,
-            db: None,
-            groups_path: None,
-            reload_every: Some(RELOAD_EVERY),
-        }
-    }
-}
-
-/// Why a rules worker stopped with an error.
+/// Why a rules worker could not start.
 #[derive(Debug, thiserror::Error)]
-pub enum RunError {
+pub enum StartError {
     /// The rules file is unusable.
     #[error(transparent)]
     Rules(#[from] config::RulesError),
-    /// The consume loop failed.
-    #[error(transparent)]
-    Consume(#[from] runtime::ConsumeError),
-    /// The micro service could not be registered.
-    #[error("cannot register the micro service: {0}")]
-    Service(async_nats::Error),
     /// A rule matches on customer tags but no database was given.
     #[error("rules file {0}: a rule uses `customer_tags`, which needs PostgreSQL: pass --database-url or set DATABASE_URL")]
     NeedsDatabase(String),
@@ -76,59 +37,71 @@ pub enum RunError {
     State(#[from] crate::state::StateError),
 }
 
+/// Why a rules worker stopped with an error.
+pub type RunError = runtime::RunError<StartError>;
+
+/// The rules role, loaded: its rule set, the customers' database if a rule
+/// needs it, and what the reloader compares against.
+#[derive(Debug)]
+pub struct Rules {
+    rules: Arc<engine::RuleSet>,
+    customers: Option<deadpool_postgres::Pool>,
+    seen: Option<reload::Seen>,
+}
+
+impl runtime::Role for Rules {
+    const ROLE: topology::Role = topology::Role::Rules;
+    type Config = RulesConfig;
+    type StartError = StartError;
+
+    async fn prepare(cfg: &RulesConfig) -> Result<Self, StartError> {
+        let seen = reload_every(cfg).map(|_| reload::Seen::read(&cfg.rules_path, cfg.groups_path.as_deref()));
+        let rules = Arc::new(config::load_with_groups(&cfg.rules_path, cfg.groups_path.as_deref())?);
+        let customers = match (&cfg.db, rules.needs_customers()) {
+            (Some(db), true) => Some(crate::state::connect_checked(db).await?),
+            (None, true) => return Err(StartError::NeedsDatabase(cfg.rules_path.display().to_string())),
+            (_, false) => None,
+        };
+        tracing::info!(rules = rules.len(), path = %cfg.rules_path.display(), "rules loaded");
+        Ok(Self { rules, customers, seen })
+    }
+
+    fn consume_settings(&self, cfg: &RulesConfig) -> ConsumeSettings {
+        cfg.consume.clone()
+    }
+
+    fn describe(&self, cfg: &RulesConfig) -> Description {
+        Description {
+            text: "Ferry rules worker: keyword/regex rules, auto-replies, routing".into(),
+            info: serde_json::json!({ "rules": self.rules.len(), "rules_file": cfg.rules_path.display().to_string() }),
+        }
+    }
+
+    fn wire(self, cfg: &RulesConfig, ctx: &Ctx) -> Wiring {
+        let has_database = self.customers.is_some();
+        let mut handler = handler::RulesHandler::new(ctx.js.clone(), self.rules, cfg.max_payload);
+        if let Some(pool) = self.customers {
+            handler = handler.with_customers(pool);
+        }
+        let handler = Arc::new(handler);
+        let mut wiring = Wiring::default();
+        if let (Some(every), Some(seen)) = (reload_every(cfg), self.seen) {
+            let (rules_path, groups_path) = (&cfg.rules_path, cfg.groups_path.as_deref());
+            let r = reload::Reloader::new(rules_path, groups_path, has_database, handler.live_rules(), seen);
+            wiring = wiring.beside(tokio::spawn(r.watch(every, ctx.loops.clone())));
+        }
+        wiring.consume(ctx.consume(topology::rules_consumer(), handler))
+    }
+}
+
+fn reload_every(cfg: &RulesConfig) -> Option<std::time::Duration> {
+    cfg.reload_every.filter(|d| !d.is_zero())
+}
+
 /// Runs one rules worker replica on `client` until `shutdown` is cancelled.
 /// Returns the replica's counters.
-pub async fn run(
-    client: async_nats::Client,
-    cfg: &RulesConfig,
-    shutdown: CancellationToken,
-) -> Result<Arc<Stats>, RunError> {
-    let reload_every = cfg.reload_every.filter(|d| !d.is_zero());
-    let seen = reload_every.map(|_| reload::Seen::read(&cfg.rules_path, cfg.groups_path.as_deref()));
-    let rules = Arc::new(config::load_with_groups(&cfg.rules_path, cfg.groups_path.as_deref())?);
-    let customers = match (&cfg.db, rules.needs_customers()) {
-        (Some(db), true) => Some(crate::state::connect_checked(db).await?),
-        (None, true) => return Err(RunError::NeedsDatabase(cfg.rules_path.display().to_string())),
-        (_, false) => None,
-    };
-    tracing::info!(rules = rules.len(), path = %cfg.rules_path.display(), "rules loaded");
-    let js = runtime::jetstream_for(client.clone(), &cfg.consume);
-    let stats = Arc::new(Stats::for_role(Role::Rules.as_str()));
-    let svc = service::register(
-        &client,
-        Role::Rules.as_str(),
-        "Ferry rules worker: keyword/regex rules, auto-replies, routing",
-        serde_json::json!({ "rules": rules.len(), "rules_file": cfg.rules_path.display().to_string() }),
-        stats.clone(),
-    )
-    .await
-    .map_err(RunError::Service)?;
-    let has_database = customers.is_some();
-    let mut handler = handler::RulesHandler::new(js.clone(), rules.clone(), cfg.max_payload);
-    if let Some(pool) = customers {
-        handler = handler.with_customers(pool);
-    }
-    let handler = Arc::new(handler);
-    let reloader = reload_every.zip(seen).map(|(every, seen)| {
-        let (rules_path, groups_path) = (&cfg.rules_path, cfg.groups_path.as_deref());
-        let r = reload::Reloader::new(rules_path, groups_path, has_database, handler.live_rules(), seen);
-        tokio::spawn(r.watch(every, shutdown.clone()))
-    });
-    let result = runtime::consume(
-        &js,
-        &topology::rules_consumer(),
-        handler,
-        &cfg.consume,
-        stats.clone(),
-        shutdown,
-    )
-    .await;
-    if let Some(r) = reloader {
-        r.abort();
-    }
-    runtime::finish(svc, &client).await;
-    result?;
-    Ok(stats)
+pub async fn run(client: async_nats::Client, cfg: &RulesConfig, shutdown: CancellationToken) -> Result<Arc<Stats>, RunError> {
+    runtime::serve::<Rules>(client, cfg, shutdown).await
 }
 
 #[cfg(test)]

@@ -2,12 +2,14 @@
 
 mod consume;
 pub mod publish;
+pub mod serve;
 pub mod service;
 mod stats;
 
 use std::time::Duration;
 
 pub use consume::{consume, ConsumeError, ConsumeSettings};
+pub use serve::{serve, Ctx, Description, Role, RunError, Wiring};
 
 use async_nats::jetstream;
 
@@ -20,32 +22,9 @@ pub fn jetstream_for(client: async_nats::Client, consume: &ConsumeSettings) -> j
         .build(client)
 }
 
-/// Runs a role's two consume loops so that neither outlives the other's
-/// failure: both were given `loops` (a child of the role's shutdown token),
-/// which is cancelled as soon as one returns an error, so the other stops
-/// in two phases too. A role half dead (one loop gone, the process up and
-/// looking healthy) is how work stalled unseen. The first error is returned.
-pub async fn both(
-    loops: &tokio_util::sync::CancellationToken,
-    a: impl std::future::Future<Output = Result<(), ConsumeError>>,
-    b: impl std::future::Future<Output = Result<(), ConsumeError>>,
-) -> Result<(), ConsumeError> {
-    let stop_others = |r: Result<(), ConsumeError>| {
-        if r.is_err() {
-            loops.cancel();
-        }
-        r
-    };
-    let (ra, rb) = tokio::join!(
-        futures::FutureExt::map(a, stop_others),
-        futures::FutureExt::map(b, stop_others)
-    );
-    ra.and(rb)
-}
-
 /// The last step of every role's shutdown: leave the micro service, then
 /// flush what the client still buffers.
-pub async fn finish(svc: async_nats::service::Service, client: &async_nats::Client) {
+async fn finish(svc: async_nats::service::Service, client: &async_nats::Client) {
     if let Err(error) = svc.stop().await {
         tracing::debug!(%error, "micro service stop failed");
     }
