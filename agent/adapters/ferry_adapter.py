@@ -1,6 +1,6 @@
 """The client side of ferry-agent's chat adapter protocol (version 1).
 
-JSON lines over loopback TCP; see the README's "Chat adapters" section.
+JSON lines over loopback TCP; see docs/windows-agent.md, "Chat adapters".
 Standard library only, so an adapter runs on any Python 3.8+.
 """
 

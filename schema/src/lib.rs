@@ -22,6 +22,8 @@
 //!   frees processed history.
 //! - [`deadletter`]: what a dead letter carries and how it is published.
 //! - [`connect`]: connection settings shared by agent, workers and CLI.
+//! - [`metrics`]: the name of every Prometheus metric a Ferry process
+//!   exports, workers' and agent's.
 //! - `db` (feature `db`): the PostgreSQL migrations (`schema/migrations/`),
 //!   applying them, and the schema check workers run at start.
 //!

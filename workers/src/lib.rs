@@ -23,6 +23,8 @@
 //! - [`archiver`]: every event and reply into PostgreSQL, in batches.
 //! - [`state`]: what workers read and write in PostgreSQL: customers,
 //!   conversations, the knowledge base.
+//! - [`metrics`]: the Prometheus registry and the `/metrics` and `/health`
+//!   endpoint (`--metrics-listen`).
 //!
 //! Workers hold no state between messages that another replica would need:
 //! any replica can handle any event, and a killed replica loses nothing.

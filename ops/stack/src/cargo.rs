@@ -9,7 +9,7 @@ use std::process::Command;
 /// a binary (else from the current directory); `None` outside a checkout.
 ///
 /// Not `env!("CARGO_MANIFEST_DIR")`: that is where the code was compiled,
-/// and a target dir shared by two checkouts (the README keeps it in
+/// and a target dir shared by two checkouts (CI keeps it in
 /// `~/.cache`) holds test binaries that cargo considers fresh whichever
 /// checkout built them, so a compiled-in path can name the other checkout,
 /// or one that no longer exists.

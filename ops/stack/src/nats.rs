@@ -16,7 +16,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// When set, every nats-server this crate starts serves Go's pprof on the
 /// port it names (`nats-server --profile`), for profiling the broker under a
-/// benchmark; see BENCHMARKS.md.
+/// benchmark (`go tool pprof http://127.0.0.1:<port>/debug/pprof/profile`).
 pub const PROFILE_PORT_VAR: &str = "FERRY_NATS_PROFILE_PORT";
 
 /// Why a part of the stack could not be started.
@@ -315,7 +315,7 @@ impl NatsServer {
             .arg(&self.conf)
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
             .args(["-m", &self.monitor_port.to_string()]);
-        // For profiling the broker (BENCHMARKS.md): Go's pprof endpoints on
+        // For profiling the broker under a benchmark: Go's pprof endpoints on
         // this port. One server at a time: a second one cannot bind it.
         if let Some(port) = std::env::var_os(PROFILE_PORT_VAR) {
             cmd.arg("--profile").arg(port);

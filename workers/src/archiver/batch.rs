@@ -69,7 +69,7 @@ impl Default for BatchSettings {
             backoff_max: Duration::from_secs(5),
             // Measured with `ferry bench archiver` on 2 cores: 3 writers of
             // 1000 rows beat 2 of 500 by ~13%, and 3 of 2000 (with 8192
-            // messages in flight) beat 3 of 1000 by ~8% (BENCHMARKS.md).
+            // messages in flight) beat 3 of 1000 by ~8%.
             writers: 3,
         }
     }

@@ -39,7 +39,7 @@ impl ArchiverConfig {
             consume: ConsumeSettings {
                 // Four full batches (2000 rows each): three being written
                 // while the fourth fills. Fewer stall the pull while batches
-                // commit (BENCHMARKS.md: 4096 beat 2048 by about 11% with
+                // commit (`ferry bench archiver`: 4096 beat 2048 by about 11% with
                 // batches of 1000; 8192 with batches of 2000 beat that by
                 // about 8%).
                 max_in_flight: 8192,

@@ -116,7 +116,7 @@ pub struct ChaosArgs {
     keep: bool,
     /// db-outage: how long PostgreSQL is down [default: 60s]. agent-outage:
     /// how long the agent is offline at least [default: while it collects
-    /// its events]; beyond the stream's 2-minute duplicate window, a
+    /// its events]; beyond the stream's duplicate window (10 minutes), a
     /// republished event is no longer dropped by the broker.
     #[arg(long, value_parser = humantime::parse_duration)]
     outage: Option<Duration>,

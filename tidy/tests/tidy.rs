@@ -1,0 +1,272 @@
+//! Tidy checks over the whole workspace (like rust-analyzer's): file headers, names, layout maps, sizes, ARCHITECTURE.md.
+//!
+//! Each check reads source text only; none builds another crate.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
+
+use std::path::PathBuf;
+
+use ferry_tidy::{is_test_file, relative, rust_files, workspace};
+
+/// Every `.rs` file of the workspace, with its path relative to the root.
+fn sources() -> Vec<(String, PathBuf)> {
+    let root = workspace();
+    let files = rust_files(&root).unwrap();
+    assert!(files.len() > 20, "found only {} files under {}", files.len(), root.display());
+    files.into_iter().map(|p| (relative(&root, &p), p)).collect()
+}
+
+fn read(p: &PathBuf) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn every_rust_file_starts_with_a_doc_line() {
+    let missing: Vec<_> = sources()
+        .into_iter()
+        .filter(|(_, p)| !read(p).starts_with("//!"))
+        .map(|(rel, _)| rel)
+        .collect();
+    assert!(missing.is_empty(), "files without a //! first line: {missing:#?}");
+}
+
+#[test]
+fn only_schema_spells_subjects() {
+    let offenders: Vec<_> = sources()
+        .into_iter()
+        .filter(|(rel, _)| ["workers/src/", "agent/src/", "ops/cli/src/", "ops/stack/src/"].iter().any(|d| rel.starts_with(d)))
+        .filter(|(_, p)| {
+            let text = read(p);
+            [
+                "\"events.",
+                "\"replies.",
+                "\"work.",
+                "\"deadletter.",
+                "\"shadow.",
+                "\"debug.",
+                "\"Nats-Msg-Id\"",
+                "\"Content-Type\"",
+            ]
+            .iter()
+            .any(|lit| text.contains(lit))
+        })
+        .map(|(rel, _)| rel)
+        .collect();
+    assert!(offenders.is_empty(), "subject or header literals outside schema: {offenders:#?}");
+}
+
+/// The `# Layout` section of a file's `//!` header: from the heading to the
+/// next heading or the end of the header.
+fn layout_section(text: &str) -> Option<String> {
+    let header: Vec<&str> = text.lines().take_while(|l| l.starts_with("//!")).map(|l| l.trim_start_matches("//!").trim()).collect();
+    let start = header.iter().position(|l| *l == "# Layout")?;
+    let section = header[start + 1..].iter().take_while(|l| !l.starts_with('#')).copied().collect::<Vec<_>>();
+    Some(section.join("\n"))
+}
+
+/// The child modules a file declares with `mod name;` (any visibility,
+/// with or without attributes), except `tests`.
+fn declared_modules(text: &str) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter_map(|l| {
+            let rest = l.strip_prefix("pub(crate) ").or_else(|| l.strip_prefix("pub ")).unwrap_or(l);
+            let name = rest.strip_prefix("mod ")?.strip_suffix(';')?.trim();
+            (name != "tests" && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')).then(|| name.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn every_layout_section_names_every_module() {
+    let mut problems = Vec::new();
+    for (rel, p) in sources() {
+        let text = read(&p);
+        let Some(section) = layout_section(&text) else {
+            if rel.ends_with("src/lib.rs") {
+                problems.push(format!("{rel}: a crate root without a `# Layout` section"));
+            }
+            continue;
+        };
+        for m in declared_modules(&text) {
+            if !section.contains(&format!("`{m}`")) {
+                problems.push(format!("{rel}: `# Layout` does not name module `{m}`"));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+/// Files outside `schema` that may derive serde traits, each for a format
+/// of its own that no other component decodes. A prefix covers a module
+/// that becomes a folder.
+const LOCAL_FORMATS: &[(&str, &str)] = &[
+    ("agent/src/adapter", "the chat adapter's JSON-lines protocol on loopback, not a stream"),
+    ("agent/src/collect/mod.rs", "samples and the open span, kept in the agent's own spool and printed by `probe`"),
+    ("agent/src/collect/privacy.rs", "the `[privacy]` table of the agent's config file"),
+    ("agent/src/config.rs", "the agent's TOML config file"),
+    ("agent/src/spool", "`when_full` in the agent's config file"),
+    ("ops/cli/src/agent_registry.rs", "the operator's agent registry `agents.toml` and `groups.toml`"),
+    ("workers/src/groups.rs", "the groups file (`[groups]`)"),
+    ("workers/src/inference/config.rs", "the inference worker's TOML config"),
+    ("workers/src/metrics.rs", "the `/health` endpoint's JSON"),
+    ("workers/src/rules/config.rs", "the rules TOML file"),
+    ("workers/src/runtime/service.rs", "the micro service's `status` JSON"),
+    ("workers/src/runtime/stats.rs", "the micro service's counters JSON"),
+    ("workers/src/state/kb.rs", "knowledge-base articles imported from JSON lines"),
+];
+
+/// Whether `text` has a `#[derive(...)]` naming `Serialize` or `Deserialize`.
+fn derives_serde(text: &str) -> bool {
+    let mut rest = text;
+    while let Some(i) = rest.find("#[derive(") {
+        rest = &rest[i + "#[derive(".len()..];
+        let end = rest.find(")]").unwrap_or(rest.len());
+        let list = &rest[..end];
+        if list.split(|c: char| c == ',' || c.is_whitespace()).any(|t| {
+            let t = t.rsplit("::").next().unwrap_or(t);
+            t == "Serialize" || t == "Deserialize"
+        }) {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn only_schema_derives_wire_serde() {
+    let mut offenders = Vec::new();
+    let mut used = vec![false; LOCAL_FORMATS.len()];
+    for (rel, p) in sources() {
+        if rel.starts_with("schema/") || is_test_file(&rel) || !derives_serde(&read(&p)) {
+            continue;
+        }
+        match LOCAL_FORMATS.iter().position(|(prefix, _)| rel.starts_with(prefix)) {
+            Some(i) => used[i] = true,
+            None => offenders.push(rel),
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "Serialize/Deserialize derived outside schema: {offenders:#?}\n\
+         Wire types belong in schema; a format of the file's own goes into LOCAL_FORMATS with its reason."
+    );
+    let stale: Vec<_> = LOCAL_FORMATS.iter().zip(used).filter(|(_, u)| !u).map(|((p, _), _)| *p).collect();
+    assert!(stale.is_empty(), "LOCAL_FORMATS entries that derive nothing any more: {stale:#?}");
+}
+
+/// Lines above which a non-test file is reported.
+const WARN_LINES: usize = 500;
+/// Lines above which a non-test file fails, unless it says why it is long
+/// with a `// tidy: long-file because ...` line.
+const MAX_LINES: usize = 800;
+/// Files over the limit today, being split (#19). Remove each entry when
+/// its split is merged.
+const BEING_SPLIT: &[&str] = &["agent/src/spool.rs", "agent/src/adapter.rs", "ops/cli/src/replay.rs"];
+
+#[test]
+fn source_files_stay_short() {
+    let mut too_long = Vec::new();
+    for (rel, p) in sources() {
+        if is_test_file(&rel) {
+            continue;
+        }
+        let text = read(&p);
+        let lines = text.lines().count();
+        if lines > WARN_LINES {
+            eprintln!("warning: {rel} has {lines} lines (over {WARN_LINES}; {MAX_LINES} fails)");
+        }
+        if lines > MAX_LINES && !text.contains("// tidy: long-file because") && !BEING_SPLIT.contains(&rel.as_str()) {
+            too_long.push(format!("{rel}: {lines} lines"));
+        }
+    }
+    assert!(
+        too_long.is_empty(),
+        "non-test files over {MAX_LINES} lines (split them, or add `// tidy: long-file because <reason>`): {too_long:#?}"
+    );
+}
+
+/// `path.rs::fn_name` references in backticks.
+fn test_refs(text: &str) -> Vec<(String, String)> {
+    text.split('`')
+        .skip(1)
+        .step_by(2)
+        .filter_map(|span| {
+            let (path, func) = span.split_once(".rs::")?;
+            let ok = !path.is_empty()
+                && path.chars().all(|c| c.is_ascii_alphanumeric() || "_-/.".contains(c))
+                && !func.is_empty()
+                && func.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            ok.then(|| (format!("{path}.rs"), func.to_string()))
+        })
+        .collect()
+}
+
+/// The invariants of ARCHITECTURE.md: the items of its `## Invariants`
+/// section, each starting with a numbered line.
+fn invariants(doc: &str) -> Vec<String> {
+    let mut items: Vec<String> = Vec::new();
+    let mut inside = false;
+    for line in doc.lines() {
+        if line.starts_with("## ") {
+            inside = line.trim() == "## Invariants";
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        let numbered = line.split_once(". ").is_some_and(|(n, _)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()));
+        if numbered {
+            items.push(String::new());
+        }
+        if let Some(item) = items.last_mut() {
+            item.push_str(line);
+            item.push('\n');
+        }
+    }
+    items
+}
+
+#[test]
+fn every_architecture_invariant_names_a_test_that_exists() {
+    let root = workspace();
+    let doc = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let items = invariants(&doc);
+    assert!(items.len() >= 10, "ARCHITECTURE.md's `## Invariants` has {} numbered items", items.len());
+    let mut problems = Vec::new();
+    for item in &items {
+        let title = item.lines().next().unwrap_or_default();
+        let tests: String = item
+            .lines()
+            .map(str::trim_start)
+            .skip_while(|l| !(l.starts_with("Test: ") || l.starts_with("Tests: ")))
+            .collect::<Vec<_>>()
+            .join(" ");
+        if tests.is_empty() {
+            problems.push(format!("no `Test:` line: {title}"));
+        } else if test_refs(&tests).is_empty() {
+            problems.push(format!("`Test:` names no `path.rs::fn`: {title}"));
+        }
+    }
+    // Every reference anywhere in the document must resolve, not only the
+    // invariants' own.
+    for (path, func) in test_refs(&doc) {
+        match std::fs::read_to_string(root.join(&path)) {
+            Err(e) => problems.push(format!("{path}::{func}: {e}")),
+            Ok(text) if !text.contains(&format!("fn {func}(")) => problems.push(format!("{path}::{func}: no `fn {func}` in {path}")),
+            Ok(_) => {}
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+#[test]
+fn the_checks_parse_what_they_are_meant_to() {
+    assert!(derives_serde("#[derive(Debug, serde::Deserialize)]\nstruct A;"));
+    assert!(derives_serde("#[derive(\n    Debug,\n    Serialize,\n)]\nstruct A;"));
+    assert!(!derives_serde("#[derive(Debug, Clone)]\nstruct SerializeMe;"));
+    assert_eq!(declared_modules("pub mod a;\nmod b;\n#[cfg(test)]\nmod tests;\npub(crate) mod c;\nmod d {\n}"), ["a", "b", "c"]);
+    assert_eq!(layout_section("//! x\n//!\n//! # Layout\n//!\n//! - [`a`]: one.\n//!\n//! # Next\n//! `b`\nmod a;").unwrap().trim(), "- [`a`]: one.");
+    assert_eq!(test_refs("x `a/b.rs::c_d` and `e.rs` and `f.rs::g`"), [("a/b.rs".into(), "c_d".into()), ("f.rs".into(), "g".into())]);
+    let doc = "## Invariants\n\n1. **A.** text\n   Test: `x.rs::y`\n2. **B.**\n\n## Other\n3. not one\n";
+    assert_eq!(invariants(doc).len(), 2);
+}
