@@ -1,6 +1,6 @@
-//! `ferry bench ...`: benchmarks that run their baseline in the same run and print the ratio.
+//! `ferry bench rules`: a raw JetStream round trip against the real agent and rules worker, in the same run.
 //!
-//! `ferry bench rules` measures, on a fresh real nats-server per scenario:
+//! It measures, on a fresh real nats-server per scenario:
 //! (a) a raw JetStream round trip with no application logic: publish to
 //! `EVENTS`, a pull consumer republishes each message to `replies.<agent>`
 //! (stored in `REPLIES`) and acks, a plain subscriber receives; and (b) the
@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use async_nats::jetstream::{self, consumer::pull};
-use clap::{Args, Subcommand};
+use clap::Args;
 use ferry_agent::{Agent, AgentConfig};
 use ferry_schema::codec::encode_event;
 use ferry_schema::event::{ChatMessage, ChatType, MessageType};
@@ -40,17 +40,7 @@ use hdrhistogram::Histogram;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-#[derive(Debug, Subcommand)]
-pub enum BenchCmd {
-    /// Raw JetStream round trip vs the real agent + rules worker.
-    Rules(RulesBench),
-    /// llama.cpp vs mistral.rs in-process vs the inference worker end to end.
-    Inference(crate::bench_inference::InferenceBench),
-    /// Raw COPY into the events table vs the archiver from JetStream.
-    Archiver(crate::bench_archiver::ArchiverBench),
-    /// The agent's RSS and CPU at 1 event/s, spool write rate, drain rate after an outage.
-    Agent(crate::bench_agent::AgentBench),
-}
+use super::common::{cores, cpu_ticks, median_of, verdict};
 
 #[derive(Debug, Args)]
 pub struct RulesBench {
@@ -128,16 +118,7 @@ impl Path {
     }
 }
 
-pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
-    match cmd {
-        BenchCmd::Rules(args) => rules_bench(args).await,
-        BenchCmd::Inference(args) => crate::bench_inference::run(args).await,
-        BenchCmd::Archiver(args) => crate::bench_archiver::run(args).await,
-        BenchCmd::Agent(args) => crate::bench_agent::run(args).await,
-    }
-}
-
-async fn rules_bench(args: RulesBench) -> anyhow::Result<()> {
+pub async fn run(args: RulesBench) -> anyhow::Result<()> {
     anyhow::ensure!(args.events > 0, "--events must be at least 1");
     anyhow::ensure!(args.repeat > 0, "--repeat must be at least 1");
     eprintln!(
@@ -146,7 +127,7 @@ async fn rules_bench(args: RulesBench) -> anyhow::Result<()> {
         args.concurrency,
         args.window,
         args.repeat,
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        cores()
     );
     let mut paths = vec![Path::Raw, Path::Ferry];
     if args.decompose {
@@ -238,21 +219,8 @@ async fn rules_bench(args: RulesBench) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn median_of(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 fn median(runs: &[Measured], f: impl Fn(&Measured) -> f64) -> f64 {
     median_of(runs.iter().map(f).collect())
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok {
-        "met"
-    } else {
-        "NOT met"
-    }
 }
 
 fn events(n: usize, agent: &AgentId) -> Vec<Envelope> {
@@ -495,7 +463,7 @@ async fn scenario(path: Path, rate: Option<f64>, args: &RulesBench) -> anyhow::R
     // (clock ticks of 10 ms: a run of a second or more has enough of them).
     let broker_pid = nats.pid().context("nats-server has no pid")?;
     let cpu = || -> anyhow::Result<(u64, u64)> {
-        Ok((crate::bench_agent::cpu_ticks(broker_pid)?, crate::bench_agent::cpu_ticks(std::process::id())?))
+        Ok((cpu_ticks(broker_pid)?, cpu_ticks(std::process::id())?))
     };
     let cpu0 = cpu()?;
     let publisher: tokio::task::JoinHandle<anyhow::Result<()>> = match &plain {
