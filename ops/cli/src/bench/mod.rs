@@ -2,8 +2,8 @@
 //!
 //! # Layout
 //!
-//! - [`rules`]: a raw JetStream round trip against the real agent and the
-//!   rules worker.
+//! - [`rules`]: a raw JetStream round trip against the agent and the rules
+//!   worker as production runs them (spool, drainer, live replies).
 //! - [`inference`]: llama.cpp against mistral.rs in-process against the
 //!   inference worker end to end.
 //! - [`archiver`]: raw `COPY` against the archiver consuming from JetStream.
