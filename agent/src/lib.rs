@@ -19,7 +19,6 @@
 //!   [`health`]: component states for both.
 //! - [`source`]: events from JSON lines (a file or stdin), the portable
 //!   source used on Linux, in tests and in the demo.
-//! - [`publish`]: one-off publishes with retry (tests and benchmarks).
 //! - [`probe`]: `ferry-agent probe`, which prints what [`platform`] sees.
 //! - [`Agent`]: the connection, with the agent's own credentials and inbox.
 
@@ -32,7 +31,6 @@ pub mod metrics;
 pub mod pipeline;
 pub mod platform;
 pub mod probe;
-pub mod publish;
 pub mod replies;
 pub mod run;
 pub mod source;

@@ -685,23 +685,36 @@ async fn demo_lines_get_rule_replies_in_both_encodings() {
     }
 }
 
+/// An event spooled while the broker is down waits in the spool, and the
+/// drainer publishes it, once, when the broker is back. (The agent
+/// publishes only through its spool; this test replaced the one of the
+/// one-off publish with retry it used to offer benchmarks.)
 #[tokio::test]
 async fn agent_publishes_through_a_broker_restart() {
     let mut s = stack().await;
     let agent = s.agent(&desk(1)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(SpoolConfig::new(dir.path())).unwrap();
     let stop = CancellationToken::new();
-    agent.publish(&chat(&desk(1), "before"), &stop).await.unwrap();
+    let (delivered_tx, mut delivered) = mpsc::channel(16);
+    let drainer = tokio::spawn({
+        let (agent, spool, stop) = (agent.clone(), spool.clone(), stop.clone());
+        async move { agent.drain_spool(&spool, &ferry_agent::health::Health::default(), Some(delivered_tx), &stop).await }
+    });
+    let before = chat(&desk(1), "before");
+    spool.append(std::slice::from_ref(&before), Encoding::MsgPack).unwrap();
+    assert_eq!(tokio::time::timeout(WAIT, delivered.recv()).await.unwrap().unwrap().id, before.id);
 
     s.nats.kill();
-    let pending = tokio::spawn({
-        let (agent, stop) = (agent.clone(), stop.clone());
-        async move { agent.publish(&chat(&desk(1), "during outage"), &stop).await }
-    });
+    let during = chat(&desk(1), "during outage");
+    spool.append(std::slice::from_ref(&during), Encoding::MsgPack).unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert!(!pending.is_finished(), "nothing can ack while the broker is down");
+    assert!(delivered.try_recv().is_err(), "nothing can ack while the broker is down");
+    assert_eq!(spool.depth().events, 1, "the unacknowledged event stays in the spool");
     s.nats.restart().unwrap();
-    let published = tokio::time::timeout(WAIT, pending).await.unwrap().unwrap().unwrap();
-    assert!(!published.duplicate);
+    assert_eq!(tokio::time::timeout(WAIT, delivered.recv()).await.unwrap().unwrap().id, during.id);
+    stop.cancel();
+    drainer.await.unwrap();
     let js = jetstream::new(s.nats.operator("after").connect().await.unwrap());
     assert_eq!(inspect::count(&js, EVENTS_STREAM).await.unwrap(), 2);
 }

@@ -3,9 +3,6 @@
 mod agent;
 mod agent_registry;
 mod bench;
-mod bench_agent;
-mod bench_archiver;
-mod bench_inference;
 mod certs;
 mod chaos;
 mod db;

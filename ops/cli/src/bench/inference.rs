@@ -28,7 +28,7 @@ use ferry_workers::inference::{self as inference_worker, InferenceConfig};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::bench::median_of;
+use super::common::{cores, median_of, verdict};
 
 #[derive(Debug, Args)]
 pub struct InferenceBench {
@@ -210,7 +210,7 @@ pub async fn run(args: InferenceBench) -> anyhow::Result<()> {
         "ferry bench inference: {} ({} tokens per request, {} cores)",
         model.display(),
         args.max_tokens,
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        cores()
     );
     let a = if args.no_llama_cpp {
         None
@@ -237,11 +237,10 @@ pub async fn run(args: InferenceBench) -> anyhow::Result<()> {
     println!();
     let c1 = levels[0].tok_per_s;
     let c8 = levels[2].tok_per_s;
-    let ok = |b: bool| if b { "met" } else { "NOT met" };
-    println!("(c) at concurrency 1 vs (b): {:.2}x (target >= 0.95x) {}", c1 / b, ok(c1 / b >= 0.95));
+    println!("(c) at concurrency 1 vs (b): {:.2}x (target >= 0.95x) {}", c1 / b, verdict(c1 / b >= 0.95));
     if let Some(a) = a {
-        println!("(c) single stream vs (a): {:.2}x (target >= 1.00x) {}", c1 / a, ok(c1 >= a));
-        println!("(c) aggregate at concurrency 8 vs (a): {:.2}x (target >= 2.00x) {}", c8 / a, ok(c8 >= 2.0 * a));
+        println!("(c) single stream vs (a): {:.2}x (target >= 1.00x) {}", c1 / a, verdict(c1 >= a));
+        println!("(c) aggregate at concurrency 8 vs (a): {:.2}x (target >= 2.00x) {}", c8 / a, verdict(c8 >= 2.0 * a));
     }
     Ok(())
 }

@@ -30,6 +30,8 @@ use ferry_workers::state;
 use futures::{SinkExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
+use super::common::{cores, median_of, verdict};
+
 #[derive(Debug, Args)]
 pub struct ArchiverBench {
     /// Events per scenario.
@@ -208,11 +210,6 @@ async fn archiver_run(
     Ok(events.len() as f64 / secs)
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 pub async fn run(args: ArchiverBench) -> anyhow::Result<()> {
     anyhow::ensure!(args.events > 0, "--events must be at least 1");
     anyhow::ensure!(args.repeat > 0, "--repeat must be at least 1");
@@ -230,7 +227,7 @@ pub async fn run(args: ArchiverBench) -> anyhow::Result<()> {
         shown.batch.max_rows,
         shown.batch.writers,
         shown.consume.max_in_flight,
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        cores()
     );
     let pg = tokio::task::spawn_blocking(|| {
         PgServer::start(PgServerOptions {
@@ -278,7 +275,7 @@ pub async fn run(args: ArchiverBench) -> anyhow::Result<()> {
         eprintln!("  repeat {}/{}: (b) archiver ...", i + 1, args.repeat);
         b.push(archiver_run(&nats, &js, &url, &events, &args).await.context("(b) archiver")?);
     }
-    let (ma, mb) = (median(&mut a.clone()), median(&mut b.clone()));
+    let (ma, mb) = (median_of(a.clone()), median_of(b.clone()));
     let ratio = mb / ma;
     println!("| scenario | rows/s (median of {}) | runs |", args.repeat);
     println!("|---|---:|---|");
@@ -288,7 +285,7 @@ pub async fn run(args: ArchiverBench) -> anyhow::Result<()> {
     println!();
     println!(
         "(b)/(a) = {ratio:.2}x (target >= 0.5x: {})",
-        if ratio >= 0.5 { "met" } else { "NOT met" }
+        verdict(ratio >= 0.5)
     );
     Ok(())
 }

@@ -29,6 +29,8 @@ use ferry_stack::NatsServer;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
+use super::common::{cpu_ticks, median_of, verdict};
+
 #[derive(Debug, Args)]
 pub struct AgentBench {
     /// Events spooled, then drained, in (b) and (c).
@@ -123,8 +125,8 @@ pub async fn run(args: AgentBench) -> anyhow::Result<()> {
             synced.push(rate);
         }
     }
-    let write = median(&mut writes);
-    let drain = median(&mut drains);
+    let write = median_of(writes);
+    let drain = median_of(drains);
 
     println!();
     println!("ferry bench agent ({} events spooled and drained, medians of {}; steady state {} s)", args.events, args.repeat.max(1), args.steady_secs);
@@ -143,7 +145,7 @@ pub async fn run(args: AgentBench) -> anyhow::Result<()> {
     row("spool writes", format!("{write:.0} events/s"), ">= 50,000/s", write / 50_000.0);
     row("drain after an outage", format!("{drain:.0} events/s"), ">= 20,000/s", drain / 20_000.0);
     if !synced.is_empty() {
-        let rate = median(&mut synced);
+        let rate = median_of(synced);
         println!(
             "| drain, broker with `sync_interval: always` (information) | {rate:.0} events/s | | {:.2}x of the default broker's | |",
             rate / drain
@@ -190,13 +192,7 @@ async fn spool_and_drain(nats: &NatsServer, agent_id: &AgentId, n: usize) -> any
 }
 
 fn row(what: &str, measured: String, target: &str, ratio: f64) {
-    let verdict = if ratio >= 1.0 { "met" } else { "NOT met" };
-    println!("| {what} | {measured} | {target} | {ratio:.2}x | {verdict} |");
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    println!("| {what} | {measured} | {target} | {ratio:.2}x | {} |", verdict(ratio >= 1.0));
 }
 
 /// Seconds of one event per second before the steady state is measured.
@@ -243,16 +239,6 @@ async fn steady(bin: &Path, nats: &NatsServer, agent: &AgentId, secs: u64) -> an
     // Linux counts CPU time in clock ticks of 1/100 s (USER_HZ).
     let cpu = (c1 - c0) as f64 / 100.0;
     Ok((rss, cpu / wall * 100.0))
-}
-
-/// CPU time (user + system) of process `pid` so far, in clock ticks of 1/100 s.
-pub(crate) fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start at ") ".
-    let rest = stat.rsplit_once(") ").map(|(_, r)| r).context("odd /proc stat")?;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15; `rest` starts at field 3.
-    Ok(f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?)
 }
 
 fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
