@@ -17,16 +17,17 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use ferry_schema::reply::{ChatAction, ReplyBody};
-use ferry_schema::{EventId, EventKind, Reply};
+use ferry_schema::{AgentId, EventId, EventKind, Reply};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::adapter::{AdapterServer, Clients, ToClient, SEND_CONFIRM_TIMEOUT, SEND_TRIES};
+use crate::adapter::{AdapterServer, Clients, Spooled, ToClient, SEND_CONFIRM_TIMEOUT, SEND_TRIES};
 use crate::collect::{run_desktop, Collector};
 use crate::health::Health;
 use crate::heartbeat::{run_heartbeat, run_predictions, RecentLog};
+use crate::metrics::Counts;
 use crate::pipeline::{write_spool, Delivered, INTAKE_QUEUE};
 use crate::platform::Desktop;
 use crate::replies::RepliesError;
@@ -186,13 +187,9 @@ pub async fn run(
     out: Option<mpsc::Sender<Reply>>,
     shutdown: CancellationToken,
 ) -> Result<RunReport, RunError> {
-    let id = agent.config().agent.clone();
     // What a previous run left in the spool is published before the input.
     let left_over = spool.depth().events;
     let health = Health::default();
-    let recent = RecentLog::new(periodic.recent);
-    let sources_stop = CancellationToken::new();
-    let (intake, intake_rx) = mpsc::channel(INTAKE_QUEUE);
     let counts = agent.counts().clone();
     let _metrics = match periodic.metrics_listen {
         Some(addr) => {
@@ -202,202 +199,15 @@ pub async fn run(
         }
         None => None,
     };
-
-    let spooled = sources.adapter.as_ref().map(AdapterServer::spooled);
-    let writer = {
-        let (spool, health, recent) = (spool.clone(), health.clone(), recent.clone());
-        let refs = spooled.clone();
-        let refs_of = move |b: &[ferry_schema::Envelope]| refs.as_ref().map(|r| r.refs_of(b)).unwrap_or_default();
-        tokio::spawn(write_spool(spool, agent.config().encoding, intake_rx, health, refs_of, move |b| {
-            recent.observe(b);
-            // Adapters answer `accepted` only now that the batch is durable.
-            if let Some(spooled) = &spooled {
-                spooled.committed(b);
-            }
-        }))
+    let mut tasks = Tasks::start(agent, &spool, sources, &periodic, &health);
+    let mut progress = Progress {
+        input_done: tasks.lines.is_none(),
+        ..Progress::default()
     };
-
-    let mut lines_task: Option<JoinHandle<Result<u64, RunError>>> = None;
-    if let Some(input) = sources.lines {
-        let (intake, id, stop) = (intake.clone(), id.clone(), sources_stop.clone());
-        lines_task = Some(tokio::spawn(async move {
-            let mut lines = input.lines();
-            let mut n = 0usize;
-            let mut queued = 0u64;
-            loop {
-                let line = tokio::select! {
-                    _ = stop.cancelled() => break,
-                    l = lines.next_line() => l?,
-                };
-                let Some(line) = line else { break };
-                n += 1;
-                if let Some(env) = parse_line(&id, n, &line)? {
-                    if intake.send(env).await.is_err() {
-                        break;
-                    }
-                    queued += 1;
-                }
-            }
-            Ok(queued)
-        }));
-    }
-    let mut background: Vec<JoinHandle<()>> = Vec::new();
-    if let Some((desktop, collector)) = sources.desktop {
-        background.push(tokio::spawn(run_desktop(
-            desktop,
-            collector,
-            id.clone(),
-            spool.clone(),
-            intake.clone(),
-            health.clone(),
-            sources_stop.clone(),
-        )));
-    }
-    let clients: Option<Clients> = sources.adapter.as_ref().map(AdapterServer::clients);
-    if let Some(server) = sources.adapter {
-        background.push(tokio::spawn(server.run(id.clone(), spool.clone(), intake.clone(), health.clone(), sources_stop.clone())));
-    }
-    if let Some(every) = periodic.heartbeat {
-        background.push(tokio::spawn(run_heartbeat(
-            id.clone(),
-            every,
-            spool.clone(),
-            health.clone(),
-            intake.clone(),
-            sources_stop.clone(),
-        )));
-    }
-    if let Some(every) = periodic.prediction {
-        background.push(tokio::spawn(run_predictions(
-            id.clone(),
-            every,
-            recent.clone(),
-            intake.clone(),
-            sources_stop.clone(),
-        )));
-    }
-    // Only the sources hold the intake now: the writer ends after them.
-    drop(intake);
-
-    let drain_stop = CancellationToken::new();
-    let (delivered_tx, mut delivered_rx) = mpsc::channel::<Delivered>(INTAKE_QUEUE);
-    let mut drainer = Some({
-        let (agent, spool, health, stop) = (agent.clone(), spool.clone(), health.clone(), drain_stop.clone());
-        tokio::spawn(async move { agent.drain_spool(&spool, &health, Some(delivered_tx), &stop).await })
-    });
-
-    let replies_stop = CancellationToken::new();
-    let (acted_tx, mut acted_rx) = mpsc::channel::<Reply>(agent.config().reply_batch.max(1));
-    let mut receiver = Some({
-        let (agent, spool, stop) = (agent.clone(), spool.clone(), replies_stop.clone());
-        let clients = clients.clone();
-        tokio::spawn(async move {
-            let handler_stop = stop.clone();
-            agent
-                .handle_replies(
-                    move |reply| {
-                        let (spool, clients, acted_tx, stop) =
-                            (spool.clone(), clients.clone(), acted_tx.clone(), handler_stop.clone());
-                        Box::pin(async move { act(reply, &spool, clients.as_ref(), &acted_tx, &stop).await })
-                    },
-                    stop,
-                )
-                .await
-        })
-    });
-
-    let mut pending: HashSet<EventId> = HashSet::new();
-    let mut answered_early: HashSet<EventId> = HashSet::new();
-    let idle = match until {
-        Until::Answered { idle_timeout } => idle_timeout,
-        Until::Shutdown => Duration::MAX,
-    };
-    let answered_mode = matches!(until, Until::Answered { .. });
-    let mut input_done = lines_task.is_none();
-    // Events the input queued, plus those a previous run left in the spool:
-    // a run until answered waits until all of them are published.
-    let mut queued = 0u64;
-    let result: Result<(), RunError> = loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
-            Some(d) = delivered_rx.recv() => {
-                counts.published();
-                if matches!(d.kind, EventKind::Chat | EventKind::Predict) && !answered_early.remove(&d.id) {
-                    pending.insert(d.id);
-                }
-            }
-            Some(reply) = acted_rx.recv() => {
-                if !pending.remove(&reply.in_reply_to) {
-                    answered_early.insert(reply.in_reply_to);
-                }
-                counts.reply();
-                if let Some(out) = &out {
-                    if out.send(reply).await.is_err() {
-                        break Ok(());
-                    }
-                }
-            }
-            r = async {
-                match lines_task.as_mut() {
-                    Some(t) => t.await,
-                    None => std::future::pending().await,
-                }
-            }, if !input_done => {
-                input_done = true;
-                lines_task = None;
-                match r {
-                    Ok(Ok(n)) => queued = n,
-                    Ok(Err(e)) => break Err(e),
-                    Err(join) => break Err(RunError::Read(std::io::Error::other(join.to_string()))),
-                }
-            }
-            r = until_done(&mut drainer) => {
-                let e = ended("spool drainer", r.map(Ok::<(), SpoolError>));
-                tracing::error!(error = %e, "stopping");
-                break Err(e);
-            }
-            r = until_done(&mut receiver) => {
-                let e = ended("reply receiver", r);
-                tracing::error!(error = %e, "stopping");
-                break Err(e);
-            }
-            _ = tokio::time::sleep(idle), if input_done && answered_mode => break Ok(()),
-            _ = tokio::time::sleep(Duration::from_millis(100)), if input_done && answered_mode => {}
-        }
-        if answered_mode && input_done && pending.is_empty() && counts.published_so_far() >= queued + left_over {
-            break Ok(());
-        }
-    };
-
-    // Phase 1: stop the sources; the writer spools what they queued.
-    sources_stop.cancel();
-    if let Some(t) = lines_task {
-        t.abort();
-    }
-    for t in background {
-        let _ = t.await;
-    }
-    let _ = writer.await;
-    // Phase 2: a grace period to publish what is spooled.
-    let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
-    while spool.depth().events > 0 && tokio::time::Instant::now() < deadline {
-        tokio::select! {
-            Some(_) = delivered_rx.recv() => counts.published(),
-            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
-        }
-    }
-    drain_stop.cancel();
-    replies_stop.cancel();
-    while let Ok(_d) = delivered_rx.try_recv() {
-        counts.published();
-    }
-    if let Some(t) = drainer {
-        let _ = t.await;
-    }
-    let received = match receiver {
-        Some(t) => t.await,
-        None => Ok(Ok(())),
-    };
+    let result = progress
+        .watch(&mut tasks, &counts, until, left_over, out.as_ref(), &shutdown)
+        .await;
+    let received = tasks.stop(&spool, &counts).await;
     result?;
     if let Ok(Err(e)) = received {
         return Err(e.into());
@@ -405,10 +215,297 @@ pub async fn run(
     let report = RunReport {
         published: counts.published_so_far(),
         replies: counts.replies_so_far(),
-        unanswered: pending.len(),
+        unanswered: progress.pending.len(),
         spooled: spool.depth().events,
     };
     Ok(report)
+}
+
+/// The tasks of one run, and the tokens and channels that tie them together.
+struct Tasks {
+    /// Stops the sources (phase 1 of shutdown).
+    sources_stop: CancellationToken,
+    /// The spool writer; ends after the sources, when the intake closes.
+    writer: JoinHandle<()>,
+    /// The JSON lines source, until its input is exhausted; the events it queued.
+    lines: Option<JoinHandle<Result<u64, RunError>>>,
+    /// The other sources (desktop, adapter server, heartbeats, predictions).
+    background: Vec<JoinHandle<()>>,
+    /// Stops the drainer (phase 2 of shutdown).
+    drain_stop: CancellationToken,
+    /// The spool drainer, until it ends.
+    drainer: Option<JoinHandle<()>>,
+    /// The events the drainer had acknowledged.
+    delivered: mpsc::Receiver<Delivered>,
+    /// Stops the reply receiver.
+    replies_stop: CancellationToken,
+    /// The reply receiver, until it ends.
+    receiver: Option<JoinHandle<Result<(), RepliesError>>>,
+    /// The replies acted on.
+    acted: mpsc::Receiver<Reply>,
+}
+
+impl Tasks {
+    /// Starts the spool writer, the sources, the drainer and the reply
+    /// receiver, in that order.
+    fn start(agent: &Agent, spool: &Spool, sources: Sources, periodic: &Options, health: &Health) -> Self {
+        let id = agent.config().agent.clone();
+        let recent = RecentLog::new(periodic.recent);
+        let sources_stop = CancellationToken::new();
+        let (intake, intake_rx) = mpsc::channel(INTAKE_QUEUE);
+        let writer = spawn_writer(agent, spool, health, &recent, intake_rx, sources.adapter.as_ref().map(AdapterServer::spooled));
+
+        let lines = sources.lines.map(|input| spawn_lines(input, intake.clone(), id.clone(), sources_stop.clone()));
+        let mut background: Vec<JoinHandle<()>> = Vec::new();
+        if let Some((desktop, collector)) = sources.desktop {
+            background.push(tokio::spawn(run_desktop(
+                desktop,
+                collector,
+                id.clone(),
+                spool.clone(),
+                intake.clone(),
+                health.clone(),
+                sources_stop.clone(),
+            )));
+        }
+        let clients: Option<Clients> = sources.adapter.as_ref().map(AdapterServer::clients);
+        if let Some(server) = sources.adapter {
+            background.push(tokio::spawn(server.run(id.clone(), spool.clone(), intake.clone(), health.clone(), sources_stop.clone())));
+        }
+        if let Some(every) = periodic.heartbeat {
+            background.push(tokio::spawn(run_heartbeat(
+                id.clone(),
+                every,
+                spool.clone(),
+                health.clone(),
+                intake.clone(),
+                sources_stop.clone(),
+            )));
+        }
+        if let Some(every) = periodic.prediction {
+            background.push(tokio::spawn(run_predictions(id, every, recent, intake.clone(), sources_stop.clone())));
+        }
+        // Only the sources hold the intake now: the writer ends after them.
+        drop(intake);
+
+        let drain_stop = CancellationToken::new();
+        let (delivered_tx, delivered) = mpsc::channel::<Delivered>(INTAKE_QUEUE);
+        let drainer = {
+            let (agent, spool, health, stop) = (agent.clone(), spool.clone(), health.clone(), drain_stop.clone());
+            tokio::spawn(async move { agent.drain_spool(&spool, &health, Some(delivered_tx), &stop).await })
+        };
+        let replies_stop = CancellationToken::new();
+        let (acted_tx, acted) = mpsc::channel::<Reply>(agent.config().reply_batch.max(1));
+        let receiver = spawn_receiver(agent, spool, clients, acted_tx, replies_stop.clone());
+        Self {
+            sources_stop,
+            writer,
+            lines,
+            background,
+            drain_stop,
+            drainer: Some(drainer),
+            delivered,
+            replies_stop,
+            receiver: Some(receiver),
+            acted,
+        }
+    }
+
+    /// Stops in two phases (see the module docs); returns how the reply
+    /// receiver ended.
+    async fn stop(mut self, spool: &Spool, counts: &Counts) -> Result<Result<(), RepliesError>, tokio::task::JoinError> {
+        // Phase 1: stop the sources; the writer spools what they queued.
+        self.sources_stop.cancel();
+        if let Some(t) = self.lines {
+            t.abort();
+        }
+        for t in self.background {
+            let _ = t.await;
+        }
+        let _ = self.writer.await;
+        // Phase 2: a grace period to publish what is spooled.
+        let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
+        while spool.depth().events > 0 && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                Some(_) = self.delivered.recv() => counts.published(),
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+        self.drain_stop.cancel();
+        self.replies_stop.cancel();
+        while let Ok(_d) = self.delivered.try_recv() {
+            counts.published();
+        }
+        if let Some(t) = self.drainer {
+            let _ = t.await;
+        }
+        match self.receiver {
+            Some(t) => t.await,
+            None => Ok(Ok(())),
+        }
+    }
+}
+
+/// Starts the spool writer on `intake`. With an adapter server, the writer
+/// stores each batch's message references and reports its commits to
+/// `spooled`.
+fn spawn_writer(
+    agent: &Agent,
+    spool: &Spool,
+    health: &Health,
+    recent: &RecentLog,
+    intake: mpsc::Receiver<ferry_schema::Envelope>,
+    spooled: Option<Spooled>,
+) -> JoinHandle<()> {
+    let (spool, health, recent) = (spool.clone(), health.clone(), recent.clone());
+    let refs = spooled.clone();
+    let refs_of = move |b: &[ferry_schema::Envelope]| refs.as_ref().map(|r| r.refs_of(b)).unwrap_or_default();
+    tokio::spawn(write_spool(spool, agent.config().encoding, intake, health, refs_of, move |b| {
+        recent.observe(b);
+        // Adapters answer `accepted` only now that the batch is durable.
+        if let Some(spooled) = &spooled {
+            spooled.committed(b);
+        }
+    }))
+}
+
+/// Queues the events of `input`'s lines on `intake` until the input ends
+/// or `stop`; returns how many it queued.
+fn spawn_lines(
+    input: Box<dyn AsyncBufRead + Unpin + Send>,
+    intake: mpsc::Sender<ferry_schema::Envelope>,
+    id: AgentId,
+    stop: CancellationToken,
+) -> JoinHandle<Result<u64, RunError>> {
+    tokio::spawn(async move {
+        let mut lines = input.lines();
+        let mut n = 0usize;
+        let mut queued = 0u64;
+        loop {
+            let line = tokio::select! {
+                _ = stop.cancelled() => break,
+                l = lines.next_line() => l?,
+            };
+            let Some(line) = line else { break };
+            n += 1;
+            if let Some(env) = parse_line(&id, n, &line)? {
+                if intake.send(env).await.is_err() {
+                    break;
+                }
+                queued += 1;
+            }
+        }
+        Ok(queued)
+    })
+}
+
+/// Receives the agent's replies and acts on each (see [`act`]), handing
+/// those acted on to `acted`, until `stop`.
+fn spawn_receiver(
+    agent: &Agent,
+    spool: &Spool,
+    clients: Option<Clients>,
+    acted: mpsc::Sender<Reply>,
+    stop: CancellationToken,
+) -> JoinHandle<Result<(), RepliesError>> {
+    let (agent, spool) = (agent.clone(), spool.clone());
+    tokio::spawn(async move {
+        let handler_stop = stop.clone();
+        agent
+            .handle_replies(
+                move |reply| {
+                    let (spool, clients, acted, stop) = (spool.clone(), clients.clone(), acted.clone(), handler_stop.clone());
+                    Box::pin(async move { act(reply, &spool, clients.as_ref(), &acted, &stop).await })
+                },
+                stop,
+            )
+            .await
+    })
+}
+
+/// What the run watches while the agent runs: which requests still wait
+/// for their reply, and whether the input is done.
+#[derive(Debug, Default)]
+struct Progress {
+    /// Chat events and prediction requests published and not answered yet.
+    pending: HashSet<EventId>,
+    /// Replies acted on before their event's publish was counted.
+    answered_early: HashSet<EventId>,
+    /// The JSON lines input is exhausted (or there is none).
+    input_done: bool,
+    /// Events the input queued, known once it is done.
+    queued: u64,
+}
+
+impl Progress {
+    /// Counts publishes and replies, and hands replies to `out`, until
+    /// `shutdown`, until `until` is met, or until a part that should run
+    /// for the agent's whole life ends. `left_over` events were in the
+    /// spool at the start: a run until answered waits for them too.
+    async fn watch(
+        &mut self,
+        tasks: &mut Tasks,
+        counts: &Counts,
+        until: Until,
+        left_over: u64,
+        out: Option<&mpsc::Sender<Reply>>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), RunError> {
+        let idle = match until {
+            Until::Answered { idle_timeout } => idle_timeout,
+            Until::Shutdown => Duration::MAX,
+        };
+        let answered_mode = matches!(until, Until::Answered { .. });
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                Some(d) = tasks.delivered.recv() => {
+                    counts.published();
+                    if matches!(d.kind, EventKind::Chat | EventKind::Predict) && !self.answered_early.remove(&d.id) {
+                        self.pending.insert(d.id);
+                    }
+                }
+                Some(reply) = tasks.acted.recv() => {
+                    if !self.pending.remove(&reply.in_reply_to) {
+                        self.answered_early.insert(reply.in_reply_to);
+                    }
+                    counts.reply();
+                    if let Some(out) = out {
+                        if out.send(reply).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                r = until_done(&mut tasks.lines), if !self.input_done => {
+                    self.input_done = true;
+                    match r {
+                        Ok(Ok(n)) => self.queued = n,
+                        Ok(Err(e)) => return Err(e),
+                        Err(join) => return Err(RunError::Read(std::io::Error::other(join.to_string()))),
+                    }
+                }
+                r = until_done(&mut tasks.drainer) => {
+                    let e = ended("spool drainer", r.map(Ok::<(), SpoolError>));
+                    tracing::error!(error = %e, "stopping");
+                    return Err(e);
+                }
+                r = until_done(&mut tasks.receiver) => {
+                    let e = ended("reply receiver", r);
+                    tracing::error!(error = %e, "stopping");
+                    return Err(e);
+                }
+                _ = tokio::time::sleep(idle), if self.input_done && answered_mode => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_millis(100)), if self.input_done && answered_mode => {}
+            }
+            if answered_mode
+                && self.input_done
+                && self.pending.is_empty()
+                && counts.published_so_far() >= self.queued + left_over
+            {
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// Waits for the task in `slot` to end and takes it out; pending forever
@@ -447,43 +544,8 @@ async fn act(
         Err(error) => tracing::warn!(%error, reply = %id, "cannot look up the reply; acting on it"),
     }
     if let Some(clients) = clients {
-        let reply_id = id.to_string();
-        let event_id = reply.in_reply_to;
-        match &reply.body {
-            ReplyBody::Chat(c) => match c.action {
-                ChatAction::Reply => {
-                    if !send_chat(&reply, c, clients, stop).await {
-                        return false;
-                    }
-                }
-                ChatAction::Escalate => {
-                    let line = ToClient::Escalation {
-                        reply_id,
-                        event_id,
-                        chat: c.chat.clone(),
-                        reason: c.content.clone().unwrap_or_default(),
-                    };
-                    clients.broadcast(line).await;
-                }
-                ChatAction::Ignore => {}
-            },
-            ReplyBody::Prediction(p) => {
-                let line = ToClient::Prediction {
-                    reply_id,
-                    event_id,
-                    prediction: p.prediction.clone(),
-                    confidence: p.confidence,
-                };
-                clients.broadcast(line).await;
-            }
-            ReplyBody::Alert(a) => {
-                let line = ToClient::Alert {
-                    reply_id,
-                    rule: a.rule.clone(),
-                    message: a.message.clone(),
-                };
-                clients.broadcast(line).await;
-            }
+        if !hand_on(&reply, clients, stop).await {
+            return false;
         }
     }
     loop {
@@ -502,6 +564,50 @@ async fn act(
         _ = stop.cancelled() => false,
         r = acted.send(reply) => r.is_ok(),
     }
+}
+
+/// Hands `reply` to the local clients: a chat reply to the adapter (see
+/// [`send_chat`]), anything else to every client. False on shutdown.
+async fn hand_on(reply: &Reply, clients: &Clients, stop: &CancellationToken) -> bool {
+    let reply_id = reply.id.to_string();
+    let event_id = reply.in_reply_to;
+    match &reply.body {
+        ReplyBody::Chat(c) => match c.action {
+            ChatAction::Reply => {
+                if !send_chat(reply, c, clients, stop).await {
+                    return false;
+                }
+            }
+            ChatAction::Escalate => {
+                let line = ToClient::Escalation {
+                    reply_id,
+                    event_id,
+                    chat: c.chat.clone(),
+                    reason: c.content.clone().unwrap_or_default(),
+                };
+                clients.broadcast(line).await;
+            }
+            ChatAction::Ignore => {}
+        },
+        ReplyBody::Prediction(p) => {
+            let line = ToClient::Prediction {
+                reply_id,
+                event_id,
+                prediction: p.prediction.clone(),
+                confidence: p.confidence,
+            };
+            clients.broadcast(line).await;
+        }
+        ReplyBody::Alert(a) => {
+            let line = ToClient::Alert {
+                reply_id,
+                rule: a.rule.clone(),
+                message: a.message.clone(),
+            };
+            clients.broadcast(line).await;
+        }
+    }
+    true
 }
 
 /// Gives a chat reply to the adapter until it confirms the send. A failed
