@@ -145,21 +145,26 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
-    /// A short stable code for the failure, used as the dead-letter reason
-    /// code and as a metric label.
-    pub fn code(&self) -> &'static str {
+    /// The dead-letter reason code of the failure.
+    pub fn reason(&self) -> crate::deadletter::ReasonCode {
+        use crate::deadletter::ReasonCode as R;
         match self {
-            Self::TooLarge { .. } => "too_large",
-            Self::ContentType { .. } => "content_type",
-            Self::Malformed { .. } => "malformed",
-            Self::MissingField { .. } => "missing_field",
-            Self::InvalidField { .. } => "invalid_field",
-            Self::UnsupportedVersion { .. } => "unsupported_version",
-            Self::UnknownKind { .. } => "unknown_kind",
-            Self::InvalidAgentId(_) => "invalid_agent_id",
-            Self::SubjectMismatch { .. } => "subject_mismatch",
-            Self::Subject(_) => "bad_subject",
+            Self::TooLarge { .. } => R::TooLarge,
+            Self::ContentType { .. } => R::ContentType,
+            Self::Malformed { .. } => R::Malformed,
+            Self::MissingField { .. } => R::MissingField,
+            Self::InvalidField { .. } => R::InvalidField,
+            Self::UnsupportedVersion { .. } => R::UnsupportedVersion,
+            Self::UnknownKind { .. } => R::UnknownKind,
+            Self::InvalidAgentId(_) => R::InvalidAgentId,
+            Self::SubjectMismatch { .. } => R::SubjectMismatch,
+            Self::Subject(_) => R::BadSubject,
         }
+    }
+
+    /// The reason code as text (headers, metric labels).
+    pub fn code(&self) -> &'static str {
+        self.reason().as_str()
     }
 }
 

@@ -21,6 +21,92 @@ use crate::{headers, subject};
 /// cost `DEADLETTER` a copy of it.
 pub const EXCERPT_BYTES: usize = 16 * 1024;
 
+/// Why a message was given up: the `Ferry-Dead-Reason-Code` header of its
+/// dead letter and the `code` label of the poison metrics. Stable: operators
+/// filter on these (`ferry dlq --code`), and the table in
+/// docs/wire-format.md lists exactly these (a test checks it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ReasonCode {
+    /// The payload is over the decode limit.
+    TooLarge,
+    /// `Content-Type` is neither JSON nor MessagePack.
+    ContentType,
+    /// Not a map in the chosen encoding.
+    Malformed,
+    /// A required field is absent.
+    MissingField,
+    /// A field has the wrong type or form.
+    InvalidField,
+    /// `v` is not a version this build reads.
+    UnsupportedVersion,
+    /// `kind` is not a known kind.
+    UnknownKind,
+    /// `agent` is not a valid agent id.
+    InvalidAgentId,
+    /// `agent` or `kind` in the body differs from the subject.
+    SubjectMismatch,
+    /// The subject is not an event subject.
+    BadSubject,
+    /// The worker could not encode its reply, or the archiver a body as JSON.
+    Encode,
+    /// A hand-off that is not the kind its queue carries.
+    WrongKind,
+    /// A retry was asked for on the last allowed delivery.
+    MaxDeliver,
+    /// PostgreSQL refused the data for good.
+    Unstorable,
+    /// The handler panicked.
+    Panic,
+}
+
+impl ReasonCode {
+    /// Every code, in the order of the docs' table.
+    pub const ALL: [Self; 15] = [
+        Self::TooLarge,
+        Self::ContentType,
+        Self::Malformed,
+        Self::MissingField,
+        Self::InvalidField,
+        Self::UnsupportedVersion,
+        Self::UnknownKind,
+        Self::InvalidAgentId,
+        Self::SubjectMismatch,
+        Self::BadSubject,
+        Self::Encode,
+        Self::WrongKind,
+        Self::MaxDeliver,
+        Self::Unstorable,
+        Self::Panic,
+    ];
+
+    /// The code as it appears in headers, metrics and the docs.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::TooLarge => "too_large",
+            Self::ContentType => "content_type",
+            Self::Malformed => "malformed",
+            Self::MissingField => "missing_field",
+            Self::InvalidField => "invalid_field",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::UnknownKind => "unknown_kind",
+            Self::InvalidAgentId => "invalid_agent_id",
+            Self::SubjectMismatch => "subject_mismatch",
+            Self::BadSubject => "bad_subject",
+            Self::Encode => "encode",
+            Self::WrongKind => "wrong_kind",
+            Self::MaxDeliver => "max_deliver",
+            Self::Unstorable => "unstorable",
+            Self::Panic => "panic",
+        }
+    }
+}
+
+impl std::fmt::Display for ReasonCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Where a poison message came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
@@ -54,7 +140,7 @@ impl DeadLetter {
         origin: &Origin,
         original: Option<&HeaderMap>,
         payload: Bytes,
-        code: &str,
+        code: ReasonCode,
         reason: &str,
     ) -> Self {
         let mut h = HeaderMap::new();
@@ -74,7 +160,7 @@ impl DeadLetter {
             headers::MSG_ID,
             format!("{}:{}:{}", origin.stream, origin.sequence, origin.consumer).as_str(),
         );
-        h.insert(headers::DEAD_REASON_CODE, code);
+        h.insert(headers::DEAD_REASON_CODE, code.as_str());
         // Header values are single lines.
         h.insert(
             headers::DEAD_REASON,
@@ -136,7 +222,7 @@ mod tests {
         orig.insert("nats-expected-last-sequence", "3");
         orig.insert("Content-Type", "application/json");
         orig.insert("traceparent", "00-abc-def-01");
-        let dl = DeadLetter::new(&origin(), Some(&orig), Bytes::from_static(b"{"), "malformed", "bad\nline");
+        let dl = DeadLetter::new(&origin(), Some(&orig), Bytes::from_static(b"{"), ReasonCode::Malformed, "bad\nline");
         let h = &dl.headers;
         let get = |n: &str| h.get(n).map(|v| v.as_str().to_string());
         assert_eq!(get("Nats-Expected-Stream"), None);
@@ -161,10 +247,10 @@ mod tests {
     #[test]
     fn a_large_body_keeps_an_excerpt_and_its_size() {
         let big = Bytes::from(vec![b'x'; 1024 * 1024]);
-        let dl = DeadLetter::new(&origin(), None, big, "too_large", "1 MiB");
+        let dl = DeadLetter::new(&origin(), None, big, ReasonCode::TooLarge, "1 MiB");
         assert_eq!(dl.payload.len(), EXCERPT_BYTES);
         assert_eq!(dl.headers.get(headers::DEAD_PAYLOAD_BYTES).unwrap().as_str(), "1048576");
-        let small = DeadLetter::new(&origin(), None, Bytes::from_static(b"{}"), "malformed", "x");
+        let small = DeadLetter::new(&origin(), None, Bytes::from_static(b"{}"), ReasonCode::Malformed, "x");
         assert_eq!(&small.payload[..], b"{}");
         assert_eq!(small.headers.get(headers::DEAD_PAYLOAD_BYTES).unwrap().as_str(), "2");
     }

@@ -13,6 +13,8 @@
 //!   the id of the event they answer.
 //! - [`codec`]: MessagePack (default) and JSON (`Content-Type:
 //!   application/json`) encoding, size limit, typed [`DecodeError`]s.
+//! - [`groups`]: the groups file the CLI writes and the workers read.
+//! - [`status`]: a worker replica's status, as its micro service serves it.
 //! - [`subject`]: builders and parsers for every subject Ferry uses.
 //! - [`headers`]: header names and the header maps Ferry attaches.
 //! - [`topology`]: streams and consumers as code, and idempotent provisioning.
@@ -36,18 +38,20 @@ pub mod connect;
 pub mod db;
 pub mod deadletter;
 pub mod event;
+pub mod groups;
 pub mod headers;
 pub mod metrics;
 pub mod permissions;
 pub mod quota;
 pub mod reply;
+pub mod status;
 pub mod subject;
 pub mod topology;
 
 pub use agent_id::{AgentId, InvalidAgentId};
 pub use codec::{DecodeError, Encoding};
 pub use event::{Envelope, EventBody, EventId, EventKind};
-pub use reply::{Reply, ReplyBody, ReplyId};
+pub use reply::{Reply, ReplyBody, ReplyId, Responder};
 
 /// The schema version written into every envelope and the only one accepted.
 pub const SCHEMA_VERSION: u16 = 1;

@@ -8,6 +8,28 @@ use uuid::Uuid;
 
 use crate::{AgentId, EventId};
 
+/// Who answers events. The name is part of every reply's id
+/// ([`ReplyId::for_event`]), so it is contract: `ferry replay` derives the
+/// ids of recorded replies from it, and renaming one would give every
+/// redelivered event a second reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Responder {
+    /// The rules worker.
+    Rules,
+    /// The inference worker.
+    Inference,
+}
+
+impl Responder {
+    /// The name in reply ids and in a reply's `responder` field.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Rules => "rules",
+            Self::Inference => "inference",
+        }
+    }
+}
+
 /// A reply's id. It is derived from the answered event's id and the name of
 /// the responder (`rules`, `inference`), so a worker that handles the same
 /// event twice produces the same id, JetStream drops the second publish

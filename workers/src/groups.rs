@@ -1,13 +1,13 @@
 //! Agent groups from a config's `[groups]` table, shared by the rules and inference configs.
 //!
 //! A config's own `[groups]` can be completed by a groups file (`--groups`):
-//! a `[groups]` table alone, which `ferry agent add --group` generates.
+//! a `[groups]` table alone ([`ferry_schema::groups::GroupsFile`]), which
+//! `ferry agent add --group` generates.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use ferry_schema::{AgentId, InvalidAgentId};
-use serde::Deserialize;
 
 /// Which groups each agent belongs to.
 #[derive(Debug, Clone, Default)]
@@ -79,20 +79,13 @@ pub enum GroupsFileError {
     },
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GroupsFile {
-    #[serde(default)]
-    groups: BTreeMap<String, Vec<String>>,
-}
-
 /// Reads a groups file: `group -> members`.
 pub fn load_file(path: &Path) -> Result<BTreeMap<String, Vec<String>>, GroupsFileError> {
     let text = std::fs::read_to_string(path).map_err(|source| GroupsFileError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    let file: GroupsFile = toml::from_str(&text).map_err(|e| GroupsFileError::Syntax {
+    let file = ferry_schema::groups::GroupsFile::parse(&text).map_err(|e| GroupsFileError::Syntax {
         path: path.to_path_buf(),
         message: e.to_string().trim_end().to_string(),
     })?;

@@ -190,14 +190,9 @@ impl Metrics {
     }
 }
 
-/// Whether one consume loop is bound to its consumer and pulling.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct LoopState {
-    /// The durable consumer it reads.
-    pub consumer: String,
-    /// Bound and pulling (false while it re-binds).
-    pub up: bool,
-}
+/// Whether one consume loop is bound to its consumer and pulling (part of
+/// the worker's status, in `schema`).
+pub use ferry_schema::status::LoopState;
 
 /// One consume loop's metric handles (cheap clones of shared atomics).
 #[derive(Debug, Clone)]

@@ -7,7 +7,6 @@
 //! workers read with `--groups`. Revoked agents stay in the registry (with
 //! the time they were revoked) but get no user.
 
-use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -28,7 +27,7 @@ pub fn registry_path(data_dir: &Path) -> PathBuf {
 
 /// The groups file under the data dir (`[groups]`, as in a rules file).
 pub fn groups_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("groups.toml")
+    data_dir.join(ferry_schema::groups::FILE_NAME)
 }
 
 /// Where `agent`'s nkey seed is kept (mode 0600).
@@ -181,20 +180,13 @@ impl Registry {
 
     /// The groups file: `[groups]` with the active agents of each group.
     pub fn groups_toml(&self) -> anyhow::Result<String> {
-        let mut groups: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        let mut file = ferry_schema::groups::GroupsFile::default();
         for a in self.active() {
             if let Some(g) = &a.group {
-                groups.entry(g.as_str()).or_default().push(a.id.as_str());
+                file.groups.entry(g.clone()).or_default().push(a.id.clone());
             }
         }
-        #[derive(Serialize)]
-        struct File<'a> {
-            groups: BTreeMap<&'a str, Vec<&'a str>>,
-        }
-        let body = toml::to_string(&File { groups }).context("serialising the groups file")?;
-        Ok(format!(
-            "# Agent groups from `ferry agent add --group`, generated from agents.toml; do not edit.\n# The rules and inference workers read it with --groups.\n\n{body}"
-        ))
+        file.render().context("serialising the groups file")
     }
 }
 

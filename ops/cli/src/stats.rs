@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use async_nats::jetstream;
 use clap::Args;
+use ferry_schema::status::ServiceStats;
 use ferry_schema::codec::{self, DEFAULT_MAX_PAYLOAD};
 use ferry_schema::topology::{DEADLETTER_STREAM, EVENTS_STREAM, REPLIES_STREAM, WORK_STREAM};
 use ferry_schema::{subject, Encoding};
@@ -68,18 +69,11 @@ async fn workers(client: &async_nats::Client, wait: Duration, out: &mut String) 
     let mut rows = Vec::new();
     let deadline = tokio::time::Instant::now() + wait;
     while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
-        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&msg.payload) else { continue };
-        let name = v["name"].as_str().unwrap_or("?").to_string();
-        let id = v["id"].as_str().unwrap_or("?").to_string();
-        // Ferry's counters ride in each endpoint's `data`; the first will do.
-        let data = v["endpoints"].get(0).map(|e| e["data"].clone()).unwrap_or_default();
+        let Ok(v) = serde_json::from_slice::<ServiceStats>(&msg.payload) else { continue };
+        let c = v.status().map(|s| s.counters).unwrap_or_default();
         rows.push(format!(
-            "  {name:<16} {id:<24} done {:>9}  retried {:>6}  poisoned {:>5}  in flight {:>5}  avg {:>7.2} ms\n",
-            data["done"].as_u64().unwrap_or(0),
-            data["retried"].as_u64().unwrap_or(0),
-            data["poisoned"].as_u64().unwrap_or(0),
-            data["in_flight"].as_u64().unwrap_or(0),
-            data["avg_processing_ms"].as_f64().unwrap_or(0.0),
+            "  {:<16} {:<24} done {:>9}  retried {:>6}  poisoned {:>5}  in flight {:>5}  avg {:>7.2} ms\n",
+            v.name, v.id, c.done, c.retried, c.poisoned, c.in_flight, c.avg_processing_ms,
         ));
     }
     rows.sort();

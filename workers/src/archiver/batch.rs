@@ -284,7 +284,7 @@ enum Stop {
 
 fn unstorable(reason: String) -> Outcome {
     Outcome::Poison {
-        code: "unstorable",
+        code: ferry_schema::deadletter::ReasonCode::Unstorable,
         reason,
     }
 }

@@ -1,11 +1,12 @@
 //! The archiver's handlers: decode an event or reply, hand its row to the batch writer, return the commit's outcome.
 
 use async_nats::jetstream;
-use ferry_schema::codec::{self, Encoding};
+use ferry_schema::codec;
+use ferry_schema::deadletter::ReasonCode;
 
 use super::batch::Batcher;
 use super::rows::{EventRow, ReplyRow};
-use crate::runtime::{Handler, Outcome};
+use crate::runtime::{decode, Handler, Outcome};
 
 /// `EVENTS/archiver-events`.
 #[derive(Debug)]
@@ -25,7 +26,7 @@ pub struct ReplyHandler {
     pub max_payload: usize,
 }
 
-fn poison(code: &'static str, e: impl std::fmt::Display) -> Outcome {
+fn poison(code: ReasonCode, e: impl std::fmt::Display) -> Outcome {
     Outcome::Poison {
         code,
         reason: e.to_string(),
@@ -40,19 +41,13 @@ fn stream_seq(msg: &jetstream::Message) -> i64 {
 
 impl Handler for EventHandler {
     async fn handle(&self, msg: &jetstream::Message) -> Outcome {
-        let decoded = codec::decode_event_message(
-            msg.subject.as_str(),
-            msg.headers.as_ref(),
-            &msg.payload,
-            self.max_payload,
-        );
-        let env = match decoded {
+        let env = match decode::event(msg, self.max_payload) {
             Ok((env, _)) => env,
-            Err(e) => return poison(e.code(), e),
+            Err(poison) => return poison,
         };
         let body_json = match codec::event_body_json(&env.body) {
             Ok(j) => j,
-            Err(e) => return poison("encode", e),
+            Err(e) => return poison(ReasonCode::Encode, e),
         };
         let row = EventRow {
             env,
@@ -65,15 +60,13 @@ impl Handler for EventHandler {
 
 impl Handler for ReplyHandler {
     async fn handle(&self, msg: &jetstream::Message) -> Outcome {
-        let decoded = Encoding::from_headers(msg.headers.as_ref())
-            .and_then(|enc| codec::decode_reply(&msg.payload, enc, self.max_payload));
-        let reply = match decoded {
+        let reply = match decode::reply(msg, self.max_payload) {
             Ok(r) => r,
-            Err(e) => return poison(e.code(), e),
+            Err(poison) => return poison,
         };
         let body_json = match codec::reply_body_json(&reply.body) {
             Ok(j) => j,
-            Err(e) => return poison("encode", e),
+            Err(e) => return poison(ReasonCode::Encode, e),
         };
         let row = ReplyRow {
             reply,

@@ -4,19 +4,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_nats::jetstream;
-use ferry_schema::codec::{self, Encoding};
 use ferry_schema::reply::{ChatAction, ChatReply, PredictionReply};
 use ferry_schema::{headers, EventBody, ReplyBody};
 
 use super::config::{InferenceSettings, Task};
 use super::engine::Engine;
 use super::{fallback, prompt};
-use crate::runtime::{publish, Handler, Outcome, Stats};
+use crate::runtime::{decode, publish, Handler, Outcome, Stats};
 use crate::state::conversations::{self, Turn};
 use crate::state::kb::{self, Hit};
 
-/// Name of this responder; part of every reply id it makes.
-pub const RESPONDER: &str = "inference";
+/// This handler's name in its replies and their ids.
+pub const RESPONDER: &str = ferry_schema::Responder::Inference.as_str();
 
 /// What both handlers share.
 #[derive(Debug, Clone)]
@@ -74,28 +73,19 @@ pub struct ChatHandler(pub Shared);
 #[derive(Debug)]
 pub struct PredictHandler(pub Shared);
 
-fn poison(e: codec::DecodeError) -> Outcome {
-    Outcome::Poison {
-        code: e.code(),
-        reason: e.to_string(),
-    }
-}
-
 impl Handler for ChatHandler {
     async fn handle(&self, msg: &jetstream::Message) -> Outcome {
         let s = &self.0;
         let started = Instant::now();
         // A hand-off carries the agent's original event bytes; the rules
         // worker already checked them against their subject.
-        let decoded = Encoding::from_headers(msg.headers.as_ref())
-            .and_then(|enc| codec::decode_event(&msg.payload, enc, s.max_payload).map(|e| (e, enc)));
-        let (env, enc) = match decoded {
+        let (env, enc) = match decode::handoff(msg, s.max_payload) {
             Ok(d) => d,
-            Err(e) => return poison(e),
+            Err(poison) => return poison,
         };
         let EventBody::Chat(chat) = &env.body else {
             return Outcome::Poison {
-                code: "wrong_kind",
+                code: ferry_schema::deadletter::ReasonCode::WrongKind,
                 reason: format!("a chat hand-off carries a {} event", env.kind()),
             };
         };
@@ -125,15 +115,9 @@ impl Handler for PredictHandler {
     async fn handle(&self, msg: &jetstream::Message) -> Outcome {
         let s = &self.0;
         let started = Instant::now();
-        let decoded = codec::decode_event_message(
-            msg.subject.as_str(),
-            msg.headers.as_ref(),
-            &msg.payload,
-            s.max_payload,
-        );
-        let (env, enc) = match decoded {
+        let (env, enc) = match decode::event(msg, s.max_payload) {
             Ok(d) => d,
-            Err(e) => return poison(e),
+            Err(poison) => return poison,
         };
         let EventBody::Predict(req) = &env.body else {
             // The consumer filters on predict subjects; anything else is not ours.

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_nats::jetstream;
-use ferry_schema::codec::{self, Encoding};
+use ferry_schema::codec::Encoding;
 use ferry_schema::reply::{AlertReply, AnsweredBy, ChatAction, ChatReply, ResponderKind};
 use ferry_schema::subject::WorkQueue;
 use ferry_schema::{headers, Envelope, EventBody, ReplyBody};
@@ -12,11 +12,11 @@ use ferry_schema::{headers, Envelope, EventBody, ReplyBody};
 use super::engine::{Decision, RuleSet};
 use super::reload::LiveRules;
 use crate::runtime::publish::{self, Outgoing, Publisher};
-use crate::runtime::{Handler, Outcome};
+use crate::runtime::{decode, Handler, Outcome};
 use crate::state::Failure;
 
-/// Name of this responder; part of every reply id it makes.
-pub const RESPONDER: &str = "rules";
+/// This handler's name in its replies and their ids.
+pub const RESPONDER: &str = ferry_schema::Responder::Rules.as_str();
 
 /// Applies a [`RuleSet`] to events and publishes what it decides.
 #[derive(Debug)]
@@ -75,7 +75,7 @@ impl RulesHandler {
                 .map(|k| k.tags)
                 .map_err(|e| match crate::state::classify(&e) {
                     Failure::Data => Outcome::Poison {
-                        code: "unstorable",
+                        code: ferry_schema::deadletter::ReasonCode::Unstorable,
                         reason: format!("customer lookup refused: {}", crate::state::db_reason(&e)),
                     },
                     Failure::Transient => Outcome::retry(CUSTOMER_RETRY, format!("customer lookup failed: {}", crate::state::db_reason(&e))),
@@ -110,20 +110,9 @@ fn chat_reply(
 impl Handler for RulesHandler {
     async fn handle(&self, msg: &jetstream::Message) -> Outcome {
         let started = Instant::now();
-        let decoded = codec::decode_event_message(
-            msg.subject.as_str(),
-            msg.headers.as_ref(),
-            &msg.payload,
-            self.max_payload,
-        );
-        let (env, enc) = match decoded {
+        let (env, enc) = match decode::event(msg, self.max_payload) {
             Ok(d) => d,
-            Err(e) => {
-                return Outcome::Poison {
-                    code: e.code(),
-                    reason: e.to_string(),
-                }
-            }
+            Err(poison) => return poison,
         };
         let tp = headers::traceparent(msg.headers.as_ref());
         // One set decides the whole event, even if a reload lands meanwhile.

@@ -17,7 +17,7 @@ use async_nats::jetstream::{
     consumer::{pull, PullConsumer},
     AckKind,
 };
-use ferry_schema::deadletter::{DeadLetter, MaxDeliveriesAdvisory, Origin};
+use ferry_schema::deadletter::{DeadLetter, MaxDeliveriesAdvisory, Origin, ReasonCode};
 use ferry_schema::topology::ConsumerDef;
 use futures::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
@@ -404,7 +404,7 @@ fn panicked(panic: &(dyn std::any::Any + Send)) -> Outcome {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "a panic with a non-text payload".into());
     Outcome::Poison {
-        code: "panic",
+        code: ReasonCode::Panic,
         reason: format!("the handler panicked: {message}"),
     }
 }
@@ -474,7 +474,7 @@ impl Ctx {
         let outcome = match outcome {
             Outcome::RetryAfter { reason, .. } if self.max_deliver > 0 && position().0 >= self.max_deliver => {
                 Outcome::Poison {
-                    code: "max_deliver",
+                    code: ReasonCode::MaxDeliver,
                     reason: format!("gave up after {} deliveries: {reason}", position().0),
                 }
             }
@@ -491,13 +491,13 @@ impl Ctx {
             }
             Outcome::Poison { code, reason } => {
                 let (delivered, sequence) = position();
-                match self.dead_letter(&msg, sequence, delivered, code, reason).await {
+                match self.dead_letter(&msg, sequence, delivered, *code, reason).await {
                     Ok(()) => {
-                        tracing::warn!(sequence, subject = %msg.subject, code, reason = %reason, "dead-lettered");
+                        tracing::warn!(sequence, subject = %msg.subject, code = code.as_str(), reason = %reason, "dead-lettered");
                         AckKind::Term
                     }
                     Err(error) => {
-                        tracing::error!(%error, sequence, code, "cannot publish dead letter; retrying later");
+                        tracing::error!(%error, sequence, code = code.as_str(), "cannot publish dead letter; retrying later");
                         AckKind::Nak(Some(self.settings.dead_letter_retry))
                     }
                 }
@@ -525,7 +525,7 @@ impl Ctx {
         msg: &jetstream::Message,
         sequence: u64,
         deliveries: i64,
-        code: &str,
+        code: ReasonCode,
         reason: &str,
     ) -> Result<(), async_nats::Error> {
         let origin = Origin {
@@ -568,7 +568,7 @@ impl Ctx {
             "delivered {} times and never acknowledged: its handler did not finish within the consumer's ack_wait, or its replica died each time",
             advisory.deliveries
         );
-        let dl = DeadLetter::new(&origin, Some(&msg.headers), msg.payload, "max_deliver", &reason);
+        let dl = DeadLetter::new(&origin, Some(&msg.headers), msg.payload, ReasonCode::MaxDeliver, &reason);
         self.publish_dead_letter(dl).await.map_err(|e| e.to_string())
     }
 }

@@ -1,6 +1,16 @@
 //! The runtime every worker role shares: outcome, consume loop, service, shutdown.
+//!
+//! # Layout
+//!
+//! - [`serve`]: a role, declared ([`Role`]), run from start to a two-phase stop.
+//! - `consume`: the consume loop: bounded in flight, outcome to ack, dead letters.
+//! - [`decode`]: the one decode step of every handler.
+//! - [`publish`]: replies and hand-offs, published and acknowledged.
+//! - [`service`]: the NATS micro service and its status endpoint.
+//! - `stats`: a replica's counters.
 
 mod consume;
+pub mod decode;
 pub mod publish;
 pub mod serve;
 pub mod service;
@@ -53,7 +63,7 @@ pub enum Outcome {
     /// with this reason, then terminate it.
     Poison {
         /// Stable reason code (e.g. `missing_field`).
-        code: &'static str,
+        code: ferry_schema::deadletter::ReasonCode,
         /// Human-readable reason.
         reason: String,
     },

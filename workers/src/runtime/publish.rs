@@ -89,7 +89,7 @@ impl Outgoing {
     ) -> Result<Self, Outcome> {
         let reply = Reply::new(responder, env.id, env.agent.clone(), body);
         let payload = codec::encode_reply(&reply, enc).map_err(|e| Outcome::Poison {
-            code: "encode",
+            code: ferry_schema::deadletter::ReasonCode::Encode,
             reason: e.to_string(),
         })?;
         Ok(Self {

@@ -5,23 +5,21 @@ use std::sync::Arc;
 use async_nats::service::{Service, ServiceExt};
 use ferry_schema::subject;
 use futures::StreamExt;
-use serde::Serialize;
+use ferry_schema::status::WorkerStatus;
 
 use super::Stats;
 
 pub use ferry_schema::subject::service_name;
 
-/// What the status endpoint and the stats `data` field report.
-#[derive(Debug, Serialize)]
-struct Status<'a> {
-    role: &'a str,
-    version: &'a str,
-    /// What the role loaded at start (rules, models).
-    info: &'a serde_json::Value,
-    #[serde(flatten)]
-    stats: super::StatsSnapshot,
-    /// Each consume loop of the role in this process: bound or re-binding.
-    loops: Vec<crate::metrics::LoopState>,
+/// What the status endpoint and the stats `data` field report, now.
+fn status_now(role: &str, version: &str, info: &serde_json::Value, stats: &Stats) -> WorkerStatus {
+    WorkerStatus {
+        role: role.to_string(),
+        version: version.to_string(),
+        info: info.clone(),
+        counters: stats.snapshot(),
+        loops: crate::metrics::global().loop_states(role),
+    }
 }
 
 /// Starts the micro service of one replica of `role`. It has one endpoint,
@@ -44,14 +42,7 @@ pub async fn register(
         .service_builder()
         .description(description)
         .stats_handler(move |_endpoint, _| {
-            serde_json::to_value(Status {
-                role,
-                version,
-                info: &info_for_stats,
-                stats: for_stats.snapshot(),
-                loops: crate::metrics::global().loop_states(role),
-            })
-            .unwrap_or_default()
+            serde_json::to_value(status_now(role, version, &info_for_stats, &for_stats)).unwrap_or_default()
         })
         .start(service_name(role), version)
         .await?;
@@ -62,14 +53,7 @@ pub async fn register(
         .await?;
     tokio::spawn(async move {
         while let Some(request) = status.next().await {
-            let body = serde_json::to_vec(&Status {
-                role,
-                version,
-                info: &info,
-                stats: stats.snapshot(),
-                loops: crate::metrics::global().loop_states(role),
-            })
-            .unwrap_or_default();
+            let body = serde_json::to_vec(&status_now(role, version, &info, &stats)).unwrap_or_default();
             if let Err(error) = request.respond(Ok(body.into())).await {
                 tracing::debug!(%error, "status reply failed");
             }

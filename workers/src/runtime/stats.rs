@@ -2,8 +2,6 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Serialize;
-
 /// Counters shared by a worker's tasks (lock-free).
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -17,26 +15,8 @@ pub struct Stats {
     tokens: AtomicU64,
 }
 
-/// A point-in-time copy of [`Stats`], as JSON for `nats micro stats`.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct StatsSnapshot {
-    /// Messages handled and acked.
-    pub done: u64,
-    /// Messages nak'ed for a later retry.
-    pub retried: u64,
-    /// Messages dead-lettered.
-    pub poisoned: u64,
-    /// Acks that failed to reach the broker (the message will be redelivered).
-    pub ack_failures: u64,
-    /// Messages being handled now.
-    pub in_flight: u64,
-    /// Mean handling time, milliseconds.
-    pub avg_processing_ms: f64,
-    /// Tokens generated (inference).
-    pub tokens: u64,
-    /// Tokens generated per second of handling time (inference).
-    pub tokens_per_s: f64,
-}
+/// A point-in-time copy of [`Stats`]: the status type's counters, in `schema`.
+pub type StatsSnapshot = ferry_schema::status::Counters;
 
 impl Stats {
     /// Counters of one worker role (the `role` label of its metrics).

@@ -56,7 +56,7 @@ pub(super) async fn shadow(
         bail!("--shadow runs on events: use --stream {EVENTS_STREAM}");
     }
     let ShadowRole::Rules = role;
-    let responder = ferry_workers::rules::handler::RESPONDER;
+    let responder = ferry_schema::Responder::Rules.as_str();
     let rules_path = args.rules.as_ref().context("--shadow rules needs --rules FILE")?;
     let (handler, run) = rules_handler(args, client, rules_path).await?;
     let mut outputs = client.subscribe(subject::all_shadow(&run)).await?;
@@ -208,7 +208,7 @@ async fn recorded_outputs(
     // reply stands for a hand-off WORK no longer holds.
     let inferred: HashMap<ReplyId, EventId> = ids
         .iter()
-        .map(|e| (ReplyId::for_event(*e, ferry_workers::inference::handler::RESPONDER), *e))
+        .map(|e| (ReplyId::for_event(*e, ferry_schema::Responder::Inference.as_str()), *e))
         .collect();
     let mut recorded = Outputs::new();
     let mut handed: HashSet<EventId> = HashSet::new();
