@@ -1,25 +1,30 @@
 //! Ferry's stateless workers.
 //!
-//! Every worker role has the same shape, so reading one teaches all:
+//! Every worker role has the same shape, so reading one teaches all. A role
+//! is a folder with the same files:
 //!
-//! - a **config** (`<role>::config`): what the role needs, validated at start
-//!   with errors that name the field;
-//! - a **handler** (`<role>::handler`): turns one JetStream message into an
+//! - `config.rs`: the role's config type with the library's defaults,
+//!   validated at start with errors that name the field;
+//! - `handler.rs`: turns one JetStream message into an
 //!   [`Outcome`](runtime::Outcome): `Done`, `RetryAfter(delay)` or
 //!   `Poison(reason)`. It never acks itself;
-//! - the shared **consume loop** ([`runtime::consume`]): pulls from the
-//!   role's durable consumer with a bounded number of messages in flight,
-//!   runs the handler, maps its outcome to the ack (poison goes to the
-//!   dead-letter subject first), and shuts down in two phases;
-//! - a **micro service** ([`runtime::service`]) so `nats micro ls` and
-//!   `nats micro stats` show every replica.
+//! - `mod.rs`: the [`runtime::Role`] declaration: what the role loads at
+//!   start, its consume limits, how it describes itself, and which handler
+//!   runs on which consumer.
+//!
+//! One [`runtime::serve`] runs every role: the shared consume loop
+//! ([`runtime::consume`]) with a bounded number of messages in flight, the
+//! outcome-to-ack mapping (poison goes to the dead-letter subject first), a
+//! micro service ([`runtime::service`]) so `nats micro ls` and `nats micro
+//! stats` show every replica, and the two-phase shutdown.
 //!
 //! # Layout
 //!
 //! - [`groups`]: agent groups from a config's `[groups]` table.
 //! - [`runtime`]: outcome, consume loop, dead letters, shutdown, service.
 //! - [`rules`]: keyword/regex rules, auto-replies, escalation, hand-off to inference.
-//! - [`inference`]: model replies and predictions on mistral.rs, with a fallback chain.
+//! - `inference`: model replies and predictions on mistral.rs, with a fallback
+//!   chain (cargo feature `inference`, on by default).
 //! - [`archiver`]: every event and reply into PostgreSQL, in batches.
 //! - [`state`]: what workers read and write in PostgreSQL: customers,
 //!   conversations, the knowledge base.
@@ -31,6 +36,7 @@
 
 pub mod archiver;
 pub mod groups;
+#[cfg(feature = "inference")]
 pub mod inference;
 pub mod metrics;
 pub mod rules;

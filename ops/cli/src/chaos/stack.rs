@@ -12,7 +12,7 @@ use ferry_stack::cluster::NatsCluster;
 use ferry_stack::{NatsServer, NatsServerOptions, PgServer, PgServerOptions, Secrets};
 use tokio::sync::Mutex;
 
-use super::procs::{Spec, Supervised};
+use crate::procs::{Spec, Supervised};
 use super::{ChaosArgs, Load, Scenario};
 
 /// Rules of a chaos run: a customer-tag rule (so the rules worker needs
