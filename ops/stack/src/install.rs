@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::nats::StackError;
+use crate::StackError;
 
 /// Directories searched besides `PATH` (Debian puts servers in `/usr/sbin`,
 /// which is not on a normal user's `PATH`).

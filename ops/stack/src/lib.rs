@@ -4,6 +4,8 @@
 //!
 //! - [`cargo`]: a `cargo` command that does not inherit the calling
 //!   test's cargo environment (which would make cargo rebuild).
+//! - `error`: [`StackError`], why a part could not be started (every
+//!   module's error, so none depends on another for it).
 //! - [`install`]: finds a required program, or installs its Debian package
 //!   when this process may (root with apt), or says exactly what to run.
 //! - [`secrets`]: the passwords `nats.conf` reads from the environment.
@@ -28,6 +30,7 @@
 
 pub mod cargo;
 pub mod cluster;
+mod error;
 pub mod install;
 pub mod inspect;
 pub mod model;
@@ -37,7 +40,8 @@ pub mod secrets;
 pub mod tls;
 pub mod wine;
 
-pub use nats::{NatsServer, NatsServerOptions, StackError};
+pub use error::StackError;
+pub use nats::{NatsServer, NatsServerOptions};
 pub use postgres::{PgServer, PgServerOptions};
 pub use secrets::Secrets;
 pub use wine::Wine;

