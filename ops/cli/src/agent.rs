@@ -13,6 +13,7 @@ use ferry_stack::Secrets;
 
 use crate::agent_registry::{self as registry, AgentEntry, Registry, RegistryLock};
 use crate::ConnArgs;
+use crate::data_dir::DataDir;
 
 #[derive(Debug, Subcommand)]
 pub enum AgentCmd {
@@ -70,8 +71,8 @@ pub enum AgentCmd {
 pub struct Target {
     /// Data dir: the registry (agents.toml), seeds (agents/<id>.nk),
     /// groups.toml, and `ferry up`'s secrets.env and up.pid.
-    #[arg(long, default_value = ".ferry")]
-    data_dir: PathBuf,
+    #[arg(long, default_value = crate::data_dir::DEFAULT)]
+    data_dir: DataDir,
     /// nats.conf whose agent users to rewrite (between its `# BEGIN ferry
     /// agents` and `# END ferry agents` lines). Repeat it (or separate with
     /// commas) for each node's copy on a cluster. Default: the one `ferry
@@ -109,8 +110,8 @@ pub struct AddArgs {
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// Data dir holding the registry (agents.toml).
-    #[arg(long, default_value = ".ferry")]
-    data_dir: PathBuf,
+    #[arg(long, default_value = crate::data_dir::DEFAULT)]
+    data_dir: DataDir,
     /// One JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
@@ -143,7 +144,7 @@ async fn add(args: AddArgs) -> anyhow::Result<()> {
         registry::check_group(g)?;
     }
     let _lock = RegistryLock::take(&t.data_dir)?;
-    let reg_path = registry::registry_path(&t.data_dir);
+    let reg_path = t.data_dir.registry();
     let mut reg = Registry::load(&reg_path)?;
     let plan = plan(t, &reg)?;
     let pair = nkeys::KeyPair::new_user();
@@ -156,7 +157,7 @@ async fn add(args: AddArgs) -> anyhow::Result<()> {
         revoked: None,
         rotated: None,
     })?;
-    let seed_file = registry::seed_path(&t.data_dir, &id);
+    let seed_file = t.data_dir.seed(&id);
     write_seed(&seed_file, &id, &seed)?;
     reg.save(&reg_path)?;
     tracing::info!(agent = %id, public_key = %pair.public_key(), "agent added to the registry");
@@ -186,7 +187,7 @@ async fn add(args: AddArgs) -> anyhow::Result<()> {
 }
 
 fn list(args: &ListArgs) -> anyhow::Result<()> {
-    let reg = Registry::load(&registry::registry_path(&args.data_dir))?;
+    let reg = Registry::load(&args.data_dir.registry())?;
     if args.json {
         for a in &reg.agents {
             let line = serde_json::json!({
@@ -203,7 +204,7 @@ fn list(args: &ListArgs) -> anyhow::Result<()> {
     if reg.agents.is_empty() {
         eprintln!(
             "ferry: no agents in {} (add one with `ferry agent add <id>`)",
-            registry::registry_path(&args.data_dir).display()
+            args.data_dir.registry().display()
         );
         return Ok(());
     }
@@ -245,7 +246,7 @@ struct Opened {
 fn open_registry(t: &Target, id: &str) -> anyhow::Result<Opened> {
     let id = AgentId::new(id).context("agent id")?;
     let _lock = RegistryLock::take(&t.data_dir)?;
-    let reg_path = registry::registry_path(&t.data_dir);
+    let reg_path = t.data_dir.registry();
     let reg = Registry::load(&reg_path)?;
     let plan = plan(t, &reg)?;
     Ok(Opened { id, _lock, reg_path, reg, plan })
@@ -254,7 +255,7 @@ fn open_registry(t: &Target, id: &str) -> anyhow::Result<Opened> {
 async fn rotate(args: RevokeArgs) -> anyhow::Result<()> {
     let t = &args.target;
     let Opened { id, _lock, reg_path, mut reg, plan } = open_registry(t, &args.id)?;
-    let seed_file = registry::seed_path(&t.data_dir, &id);
+    let seed_file = t.data_dir.seed(&id);
     let old_auth = Auth::nkey_file(&seed_file).ok();
     let pair = nkeys::KeyPair::new_user();
     let seed = pair.seed().context("encoding the new nkey seed")?;
@@ -323,7 +324,7 @@ async fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
     reg.save(&reg_path)?;
     tracing::info!(agent = %id, "agent revoked in the registry");
     println!("Revoked agent {id}.");
-    let seed_file = registry::seed_path(&t.data_dir, &id);
+    let seed_file = t.data_dir.seed(&id);
     // Kept in memory to check, after the reload, that it no longer works.
     let old_auth = Auth::nkey_file(&seed_file).ok();
     let applied = apply(t, &plan, &reg)?;
@@ -361,7 +362,7 @@ struct Plan {
 }
 
 fn plan(t: &Target, reg: &Registry) -> anyhow::Result<Plan> {
-    let default_conf = t.data_dir.join("nats").join("nats.conf");
+    let default_conf = t.data_dir.nats_conf();
     let confs = if t.nats_conf.is_empty() {
         default_conf.exists().then_some(default_conf).into_iter().collect()
     } else {
@@ -403,14 +404,14 @@ struct Applied {
 /// Regenerates the groups file and nats.conf's agent users from `reg`,
 /// and reloads nats-server, as planned. Prints one line per step.
 fn apply(t: &Target, plan: &Plan, reg: &Registry) -> anyhow::Result<Applied> {
-    let groups = registry::groups_path(&t.data_dir);
+    let groups = t.data_dir.groups();
     registry::write_atomic(&groups, reg.groups_toml()?.as_bytes(), 0o644)?;
     println!("  groups      {} (workers read it with --groups at start)", groups.display());
 
     if plan.confs.is_empty() {
         println!(
             "  nats.conf   none at {}: `ferry up` writes the agent users at its next start; for another broker pass --nats-conf",
-            t.data_dir.join("nats").join("nats.conf").display()
+            t.data_dir.nats_conf().display()
         );
         return Ok(Applied { reloaded: false });
     }
@@ -445,7 +446,7 @@ fn nats_pids(t: &Target) -> anyhow::Result<Vec<i32>> {
     if !t.nats_pid.is_empty() {
         return t.nats_pid.iter().map(|given| given_pid(given)).collect();
     }
-    let up = t.data_dir.join(crate::up::PID_FILE);
+    let up = t.data_dir.pid_file();
     Ok(crate::down::pids(&up)
         .into_iter()
         .filter(|(what, pid)| what == "nats" && crate::down::running(*pid, "nats-server"))
@@ -497,7 +498,7 @@ fn config_of(pid: i32) -> Option<PathBuf> {
 fn operator(t: &Target, name: &str) -> anyhow::Result<NatsConfig> {
     let mut c = t.conn.config(name);
     if matches!(c.auth, Auth::None) {
-        let secrets = t.data_dir.join("secrets.env");
+        let secrets = t.data_dir.secrets();
         let found = Secrets::load(&secrets)?.with_context(|| {
             format!(
                 "no --password (NATS_PASSWORD) or --creds given and no `ferry up` secrets in {}; pass the operator's credentials, or --offline",

@@ -8,7 +8,7 @@
 //! the time they were revoked) but get no user.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context as _;
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -19,21 +19,6 @@ use serde::{Deserialize, Serialize};
 pub const BEGIN_MARKER: &str = "# BEGIN ferry agents";
 /// Line that closes it.
 pub const END_MARKER: &str = "# END ferry agents";
-
-/// The registry file under the data dir.
-pub fn registry_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("agents.toml")
-}
-
-/// The groups file under the data dir (`[groups]`, as in a rules file).
-pub fn groups_path(data_dir: &Path) -> PathBuf {
-    data_dir.join(ferry_schema::groups::FILE_NAME)
-}
-
-/// Where `agent`'s nkey seed is kept (mode 0600).
-pub fn seed_path(data_dir: &Path, agent: &AgentId) -> PathBuf {
-    data_dir.join("agents").join(format!("{agent}.nk"))
-}
 
 /// One agent as the registry records it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -260,9 +245,9 @@ pub struct RegistryLock {
 
 impl RegistryLock {
     /// Takes the lock (`<data dir>/agents.lock`), waiting for another holder.
-    pub fn take(data_dir: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
-        let path = data_dir.join("agents.lock");
+    pub fn take(data_dir: &crate::data_dir::DataDir) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(data_dir.path()).with_context(|| format!("creating {}", data_dir.display()))?;
+        let path = data_dir.registry_lock();
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -324,7 +309,7 @@ mod tests {
     #[test]
     fn registry_round_trips_and_refuses_duplicates() {
         let dir = tempfile::tempdir().unwrap();
-        let path = registry_path(dir.path());
+        let path = crate::data_dir::DataDir::from(dir.path().to_path_buf()).registry();
         assert_eq!(Registry::load(&path).unwrap(), Registry::default());
         let mut reg = Registry::default();
         reg.add(entry("desk-7", Some("support"))).unwrap();

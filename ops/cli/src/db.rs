@@ -7,6 +7,7 @@ use clap::{Args, Subcommand};
 use ferry_schema::db;
 use ferry_stack::Secrets;
 use ferry_workers::state::{self, kb};
+use crate::data_dir::DataDir;
 
 /// Default port of the PostgreSQL cluster `ferry up` runs (not 5432, so it
 /// never collides with a system cluster).
@@ -21,8 +22,8 @@ pub struct DbArgs {
     #[arg(long = "database-url", env = "DATABASE_URL", hide_env_values = true)]
     pub url: Option<String>,
     /// `ferry up`'s data dir (for the local cluster's password).
-    #[arg(long, default_value = ".ferry")]
-    pub data_dir: PathBuf,
+    #[arg(long, default_value = crate::data_dir::DEFAULT)]
+    pub data_dir: DataDir,
     /// Port of the local cluster.
     #[arg(long, default_value_t = LOCAL_PG_PORT)]
     pub pg_port: u16,
@@ -52,7 +53,7 @@ impl DbArgs {
     pub fn resolve(&self) -> anyhow::Result<String> {
         match &self.url {
             Some(u) => Ok(u.clone()),
-            None => Ok(local_url(&password_from(&self.data_dir.join("secrets.env"))?, self.pg_port)),
+            None => Ok(local_url(&password_from(&self.data_dir.secrets())?, self.pg_port)),
         }
     }
 }

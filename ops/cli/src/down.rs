@@ -1,19 +1,19 @@
 //! `ferry down`: stop what `ferry up` started, including what a killed `ferry up` left running.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::up::PID_FILE;
+use crate::data_dir::DataDir;
 
 #[derive(Debug, Args)]
 pub struct DownArgs {
     /// `ferry up`'s data dir.
-    #[arg(long, default_value = ".ferry")]
-    data_dir: PathBuf,
+    #[arg(long, default_value = crate::data_dir::DEFAULT)]
+    data_dir: DataDir,
     /// How long to wait for `ferry up` to finish its in-flight work.
     #[arg(long, default_value_t = 180)]
     wait_secs: u64,
@@ -57,7 +57,7 @@ fn terminate(pid: i32, name: &str, wait: Duration) -> bool {
 }
 
 pub fn run(args: DownArgs) -> anyhow::Result<()> {
-    let file = args.data_dir.join(PID_FILE);
+    let file = args.data_dir.pid_file();
     let mut stopped = Vec::new();
     for (what, pid) in pids(&file) {
         let name = match what.as_str() {
@@ -78,7 +78,7 @@ pub fn run(args: DownArgs) -> anyhow::Result<()> {
         }
     }
     let _ = std::fs::remove_file(&file);
-    if ferry_stack::postgres::stop_existing(&args.data_dir.join("postgres"))? {
+    if ferry_stack::postgres::stop_existing(&args.data_dir.postgres())? {
         stopped.push("PostgreSQL".to_string());
     }
     if stopped.is_empty() {

