@@ -158,13 +158,13 @@ pub async fn consume<H: Handler>(
         shutdown.clone(),
     ));
     let ctx = Arc::new(Ctx {
+        tally: super::stats::Tally::new(stats, metrics.clone()),
         metrics,
         js: js.clone(),
         stream: stream.to_string(),
         consumer: consumer.to_string(),
         max_deliver,
         settings: settings.clone(),
-        stats,
     });
     let exhausted = tokio::spawn(watch_exhausted(ctx.clone(), shutdown.clone()));
     ctx.metrics.set_up(true);
@@ -424,20 +424,21 @@ async fn nak_buffered(messages: &mut jetstream::consumer::pull::Stream) {
 }
 
 struct Ctx {
+    /// The loop's lag and liveness gauges.
     metrics: crate::metrics::LoopMetrics,
+    /// Every message counted once, into the replica's stats and the loop's metrics.
+    tally: super::stats::Tally,
     js: jetstream::Context,
     stream: String,
     consumer: String,
     max_deliver: i64,
     settings: ConsumeSettings,
-    stats: Arc<Stats>,
 }
 
 impl Ctx {
     async fn handle_one<H: Handler>(&self, handler: &H, msg: jetstream::Message) {
         let started = Instant::now();
-        self.stats.start();
-        self.metrics.in_flight.inc();
+        self.tally.started();
         // Parsed from the ack subject only when an outcome needs it (the
         // common `Done` does not): (deliveries so far, stream sequence).
         let position = || {
@@ -505,19 +506,11 @@ impl Ctx {
         };
         if let Err(error) = msg.ack_with(ack).await {
             // The broker redelivers after ack_wait; handlers are idempotent.
-            self.stats.ack_failed();
-            self.metrics.ack_failures.inc();
+            self.tally.ack_failed();
             tracing::warn!(%error, sequence = position().1, "ack failed; the message will be redelivered");
         }
         let elapsed = started.elapsed();
-        self.stats.finish(&outcome, elapsed);
-        self.metrics.in_flight.dec();
-        self.metrics.handling.observe(elapsed.as_secs_f64());
-        match &outcome {
-            Outcome::Done => self.metrics.done.inc(),
-            Outcome::RetryAfter { .. } => self.metrics.retry.inc(),
-            Outcome::Poison { .. } => self.metrics.poison.inc(),
-        };
+        self.tally.finished(&outcome, elapsed);
     }
 
     async fn dead_letter(

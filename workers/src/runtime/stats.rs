@@ -32,11 +32,11 @@ impl Stats {
         &self.role
     }
 
-    pub(crate) fn start(&self) {
+    fn start(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn finish(&self, outcome: &super::Outcome, elapsed: std::time::Duration) {
+    fn finish(&self, outcome: &super::Outcome, elapsed: std::time::Duration) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
         let counter = match outcome {
             super::Outcome::Done => &self.done,
@@ -54,7 +54,7 @@ impl Stats {
         crate::metrics::global().add_tokens(&self.role, model, n);
     }
 
-    pub(crate) fn ack_failed(&self) {
+    fn ack_failed(&self) {
         self.ack_failures.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -84,5 +84,46 @@ impl Stats {
                 tokens as f64 / (busy as f64 / 1e9)
             },
         }
+    }
+}
+
+/// How a consume loop counts: one call per event moves both the replica's
+/// [`Stats`] (its micro service: `nats micro stats`, `ferry stats`) and the
+/// loop's Prometheus handles, so the two never tell different stories. The
+/// two stores stay: a replica's stats are its own, while `/metrics` sums
+/// every replica in the process (one in a deployment).
+#[derive(Debug, Clone)]
+pub(crate) struct Tally {
+    stats: std::sync::Arc<Stats>,
+    metrics: crate::metrics::LoopMetrics,
+}
+
+impl Tally {
+    pub(crate) fn new(stats: std::sync::Arc<Stats>, metrics: crate::metrics::LoopMetrics) -> Self {
+        Self { stats, metrics }
+    }
+
+    /// A message is being handled.
+    pub(crate) fn started(&self) {
+        self.stats.start();
+        self.metrics.in_flight.inc();
+    }
+
+    /// Its ack did not reach the broker.
+    pub(crate) fn ack_failed(&self) {
+        self.stats.ack_failed();
+        self.metrics.ack_failures.inc();
+    }
+
+    /// It was handled, with this outcome, in `elapsed`.
+    pub(crate) fn finished(&self, outcome: &super::Outcome, elapsed: std::time::Duration) {
+        self.stats.finish(outcome, elapsed);
+        self.metrics.in_flight.dec();
+        self.metrics.handling.observe(elapsed.as_secs_f64());
+        match outcome {
+            super::Outcome::Done => self.metrics.done.inc(),
+            super::Outcome::RetryAfter { .. } => self.metrics.retry.inc(),
+            super::Outcome::Poison { .. } => self.metrics.poison.inc(),
+        };
     }
 }
