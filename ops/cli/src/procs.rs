@@ -13,7 +13,8 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 /// How long the supervisor waits before starting a replica that exited
-/// (systemd's `RestartSec=1` in ops/systemd).
+/// (the units in ops/systemd wait 2 s, 5 s for inference; shorter here so
+/// `ferry chaos` sees more restarts in its window).
 pub const RESTART_DELAY: Duration = Duration::from_secs(1);
 /// How long a stopping process gets after SIGTERM.
 const STOP_GRACE: Duration = Duration::from_secs(10);
