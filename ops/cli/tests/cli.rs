@@ -108,6 +108,34 @@ fn migrate_kb_and_down_after_a_killed_up() {
 }
 
 #[test]
+fn up_stops_with_the_workers_log_when_a_worker_cannot_start() {
+    // A worker binary that exits at once, as a broken install would.
+    let dir = data_dir();
+    let fake = dir.path().join("ferry-worker");
+    std::fs::write(&fake, "#!/bin/sh\necho \"worker says: cannot start ($*)\" >&2\nexit 3\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (port, pg_port) = (free_port().unwrap(), free_port().unwrap());
+    let out = ferry()
+        .args(["up", "--no-inference", "--no-demo", "--once", "--data-dir"])
+        .arg(dir.path())
+        .arg("--worker-bin")
+        .arg(&fake)
+        .args(["--port", &port.to_string(), "--monitor-port", &free_port().unwrap().to_string()])
+        .args(["--pg-port", &pg_port.to_string(), "--metrics-port", "0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("the archiver worker exited at start"), "{err}");
+    // The end of its log, with the command line `ferry up` gave it.
+    assert!(err.contains("worker says: cannot start (--metrics-listen 127.0.0.1:0 archiver)"), "{err}");
+    // What it had started is stopped again.
+    assert!(!port_open(port), "nats-server still listens on {port}");
+    assert!(!port_open(pg_port), "PostgreSQL still listens on {pg_port}");
+}
+
+#[test]
 fn up_once_runs_the_whole_demo_pipeline() {
     let dir = data_dir();
     let out = ferry()
