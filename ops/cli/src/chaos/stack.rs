@@ -62,10 +62,8 @@ pub(super) fn binaries(args: &ChaosArgs) -> anyhow::Result<Binaries> {
         ferry_stack::cargo::workspace_binary(&me, name)
             .with_context(|| format!("pass --{}-bin PATH to use a built {name}", name.trim_start_matches("ferry-")))
     };
-    let worker = match &args.worker_bin {
-        Some(p) => p.clone(),
-        None => beside("ferry-worker")?,
-    };
+    // Found as `ferry up` finds it.
+    let worker = crate::procs::worker_binary(args.worker_bin.as_deref())?;
     let agent = match &args.agent_bin {
         Some(p) => p.clone(),
         // The same build made both.
