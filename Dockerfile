@@ -40,11 +40,14 @@ RUN apt-get update \
 FROM build-${VARIANT} AS build
 WORKDIR /src
 COPY . .
+# `ferry` is built without its default `harness` feature (building through
+# cargo, Wine): the image ships no test harness.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked \
-      -p ferry-ops -p ferry-workers -p ferry-agent --bins \
+      -p ferry-workers -p ferry-agent --bins \
       ${FERRY_FEATURES:+--features ${FERRY_FEATURES}} \
+ && cargo build --release --locked -p ferry-ops --no-default-features \
  && mkdir -p /out \
  && cp target/release/ferry target/release/ferry-worker target/release/ferry-agent /out/
 

@@ -1175,7 +1175,7 @@ async fn sigkill(mut agent: tokio::process::Child) {
 }
 
 fn adapters_dir() -> std::path::PathBuf {
-    ferry_stack::cargo::workspace_root().unwrap().join("agent/adapters")
+    ferry_harness::cargo::workspace_root().unwrap().join("agent/adapters")
 }
 
 async fn scripted_adapter(port: u16, spool: &std::path::Path, script: &std::path::Path) -> std::process::Output {

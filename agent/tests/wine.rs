@@ -13,9 +13,9 @@ use ferry_stack::{inspect, NatsServer};
 use ferry_workers::rules::{self, RulesConfig};
 use tokio_util::sync::CancellationToken;
 
-use ferry_stack::cargo::target_dir_of;
-use ferry_stack::wine::{build_windows_agent, run_checked};
-use ferry_stack::Wine;
+use ferry_harness::cargo::target_dir_of;
+use ferry_harness::wine::{build_windows_agent, run_checked};
+use ferry_harness::Wine;
 use serde_json::Value;
 
 /// The target dir this test was built in: the cross build goes there too,
@@ -336,7 +336,7 @@ async fn the_exe_collects_activity_and_serves_a_chat_adapter_under_wine() {
     )
     .unwrap();
     let out = tokio::process::Command::new("python3")
-        .arg(ferry_stack::cargo::workspace_root().unwrap().join("agent/adapters/scripted_adapter.py"))
+        .arg(ferry_harness::cargo::workspace_root().unwrap().join("agent/adapters/scripted_adapter.py"))
         .args(["--port", &adapter_port.to_string(), "--timeout", "60", "--script"])
         .arg(&script)
         .arg("--token-file")

@@ -267,13 +267,20 @@ fn the_checks_parse_what_they_are_meant_to() {
 /// The packages of `cargo tree -p <package>` (normal, build and dev edges),
 /// one name per line.
 fn dependency_names(package: &str) -> Vec<String> {
+    tree(&["-p", package, "-e", "normal,build,dev"])
+}
+
+/// The package names `cargo tree` prints for these arguments.
+fn tree(args: &[&str]) -> Vec<String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = std::process::Command::new(cargo)
-        .args(["tree", "-p", package, "-e", "normal,build,dev", "--prefix", "none", "--format", "{p}"])
+        .arg("tree")
+        .args(args)
+        .args(["--prefix", "none", "--format", "{p}"])
         .current_dir(workspace())
         .output()
         .unwrap();
-    assert!(out.status.success(), "cargo tree -p {package}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "cargo tree {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().lines().filter_map(|l| l.split_whitespace().next()).map(str::to_string).collect()
 }
 
@@ -287,4 +294,18 @@ fn the_cli_and_the_agent_build_without_mistral_rs() {
         let heavy: Vec<_> = names.iter().filter(|n| n.starts_with("mistralrs") || n.starts_with("candle")).collect();
         assert!(heavy.is_empty(), "{package} depends on {heavy:?}");
     }
+}
+
+#[test]
+fn the_production_cli_links_no_test_harness() {
+    // The Dockerfile builds `ferry` with --no-default-features; the default
+    // `harness` feature (cargo from a checkout, Wine) is for working copies.
+    let shipped = tree(&["-p", "ferry-ops", "--no-default-features", "-e", "normal,build"]);
+    assert!(shipped.iter().any(|n| n == "ferry-stack"), "the check must see ferry-stack in {shipped:?}");
+    assert!(!shipped.iter().any(|n| n == "ferry-harness"), "the shipped ferry links ferry-harness");
+    let checkout = tree(&["-p", "ferry-ops", "-e", "normal"]);
+    assert!(checkout.iter().any(|n| n == "ferry-harness"), "the default build should have the harness: {checkout:?}");
+    // And the image is built that way.
+    let dockerfile = std::fs::read_to_string(workspace().join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains("-p ferry-ops --no-default-features"), "the Dockerfile must build ferry without the harness");
 }

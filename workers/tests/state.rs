@@ -213,7 +213,7 @@ async fn conversation_context_is_the_last_turns_in_order() {
 async fn knowledge_base_retrieval_in_chinese_and_english() {
     let pg = server().await;
     let c = migrated(&pg).await;
-    let dir = ferry_stack::cargo::workspace_root().unwrap().join("ops/demo/kb");
+    let dir = ferry_harness::cargo::workspace_root().unwrap().join("ops/demo/kb");
     let articles = kb::load_path(&dir).unwrap();
     for a in &articles {
         assert_eq!(kb::upsert(&c, a).await.unwrap(), kb::Upserted::Created);

@@ -5,6 +5,7 @@ mod agent_registry;
 mod bench;
 mod certs;
 mod chaos;
+mod checkout;
 mod data_dir;
 mod db;
 mod dlq;

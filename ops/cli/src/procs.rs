@@ -26,12 +26,12 @@ pub fn worker_binary(explicit: Option<&std::path::Path>) -> anyhow::Result<PathB
         anyhow::ensure!(p.is_file(), "--worker-bin {}: no such file", p.display());
         return Ok(p.to_path_buf());
     }
-    let me = std::env::current_exe().context("finding this program")?;
-    if ferry_stack::cargo::workspace_root().is_some() && ferry_stack::cargo::current_target_dir().is_some() {
-        eprintln!("ferry: bringing ferry-worker up to date (cargo test --workspace --no-run; the first time takes a while) ...");
-        return ferry_stack::cargo::workspace_binary(&me, "ferry-worker")
-            .context("building ferry-worker; or pass --worker-bin PATH to use a built one");
+    if let Some(built) = crate::checkout::sibling_binary("ferry-worker")
+        .context("or pass --worker-bin PATH to use a built ferry-worker")?
+    {
+        return Ok(built);
     }
+    let me = std::env::current_exe().context("finding this program")?;
     let beside = me.with_file_name("ferry-worker");
     anyhow::ensure!(
         beside.is_file(),

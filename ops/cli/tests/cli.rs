@@ -75,7 +75,7 @@ fn migrate_kb_and_down_after_a_killed_up() {
     assert_eq!(status.lines().count(), ferry_schema::db::migrations().len(), "{status}");
     assert!(status.lines().all(|l| l.ends_with(": applied")), "{status}");
     assert!(db(&["migrate"]).starts_with("schema up to date"));
-    let kb_dir = ferry_stack::cargo::workspace_root().unwrap().join("ops/demo/kb");
+    let kb_dir = ferry_harness::cargo::workspace_root().unwrap().join("ops/demo/kb");
     let kb_dir = kb_dir.to_str().unwrap();
     assert_eq!(
         db(&["kb", "import", kb_dir]).trim(),

@@ -13,7 +13,8 @@ use ferry_schema::connect::NatsConfig;
 use ferry_schema::topology::{self, DEADLETTER_STREAM, EVENTS_STREAM, REPLIES_STREAM, WORK_STREAM};
 use ferry_schema::{subject, AgentId, EventKind};
 use ferry_stack::secrets::OPERATOR_USER;
-use ferry_stack::{cargo, free_port, install, Secrets};
+use ferry_harness::cargo;
+use ferry_stack::{free_port, install, Secrets};
 
 /// The repository root of the checkout under test.
 fn repo() -> PathBuf {

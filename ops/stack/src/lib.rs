@@ -2,8 +2,6 @@
 //!
 //! # Layout
 //!
-//! - [`cargo`]: a `cargo` command that does not inherit the calling
-//!   test's cargo environment (which would make cargo rebuild).
 //! - `error`: [`StackError`], why a part could not be started (every
 //!   module's error, so none depends on another for it).
 //! - [`install`]: finds a required program, or installs its Debian package
@@ -23,12 +21,9 @@
 //!   from its `make-certs.sh`; nodes can be killed and restarted.
 //! - [`tls`]: a local certificate authority and the server and client
 //!   certificates of Ferry's TLS (`ferry certs`, `ferry up --tls`, tests).
-//! - [`wine`]: cross-builds `ferry-agent.exe` and runs it under Wine on a
-//!   headless X server ([`Wine`]), for tests of the agent's Windows side.
 //!
 //! Nothing here assumes a server is already running.
 
-pub mod cargo;
 pub mod cluster;
 mod error;
 pub mod install;
@@ -38,13 +33,11 @@ pub mod nats;
 pub mod postgres;
 pub mod secrets;
 pub mod tls;
-pub mod wine;
 
 pub use error::StackError;
 pub use nats::{NatsServer, NatsServerOptions};
 pub use postgres::{PgServer, PgServerOptions};
 pub use secrets::Secrets;
-pub use wine::Wine;
 
 /// Ferry's broker configuration, as committed at the repository root.
 pub const NATS_CONF: &str = include_str!("../../../nats.conf");

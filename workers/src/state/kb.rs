@@ -389,7 +389,7 @@ mod tests {
 
     #[test]
     fn the_demo_knowledge_base_parses() {
-        let dir = ferry_stack::cargo::workspace_root().unwrap().join("ops/demo/kb");
+        let dir = ferry_harness::cargo::workspace_root().unwrap().join("ops/demo/kb");
         let all = load_path(&dir).unwrap();
         assert_eq!(all.len(), 6);
         assert!(all.iter().all(|a| !a.tags.is_empty()), "every demo article has tags");

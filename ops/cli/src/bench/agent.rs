@@ -252,39 +252,28 @@ fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
-/// `ferry-agent` beside this `ferry`, built if missing.
+/// `ferry-agent` of this `ferry`'s build (brought up to date in a
+/// checkout), else the one beside this `ferry`.
 fn agent_binary() -> anyhow::Result<PathBuf> {
-    let me = std::env::current_exe()?;
-    let beside = me.with_file_name("ferry-agent");
-    if beside.exists() {
-        return Ok(beside);
+    if let Some(built) = crate::checkout::sibling_binary("ferry-agent").context("or pass --agent-bin PATH")? {
+        return Ok(built);
     }
-    eprintln!("    building ferry-agent (cargo build -p ferry-agent) ...");
-    let mut build = ferry_stack::cargo::cargo_command();
-    build.args(["build", "-p", "ferry-agent", "--bin", "ferry-agent"]);
-    if let Some(target) = ferry_stack::cargo::current_target_dir() {
-        build.arg("--target-dir").arg(target);
-    }
-    let status = build.status().context("running cargo")?;
-    if !status.success() || !beside.exists() {
-        anyhow::bail!("could not build ferry-agent; build it yourself and pass --agent-bin PATH");
-    }
+    let beside = std::env::current_exe()?.with_file_name("ferry-agent");
+    anyhow::ensure!(beside.is_file(), "no ferry-agent beside this ferry: pass --agent-bin PATH");
     Ok(beside)
 }
 
 /// The steady state of ferry-agent.exe under Wine: the RSS of the Wine
 /// process (Linux's view, Wine's own DLLs included) and the working set the
 /// agent reports in its last heartbeat (Windows' view).
+#[cfg(feature = "harness")]
 async fn steady_wine(nats: &NatsServer, agent: &AgentId, secs: u64) -> anyhow::Result<(u64, u64)> {
-    use ferry_stack::wine::{build_windows_agent, Wine};
     let work = tempfile::tempdir()?;
-    let target = ferry_stack::cargo::current_target_dir().context("cannot tell this ferry's target dir")?;
     eprintln!("    cross-building ferry-agent.exe and booting a Wine prefix ...");
-    let exe = tokio::task::spawn_blocking(move || build_windows_agent(&target)).await??;
+    let dir = work.path().to_path_buf();
+    let (exe, wine) = tokio::task::spawn_blocking(move || crate::checkout::windows_agent_under_wine(&dir)).await??;
     let copy = work.path().join("ferry-agent.exe");
     std::fs::copy(&exe, &copy)?;
-    let dir = work.path().to_path_buf();
-    let wine = tokio::task::spawn_blocking(move || Wine::start(&dir)).await??;
     let password = nats.secrets().agent(agent.as_str()).context("no password for desk-1")?;
     let mut cmd = wine.command(&copy)?;
     cmd.args(["--id", agent.as_str(), "--server", &nats.url(), "--password", password])
@@ -314,4 +303,9 @@ async fn steady_wine(nats: &NatsServer, agent: &AgentId, secs: u64) -> anyhow::R
     };
     drop(wine);
     Ok((loader_rss, working_set))
+}
+
+#[cfg(not(feature = "harness"))]
+async fn steady_wine(_: &NatsServer, _: &AgentId, _: u64) -> anyhow::Result<(u64, u64)> {
+    anyhow::bail!("--wine needs a ferry built from a checkout with the `harness` feature (the default): cargo run -p ferry-ops -- bench agent --wine")
 }

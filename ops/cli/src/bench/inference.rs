@@ -54,7 +54,7 @@ const PROMPT: &str = "A customer asks: please list every step of returning an or
 
 fn repo_file(rel: &str) -> PathBuf {
     // The checkout `cargo run` started from; else where this was compiled.
-    ferry_stack::cargo::workspace_root()
+    crate::checkout::root()
         .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../..")))
         .join(rel)
 }

@@ -56,19 +56,16 @@ pub(super) struct Binaries {
 }
 
 pub(super) fn binaries(args: &ChaosArgs) -> anyhow::Result<Binaries> {
-    let me = std::env::current_exe().context("finding this program")?;
-    let beside = |name: &str| -> anyhow::Result<PathBuf> {
-        eprintln!("ferry chaos: bringing {name} up to date (cargo test --workspace --no-run) ...");
-        ferry_stack::cargo::workspace_binary(&me, name)
-            .with_context(|| format!("pass --{}-bin PATH to use a built {name}", name.trim_start_matches("ferry-")))
-    };
     // Found as `ferry up` finds it.
     let worker = crate::procs::worker_binary(args.worker_bin.as_deref())?;
     let agent = match &args.agent_bin {
         Some(p) => p.clone(),
         // The same build made both.
         None if args.worker_bin.is_none() => worker.with_file_name("ferry-agent"),
-        None => beside("ferry-agent")?,
+        None => match crate::checkout::sibling_binary("ferry-agent").context("or pass --agent-bin PATH")? {
+            Some(built) => built,
+            None => std::env::current_exe().context("finding this program")?.with_file_name("ferry-agent"),
+        },
     };
     for p in [&worker, &agent] {
         anyhow::ensure!(p.is_file(), "{} does not exist", p.display());

@@ -58,7 +58,7 @@ const SHORT_TIMEOUT: Duration = Duration::from_secs(120);
 const XVFB_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The repository root of the checkout being tested (see
-/// [`crate::cargo::workspace_root`]), else where ferry-stack was compiled.
+/// [`crate::cargo::workspace_root`]), else where ferry-harness was compiled.
 fn repo_root() -> PathBuf {
     crate::cargo::workspace_root().unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
 }

@@ -133,12 +133,12 @@ mod tests {
 
     #[test]
     fn the_workspace_root_is_found_from_where_the_test_runs() {
-        // cargo runs this test with CARGO_MANIFEST_DIR = ops/stack of the
+        // cargo runs this test with CARGO_MANIFEST_DIR = ops/harness of the
         // checkout being tested, wherever the binary was compiled.
         let root = workspace_root().unwrap();
-        assert!(root.join("ops/stack/Cargo.toml").is_file(), "{}", root.display());
+        assert!(root.join("ops/harness/Cargo.toml").is_file(), "{}", root.display());
         assert!(root.join("nats.conf").is_file(), "{}", root.display());
-        assert!(!is_workspace_root(&root.join("ops/stack")));
+        assert!(!is_workspace_root(&root.join("ops/harness")));
     }
 
     #[test]
