@@ -4,14 +4,19 @@
 //!
 //! | metric | type | labels | what |
 //! |---|---|---|---|
-//! | `ferry_worker_messages_total` | counter | role, consumer, outcome | messages handled, by outcome (`done`, `retry`, `poison`) |
-//! | `ferry_worker_handling_seconds` | histogram | role, consumer | time from delivery to ack decision |
-//! | `ferry_worker_in_flight` | gauge | role, consumer | messages being handled now |
-//! | `ferry_worker_ack_failures_total` | counter | role, consumer | acks that did not reach the broker |
-//! | `ferry_worker_model_tokens_total` | counter | role, model | tokens generated (inference) |
+//! | `ferry_worker_messages_total` | counter | role, consumer, replica, outcome | messages handled, by outcome (`done`, `retry`, `poison`) |
+//! | `ferry_worker_handling_seconds` | histogram | role, consumer, replica | time from delivery to ack decision |
+//! | `ferry_worker_in_flight` | gauge | role, consumer, replica | messages being handled now |
+//! | `ferry_worker_ack_failures_total` | counter | role, consumer, replica | acks that did not reach the broker |
+//! | `ferry_worker_model_tokens_total` | counter | role, model, replica | tokens generated (inference) |
 //! | `ferry_worker_consumer_pending` | gauge | role, consumer | messages not yet delivered (lag), as the worker last saw it |
 //! | `ferry_worker_consumer_ack_pending` | gauge | role, consumer | delivered, not yet acknowledged |
 //! | `ferry_worker_consumer_redelivered` | gauge | role, consumer | delivered more than once, not yet acknowledged |
+//! | `ferry_worker_loop_up` | gauge | role, consumer, replica | 1 while the consume loop pulls, 0 while it gets its consumer back |
+//!
+//! `replica` is the replica's number in its process: `0` in a deployment
+//! (one replica per process), `0`, `1`, ... where tests run several. A
+//! replica's series are also its micro-service counters (`ferry stats`).
 //!
 //! The agent (`ferry-agent run --metrics-listen`, served by `ferry_agent::metrics`):
 //!

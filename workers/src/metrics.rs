@@ -1,8 +1,11 @@
 //! The workers' Prometheus metrics and the HTTP endpoint that serves them; the
 //! names (and what each means) are in `ferry_schema::metrics`.
 //!
-//! Metrics live in one process-wide registry ([`global`]): `ferry-worker`
-//! runs one role per process, `ferry up` several, told apart by `role`.
+//! Metrics live in one process-wide registry ([`global`]). `ferry-worker`
+//! runs one replica of one role per process; tests run several, told apart
+//! by `role` and `replica` (the replica's number in its process, `0` in a
+//! deployment). A replica's series are also its micro-service counters
+//! ([`crate::runtime::Stats`] reads them): one store for both.
 
 use std::net::SocketAddr;
 use std::collections::BTreeMap;
@@ -32,6 +35,17 @@ pub struct LoopLabels {
     pub role: String,
     /// Durable consumer.
     pub consumer: String,
+    /// The replica's number in this process.
+    pub replica: String,
+}
+
+/// Labels of what the broker says of a consumer (the same for every replica).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabels {
+    /// Worker role.
+    pub role: String,
+    /// Durable consumer.
+    pub consumer: String,
 }
 
 /// Labels of [`MESSAGES`].
@@ -41,6 +55,8 @@ pub struct OutcomeLabels {
     pub role: String,
     /// Durable consumer.
     pub consumer: String,
+    /// The replica's number in this process.
+    pub replica: String,
     /// `done`, `retry` or `poison`.
     pub outcome: &'static str,
 }
@@ -52,6 +68,8 @@ pub struct ModelLabels {
     pub role: String,
     /// Model alias.
     pub model: String,
+    /// The replica's number in this process.
+    pub replica: String,
 }
 
 type HistogramFamily = Family<LoopLabels, Histogram, fn() -> Histogram>;
@@ -65,13 +83,18 @@ pub struct Metrics {
     in_flight: Family<LoopLabels, Gauge>,
     ack_failures: Family<LoopLabels, Counter>,
     tokens: Family<ModelLabels, Counter>,
-    pending: Family<LoopLabels, Gauge>,
-    ack_pending: Family<LoopLabels, Gauge>,
-    redelivered: Family<LoopLabels, Gauge>,
+    pending: Family<ConsumerLabels, Gauge>,
+    ack_pending: Family<ConsumerLabels, Gauge>,
+    redelivered: Family<ConsumerLabels, Gauge>,
     up: Family<LoopLabels, Gauge>,
     /// Each consume loop's state, for `/health`.
-    loops: Arc<Mutex<BTreeMap<(String, String), bool>>>,
+    loops: Arc<Mutex<BTreeMap<LoopKey, bool>>>,
+    /// Replicas numbered so far, per role.
+    replicas: Mutex<BTreeMap<String, u32>>,
 }
+
+/// A consume loop: role, consumer, replica.
+type LoopKey = (String, String, String);
 
 fn handling_histogram() -> Histogram {
     // 0.25 ms .. ~8 s: rules and the archiver answer in milliseconds,
@@ -92,11 +115,11 @@ impl Metrics {
         registry.register(ACK_FAILURES, "Acks that did not reach the broker", ack_failures.clone());
         let tokens = Family::<ModelLabels, Counter>::default();
         registry.register(MODEL_TOKENS, "Tokens generated", tokens.clone());
-        let pending = Family::<LoopLabels, Gauge>::default();
+        let pending = Family::<ConsumerLabels, Gauge>::default();
         registry.register(CONSUMER_PENDING, "Messages the consumer has not delivered yet (lag)", pending.clone());
-        let ack_pending = Family::<LoopLabels, Gauge>::default();
+        let ack_pending = Family::<ConsumerLabels, Gauge>::default();
         registry.register(CONSUMER_ACK_PENDING, "Messages delivered and not yet acknowledged", ack_pending.clone());
-        let redelivered = Family::<LoopLabels, Gauge>::default();
+        let redelivered = Family::<ConsumerLabels, Gauge>::default();
         registry.register(CONSUMER_REDELIVERED, "Messages redelivered and not yet acknowledged", redelivered.clone());
         let up = Family::<LoopLabels, Gauge>::default();
         registry.register(LOOP_UP, "1 while the consume loop is bound to its consumer, 0 while it gets it back", up.clone());
@@ -112,18 +135,34 @@ impl Metrics {
             redelivered,
             up,
             loops: Arc::default(),
+            replicas: Mutex::default(),
         }
     }
 
-    /// The handles one consume loop updates.
-    pub fn for_loop(&self, role: &str, consumer: &str) -> LoopMetrics {
+    /// The next replica number of `role` in this process: `0`, `1`, ...
+    pub fn next_replica(&self, role: &str) -> String {
+        let mut replicas = self.replicas.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let next = replicas.entry(role.to_string()).or_insert(0);
+        let this = *next;
+        *next += 1;
+        this.to_string()
+    }
+
+    /// The handles one consume loop of a replica updates.
+    pub fn for_loop(&self, role: &str, consumer: &str, replica: &str) -> LoopMetrics {
         let l = LoopLabels {
+            role: role.to_string(),
+            consumer: consumer.to_string(),
+            replica: replica.to_string(),
+        };
+        let c = ConsumerLabels {
             role: role.to_string(),
             consumer: consumer.to_string(),
         };
         let outcome = |outcome| OutcomeLabels {
             role: role.to_string(),
             consumer: consumer.to_string(),
+            replica: replica.to_string(),
             outcome,
         };
         LoopMetrics {
@@ -133,34 +172,22 @@ impl Metrics {
             handling: self.handling.get_or_create_owned(&l),
             in_flight: self.in_flight.get_or_create_owned(&l),
             ack_failures: self.ack_failures.get_or_create_owned(&l),
-            pending: self.pending.get_or_create_owned(&l),
-            ack_pending: self.ack_pending.get_or_create_owned(&l),
-            redelivered: self.redelivered.get_or_create_owned(&l),
+            pending: self.pending.get_or_create_owned(&c),
+            ack_pending: self.ack_pending.get_or_create_owned(&c),
+            redelivered: self.redelivered.get_or_create_owned(&c),
             up: self.up.get_or_create_owned(&l),
             loops: self.loops.clone(),
-            key: (role.to_string(), consumer.to_string()),
+            key: (role.to_string(), consumer.to_string(), replica.to_string()),
         }
     }
 
-    /// Counts `n` tokens generated by `model` in `role`.
-    pub fn add_tokens(&self, role: &str, model: &str, n: u64) {
-        self.tokens
-            .get_or_create(&ModelLabels {
-                role: role.to_string(),
-                model: model.to_string(),
-            })
-            .inc_by(n);
-    }
-
-    /// The state of each consume loop of `role` in this process, for its
-    /// micro service's status and stats.
-    pub fn loop_states(&self, role: &str) -> Vec<LoopState> {
-        let loops = self.loops.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        loops
-            .iter()
-            .filter(|((r, _), _)| r == role)
-            .map(|((_, consumer), up)| LoopState { consumer: consumer.clone(), up: *up })
-            .collect()
+    /// The counter of tokens a replica of `role` generated with `model`.
+    pub fn tokens(&self, role: &str, model: &str, replica: &str) -> Counter {
+        self.tokens.get_or_create_owned(&ModelLabels {
+            role: role.to_string(),
+            model: model.to_string(),
+            replica: replica.to_string(),
+        })
     }
 
     /// `/health`: whether every consume loop of this process is bound to
@@ -171,7 +198,7 @@ impl Metrics {
         let healthy = !loops.is_empty() && loops.values().all(|up| *up);
         let list: Vec<serde_json::Value> = loops
             .iter()
-            .map(|((role, consumer), up)| serde_json::json!({"role": role, "consumer": consumer, "up": up}))
+            .map(|((role, consumer, replica), up)| serde_json::json!({"role": role, "consumer": consumer, "replica": replica, "up": up}))
             .collect();
         let status = match (healthy, loops.is_empty()) {
             (true, _) => "ok",
@@ -207,11 +234,21 @@ pub struct LoopMetrics {
     pub(crate) ack_pending: Gauge,
     pub(crate) redelivered: Gauge,
     up: Gauge,
-    loops: Arc<Mutex<BTreeMap<(String, String), bool>>>,
-    key: (String, String),
+    loops: Arc<Mutex<BTreeMap<LoopKey, bool>>>,
+    key: LoopKey,
 }
 
 impl LoopMetrics {
+    /// The consumer this loop pulls from.
+    pub(crate) fn consumer(&self) -> &str {
+        &self.key.1
+    }
+
+    /// Whether the loop is bound to its consumer and pulling.
+    pub(crate) fn is_up(&self) -> bool {
+        self.up.get() == 1
+    }
+
     /// Records whether the loop is bound to its consumer and pulling.
     pub(crate) fn set_up(&self, up: bool) {
         self.up.set(i64::from(up));
@@ -324,16 +361,22 @@ mod tests {
 
     #[test]
     fn names_and_labels_in_the_text_format() {
-        let m = global().for_loop("test-role", "test-consumer");
+        let replica = global().next_replica("test-role");
+        assert_eq!(replica, "0");
+        assert_eq!(global().next_replica("test-role"), "1");
+        let m = global().for_loop("test-role", "test-consumer", &replica);
         m.done.inc();
         m.handling.observe(0.003);
-        global().add_tokens("test-role", "smol", 7);
+        m.pending.set(4);
+        global().tokens("test-role", "smol", &replica).inc_by(7);
         let text = global().encode();
         assert!(
-            text.contains(r#"ferry_worker_messages_total{role="test-role",consumer="test-consumer",outcome="done"} 1"#),
+            text.contains(r#"ferry_worker_messages_total{role="test-role",consumer="test-consumer",replica="0",outcome="done"} 1"#),
             "{text}"
         );
-        assert!(text.contains(r#"ferry_worker_handling_seconds_count{role="test-role",consumer="test-consumer"} 1"#), "{text}");
-        assert!(text.contains(r#"ferry_worker_model_tokens_total{role="test-role",model="smol"} 7"#), "{text}");
+        assert!(text.contains(r#"ferry_worker_handling_seconds_count{role="test-role",consumer="test-consumer",replica="0"} 1"#), "{text}");
+        assert!(text.contains(r#"ferry_worker_model_tokens_total{role="test-role",model="smol",replica="0"} 7"#), "{text}");
+        // What the broker says of a consumer is one series, whichever replica asked.
+        assert!(text.contains(r#"ferry_worker_consumer_pending{role="test-role",consumer="test-consumer"} 4"#), "{text}");
     }
 }

@@ -119,15 +119,16 @@ async fn chat_handed_over_by_rules_gets_a_model_reply() {
     assert!((0.0..=1.0).contains(&c.confidence));
     // The hand-off was consumed from the work queue.
     assert_eq!(inspect::count(&s.js, WORK_STREAM).await.unwrap(), 0);
-    // The tokens are in the metrics, under the model's alias (other tests
-    // in this process add to the same counter, so at least these).
+    // The tokens are in the metrics, under the model's alias (summed over
+    // the replicas of the other tests in this process, so at least these).
     let text = ferry_workers::metrics::global().encode();
-    let series = format!("{}_total{{role=\"inference\",model=\"smollm2\"}} ", ferry_workers::metrics::MODEL_TOKENS);
+    let series = format!("{}_total{{role=\"inference\",model=\"smollm2\",replica=", ferry_workers::metrics::MODEL_TOKENS);
     let counted: u64 = text
         .lines()
-        .find_map(|l| l.strip_prefix(series.as_str()))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{series} missing in\n{text}"));
+        .filter_map(|l| l.strip_prefix(series.as_str()))
+        .filter_map(|rest| rest.rsplit(' ').next()?.trim().parse::<u64>().ok())
+        .sum();
+    assert!(text.contains(&series), "{series} missing in\n{text}");
     assert!(counted >= u64::from(c.tokens.unwrap()), "{counted} < {:?}", c.tokens);
 }
 
@@ -253,7 +254,7 @@ async fn knowledge_base_from_postgres_answers_when_the_models_cannot() {
     let s = stack(TO_INFERENCE, Duration::from_secs(30)).await;
     let pg = common::migrated_pg().await;
     let c = ferry_workers::state::connect_one(&pg.url()).await.unwrap();
-    let kb_dir = ferry_stack::cargo::workspace_root().unwrap().join("ops/demo/kb");
+    let kb_dir = ferry_harness::cargo::workspace_root().unwrap().join("ops/demo/kb");
     for a in ferry_workers::state::kb::load_path(&kb_dir).unwrap() {
         ferry_workers::state::kb::upsert(&c, &a).await.unwrap();
     }

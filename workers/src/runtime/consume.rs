@@ -147,7 +147,7 @@ pub async fn consume<H: Handler>(
     let settings = &settings;
     let permits = Arc::new(Semaphore::new(settings.max_in_flight));
     let tracker = TaskTracker::new();
-    let metrics = crate::metrics::global().for_loop(stats.role(), consumer);
+    let metrics = stats.for_loop(consumer);
     // The consumer's ack floor as last read: where a re-created consumer starts.
     let ack_floor = Arc::new(AtomicU64::new(pull.cached_info().ack_floor.stream_sequence));
     let lag = tokio::spawn(watch_lag(
@@ -158,7 +158,7 @@ pub async fn consume<H: Handler>(
         shutdown.clone(),
     ));
     let ctx = Arc::new(Ctx {
-        tally: super::stats::Tally::new(stats, metrics.clone()),
+        tally: super::stats::Tally::new(metrics.clone()),
         metrics,
         js: js.clone(),
         stream: stream.to_string(),
@@ -426,7 +426,7 @@ async fn nak_buffered(messages: &mut jetstream::consumer::pull::Stream) {
 struct Ctx {
     /// The loop's lag and liveness gauges.
     metrics: crate::metrics::LoopMetrics,
-    /// Every message counted once, into the replica's stats and the loop's metrics.
+    /// Every message counted once, into the loop's series (also the replica's stats).
     tally: super::stats::Tally,
     js: jetstream::Context,
     stream: String,

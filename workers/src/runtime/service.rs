@@ -18,7 +18,7 @@ fn status_now(role: &str, version: &str, info: &serde_json::Value, stats: &Stats
         version: version.to_string(),
         info: info.clone(),
         counters: stats.snapshot(),
-        loops: crate::metrics::global().loop_states(role),
+        loops: stats.loop_states(),
     }
 }
 
