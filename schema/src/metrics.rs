@@ -6,6 +6,7 @@
 //! |---|---|---|---|
 //! | `ferry_worker_messages_total` | counter | role, consumer, replica, outcome | messages handled, by outcome (`done`, `retry`, `poison`) |
 //! | `ferry_worker_handling_seconds` | histogram | role, consumer, replica | time from delivery to ack decision |
+//! | `ferry_worker_busy_seconds_total` | counter | role, consumer, replica | seconds spent handling, summed over messages (the micro service's average handling time is this over the messages) |
 //! | `ferry_worker_in_flight` | gauge | role, consumer, replica | messages being handled now |
 //! | `ferry_worker_ack_failures_total` | counter | role, consumer, replica | acks that did not reach the broker |
 //! | `ferry_worker_model_tokens_total` | counter | role, model, replica | tokens generated (inference) |
@@ -36,6 +37,8 @@
 pub const WORKER_MESSAGES: &str = "ferry_worker_messages";
 /// Handling time.
 pub const WORKER_HANDLING_SECONDS: &str = "ferry_worker_handling_seconds";
+/// Time spent handling, summed over messages (busy time).
+pub const WORKER_BUSY_SECONDS: &str = "ferry_worker_busy_seconds";
 /// Messages in flight.
 pub const WORKER_IN_FLIGHT: &str = "ferry_worker_in_flight";
 /// Acks that failed.

@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -19,7 +20,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 pub use ferry_schema::metrics::{
-    WORKER_ACK_FAILURES as ACK_FAILURES, WORKER_CONSUMER_ACK_PENDING as CONSUMER_ACK_PENDING,
+    WORKER_ACK_FAILURES as ACK_FAILURES, WORKER_BUSY_SECONDS as BUSY_SECONDS, WORKER_CONSUMER_ACK_PENDING as CONSUMER_ACK_PENDING,
     WORKER_CONSUMER_PENDING as CONSUMER_PENDING, WORKER_CONSUMER_REDELIVERED as CONSUMER_REDELIVERED,
     WORKER_HANDLING_SECONDS as HANDLING_SECONDS, WORKER_IN_FLIGHT as IN_FLIGHT, WORKER_LOOP_UP as LOOP_UP, WORKER_MESSAGES as MESSAGES,
     WORKER_MODEL_TOKENS as MODEL_TOKENS,
@@ -80,6 +81,7 @@ pub struct Metrics {
     registry: Registry,
     messages: Family<OutcomeLabels, Counter>,
     handling: HistogramFamily,
+    busy: Family<LoopLabels, Counter<f64, AtomicU64>>,
     in_flight: Family<LoopLabels, Gauge>,
     ack_failures: Family<LoopLabels, Counter>,
     tokens: Family<ModelLabels, Counter>,
@@ -109,6 +111,8 @@ impl Metrics {
         registry.register(MESSAGES, "Messages handled, by outcome", messages.clone());
         let handling: HistogramFamily = Family::new_with_constructor(handling_histogram);
         registry.register(HANDLING_SECONDS, "Seconds from delivery to the ack decision", handling.clone());
+        let busy = Family::<LoopLabels, Counter<f64, AtomicU64>>::default();
+        registry.register(BUSY_SECONDS, "Seconds spent handling messages, summed over messages", busy.clone());
         let in_flight = Family::<LoopLabels, Gauge>::default();
         registry.register(IN_FLIGHT, "Messages being handled now", in_flight.clone());
         let ack_failures = Family::<LoopLabels, Counter>::default();
@@ -127,6 +131,7 @@ impl Metrics {
             registry,
             messages,
             handling,
+            busy,
             in_flight,
             ack_failures,
             tokens,
@@ -170,6 +175,7 @@ impl Metrics {
             retry: self.messages.get_or_create_owned(&outcome("retry")),
             poison: self.messages.get_or_create_owned(&outcome("poison")),
             handling: self.handling.get_or_create_owned(&l),
+            busy: self.busy.get_or_create_owned(&l),
             in_flight: self.in_flight.get_or_create_owned(&l),
             ack_failures: self.ack_failures.get_or_create_owned(&l),
             pending: self.pending.get_or_create_owned(&c),
@@ -228,6 +234,7 @@ pub struct LoopMetrics {
     pub(crate) retry: Counter,
     pub(crate) poison: Counter,
     pub(crate) handling: Histogram,
+    pub(crate) busy: Counter<f64, AtomicU64>,
     pub(crate) in_flight: Gauge,
     pub(crate) ack_failures: Counter,
     pub(crate) pending: Gauge,
@@ -367,6 +374,7 @@ mod tests {
         let m = global().for_loop("test-role", "test-consumer", &replica);
         m.done.inc();
         m.handling.observe(0.003);
+        m.busy.inc_by(0.003);
         m.pending.set(4);
         global().tokens("test-role", "smol", &replica).inc_by(7);
         let text = global().encode();
@@ -375,6 +383,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains(r#"ferry_worker_handling_seconds_count{role="test-role",consumer="test-consumer",replica="0"} 1"#), "{text}");
+        assert!(text.contains(r#"ferry_worker_busy_seconds_total{role="test-role",consumer="test-consumer",replica="0"} 0.003"#), "{text}");
         assert!(text.contains(r#"ferry_worker_model_tokens_total{role="test-role",model="smol",replica="0"} 7"#), "{text}");
         // What the broker says of a consumer is one series, whichever replica asked.
         assert!(text.contains(r#"ferry_worker_consumer_pending{role="test-role",consumer="test-consumer"} 4"#), "{text}");

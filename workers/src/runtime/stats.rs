@@ -81,7 +81,7 @@ impl Stats {
             poisoned += m.poison.get();
             ack_failures += m.ack_failures.get();
             in_flight += m.in_flight.get();
-            busy += m.handling.sum();
+            busy += m.busy.get();
         }
         let tokens: u64 = self.tokens.lock().unwrap_or_else(std::sync::PoisonError::into_inner).values().map(Counter::get).sum();
         let handled = done + retried + poisoned;
@@ -125,6 +125,7 @@ impl Tally {
     pub(crate) fn finished(&self, outcome: &super::Outcome, elapsed: std::time::Duration) {
         self.metrics.in_flight.dec();
         self.metrics.handling.observe(elapsed.as_secs_f64());
+        self.metrics.busy.inc_by(elapsed.as_secs_f64());
         match outcome {
             super::Outcome::Done => self.metrics.done.inc(),
             super::Outcome::RetryAfter { .. } => self.metrics.retry.inc(),
