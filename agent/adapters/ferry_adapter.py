@@ -63,6 +63,17 @@ class AgentConnection:
             line["ref"] = ref
         self.send_line(line)
 
+    def interaction(self, session_id, response_time_ms, success, user_input="", intent=None,
+                    tools_used=(), error_type=None, model=None, tokens=None, time=None, ref=None):
+        """Reports one interaction of an AI assistant; the agent answers with `accepted`."""
+        line = {"type": "interaction", "session_id": session_id, "user_input": user_input,
+                "tools_used": list(tools_used), "response_time_ms": response_time_ms, "success": success}
+        for key, value in (("intent", intent), ("error_type", error_type), ("model", model),
+                           ("tokens", tokens), ("time", time), ("ref", ref)):
+            if value is not None:
+                line[key] = value
+        self.send_line(line)
+
     def sent(self, reply_id):
         self.send_line({"type": "sent", "reply_id": reply_id})
 

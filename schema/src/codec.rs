@@ -10,7 +10,9 @@
 //! gets its own typed error. MessagePack documents in Ferry's own field
 //! order are read and written by a hand-written fast path (see `fast`) that
 //! gives the same values and bytes and leaves everything else, errors
-//! included, to that one general path.
+//! included, to that one general path. A JSON event typed by hand may leave
+//! out its head fields, which are filled in from its subject and stream
+//! position (see `by_hand`).
 
 use async_nats::HeaderMap;
 use chrono::{DateTime, Utc};
@@ -66,6 +68,35 @@ impl Encoding {
             })
         }
     }
+}
+
+impl Encoding {
+    /// The encoding of a message: from its `Content-Type` header when it
+    /// has one (see [`Encoding::from_headers`]); without one, JSON when the
+    /// payload's first byte other than whitespace is `{` (a document typed
+    /// by hand, as `nats pub` sends it), else MessagePack. No Ferry
+    /// MessagePack document starts with `{`: a map starts with a byte from
+    /// 0x80 up, and 0x7b alone is the integer 123.
+    pub fn of(h: Option<&HeaderMap>, payload: &[u8]) -> Result<Self, DecodeError> {
+        if h.and_then(|h| h.get(headers::CONTENT_TYPE_NAME)).is_some() {
+            return Self::from_headers(h);
+        }
+        let first = payload.iter().find(|b| !b.is_ascii_whitespace());
+        Ok(if first == Some(&b'{') { Self::Json } else { Self::MsgPack })
+    }
+}
+
+/// An event message decoded from its stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventMessage {
+    /// The event.
+    pub env: Envelope,
+    /// The encoding it came in (replies go back in it).
+    pub enc: Encoding,
+    /// Whether fields were filled in from the subject and stream position
+    /// (a JSON event typed by hand): its bytes are then not a whole event,
+    /// and whoever passes it on encodes `env` instead.
+    pub filled_in: bool,
 }
 
 /// Why a payload could not be turned into an event or reply. Each variant
@@ -249,6 +280,7 @@ fn encode_event_by(env: &Envelope, enc: Encoding, route: Route) -> Result<Vec<u8
         EventBody::Activity(b) => encode_as(env, b, enc, route),
         EventBody::Heartbeat(b) => encode_as(env, b, enc, route),
         EventBody::Predict(b) => encode_as(env, b, enc, route),
+        EventBody::Interaction(b) => encode_as(env, b, enc, route),
     }
 }
 
@@ -260,6 +292,7 @@ pub fn event_body_json(body: &EventBody) -> Result<String, EncodeError> {
         EventBody::Activity(b) => serde_json::to_string(b)?,
         EventBody::Heartbeat(b) => serde_json::to_string(b)?,
         EventBody::Predict(b) => serde_json::to_string(b)?,
+        EventBody::Interaction(b) => serde_json::to_string(b)?,
     })
 }
 
@@ -394,18 +427,32 @@ fn decode_event_by(bytes: &[u8], enc: Encoding, limit: usize, route: Route) -> R
 }
 
 /// Decodes an event message as it arrives from JetStream: picks the encoding
-/// from the headers, decodes, and checks that the agent and kind in the body
-/// are the ones the subject names (the subject is what the broker's
+/// (see [`Encoding::of`]), decodes, and checks that the agent and kind in
+/// the body are the ones the subject names (the subject is what the broker's
 /// permissions vouch for).
+///
+/// A JSON event may leave out `agent` and `kind` (taken from the subject),
+/// `v` (this build's version) and, given the message's position `at`, `id`
+/// and `ts` ([`StreamPosition::event_id`], and the time the stream stored
+/// it), so an event typed by hand needs only its `body`.
 pub fn decode_event_message(
     subject: &str,
     headers: Option<&HeaderMap>,
     payload: &[u8],
     limit: usize,
-) -> Result<(Envelope, Encoding), DecodeError> {
+    at: Option<&StreamPosition>,
+) -> Result<EventMessage, DecodeError> {
     let (agent, kind) = subject::parse_event(subject)?;
-    let enc = Encoding::from_headers(headers)?;
-    let env = decode_event(payload, enc, limit)?;
+    let enc = Encoding::of(headers, payload)?;
+    check_size(payload, limit)?;
+    let filled = match enc {
+        Encoding::Json => by_hand::fill_in(payload, &agent, kind, at),
+        Encoding::MsgPack => None,
+    };
+    let env = match &filled {
+        Some(doc) => decode_event(doc, enc, usize::MAX)?,
+        None => decode_event(payload, enc, limit)?,
+    };
     if env.agent != agent {
         return Err(DecodeError::SubjectMismatch {
             field: "agent",
@@ -422,7 +469,11 @@ pub fn decode_event_message(
             subject: subject.to_string(),
         });
     }
-    Ok((env, enc))
+    Ok(EventMessage {
+        env,
+        enc,
+        filled_in: filled.is_some(),
+    })
 }
 
 /// Decodes a reply payload.
@@ -450,9 +501,12 @@ fn decode_reply_by(bytes: &[u8], enc: Encoding, limit: usize, route: Route) -> R
     })
 }
 
+mod by_hand;
 mod decode;
 mod fast;
 mod time;
+
+pub use by_hand::StreamPosition;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]

@@ -80,11 +80,13 @@ pub enum EventKind {
     Heartbeat,
     /// A request to predict the user's next activity.
     Predict,
+    /// One interaction of an AI assistant, as it reports it for monitoring.
+    Interaction,
 }
 
 impl EventKind {
     /// Every kind, in subject order.
-    pub const ALL: [EventKind; 4] = [Self::Chat, Self::Activity, Self::Heartbeat, Self::Predict];
+    pub const ALL: [EventKind; 5] = [Self::Chat, Self::Activity, Self::Heartbeat, Self::Predict, Self::Interaction];
 
     /// The kind's name as used in subjects and on the wire.
     pub fn as_str(self) -> &'static str {
@@ -93,6 +95,7 @@ impl EventKind {
             Self::Activity => "activity",
             Self::Heartbeat => "heartbeat",
             Self::Predict => "predict",
+            Self::Interaction => "interaction",
         }
     }
 
@@ -150,6 +153,8 @@ pub enum EventBody {
     Heartbeat(Heartbeat),
     /// See [`PredictRequest`].
     Predict(PredictRequest),
+    /// See [`Interaction`].
+    Interaction(Interaction),
 }
 
 impl EventBody {
@@ -160,6 +165,7 @@ impl EventBody {
             Self::Activity(_) => EventKind::Activity,
             Self::Heartbeat(_) => EventKind::Heartbeat,
             Self::Predict(_) => EventKind::Predict,
+            Self::Interaction(_) => EventKind::Interaction,
         }
     }
 }
@@ -284,4 +290,35 @@ pub struct RecentActivity {
 pub struct PredictRequest {
     /// Recent activities, oldest first.
     pub recent: Vec<RecentActivity>,
+}
+
+/// One interaction of an AI assistant (a question and how it was answered),
+/// reported by the assistant itself, by Ferry's own workers, or by any
+/// service, for monitoring: error rates, response times, intents and tools.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Interaction {
+    /// The assistant's conversation or session this interaction belongs to.
+    pub session_id: String,
+    /// What the user asked (as the reporter chose to record it).
+    #[serde(default)]
+    pub user_input: String,
+    /// The intent the assistant recognised, when it tells.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intent: Option<String>,
+    /// The tools the assistant called, in order.
+    #[serde(default)]
+    pub tools_used: Vec<String>,
+    /// How long the answer took, milliseconds.
+    pub response_time_ms: f64,
+    /// Whether the interaction succeeded.
+    pub success: bool,
+    /// What went wrong, when it did not (e.g. `timeout`, `tool_error`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_type: Option<String>,
+    /// The model that answered, when one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Tokens generated, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<u32>,
 }

@@ -48,7 +48,7 @@ impl Permissions {
 }
 
 /// The permissions of `agent`'s user in the `AGENTS` account: publish only
-/// `events.<id>.<kind>` for the four kinds (so the per-subject cap of
+/// `events.<id>.<kind>` for the five kinds (so the per-subject cap of
 /// [`crate::quota`] bounds the agent), read (through [`subject::AGENT_JS_API_PREFIX`]) and ack
 /// only its consumer `agent-<id>` on `REPLIES`, and receive only on
 /// `_INBOX.<id>.>` (the prefix [`subject::agent_inbox_prefix`] sets) and

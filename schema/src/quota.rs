@@ -9,7 +9,7 @@
 //!   [`enforced`]): `EVENTS` keeps at most
 //!   `StreamSettings::agent_kind_max_msgs` messages on each
 //!   `events.<agent>.<kind>` and refuses the next one
-//!   (`discard_new_per_subject`). Agents may publish only the four kinds'
+//!   (`discard_new_per_subject`). Agents may publish only the five kinds'
 //!   subjects ([`agent_event_subjects`]), so the cap bounds each agent.
 //! - **The store** (2.10 and later): `EVENTS` is `discard: new`, so a full
 //!   stream refuses new events instead of evicting old ones that no worker
@@ -224,20 +224,18 @@ pub async fn trim_processed(js: &jetstream::Context) -> Result<Trimmed, KeeperEr
         }
     }
     let mut positions = Vec::new();
-    for role in topology::Role::ALL {
-        for def in role.consumers().into_iter().filter(|d| d.stream == EVENTS_STREAM) {
-            match stream.consumer_info(def.name()).await {
-                Ok(c) => positions.push(ConsumerPosition {
-                    filter: c.config.filter_subject.clone(),
-                    num_pending: c.num_pending,
-                    num_ack_pending: c.num_ack_pending,
-                    ack_floor: c.ack_floor.stream_sequence,
-                }),
-                Err(e) => {
-                    // Without every position nothing can be called processed.
-                    tracing::debug!(consumer = def.name(), error = %e, "consumer position unknown; not trimming");
-                    return Ok(Trimmed::default());
-                }
+    for def in events_consumers() {
+        match stream.consumer_info(def.name()).await {
+            Ok(c) => positions.push(ConsumerPosition {
+                filter: c.config.filter_subject.clone(),
+                num_pending: c.num_pending,
+                num_ack_pending: c.num_ack_pending,
+                ack_floor: c.ack_floor.stream_sequence,
+            }),
+            Err(e) => {
+                // Without every position nothing can be called processed.
+                tracing::debug!(consumer = def.name(), error = %e, "consumer position unknown; not trimming");
+                return Ok(Trimmed::default());
             }
         }
     }
@@ -266,12 +264,18 @@ pub fn keeper_publish() -> Vec<String> {
         format!("$JS.API.STREAM.INFO.{EVENTS_STREAM}"),
         format!("$JS.API.STREAM.PURGE.{EVENTS_STREAM}"),
     ];
-    for role in topology::Role::ALL {
-        for def in role.consumers().into_iter().filter(|d| d.stream == EVENTS_STREAM) {
-            allow.push(format!("$JS.API.CONSUMER.INFO.{EVENTS_STREAM}.{}", def.name()));
-        }
+    for def in events_consumers() {
+        allow.push(format!("$JS.API.CONSUMER.INFO.{EVENTS_STREAM}.{}", def.name()));
     }
     allow
+}
+
+/// Every role's consumers of `EVENTS`: whose positions say what is processed.
+fn events_consumers() -> impl Iterator<Item = topology::ConsumerDef> {
+    topology::Role::ALL
+        .into_iter()
+        .flat_map(|role| role.consumers())
+        .filter(|d| d.stream == EVENTS_STREAM)
 }
 
 #[cfg(test)]
@@ -318,7 +322,13 @@ mod tests {
         let a = AgentId::new("desk-1").unwrap();
         assert_eq!(
             agent_event_subjects(&a),
-            ["events.desk-1.chat", "events.desk-1.activity", "events.desk-1.heartbeat", "events.desk-1.predict"]
+            [
+                "events.desk-1.chat",
+                "events.desk-1.activity",
+                "events.desk-1.heartbeat",
+                "events.desk-1.predict",
+                "events.desk-1.interaction"
+            ]
         );
     }
 

@@ -304,7 +304,7 @@ mod tests {
         );
         check_err(
             "events.desk-7.fax",
-            r#"subject "events.desk-7.fax" is not an event subject: unknown kind "fax", expected one of chat, activity, heartbeat, predict"#,
+            r#"subject "events.desk-7.fax" is not an event subject: unknown kind "fax", expected one of chat, activity, heartbeat, predict, interaction"#,
         );
     }
 }

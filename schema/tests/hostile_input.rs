@@ -47,7 +47,7 @@ proptest! {
             if let Err(e) = decode_event(&bytes, enc, LIMIT) { prop_assert!(coded(&e), "{e}"); }
             if let Err(e) = decode_reply(&bytes, enc, LIMIT) { prop_assert!(coded(&e), "{e}"); }
         }
-        if let Err(e) = decode_event_message(&subject, None, &bytes, LIMIT) { prop_assert!(coded(&e), "{e}"); }
+        if let Err(e) = decode_event_message(&subject, None, &bytes, LIMIT, None) { prop_assert!(coded(&e), "{e}"); }
     }
 
     /// Any prefix of a valid event, and any single flipped byte in it: no

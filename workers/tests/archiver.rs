@@ -7,8 +7,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{chat, publish, stack, Stack, RULES};
-use ferry_schema::event::{Activity, Heartbeat};
+use common::{chat, publish, publish_by_hand, stack, Stack, RULES};
+use ferry_schema::event::{Activity, Heartbeat, Interaction};
 use ferry_schema::topology::{self, DEADLETTER_STREAM};
 use ferry_schema::{headers, subject, AgentId, Encoding, Envelope, EventBody};
 use ferry_stack::{inspect, PgServer};
@@ -228,6 +228,84 @@ async fn every_event_and_reply_stored_once_across_replays() {
     assert_eq!(db.count("SELECT count(*) FROM replies").await, n_chats);
     assert_eq!(db.count("SELECT count(*) FROM chat_messages").await, n_chats);
     assert_eq!(db.count("SELECT count(*) FROM customers").await, 14);
+    assert_eq!(inspect::count(&s.js, DEADLETTER_STREAM).await.unwrap(), 0);
+}
+
+fn interaction(agent: &str, i: usize) -> Envelope {
+    let failed = i % 4 == 0;
+    Envelope::new(
+        AgentId::new(agent).unwrap(),
+        EventBody::Interaction(Interaction {
+            session_id: format!("s-{}", i % 3),
+            user_input: format!("question {i}"),
+            intent: Some(if i % 2 == 0 { "refund" } else { "order_status" }.into()),
+            tools_used: if i % 5 == 0 { vec![] } else { vec!["orders.lookup".into(), "kb.search".into()] },
+            response_time_ms: 100.0 + i as f64,
+            success: !failed,
+            error_type: failed.then(|| "timeout".into()),
+            model: Some("smollm2".into()),
+            tokens: Some(10 + i as u32),
+        }),
+    )
+}
+
+/// Interactions land in their own table, queryable by session, intent,
+/// tool and error type; events typed by hand (`nats pub`, no headers, no
+/// id) are archived under the id made from their place in `EVENTS`, so a
+/// replay of the stream stores nothing twice.
+#[tokio::test]
+async fn interactions_and_hand_typed_events_are_archived_once() {
+    let s = stack(RULES, Duration::from_secs(30)).await;
+    let db = db().await;
+    let _rules = s.replica(16).await;
+    let a = archiver(&s, &db).await;
+
+    let events: Vec<Envelope> = (0..20).map(|i| interaction(if i % 2 == 0 { "desk-1" } else { "desk-2" }, i)).collect();
+    let (json, msgpack) = events.split_at(10);
+    publish_all(&s, json, Encoding::Json, true).await;
+    publish_all(&s, msgpack, Encoding::MsgPack, true).await;
+    let typed = publish_by_hand(
+        &s.op,
+        &s.js,
+        "events.desk-2.interaction",
+        r#"{"body": {"session_id": "by-hand", "response_time_ms": 2500, "success": false, "error_type": "tool_error", "tools_used": ["kb.search"]}}"#,
+    )
+    .await;
+    let chat_id = publish_by_hand(&s.op, &s.js, "events.desk-2.chat", r#"{"body": {"chat": "Bo", "sender": "Bo", "text": "hi"}}"#).await;
+
+    db.wait_count("SELECT count(*) FROM events", 22).await;
+    db.wait_count("SELECT count(*) FROM replies", 1).await;
+    db.wait_count("SELECT count(*) FROM interactions", 21).await;
+    assert_eq!(db.count("SELECT count(*) FROM interactions WHERE session_id = 's-0'").await, 7);
+    assert_eq!(db.count("SELECT count(*) FROM interactions WHERE intent = 'refund'").await, 10);
+    assert_eq!(db.count("SELECT count(*) FROM interactions WHERE 'kb.search' = ANY(tools_used)").await, 17);
+    assert_eq!(db.count("SELECT count(*) FROM interactions WHERE error_type = 'timeout' AND NOT success").await, 5);
+    assert_eq!(db.count("SELECT count(*) FROM interactions WHERE cardinality(tools_used) = 0").await, 4);
+    let row = db
+        .client()
+        .await
+        .query_one("SELECT event_id, agent, error_type, response_time_ms, user_input FROM interactions WHERE session_id = 'by-hand'", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Uuid>(0), typed.0);
+    assert_eq!(row.get::<_, &str>(1), "desk-2");
+    assert_eq!(row.get::<_, &str>(2), "tool_error");
+    assert_eq!(row.get::<_, f64>(3), 2500.0);
+    assert_eq!(row.get::<_, &str>(4), "", "user_input left out is empty");
+    // The hand-typed chat's reply points at the same derived id.
+    assert_eq!(db.count(&format!("SELECT count(*) FROM replies WHERE in_reply_to = '{chat_id}'")).await, 1);
+    assert_eq!(db.count(&format!("SELECT count(*) FROM chat_messages WHERE event_id = '{chat_id}'")).await, 1);
+
+    // A full replay of EVENTS: every consumer derives the same ids again.
+    a.stop().await;
+    let def = topology::archiver_events_consumer();
+    s.js.get_stream(def.stream).await.unwrap().delete_consumer(def.name()).await.unwrap();
+    topology::ensure_consumer(&s.js, &def).await.unwrap();
+    let a = archiver(&s, &db).await;
+    consumer_drained(&s, &def).await;
+    a.stop().await;
+    assert_eq!(db.count("SELECT count(*) FROM events").await, 22);
+    assert_eq!(db.count("SELECT count(*) FROM interactions").await, 21);
     assert_eq!(inspect::count(&s.js, DEADLETTER_STREAM).await.unwrap(), 0);
 }
 

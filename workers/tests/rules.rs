@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{chat, publish, stack, RULES};
+use common::{chat, publish, publish_by_hand, stack, RULES};
 use ferry_schema::codec::{decode_reply, DEFAULT_MAX_PAYLOAD};
 use ferry_schema::reply::{ChatAction, ResponderKind};
 use ferry_schema::topology::{self, DEADLETTER_STREAM, EVENTS_STREAM, REPLIES_STREAM};
@@ -86,6 +86,42 @@ async fn json_event_gets_json_reply_and_msgpack_gets_msgpack() {
         assert_eq!(body.answered_by.kind, ResponderKind::Rule);
         assert_eq!(body.answered_by.name, "echo");
     }
+}
+
+/// `nats pub events.desk-1.chat '{"body": {...}}'`: no Content-Type, no
+/// id, time, agent or kind. The event is answered, in JSON, under the id
+/// made from its place in the stream; an interaction typed by hand is
+/// taken and needs no answer. Before, both were dead-lettered as malformed.
+#[tokio::test]
+async fn events_typed_by_hand_are_answered_in_json() {
+    let s = stack(RULES, Duration::from_secs(30)).await;
+    let agent = AgentId::new("desk-1").unwrap();
+    let mut replies = s.op.subscribe(subject::reply(&agent)).await.unwrap();
+    let _worker = s.replica(16).await;
+
+    let id = publish_by_hand(&s.op, &s.js, "events.desk-1.chat", r#"{"body": {"chat": "Ann", "sender": "Ann", "text": "typed by hand"}}"#).await;
+    let msg = tokio::time::timeout(WAIT, replies.next()).await.unwrap().unwrap();
+    let ct = msg.headers.as_ref().and_then(|h| h.get(headers::CONTENT_TYPE));
+    assert_eq!(ct.map(|v| v.as_str()), Some(headers::CONTENT_TYPE_JSON));
+    let doc: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(doc["in_reply_to"], id.to_string(), "{doc}");
+    assert_eq!(doc["body"]["content"], "echo: typed by hand", "{doc}");
+
+    publish_by_hand(
+        &s.op,
+        &s.js,
+        "events.desk-1.interaction",
+        r#"{"body": {"session_id": "s-1", "user_input": "refund?", "response_time_ms": 950, "success": false, "error_type": "timeout"}}"#,
+    )
+    .await;
+    // A chat after it is answered, so the interaction was handled before it.
+    let after = chat("desk-1", "after the interaction");
+    publish(&s.js, &after, Encoding::MsgPack, true).await;
+    let msg = tokio::time::timeout(WAIT, replies.next()).await.unwrap().unwrap();
+    let reply = decode_reply(&msg.payload, Encoding::MsgPack, DEFAULT_MAX_PAYLOAD).unwrap();
+    assert_eq!(reply.in_reply_to, after.id);
+    assert_eq!(inspect::count(&s.js, DEADLETTER_STREAM).await.unwrap(), 0);
+    assert_eq!(inspect::count(&s.js, REPLIES_STREAM).await.unwrap(), 2);
 }
 
 #[tokio::test]

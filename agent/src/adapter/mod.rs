@@ -30,6 +30,11 @@
 //!   last [`REFS_CAPACITY`](crate::spool::REFS_CAPACITY) references, and a
 //!   message offered again with one of them is answered `accepted` with
 //!   the event it already became, not spooled twice.
+//! - `{"type":"interaction","session_id":"s-1","user_input":"…","intent":"refund","tools_used":["orders.lookup"],"response_time_ms":840,"success":true,"error_type":null,"model":"…","tokens":57,"time":"…","ref":"43"}`:
+//!   an AI assistant on this PC reports one interaction (only `session_id`,
+//!   `response_time_ms` and `success` are required); spooled as an
+//!   `interaction` event and `accepted` like a `message`. Any client may
+//!   send it, a listener too.
 //! - `{"type":"sent","reply_id":"…"}` / `{"type":"send_failed","reply_id":"…","error":"…"}`:
 //!   the outcome of a `send`. The agent records a chat reply as done only
 //!   after `sent`; a `send_failed`, or no answer within

@@ -48,6 +48,41 @@ pub enum FromClient {
         #[serde(default, rename = "ref")]
         reference: Option<String>,
     },
+    /// One interaction of an AI assistant on this PC, reported for
+    /// monitoring: spooled as an `interaction` event and answered like a
+    /// `message`.
+    Interaction {
+        /// The assistant's session.
+        session_id: String,
+        /// What the user asked.
+        #[serde(default)]
+        user_input: String,
+        /// The intent recognised.
+        #[serde(default)]
+        intent: Option<String>,
+        /// Tools called, in order.
+        #[serde(default)]
+        tools_used: Vec<String>,
+        /// How long the answer took, milliseconds.
+        response_time_ms: f64,
+        /// Whether it succeeded.
+        success: bool,
+        /// What went wrong.
+        #[serde(default)]
+        error_type: Option<String>,
+        /// The model that answered.
+        #[serde(default)]
+        model: Option<String>,
+        /// Tokens generated.
+        #[serde(default)]
+        tokens: Option<u32>,
+        /// When it happened.
+        #[serde(default)]
+        time: Option<DateTime<Utc>>,
+        /// Echoed in `accepted`.
+        #[serde(default, rename = "ref")]
+        reference: Option<String>,
+    },
     /// A `send` went out.
     Sent {
         /// The reply.

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use ferry_schema::event::{ChatMessage, EventBody};
+use ferry_schema::event::{ChatMessage, EventBody, Interaction};
 use ferry_schema::{AgentId, Envelope, EventId};
 use tokio::io::BufReader;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -78,8 +78,9 @@ impl AdapterServer {
         self.spooled.clone()
     }
 
-    /// Accepts clients until `shutdown`; their chat messages become chat
-    /// events on `out`, except a message whose `ref` `spool` already has.
+    /// Accepts clients until `shutdown`; their chat messages and
+    /// interactions become events on `out`, except one whose `ref` `spool`
+    /// already has.
     pub async fn run(
         self,
         agent: AgentId,
@@ -219,7 +220,36 @@ async fn serve(id: u64, stream: TcpStream, conn: &Conn) {
                     text: content,
                     msg_type,
                 };
-                if !client.message(conn, message, time, reference).await {
+                if !client.event(conn, EventBody::Chat(message), time, reference).await {
+                    break;
+                }
+                None
+            }
+            Ok(FromClient::Interaction {
+                session_id,
+                user_input,
+                intent,
+                tools_used,
+                response_time_ms,
+                success,
+                error_type,
+                model,
+                tokens,
+                time,
+                reference,
+            }) => {
+                let interaction = Interaction {
+                    session_id,
+                    user_input,
+                    intent,
+                    tools_used,
+                    response_time_ms,
+                    success,
+                    error_type,
+                    model,
+                    tokens,
+                };
+                if !client.event(conn, EventBody::Interaction(interaction), time, reference).await {
                     break;
                 }
                 None
@@ -277,13 +307,13 @@ struct Talking<'a> {
 }
 
 impl Talking<'_> {
-    /// Queues a chat message from the client as a chat event and answers
-    /// `accepted` once the spool has committed it; false when the spool's
-    /// intake is closed (the agent is stopping).
-    async fn message(
+    /// Queues a chat message or an interaction from the client as an event
+    /// and answers `accepted` once the spool has committed it; false when
+    /// the spool's intake is closed (the agent is stopping).
+    async fn event(
         &self,
         conn: &Conn,
-        message: ChatMessage,
+        body: EventBody,
         time: Option<DateTime<Utc>>,
         reference: Option<String>,
     ) -> bool {
@@ -300,7 +330,7 @@ impl Talking<'_> {
                 known
             }
             None => {
-                let mut env = Envelope::new(conn.agent.clone(), EventBody::Chat(message));
+                let mut env = Envelope::new(conn.agent.clone(), body);
                 if let Some(t) = time {
                     env.ts = t;
                 }

@@ -121,6 +121,41 @@ async fn a_client_talks_the_protocol() {
     stop.cancel();
 }
 
+/// An assistant on the PC, connected as a listener, reports interactions:
+/// each becomes an `interaction` event, `accepted` after the commit, and
+/// offered again with its `ref` it is the same event.
+#[tokio::test]
+async fn a_listener_reports_interactions() {
+    let server = AdapterServer::bind("127.0.0.1:0".parse().unwrap(), TEST_TOKEN).await.unwrap();
+    let addr = server.local_addr().unwrap();
+    let spooled = server.spooled();
+    let (tx, mut rx) = mpsc::channel(8);
+    let stop = CancellationToken::new();
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(crate::spool::SpoolConfig::new(dir.path())).unwrap();
+    tokio::spawn(server.run(AgentId::new("desk-1").unwrap(), spool, tx, Health::default(), stop.clone()));
+    let (r, mut w) = TcpStream::connect(addr).await.unwrap().into_split();
+    let mut r = BufReader::new(r).lines();
+    w.write_all(b"{\"type\":\"hello\",\"v\":1,\"token\":\"test-token\",\"name\":\"assistant\"}\n").await.unwrap();
+    assert!(r.next_line().await.unwrap().unwrap().contains("\"welcome\""));
+    let line = br#"{"type":"interaction","session_id":"s-9","user_input":"refund?","intent":"refund","tools_used":["orders.lookup"],"response_time_ms":840.5,"success":false,"error_type":"timeout","time":"2026-12-05T09:00:00Z","ref":"i-1"}"#;
+    w.write_all(line).await.unwrap();
+    w.write_all(b"\n{\"type\":\"interaction\",\"session_id\":\"s-9\"}\n").await.unwrap();
+    let env = rx.recv().await.unwrap();
+    let EventBody::Interaction(i) = &env.body else { panic!("{env:?}") };
+    assert_eq!((i.session_id.as_str(), i.response_time_ms, i.success), ("s-9", 840.5, false));
+    assert_eq!((i.intent.as_deref(), i.error_type.as_deref()), (Some("refund"), Some("timeout")));
+    assert_eq!(i.tools_used, ["orders.lookup"]);
+    assert_eq!(env.ts.to_rfc3339(), "2026-12-05T09:00:00+00:00");
+    // A line without the required fields is refused with what is missing.
+    let refused = r.next_line().await.unwrap().unwrap();
+    assert!(refused.contains("\"error\"") && refused.contains("response_time_ms"), "{refused}");
+    spooled.committed(std::slice::from_ref(&env));
+    let accepted = r.next_line().await.unwrap().unwrap();
+    assert!(accepted.contains("\"accepted\"") && accepted.contains(&env.id.to_string()) && accepted.contains("\"ref\":\"i-1\""), "{accepted}");
+    stop.cancel();
+}
+
 #[tokio::test]
 async fn wrong_version_and_non_loopback_are_refused() {
     assert!(matches!(

@@ -92,7 +92,7 @@ async fn agents(js: &jetstream::Context, out: &mut String) -> anyhow::Result<()>
     let mut last: BTreeMap<String, String> = BTreeMap::new();
     for subj in &subjects {
         let Ok(msg) = s.get_last_raw_message_by_subject(subj).await else { continue };
-        let enc = Encoding::from_headers(Some(&msg.headers)).unwrap_or(Encoding::MsgPack);
+        let enc = Encoding::of(Some(&msg.headers), &msg.payload).unwrap_or(Encoding::MsgPack);
         if let Ok(e) = codec::decode_event(&msg.payload, enc, DEFAULT_MAX_PAYLOAD) {
             last.insert(e.agent.to_string(), e.ts.to_rfc3339());
         }

@@ -35,7 +35,7 @@ pub struct TapArgs {
 /// A payload as JSON: a Ferry event or reply in its JSON form, else any
 /// MessagePack or JSON value, else the text.
 pub fn decode(headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Value {
-    let enc = Encoding::from_headers(headers).unwrap_or(Encoding::MsgPack);
+    let enc = Encoding::of(headers, payload).unwrap_or(Encoding::MsgPack);
     let as_json = |bytes: Result<Vec<u8>, codec::EncodeError>| {
         bytes.ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok())
     };

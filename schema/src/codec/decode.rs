@@ -17,7 +17,7 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visi
 use serde::Deserialize;
 
 use super::{classify, Encoding, Part};
-use crate::event::{Activity, ChatMessage, Heartbeat, PredictRequest};
+use crate::event::{Activity, ChatMessage, Heartbeat, Interaction, PredictRequest};
 use crate::reply::{AlertReply, ChatReply, PredictionReply, ReplyKind};
 use crate::{DecodeError, EventBody, EventKind, ReplyBody, SCHEMA_VERSION};
 
@@ -43,6 +43,7 @@ impl Kinds for EventKind {
             EventKind::Activity => EventBody::Activity(Activity::deserialize(d)?),
             EventKind::Heartbeat => EventBody::Heartbeat(Heartbeat::deserialize(d)?),
             EventKind::Predict => EventBody::Predict(PredictRequest::deserialize(d)?),
+            EventKind::Interaction => EventBody::Interaction(Interaction::deserialize(d)?),
         })
     }
 }

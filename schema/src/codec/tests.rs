@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::event::{
-    Activity, ChatMessage, ChatType, ComponentStatus, Heartbeat, MessageType, PredictRequest,
+    Activity, ChatMessage, ChatType, ComponentStatus, Heartbeat, Interaction, MessageType, PredictRequest,
     RecentActivity,
 };
 use crate::reply::{ChatReply, PredictionReply};
@@ -56,6 +56,17 @@ fn sample_events() -> Vec<Envelope> {
                 title: "Q3.xlsx".into(),
                 duration_ms: 5000,
             }],
+        }),
+        EventBody::Interaction(Interaction {
+            session_id: "s-81".into(),
+            user_input: "where is my refund?".into(),
+            intent: Some("refund_status".into()),
+            tools_used: vec!["orders.lookup".into(), "kb.search".into()],
+            response_time_ms: 812.5,
+            success: false,
+            error_type: Some("tool_error".into()),
+            model: Some("smollm2".into()),
+            tokens: Some(57),
         }),
     ];
     bodies
@@ -269,7 +280,7 @@ fn decode_errors_are_typed() {
     check_err(
         &with(d(), &["kind"], Some(json!("fax"))),
         "unknown_kind",
-        r#"unknown kind "fax": expected one of chat, activity, heartbeat, predict"#,
+        r#"unknown kind "fax": expected one of chat, activity, heartbeat, predict, interaction"#,
     );
     check_err(
         &with(d(), &["agent"], Some(json!("desk 7"))),
@@ -337,16 +348,16 @@ fn content_type_selects_encoding() {
 fn subject_must_match_body() {
     let env = &sample_events()[0];
     let bytes = encode_event(env, Encoding::MsgPack).unwrap();
-    assert!(decode_event_message("events.desk-7.chat", None, &bytes, LIMIT).is_ok());
-    let err = decode_event_message("events.desk-8.chat", None, &bytes, LIMIT).unwrap_err();
+    assert!(decode_event_message("events.desk-7.chat", None, &bytes, LIMIT, None).is_ok());
+    let err = decode_event_message("events.desk-8.chat", None, &bytes, LIMIT, None).unwrap_err();
     assert_eq!(err.code(), "subject_mismatch");
     assert_eq!(
         err.to_string(),
         r#"agent in body is "desk-7" but the subject "events.desk-8.chat" says "desk-8""#
     );
-    let err = decode_event_message("events.desk-7.activity", None, &bytes, LIMIT).unwrap_err();
+    let err = decode_event_message("events.desk-7.activity", None, &bytes, LIMIT, None).unwrap_err();
     assert_eq!(err.code(), "subject_mismatch");
-    let err = decode_event_message("events.desk-7", None, &bytes, LIMIT).unwrap_err();
+    let err = decode_event_message("events.desk-7", None, &bytes, LIMIT, None).unwrap_err();
     assert_eq!(err.code(), "bad_subject");
 }
 
@@ -601,4 +612,77 @@ fn ids_as_text_are_what_display_writes() {
         let r = ReplyId::for_event(e, "rules");
         assert_eq!(r.text(), r.to_string());
     }
+}
+
+fn position(seq: u64) -> StreamPosition {
+    StreamPosition {
+        seq,
+        stored: "2026-12-05T01:02:03.456789Z".parse().unwrap(),
+    }
+}
+
+#[test]
+fn a_document_without_content_type_is_json_when_it_starts_with_a_brace() {
+    assert_eq!(Encoding::of(None, b"  \n{\"body\":{}}").unwrap(), Encoding::Json);
+    assert_eq!(Encoding::of(None, b"").unwrap(), Encoding::MsgPack);
+    let env = &sample_events()[0];
+    assert_eq!(Encoding::of(None, &encode_event(env, Encoding::MsgPack).unwrap()).unwrap(), Encoding::MsgPack);
+    // A header wins over the first byte.
+    let mut h = HeaderMap::new();
+    h.insert(headers::CONTENT_TYPE_NAME, headers::CONTENT_TYPE_MSGPACK);
+    assert_eq!(Encoding::of(Some(&h), b"{}").unwrap(), Encoding::MsgPack);
+    // The brace is never the first byte of a Ferry MessagePack event.
+    for env in sample_events() {
+        assert_ne!(encode_event(&env, Encoding::MsgPack).unwrap()[0], b'{');
+    }
+}
+
+#[test]
+fn a_json_event_typed_by_hand_needs_only_its_body() {
+    // What `nats pub events.desk-7.chat '...'` sends: no headers, no head.
+    let typed = br#"{"body": {"chat": "Ann", "sender": "Ann", "text": "hello"}}"#;
+    let at = position(42);
+    let m = decode_event_message("events.desk-7.chat", None, typed, LIMIT, Some(&at)).unwrap();
+    assert_eq!((m.enc, m.filled_in), (Encoding::Json, true));
+    assert_eq!(m.env.agent, agent());
+    assert_eq!(m.env.kind(), EventKind::Chat);
+    assert_eq!(m.env.ts, at.stored);
+    assert_eq!(m.env.id, at.event_id());
+    // The id is a UUIDv7 of the stored time, the same for every consumer
+    // and redelivery, and another position gives another id.
+    assert_eq!(m.env.id.0.get_version_num(), 7);
+    let (secs, nanos) = m.env.id.0.get_timestamp().unwrap().to_unix();
+    assert_eq!(secs * 1000 + u64::from(nanos) / 1_000_000, 1_796_432_523_456);
+    let again = decode_event_message("events.desk-7.chat", None, typed, LIMIT, Some(&at)).unwrap();
+    assert_eq!(again.env.id, m.env.id);
+    assert_ne!(position(43).event_id(), at.event_id());
+    assert!(at.event_id() < position(43).event_id(), "ids of one millisecond sort by sequence");
+    // An interaction, with only its required fields.
+    let typed = br#"{"body": {"session_id": "s-1", "response_time_ms": 950, "success": false, "error_type": "timeout"}}"#;
+    let m = decode_event_message("events.desk-7.interaction", None, typed, LIMIT, Some(&at)).unwrap();
+    let EventBody::Interaction(i) = &m.env.body else { panic!("{m:?}") };
+    assert_eq!((i.session_id.as_str(), i.response_time_ms, i.success), ("s-1", 950.0, false));
+    assert_eq!(i.error_type.as_deref(), Some("timeout"));
+    assert!(i.tools_used.is_empty() && i.intent.is_none());
+}
+
+#[test]
+fn what_a_hand_typed_event_cannot_leave_out() {
+    let typed = br#"{"body": {"chat": "Ann", "sender": "Ann", "text": "hello"}}"#;
+    // Without a stream position there is nothing to make the id from.
+    let err = decode_event_message("events.desk-7.chat", None, typed, LIMIT, None).unwrap_err();
+    assert_eq!(err.to_string(), "required field `id` is missing");
+    // Fields it gives are kept, and still checked against the subject.
+    let typed = br#"{"agent": "desk-8", "body": {"chat": "Ann", "sender": "Ann", "text": "hello"}}"#;
+    let err = decode_event_message("events.desk-7.chat", None, typed, LIMIT, Some(&position(1))).unwrap_err();
+    assert_eq!(err.code(), "subject_mismatch");
+    // The body must still be a body of the subject's kind.
+    let typed = br#"{"body": {"chat": "Ann"}}"#;
+    let err = decode_event_message("events.desk-7.chat", None, typed, LIMIT, Some(&position(1))).unwrap_err();
+    assert!(err.to_string().contains("sender"), "{err}");
+    // A whole JSON event is taken as it is.
+    let env = &sample_events()[0];
+    let whole = encode_event(env, Encoding::Json).unwrap();
+    let m = decode_event_message("events.desk-7.chat", None, &whole, LIMIT, Some(&position(1))).unwrap();
+    assert_eq!((&m.env, m.filled_in), (env, false));
 }

@@ -42,7 +42,7 @@ fn stream_seq(msg: &jetstream::Message) -> i64 {
 impl Handler for EventHandler {
     async fn handle(&self, msg: &jetstream::Message) -> Outcome {
         let env = match decode::event(msg, self.max_payload) {
-            Ok((env, _)) => env,
+            Ok(m) => m.env,
             Err(poison) => return poison,
         };
         let body_json = match codec::event_body_json(&env.body) {

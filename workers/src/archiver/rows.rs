@@ -2,7 +2,7 @@
 //!
 //! Every statement is idempotent on the event id or reply id: the base
 //! insert stores only ids not stored yet and returns them ([`insert_new`]),
-//! and only those fan out into chats, predictions and alerts. A replayed or
+//! and only those fan out into chats, interactions, predictions and alerts. A replayed or
 //! redelivered message therefore changes nothing. Activities need no table
 //! of their own: `activities` is a view over `events` (migration V1).
 
@@ -186,8 +186,56 @@ impl Sink for EventSink {
 
         let fresh: Vec<&EventRow> = rows.into_iter().filter(|r| inserted.contains(&r.env.id.0)).collect();
         self.write_chats(&tx, &fresh).await?;
+        write_interactions(&tx, &fresh).await?;
         tx.commit().await
     }
+}
+
+/// The interactions among newly stored events, in one insert.
+async fn write_interactions(tx: &deadpool_postgres::Transaction<'_>, rows: &[&EventRow]) -> Result<(), tokio_postgres::Error> {
+    let found: Vec<(&EventRow, &ferry_schema::event::Interaction)> = rows
+        .iter()
+        .filter_map(|r| match &r.env.body {
+            EventBody::Interaction(i) => Some((*r, i)),
+            _ => None,
+        })
+        .collect();
+    if found.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = found.iter().map(|(r, _)| r.env.id.0).collect();
+    let agents: Vec<&str> = found.iter().map(|(r, _)| r.env.agent.as_str()).collect();
+    let ts: Vec<DateTime<Utc>> = found.iter().map(|(r, _)| r.env.ts).collect();
+    let sessions: Vec<&str> = found.iter().map(|(_, i)| i.session_id.as_str()).collect();
+    let inputs: Vec<&str> = found.iter().map(|(_, i)| i.user_input.as_str()).collect();
+    let intents: Vec<Option<&str>> = found.iter().map(|(_, i)| i.intent.as_deref()).collect();
+    // text[] per row does not fit through unnest: each row's tools travel
+    // as a JSON array and become text[] in SQL.
+    let tools: Vec<String> = found
+        .iter()
+        .map(|(_, i)| serde_json::to_string(&i.tools_used).unwrap_or_else(|_| "[]".into()))
+        .collect();
+    let times: Vec<f64> = found.iter().map(|(_, i)| i.response_time_ms).collect();
+    let success: Vec<bool> = found.iter().map(|(_, i)| i.success).collect();
+    let errors: Vec<Option<&str>> = found.iter().map(|(_, i)| i.error_type.as_deref()).collect();
+    let models: Vec<Option<&str>> = found.iter().map(|(_, i)| i.model.as_deref()).collect();
+    let tokens: Vec<Option<i32>> = found.iter().map(|(_, i)| i.tokens.map(|t| i32::try_from(t).unwrap_or(i32::MAX))).collect();
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO interactions (event_id, agent, ts, session_id, user_input, intent, tools_used,
+                                       response_time_ms, success, error_type, model, tokens)
+             SELECT i, a, t, s, u, n, ARRAY(SELECT jsonb_array_elements_text(tj::jsonb)), ms, ok, e, m, tk
+               FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
+                           $7::text[], $8::float8[], $9::bool[], $10::text[], $11::text[], $12::int4[])
+                    AS x(i, a, t, s, u, n, tj, ms, ok, e, m, tk)",
+        )
+        .await?;
+    tx.execute(
+        &stmt,
+        &[&ids, &agents, &ts, &sessions, &inputs, &intents, &tools, &times, &success, &errors, &models, &tokens],
+    )
+    .await?;
+    Ok(())
 }
 
 impl EventSink {

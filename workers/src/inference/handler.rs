@@ -116,7 +116,7 @@ impl Handler for PredictHandler {
         let s = &self.0;
         let started = Instant::now();
         let (env, enc) = match decode::event(msg, s.max_payload) {
-            Ok(d) => d,
+            Ok(m) => (m.env, m.enc),
             Err(poison) => return poison,
         };
         let EventBody::Predict(req) = &env.body else {

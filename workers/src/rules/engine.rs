@@ -146,7 +146,7 @@ impl RuleSet {
         let haystack = match &env.body {
             EventBody::Chat(c) => c.text.to_lowercase(),
             EventBody::Activity(a) => activity_haystack(a),
-            EventBody::Heartbeat(_) | EventBody::Predict(_) => return Decision::Nothing,
+            EventBody::Heartbeat(_) | EventBody::Predict(_) | EventBody::Interaction(_) => return Decision::Nothing,
         };
         let kind = env.kind();
         let matched = self.rules.iter().find(|r| {

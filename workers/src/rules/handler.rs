@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_nats::jetstream;
-use ferry_schema::codec::Encoding;
+use ferry_schema::codec::{self, Encoding};
+use ferry_schema::deadletter::ReasonCode;
 use ferry_schema::reply::{AlertReply, AnsweredBy, ChatAction, ChatReply, ResponderKind};
 use ferry_schema::subject::WorkQueue;
 use ferry_schema::{headers, Envelope, EventBody, ReplyBody};
@@ -110,9 +111,24 @@ fn chat_reply(
 impl Handler for RulesHandler {
     async fn handle(&self, msg: &jetstream::Message) -> Outcome {
         let started = Instant::now();
-        let (env, enc) = match decode::event(msg, self.max_payload) {
-            Ok(d) => d,
+        let (env, enc, filled_in) = match decode::event(msg, self.max_payload) {
+            Ok(m) => (m.env, m.enc, m.filled_in),
             Err(poison) => return poison,
+        };
+        // A hand-typed event's bytes are not a whole event: pass on the
+        // completed one, so inference reads the same id and time.
+        let payload = if filled_in {
+            match codec::encode_event(&env, enc) {
+                Ok(bytes) => bytes::Bytes::from(bytes),
+                Err(e) => {
+                    return Outcome::Poison {
+                        code: ReasonCode::Encode,
+                        reason: e.to_string(),
+                    }
+                }
+            }
+        } else {
+            msg.payload.clone()
         };
         let tp = headers::traceparent(msg.headers.as_ref());
         // One set decides the whole event, even if a reload lands meanwhile.
@@ -124,7 +140,7 @@ impl Handler for RulesHandler {
         // Everything up to the publish is synchronous; the event, its tags
         // and the rules are dropped before the one await that takes time,
         // so this future does not carry them while it waits.
-        let out = outgoing(&env, enc, tp, rules.decide(&env, &tags), &msg.payload, started);
+        let out = outgoing(&env, enc, tp, rules.decide(&env, &tags), &payload, started);
         drop((env, tags, rules));
         match out {
             Ok(Some(out)) => out.publish(&self.publisher).await,
@@ -168,8 +184,9 @@ fn outgoing(
             processing_ms: publish::elapsed_ms(started),
         }),
         Decision::Infer { rule } => {
-            // The original bytes go on unchanged, so the inference worker
-            // decodes exactly what the agent sent, in its encoding.
+            // The original bytes go on unchanged (completed, if typed by
+            // hand), so the inference worker decodes what the agent sent,
+            // in its encoding.
             let mut headers = headers::for_publish(env.id.text(), enc, tp);
             headers.insert(headers::ROUTE_RULE, rule.as_str());
             return Ok(Some(Outgoing {

@@ -115,6 +115,26 @@ pub async fn publish(
         .unwrap()
 }
 
+/// Publishes `json` on `subject` as `nats pub SUBJECT 'JSON'` does (core
+/// NATS, no headers, no id, no time), waits until `EVENTS` stored it, and
+/// returns the id the workers derive for it from its place there.
+pub async fn publish_by_hand(op: &async_nats::Client, js: &jetstream::Context, subject: &str, json: &str) -> ferry_schema::EventId {
+    op.publish(subject.to_string(), json.to_string().into()).await.unwrap();
+    op.flush().await.unwrap();
+    let stream = js.get_stream(topology::EVENTS_STREAM).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(m) = stream.get_last_raw_message_by_subject(subject).await {
+            if m.payload.as_ref() == json.as_bytes() {
+                let stored = chrono::DateTime::from_timestamp(m.time.unix_timestamp(), m.time.nanosecond()).unwrap();
+                return ferry_schema::codec::StreamPosition { seq: m.sequence, stored }.event_id();
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "{subject}: {json} not stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A throwaway PostgreSQL with Ferry's migrations applied.
 pub async fn migrated_pg() -> ferry_stack::PgServer {
     let pg = tokio::task::spawn_blocking(ferry_stack::PgServer::start_temp)

@@ -65,7 +65,7 @@ pub struct ReplayArgs {
     /// Only this agent's messages (events.<agent>.> on EVENTS, replies.<agent> on REPLIES).
     #[arg(long)]
     agent: Option<String>,
-    /// Only events of this kind: chat, activity, heartbeat, predict.
+    /// Only events of this kind: chat, activity, heartbeat, predict, interaction.
     #[arg(long)]
     kind: Option<String>,
     /// Any subject filter (wildcards allowed) instead of --agent/--kind.

@@ -50,7 +50,7 @@ fn strip_times(v: &mut Value) {
 
 /// A reply's comparable form and the event it answers.
 pub(super) fn reply_output(h: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Option<(EventId, ReplyId, Output)> {
-    let enc = Encoding::from_headers(h).unwrap_or(Encoding::MsgPack);
+    let enc = Encoding::of(h, payload).unwrap_or(Encoding::MsgPack);
     let reply = codec::decode_reply(payload, enc, DEFAULT_MAX_PAYLOAD).ok()?;
     let body = serde_json::from_str::<Value>(&codec::reply_body_json(&reply.body).ok()?).ok()?;
     let mut body = json!({ reply.kind().as_str(): body });

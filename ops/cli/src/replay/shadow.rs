@@ -139,8 +139,10 @@ async fn through_handler(
     let counted = read(client, js, sel, &pb, |msg| {
         let seq = msg.seq;
         first_time = first_time.or(Some(msg.time));
-        let enc = Encoding::from_headers(msg.headers.as_ref()).unwrap_or(Encoding::MsgPack);
-        let decoded = codec::decode_event(&msg.payload, enc, DEFAULT_MAX_PAYLOAD);
+        // As the workers decode it: a hand-typed event gets the id they gave it.
+        let at = codec::StreamPosition { seq, stored: msg.time };
+        let decoded = codec::decode_event_message(&msg.subject, msg.headers.as_ref(), &msg.payload, DEFAULT_MAX_PAYLOAD, Some(&at))
+            .map(|m| m.env);
         if let Ok(env) = &decoded {
             let text = match &env.body {
                 ferry_schema::EventBody::Chat(c) => c.text.clone(),

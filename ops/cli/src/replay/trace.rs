@@ -44,7 +44,7 @@ pub(super) async fn trace(client: &async_nats::Client, js: &jetstream::Context, 
             let traced = headers::traceparent(h).and_then(headers::trace_id) == Some(hex.as_str());
             let reply = reply_output(h, &m.payload);
             let answers = reply.as_ref().is_some_and(|(e, _, _)| *e == event);
-            let enc = Encoding::from_headers(h).unwrap_or(Encoding::MsgPack);
+            let enc = Encoding::of(h, &m.payload).unwrap_or(Encoding::MsgPack);
             let carries = codec::decode_event(&m.payload, enc, DEFAULT_MAX_PAYLOAD).is_ok_and(|e| e.id == event);
             if traced || answers || carries || msg_id.as_deref() == Some(id) {
                 let what = match (stream, reply) {
