@@ -669,9 +669,9 @@ fn a_json_event_typed_by_hand_needs_only_its_body() {
 #[test]
 fn what_a_hand_typed_event_cannot_leave_out() {
     let typed = br#"{"body": {"chat": "Ann", "sender": "Ann", "text": "hello"}}"#;
-    // Without a stream position there is nothing to make the id from.
+    // Without a stream position there is nothing to make the time and id from.
     let err = decode_event_message("events.desk-7.chat", None, typed, LIMIT, None).unwrap_err();
-    assert_eq!(err.to_string(), "required field `id` is missing");
+    assert_eq!(err.to_string(), "required field `ts` is missing");
     // Fields it gives are kept, and still checked against the subject.
     let typed = br#"{"agent": "desk-8", "body": {"chat": "Ann", "sender": "Ann", "text": "hello"}}"#;
     let err = decode_event_message("events.desk-7.chat", None, typed, LIMIT, Some(&position(1))).unwrap_err();

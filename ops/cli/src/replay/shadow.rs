@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context as _};
 use async_nats::jetstream;
 use chrono::{DateTime, Utc};
-use ferry_schema::codec::{self, Encoding, DEFAULT_MAX_PAYLOAD};
+use ferry_schema::codec::{self, DEFAULT_MAX_PAYLOAD};
 use ferry_schema::reply::ReplyId;
 use ferry_schema::topology::{EVENTS_STREAM, REPLIES_STREAM, WORK_STREAM};
 use ferry_schema::{subject, AgentId, EventId};
