@@ -1,4 +1,4 @@
-//! `ferry agent add|list|revoke|rotate`: an agent's credentials (an nkey), its broker permissions and reply consumer, reloaded into a running nats-server.
+//! `ferry agent add|list|revoke|rotate|expire`: an agent's credentials (an nkey), its broker permissions and reply consumer, reloaded into a running nats-server.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -29,6 +29,7 @@ pub enum AgentCmd {
     ///   ferry agent add desk-7 --nats-conf /etc/nats/nats.conf --nats-pid /var/run/nats.pid \
     ///       --server nats://broker:4222 --password "$FERRY_OPERATOR_PASSWORD"
     ///   ferry agent add desk-7 --offline          # files only: no reload, no consumer
+    ///   ferry agent add desk-7 --valid-for 90d    # the key expires (see `ferry agent expire`)
     #[command(verbatim_doc_comment)]
     Add(AddArgs),
     /// List the agents in the registry: id, group, public key, added, revoked.
@@ -59,11 +60,29 @@ pub enum AgentCmd {
     /// replies waiting in it, stay. Rotate when a seed may have leaked, when
     /// a PC changes hands, or on a schedule.
     ///
+    /// A key that expires gets as long again as the old one had, unless
+    /// --valid-for says otherwise; an expired agent is renewed this way.
+    ///
     /// Examples:
     ///   ferry agent rotate desk-7
+    ///   ferry agent rotate desk-7 --valid-for 30d
     ///   ferry agent rotate desk-7 --nats-conf /etc/nats/nats.conf --nats-pid 4711
     #[command(verbatim_doc_comment)]
-    Rotate(RevokeArgs),
+    Rotate(RotateArgs),
+    /// Lock out every agent whose key has expired (`add --valid-for`):
+    /// rewrite nats.conf without their users, reload nats-server (which
+    /// closes their connections) and check that every node refuses them.
+    /// Their reply consumers and seed files stay; `ferry agent rotate <id>`
+    /// gives such an agent a new key. nats-server has no expiry for nkey
+    /// users, so run this on a schedule (a daily timer or cron job) where
+    /// you run `ferry agent add`; until it runs, an expired key still
+    /// connects.
+    ///
+    /// Examples:
+    ///   ferry agent expire
+    ///   ferry agent expire --nats-conf /etc/nats/nats.conf --nats-pid /var/run/nats.pid
+    #[command(verbatim_doc_comment)]
+    Expire(ExpireArgs),
 }
 
 /// Where the registry, the broker's config and the broker are.
@@ -103,6 +122,11 @@ pub struct AddArgs {
     /// select agents by group); workers read it at start.
     #[arg(long)]
     group: Option<String>,
+    /// How long the key works, e.g. 90d or 12h (default: until revoked).
+    /// After that the generated nats.conf has no user for it, and `ferry
+    /// agent expire` applies that to the running broker.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    valid_for: Option<Duration>,
     #[command(flatten)]
     target: Target,
 }
@@ -125,13 +149,42 @@ pub struct RevokeArgs {
     target: Target,
 }
 
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    /// The agent id.
+    id: String,
+    /// How long the new key works, e.g. 90d (default: as long as the old
+    /// key was given, or until revoked if it had no expiry).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    valid_for: Option<Duration>,
+    #[command(flatten)]
+    target: Target,
+}
+
+#[derive(Debug, Args)]
+pub struct ExpireArgs {
+    #[command(flatten)]
+    target: Target,
+}
+
 pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
     match cmd {
         AgentCmd::Add(args) => add(args).await,
         AgentCmd::List(args) => list(&args),
         AgentCmd::Revoke(args) => revoke(args).await,
         AgentCmd::Rotate(args) => rotate(args).await,
+        AgentCmd::Expire(args) => expire(args).await,
     }
+}
+
+/// A `--valid-for` as a chrono duration (refusing one too long to add to a time).
+fn validity(valid_for: Option<Duration>) -> anyhow::Result<Option<chrono::Duration>> {
+    valid_for
+        .map(|d| {
+            anyhow::ensure!(!d.is_zero(), "--valid-for must be longer than 0");
+            chrono::Duration::from_std(d).ok().filter(|d| Utc::now().checked_add_signed(*d).is_some()).context("--valid-for is too long")
+        })
+        .transpose()
 }
 
 /// How long to wait for a reload to show (the agent can or can no longer connect).
@@ -143,19 +196,23 @@ async fn add(args: AddArgs) -> anyhow::Result<()> {
     if let Some(g) = &args.group {
         registry::check_group(g)?;
     }
+    let valid_for = validity(args.valid_for)?;
     let _lock = RegistryLock::take(&t.data_dir)?;
     let reg_path = t.data_dir.registry();
     let mut reg = Registry::load(&reg_path)?;
     let plan = plan(t, &reg)?;
     let pair = nkeys::KeyPair::new_user();
     let seed = pair.seed().context("encoding the new nkey seed")?;
+    let created = Utc::now();
+    let expires = valid_for.map(|v| created + v);
     reg.add(AgentEntry {
         id: id.to_string(),
         group: args.group.clone(),
         public_key: pair.public_key(),
-        created: Utc::now(),
+        created,
         revoked: None,
         rotated: None,
+        expires,
     })?;
     let seed_file = t.data_dir.seed(&id);
     write_seed(&seed_file, &id, &seed)?;
@@ -166,6 +223,9 @@ async fn add(args: AddArgs) -> anyhow::Result<()> {
     println!("  public key  {}", pair.public_key());
     println!("  seed        {seed}");
     println!("  seed file   {} (mode 0600)", seed_file.display());
+    if let Some(e) = &expires {
+        println!("  expires     {} (then `ferry agent expire` locks it out)", registry::rfc3339(e));
+    }
     let applied = apply(t, &plan, &reg)?;
     if !t.offline {
         let js = jetstream::new(operator(t, "ferry agent add")?.connect().await?);
@@ -196,6 +256,7 @@ fn list(args: &ListArgs) -> anyhow::Result<()> {
                 "public_key": a.public_key,
                 "created": registry::rfc3339(&a.created),
                 "revoked": a.revoked.as_ref().map(registry::rfc3339),
+                "expires": a.expires.as_ref().map(registry::rfc3339),
             });
             println!("{line}");
         }
@@ -218,9 +279,11 @@ fn list(args: &ListArgs) -> anyhow::Result<()> {
         .max(5);
     println!("{:id_w$}  {:group_w$}  {:56}  {:20}  STATUS", "ID", "GROUP", "PUBLIC KEY", "ADDED");
     for a in &reg.agents {
-        let status = match &a.revoked {
-            None => "active".to_string(),
-            Some(t) => format!("revoked {}", registry::rfc3339(t)),
+        let status = match (&a.revoked, &a.expires) {
+            (Some(t), _) => format!("revoked {}", registry::rfc3339(t)),
+            (None, Some(e)) if a.expired_at(Utc::now()) => format!("expired {}", registry::rfc3339(e)),
+            (None, Some(e)) => format!("active, expires {}", registry::rfc3339(e)),
+            (None, None) => "active".to_string(),
         };
         println!(
             "{:id_w$}  {:group_w$}  {:56}  {:20}  {status}",
@@ -252,14 +315,15 @@ fn open_registry(t: &Target, id: &str) -> anyhow::Result<Opened> {
     Ok(Opened { id, _lock, reg_path, reg, plan })
 }
 
-async fn rotate(args: RevokeArgs) -> anyhow::Result<()> {
+async fn rotate(args: RotateArgs) -> anyhow::Result<()> {
     let t = &args.target;
+    let valid_for = validity(args.valid_for)?;
     let Opened { id, _lock, reg_path, mut reg, plan } = open_registry(t, &args.id)?;
     let seed_file = t.data_dir.seed(&id);
     let old_auth = Auth::nkey_file(&seed_file).ok();
     let pair = nkeys::KeyPair::new_user();
     let seed = pair.seed().context("encoding the new nkey seed")?;
-    let old_key = reg.rotate(id.as_str(), pair.public_key(), Utc::now())?;
+    let old_key = reg.rotate(id.as_str(), pair.public_key(), Utc::now(), valid_for)?;
     write_seed(&seed_file, &id, &seed)?;
     reg.save(&reg_path)?;
     tracing::info!(agent = %id, old = %old_key, new = %pair.public_key(), "agent key rotated");
@@ -267,6 +331,9 @@ async fn rotate(args: RevokeArgs) -> anyhow::Result<()> {
     println!("  public key  {} (was {old_key})", pair.public_key());
     println!("  seed        {seed}");
     println!("  seed file   {} (mode 0600)", seed_file.display());
+    if let Some(e) = reg.agents.iter().find(|a| a.id == id.as_str()).and_then(|a| a.expires) {
+        println!("  expires     {}", registry::rfc3339(&e));
+    }
     let applied = apply(t, &plan, &reg)?;
     if !t.offline && applied.reloaded {
         wait_accepted(t, &id, &seed).await?;
@@ -347,6 +414,33 @@ async fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
         Ok(()) => println!("  seed file   {}: deleted", seed_file.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("deleting {}", seed_file.display())),
+    }
+    Ok(())
+}
+
+async fn expire(args: ExpireArgs) -> anyhow::Result<()> {
+    let t = &args.target;
+    let _lock = RegistryLock::take(&t.data_dir)?;
+    let reg = Registry::load(&t.data_dir.registry())?;
+    let expired: Vec<(AgentId, String)> = reg
+        .expired(Utc::now())
+        .map(|a| Ok((AgentId::new(a.id.as_str())?, a.expires.as_ref().map(registry::rfc3339).unwrap_or_default())))
+        .collect::<Result<_, ferry_schema::InvalidAgentId>>()?;
+    if expired.is_empty() {
+        println!("No agent's key has expired.");
+        return Ok(());
+    }
+    let plan = plan(t, &reg)?;
+    // The seeds, to check after the reload that they no longer work.
+    let seeds: Vec<Option<Auth>> = expired.iter().map(|(id, _)| Auth::nkey_file(&t.data_dir.seed(id)).ok()).collect();
+    // The registry already says they are not active: the config is
+    // generated without them.
+    let applied = apply(t, &plan, &reg)?;
+    for ((id, when), seed) in expired.iter().zip(seeds) {
+        println!("Expired agent {id} (its key expired at {when}); `ferry agent rotate {id}` gives it a new key.");
+        if let (Some(auth), false, true) = (seed, t.offline, applied.reloaded) {
+            wait_refused(t, id, auth).await?;
+        }
     }
     Ok(())
 }

@@ -39,12 +39,28 @@ pub struct AgentEntry {
     /// When its key was last replaced (`ferry agent rotate`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotated: Option<DateTime<Utc>>,
+    /// When its key stops working (`--valid-for`): from then on the
+    /// generated `nats.conf` has no user for it, and `ferry agent expire`
+    /// applies that to the running brokers. `ferry agent rotate` renews it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<DateTime<Utc>>,
 }
 
 impl AgentEntry {
-    /// Whether it may connect.
+    /// Whether it may connect now: not revoked and its key not expired.
     pub fn active(&self) -> bool {
-        self.revoked.is_none()
+        self.revoked.is_none() && !self.expired_at(Utc::now())
+    }
+
+    /// Whether its key had expired at `now` (a revoked agent's too).
+    pub fn expired_at(&self, now: DateTime<Utc>) -> bool {
+        self.expires.is_some_and(|e| e <= now)
+    }
+
+    /// How long its key was given when it was made or last rotated, if it
+    /// expires: what a rotation gives the new key unless told otherwise.
+    pub fn validity(&self) -> Option<chrono::Duration> {
+        Some(self.expires? - self.rotated.unwrap_or(self.created))
     }
 }
 
@@ -102,12 +118,26 @@ impl Registry {
         Ok(())
     }
 
-    /// Gives active agent `id` the key `public_key` (its old key stops
-    /// working at the next reload); returns the old public key.
-    pub fn rotate(&mut self, id: &str, public_key: String, at: DateTime<Utc>) -> anyhow::Result<String> {
+    /// Gives agent `id` (not revoked; an expired one is renewed) the key
+    /// `public_key`, valid for `valid_for` (else as long as its old key
+    /// was, or for ever); its old key stops working at the next reload.
+    /// Returns the old public key.
+    pub fn rotate(
+        &mut self,
+        id: &str,
+        public_key: String,
+        at: DateTime<Utc>,
+        valid_for: Option<chrono::Duration>,
+    ) -> anyhow::Result<String> {
         let entry = self.active_entry(id, &format!("; `ferry agent add {id}` gives it a new key"))?;
+        entry.expires = valid_for.or_else(|| entry.validity()).map(|v| at + v);
         entry.rotated = Some(at);
         Ok(std::mem::replace(&mut entry.public_key, public_key))
+    }
+
+    /// The agents, not revoked, whose key had expired at `now`.
+    pub fn expired(&self, now: DateTime<Utc>) -> impl Iterator<Item = &AgentEntry> {
+        self.agents.iter().filter(move |a| a.revoked.is_none() && a.expired_at(now))
     }
 
     /// Marks `id` revoked at `at`; returns its entry.
@@ -272,6 +302,7 @@ mod tests {
             created: DateTime::parse_from_rfc3339("2026-05-01T10:00:00Z").unwrap().to_utc(),
             revoked: None,
             rotated: None,
+            expires: None,
         }
     }
 
@@ -298,6 +329,35 @@ mod tests {
         assert_eq!(reg.splice_into(&out, "test.conf").unwrap(), out);
         let err = reg.splice_into("users: []", "x.conf").unwrap_err().to_string();
         assert!(err.contains("x.conf has no `# BEGIN ferry agents` line"), "{err}");
+    }
+
+    #[test]
+    fn an_expired_key_gets_no_user_and_a_rotation_renews_it_for_as_long() {
+        let t0 = DateTime::parse_from_rfc3339("2026-05-01T10:00:00Z").unwrap().to_utc();
+        let mut reg = Registry::default();
+        reg.add(AgentEntry { expires: Some(t0 + chrono::Duration::hours(1)), ..entry("desk-7", None) }).unwrap();
+        reg.add(AgentEntry { expires: Some(Utc::now() + chrono::Duration::days(30)), ..entry("desk-8", None) }).unwrap();
+        reg.add(entry("desk-9", None)).unwrap();
+        reg.revoke("desk-9", t0).unwrap();
+        // desk-7's hour is long over; desk-9 is revoked, not expired.
+        let expired: Vec<&str> = reg.expired(Utc::now()).map(|a| a.id.as_str()).collect();
+        assert_eq!(expired, ["desk-7"]);
+        assert!(reg.expired(t0).next().is_none());
+        let conf = reg.conf_users("").unwrap();
+        assert!(!conf.contains("desk-7") && conf.contains("desk-8") && !conf.contains("desk-9"), "{conf}");
+        // A rotation renews it, for as long as it had (an hour) ...
+        let now = Utc::now();
+        reg.rotate("desk-7", "UNEW".into(), now, None).unwrap();
+        assert_eq!(reg.agents[0].expires, Some(now + chrono::Duration::hours(1)));
+        assert!(reg.agents[0].active());
+        // ... or as long as it is told.
+        reg.rotate("desk-7", "UNEWER".into(), now, Some(chrono::Duration::days(7))).unwrap();
+        assert_eq!(reg.agents[0].expires, Some(now + chrono::Duration::days(7)));
+        // A key that never expired never will after a rotation either.
+        reg.add(entry("desk-10", None)).unwrap();
+        reg.rotate("desk-10", "U10".into(), now, None).unwrap();
+        assert_eq!(reg.agents.last().map(|a| a.expires), Some(None));
+        assert!(reg.rotate("desk-9", "U9".into(), now, None).unwrap_err().to_string().contains("already revoked"));
     }
 
     #[test]

@@ -343,3 +343,38 @@ async fn agent_add_on_ferry_up_needs_no_flags_and_survives_a_restart() {
     ok(ferry().args(["down", "--data-dir"]).arg(data.path()).output().unwrap());
     stack.wait().unwrap();
 }
+
+/// `--valid-for`: once a key's time is up, `ferry agent expire` locks the
+/// agent out of the running broker; a key with time left is untouched, and
+/// `ferry agent rotate` gives the expired agent a new key.
+#[tokio::test]
+async fn an_expired_key_is_locked_out_and_rotate_renews_it() {
+    let nats = NatsServer::start_temp().expect("nats-server starts");
+    let js = jetstream::new(nats.operator("test-operator").connect().await.unwrap());
+    topology::provision(&js, &StreamSettings::default(), &[]).await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+
+    let out = ok(agent_cmd(&nats, data.path(), &["add", "desk-7", "--valid-for", "3s"]));
+    assert!(out.contains("  expires     "), "{out}");
+    ok(agent_cmd(&nats, data.path(), &["add", "desk-8", "--valid-for", "30d"]));
+    let zero = agent_cmd(&nats, data.path(), &["add", "desk-9", "--valid-for", "0s"]);
+    assert!(!zero.status.success() && String::from_utf8_lossy(&zero.stderr).contains("--valid-for must be longer than 0"));
+    assert!(ok(agent_cmd(&nats, data.path(), &["expire"])).contains("No agent's key has expired."));
+    let (seed7, seed8) = (seed_of(data.path(), "desk-7"), seed_of(data.path(), "desk-8"));
+    assert!(connect_as(&nats, "desk-7", &seed7).await.is_ok(), "before its expiry the key works");
+
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert!(list(data.path()).contains("expired "), "{}", list(data.path()));
+    let out = ok(agent_cmd(&nats, data.path(), &["expire"]));
+    assert!(out.contains("Expired agent desk-7") && out.contains("refuses desk-7's old seed: ok"), "{out}");
+    assert!(!out.contains("desk-8"), "{out}");
+    assert!(connect_as(&nats, "desk-7", &seed7).await.is_err());
+    assert!(connect_as(&nats, "desk-8", &seed8).await.is_ok(), "a key with time left still works");
+    // Its reply consumer stays for when it comes back.
+    js.get_stream(REPLIES_STREAM).await.unwrap().consumer_info("agent-desk-7").await.unwrap();
+
+    let out = ok(agent_cmd(&nats, data.path(), &["rotate", "desk-7", "--valid-for", "1h"]));
+    assert!(out.contains("desk-7 connected with its seed and read its consumer: ok"), "{out}");
+    assert!(connect_as(&nats, "desk-7", &seed_of(data.path(), "desk-7")).await.is_ok());
+    assert!(list(data.path()).contains("active, expires "), "{}", list(data.path()));
+}

@@ -129,6 +129,7 @@ pub(super) async fn start_stack(scenario: Scenario, dir: &Path, bins: &Binaries,
             created: chrono::Utc::now(),
             revoked: None,
             rotated: None,
+            expires: None,
         })?;
     }
     let conf = registry.splice_into(ferry_stack::NATS_CONF, "nats.conf")?;
