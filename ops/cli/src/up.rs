@@ -471,8 +471,9 @@ async fn archive_summary(url: &str, events: i64, replies: i64) -> String {
             let customers = count(&client, "SELECT count(*) FROM customers").await;
             let conversations = count(&client, "SELECT count(*) FROM conversations").await;
             let chats = count(&client, "SELECT count(*) FROM chat_messages").await;
+            let interactions = count(&client, "SELECT count(*) FROM interactions").await;
             return format!(
-                "{e} events, {r} replies, {chats} chat messages, {customers} customers, {conversations} conversations"
+                "{e} events, {r} replies, {chats} chat messages, {customers} customers, {conversations} conversations, {interactions} interactions"
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

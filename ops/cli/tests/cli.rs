@@ -152,10 +152,10 @@ fn up_once_runs_the_whole_demo_pipeline() {
     assert!(stderr.contains("0 chats or predictions unanswered"), "{stderr}");
     assert!(stderr.contains("demo knowledge base: 6 articles (6 new)"), "{stderr}");
     // The archive filled as the agent talked: every event and reply of the
-    // demo (8 events; 8 replies: 6 chats, an alert, a prediction), its 6 chats
-    // and their 6 senders.
+    // demo (9 events; 8 replies: 6 chats, an alert, a prediction), its 6 chats
+    // and their 6 senders, and its assistant's interaction.
     assert!(
-        stderr.contains("archive: 8 events, 8 replies, 6 chat messages, 6 customers, 6 conversations"),
+        stderr.contains("archive: 9 events, 8 replies, 6 chat messages, 6 customers, 6 conversations, 1 interactions"),
         "{stderr}"
     );
     let replies: Vec<serde_json::Value> = String::from_utf8(out.stdout)
