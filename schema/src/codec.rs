@@ -444,14 +444,17 @@ pub fn decode_event_message(
 ) -> Result<EventMessage, DecodeError> {
     let (agent, kind) = subject::parse_event(subject)?;
     let enc = Encoding::of(headers, payload)?;
-    check_size(payload, limit)?;
-    let filled = match enc {
-        Encoding::Json => by_hand::fill_in(payload, &agent, kind, at),
-        Encoding::MsgPack => None,
-    };
-    let env = match &filled {
-        Some(doc) => decode_event(doc, enc, usize::MAX)?,
-        None => decode_event(payload, enc, limit)?,
+    // A whole event is decoded once; only a JSON one that lacks a head
+    // field is read again, completed.
+    let (env, filled_in) = match decode_event(payload, enc, limit) {
+        Ok(env) => (env, false),
+        Err(DecodeError::MissingField { field }) if enc == Encoding::Json && by_hand::FILLED.contains(&field.as_str()) => {
+            match by_hand::fill_in(payload, &agent, kind, at) {
+                Some(doc) => (decode_event(&doc, enc, usize::MAX)?, true),
+                None => return Err(DecodeError::MissingField { field }),
+            }
+        }
+        Err(e) => return Err(e),
     };
     if env.agent != agent {
         return Err(DecodeError::SubjectMismatch {
@@ -469,11 +472,7 @@ pub fn decode_event_message(
             subject: subject.to_string(),
         });
     }
-    Ok(EventMessage {
-        env,
-        enc,
-        filled_in: filled.is_some(),
-    })
+    Ok(EventMessage { env, enc, filled_in })
 }
 
 /// Decodes a reply payload.

@@ -27,6 +27,9 @@ impl StreamPosition {
     }
 }
 
+/// The head fields a JSON event may leave out.
+pub(super) const FILLED: [&str; 5] = ["agent", "kind", "v", "id", "ts"];
+
 /// A JSON event with the head fields it left out filled in (see
 /// [`super::decode_event_message`]); `None` when it left none out that can be
 /// filled, or is not a JSON object (the decoder then says what is wrong).

@@ -115,21 +115,8 @@ impl Handler for RulesHandler {
             Ok(m) => (m.env, m.enc, m.filled_in),
             Err(poison) => return poison,
         };
-        // A hand-typed event's bytes are not a whole event: pass on the
-        // completed one, so inference reads the same id and time.
-        let payload = if filled_in {
-            match codec::encode_event(&env, enc) {
-                Ok(bytes) => bytes::Bytes::from(bytes),
-                Err(e) => {
-                    return Outcome::Poison {
-                        code: ReasonCode::Encode,
-                        reason: e.to_string(),
-                    }
-                }
-            }
-        } else {
-            msg.payload.clone()
-        };
+        // A hand-typed event's bytes are not a whole event.
+        let original = (!filled_in).then_some(&msg.payload);
         let tp = headers::traceparent(msg.headers.as_ref());
         // One set decides the whole event, even if a reload lands meanwhile.
         let rules = self.rules.current();
@@ -140,7 +127,7 @@ impl Handler for RulesHandler {
         // Everything up to the publish is synchronous; the event, its tags
         // and the rules are dropped before the one await that takes time,
         // so this future does not carry them while it waits.
-        let out = outgoing(&env, enc, tp, rules.decide(&env, &tags), &payload, started);
+        let out = outgoing(&env, enc, tp, rules.decide(&env, &tags), original, started);
         drop((env, tags, rules));
         match out {
             Ok(Some(out)) => out.publish(&self.publisher).await,
@@ -150,14 +137,15 @@ impl Handler for RulesHandler {
     }
 }
 
-/// What `decision` sends for `env` (whose original bytes are `payload`):
-/// a reply, a hand-off to inference, or nothing.
+/// What `decision` sends for `env` (whose bytes are `original`, unless it
+/// was completed from a hand-typed one): a reply, a hand-off to inference,
+/// or nothing.
 fn outgoing(
     env: &Envelope,
     enc: Encoding,
     tp: Option<&str>,
     decision: Decision,
-    payload: &bytes::Bytes,
+    original: Option<&bytes::Bytes>,
     started: Instant,
 ) -> Result<Option<Outgoing>, Outcome> {
     tracing::debug!(event = %env.id, agent = %env.agent, kind = %env.kind(), ?decision, "decided");
@@ -184,15 +172,24 @@ fn outgoing(
             processing_ms: publish::elapsed_ms(started),
         }),
         Decision::Infer { rule } => {
-            // The original bytes go on unchanged (completed, if typed by
-            // hand), so the inference worker decodes what the agent sent,
-            // in its encoding.
+            // The original bytes go on unchanged, so the inference worker
+            // decodes what the agent sent, in its encoding; a hand-typed
+            // event goes on completed, so it reads the same id and time.
+            let payload = match original {
+                Some(bytes) => bytes.clone(),
+                None => codec::encode_event(env, enc)
+                    .map(bytes::Bytes::from)
+                    .map_err(|e| Outcome::Poison {
+                        code: ReasonCode::Encode,
+                        reason: e.to_string(),
+                    })?,
+            };
             let mut headers = headers::for_publish(env.id.text(), enc, tp);
             headers.insert(headers::ROUTE_RULE, rule.as_str());
             return Ok(Some(Outgoing {
                 subject: WorkQueue::InferenceChat.subject(),
                 headers,
-                payload: payload.clone(),
+                payload,
             }));
         }
     };

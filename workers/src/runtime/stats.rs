@@ -44,10 +44,14 @@ impl Stats {
     }
 
     /// The series one consume loop of this replica updates, counted in
-    /// [`Stats::snapshot`] from now on.
+    /// [`Stats::snapshot`] from now on (once, however often it is asked for).
     pub(crate) fn for_loop(&self, consumer: &str) -> LoopMetrics {
+        let mut loops = self.loops.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(m) = loops.iter().find(|m| m.consumer() == consumer) {
+            return m.clone();
+        }
         let m = crate::metrics::global().for_loop(&self.role, consumer, &self.replica);
-        self.loops.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(m.clone());
+        loops.push(m.clone());
         m
     }
 
