@@ -4,7 +4,9 @@
 //!
 //! - **Size of one message** (every server): the `AGENTS` account's
 //!   `max_payload` is [`AGENT_MAX_PAYLOAD`]; the broker closes the
-//!   connection of an agent that sends more.
+//!   connection of an agent that sends more. Its `max_connections`,
+//!   [`AGENTS_MAX_CONNECTIONS`], keeps the agents together below the
+//!   server's limit, so the workers and operators always get in.
 //! - **Events per agent and kind** (nats-server 2.10 and later, see
 //!   [`enforced`]): `EVENTS` keeps at most
 //!   `StreamSettings::agent_kind_max_msgs` messages on each
@@ -44,6 +46,19 @@ use crate::{subject, AgentId, EventKind};
 /// The largest message an agent may send (the `AGENTS` account's
 /// `max_payload` in `nats.conf`): Ferry's codec limit plus room for headers.
 pub const AGENT_MAX_PAYLOAD: usize = DEFAULT_MAX_PAYLOAD + 4 * 1024;
+
+/// Connections all agents together may hold (the `AGENTS` account's
+/// `max_connections` in `nats.conf`). Below the server's `max_connections`
+/// ([`SERVER_MAX_CONNECTIONS`]), so however many connections agents open,
+/// or one stolen key opens, the workers and operators in `FERRY` still get
+/// theirs. nats-server limits connections per account, not per user; one
+/// account per agent would bound each agent, but an account added by a
+/// config reload gets no working imports (nats-server 2.9.10 to 2.15.1), so
+/// `ferry agent add` could not add one without a restart.
+pub const AGENTS_MAX_CONNECTIONS: u32 = 9000;
+
+/// The server's `max_connections` in `nats.conf`.
+pub const SERVER_MAX_CONNECTIONS: u32 = 10_000;
 
 /// The keeper frees processed history from a subject holding this share
 /// (percent) of its cap, and from `EVENTS` once it holds this share of its
@@ -312,9 +327,13 @@ mod tests {
     }
 
     #[test]
-    fn the_agents_account_limit_in_nats_conf_is_the_one_here() {
+    fn the_agents_account_limits_in_nats_conf_are_the_ones_here() {
         let conf = include_str!("../../nats.conf");
-        assert!(conf.contains(&format!("limits: {{ max_payload: {AGENT_MAX_PAYLOAD} }}")));
+        assert!(conf.contains(&format!(
+            "limits: {{ max_payload: {AGENT_MAX_PAYLOAD}, max_connections: {AGENTS_MAX_CONNECTIONS} }}"
+        )));
+        assert!(conf.contains(&format!("\nmax_connections: {SERVER_MAX_CONNECTIONS}\n")));
+        assert!(AGENTS_MAX_CONNECTIONS + 100 <= SERVER_MAX_CONNECTIONS, "room for workers and operators");
     }
 
     #[test]

@@ -160,3 +160,47 @@ async fn an_agent_is_refused_everything_but_its_own() {
         .await;
     assert!(anonymous.is_err(), "an anonymous client got in");
 }
+
+/// All agents together hold at most the `AGENTS` account's connections,
+/// fewer than the server's: however many an agent opens (or a stolen key
+/// does), the workers and the operator still get in. Run with the account's
+/// limit lowered to 2 (the committed 9,000 is checked against the server's
+/// limit in `schema::quota`).
+#[tokio::test]
+async fn agents_cannot_take_the_connections_the_workers_need() {
+    let dir = tempfile::tempdir().unwrap();
+    let committed = format!(
+        "max_connections: {}",
+        ferry_schema::quota::AGENTS_MAX_CONNECTIONS
+    );
+    let demo = ferry_stack::nats::demo_nats_conf();
+    assert!(demo.contains(&committed), "the AGENTS account carries its connection limit");
+    let conf = dir.path().join("nats.conf");
+    let text = demo.replace(&committed, "max_connections: 2");
+    std::fs::write(&conf, ferry_stack::nats::with_store_dir(&text, &dir.path().join("store"))).unwrap();
+    let nats = NatsServer::start(ferry_stack::NatsServerOptions {
+        data_dir: Some(dir.path().join("run")),
+        conf: Some(conf),
+        ..Default::default()
+    })
+    .unwrap();
+    let (desk1, desk2) = (AgentId::new("desk-1").unwrap(), AgentId::new("desk-2").unwrap());
+    let _first = nats.agent(&desk1).unwrap().connect().await.unwrap();
+    let _second = nats.agent(&desk2).unwrap().connect().await.unwrap();
+    let third = nats.agent(&desk1).unwrap().connect().await;
+    assert!(third.is_err(), "a third agent connection got past the account's limit of 2");
+    // The server's log says why.
+    let why = "maximum account active connections exceeded";
+    for _ in 0..50 {
+        if nats.log_tail(50).contains(why) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(nats.log_tail(50).contains(why), "{}", nats.log_tail(50));
+    // Workers and the operator are in FERRY, outside the agents' limit.
+    for role in Role::ALL {
+        nats.role(role, "after the agents").connect().await.unwrap();
+    }
+    nats.operator("after the agents").connect().await.unwrap();
+}
