@@ -54,6 +54,11 @@ impl DataDir {
         self.0.join("postgres")
     }
 
+    /// `ferry backup`'s default folder.
+    pub fn backups(&self) -> PathBuf {
+        self.0.join("backups")
+    }
+
     /// The workers' logs (`<role>.log`).
     pub fn logs(&self) -> PathBuf {
         self.0.join("logs")

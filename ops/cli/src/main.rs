@@ -2,6 +2,7 @@
 
 mod agent;
 mod agent_registry;
+mod backup;
 mod bench;
 mod certs;
 mod chaos;
@@ -94,6 +95,11 @@ enum Cmd {
     /// Benchmarks that run a baseline in the same run and print ratios.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Save the streams (the broker's snapshots, with their consumers) and
+    /// the archive (pg_dump) into a dated folder; keep the last N.
+    Backup(backup::BackupArgs),
+    /// Bring a stack back from a backup: its streams, consumers and archive.
+    Restore(backup::RestoreArgs),
 }
 
 /// Connection flags, named as the `nats` CLI names them.
@@ -168,5 +174,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Provision(args) => provision::run(args).await,
         Cmd::Chaos(args) => chaos::run(*args).await,
         Cmd::Bench(cmd) => bench::run(cmd).await,
+        Cmd::Backup(args) => backup::run_backup(args).await,
+        Cmd::Restore(args) => backup::run_restore(args).await,
     }
 }
