@@ -59,11 +59,16 @@ FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu22.04 AS runtime-cuda
 
 FROM runtime-${VARIANT}
 # The binaries link only libc, libm and libgcc_s (TLS is rustls);
-# ca-certificates is for a model fetched from a hub on a GPU node.
+# ca-certificates is for a model fetched from a hub on a GPU node;
+# postgresql-client is pg_dump and pg_restore for `ferry backup|restore`
+# (compose's backup service uses the CPU image, whose Debian client is 15,
+# as compose's PostgreSQL). /backups is made owned by the ferry user, so a
+# named volume mounted there starts out writable by it.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates postgresql-client \
  && rm -rf /var/lib/apt/lists/* \
- && useradd --system --uid 10001 --create-home --home-dir /var/lib/ferry ferry
+ && useradd --system --uid 10001 --create-home --home-dir /var/lib/ferry ferry \
+ && install -d -o ferry -m 0700 /backups
 COPY --from=build /out/ /usr/local/bin/
 USER ferry
 WORKDIR /var/lib/ferry

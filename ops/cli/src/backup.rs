@@ -41,12 +41,15 @@ const STALL: Duration = Duration::from_secs(30);
 const RESTORE_FINISH: Duration = Duration::from_secs(600);
 /// The prefix of a backup folder's name.
 const PREFIX: &str = "ferry-";
+/// With `--every`, how soon a failed backup is tried again.
+const RETRY_FAILED: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   ferry backup                                   # ferry up's stack, into .ferry/backups
   ferry backup --to /var/backups/ferry --keep 14 --server nats://broker:4222 \\
-      --password \"$FERRY_OPERATOR_PASSWORD\" --database-url \"$DATABASE_URL\"")]
+      --password \"$FERRY_OPERATOR_PASSWORD\" --database-url \"$DATABASE_URL\"
+  ferry backup --every 24h --to /backups        # a backup now, then one a day (compose)")]
 pub struct BackupArgs {
     /// Folder that holds the backups; each is a folder `ferry-<UTC time>`
     /// in it. Default: <data-dir>/backups.
@@ -55,6 +58,13 @@ pub struct BackupArgs {
     /// Keep this many backups in --to, deleting the oldest (0 keeps all).
     #[arg(long, default_value_t = 7)]
     keep: usize,
+    /// Keep running: a backup now, then one every DUR (`24h`). A failed
+    /// backup is tried again after `RETRY_FAILED` (or DUR, if shorter).
+    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    every: Option<Duration>,
+    /// Check the settings and that `pg_dump` runs; connect to nothing.
+    #[arg(long)]
+    check: bool,
     #[command(flatten)]
     conn: ConnArgs,
     #[command(flatten)]
@@ -194,14 +204,22 @@ async fn snapshot(client: &async_nats::Client, stream: &str, dir: &Path) -> anyh
     Ok(StreamEntry { name: stream.to_string(), messages, meta: sum_of(dir, &meta_path)?, snapshot: sum_of(dir, &snap_path)? })
 }
 
-/// `pg_dump`, `pg_restore`: from the PostgreSQL that ferry-stack runs
-/// (Debian's), else from PATH.
+/// `pg_dump`, `pg_restore`: the newest of Debian's
+/// `/usr/lib/postgresql/<version>/bin` (a newer one reads an older
+/// server), else from PATH. Installs nothing.
 fn pg_tool(name: &str) -> PathBuf {
-    ferry_stack::postgres::bin_dir()
-        .map(|d| d.join(name))
-        .ok()
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from(name))
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let tool = e.path().join("bin").join(name);
+            tool.is_file().then_some((version, tool))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, p)| p).unwrap_or_else(|| PathBuf::from(name))
 }
 
 /// The libpq flags and environment for `url`: host, port, user and
@@ -276,6 +294,61 @@ fn backups_in(folder: &Path) -> anyhow::Result<Vec<PathBuf>> {
 }
 
 pub async fn run_backup(args: BackupArgs) -> anyhow::Result<()> {
+    if args.check {
+        println!("{}", check(&args)?);
+        return Ok(());
+    }
+    let Some(every) = args.every else {
+        return backup_once(&args).await;
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let wait = match backup_once(&args).await {
+            Ok(()) => every,
+            Err(e) => {
+                let wait = every.min(RETRY_FAILED);
+                eprintln!("ferry backup: failed: {e:#}; trying again in {}", humantime::format_duration(wait));
+                wait
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = term.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
+/// `--check`: the credentials are there, the database URL parses and
+/// `pg_dump` runs.
+fn check(args: &BackupArgs) -> anyhow::Result<String> {
+    let conn = operator(&args.conn, &args.db, "ferry backup --check")?;
+    if let Auth::UserPassword { user, password } = &conn.auth {
+        anyhow::ensure!(!password.is_empty(), "NATS_PASSWORD (--password) is empty: set it to the password of NATS user {user}");
+    }
+    let url = args.db.resolve()?;
+    let pg = ferry_workers::state::parse_url(&url)?;
+    let tool = pg_tool("pg_dump");
+    let version = std::process::Command::new(&tool)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .with_context(|| format!("{} does not run: install PostgreSQL's client tools (postgresql-client)", tool.display()))?;
+    let folder = args.to.clone().unwrap_or_else(|| args.db.data_dir.backups());
+    let every = args.every.map(|d| format!(", every {}", humantime::format_duration(d))).unwrap_or_default();
+    Ok(format!(
+        "ferry backup: ok: streams of {} and database {:?} of user {:?} ({}) into {}, keeping {}{every}",
+        conn.url,
+        pg.get_dbname().unwrap_or_default(),
+        pg.get_user().unwrap_or_default(),
+        String::from_utf8_lossy(&version.stdout).trim(),
+        folder.display(),
+        args.keep
+    ))
+}
+
+async fn backup_once(args: &BackupArgs) -> anyhow::Result<()> {
     let folder = args.to.clone().unwrap_or_else(|| args.db.data_dir.backups());
     let url = args.db.resolve()?;
     let client = operator(&args.conn, &args.db, "ferry backup")?.connect().await?;

@@ -210,9 +210,14 @@ fn compose_services_are_complete_and_every_command_passes_check() {
     let names: Vec<&str> = services.keys().map(String::as_str).collect();
     assert_eq!(
         names,
-        ["archiver", "inference", "migrate", "nats", "postgres", "provision", "rules"],
+        ["archiver", "backup", "inference", "migrate", "nats", "postgres", "provision", "rules"],
         "services"
     );
+    // The backup service's `--check` runs pg_dump: have PostgreSQL's tools.
+    ferry_stack::postgres::bin_dir().unwrap();
+    let backup = &services["backup"];
+    assert!(strings(&backup["command"]).windows(2).any(|w| w[0] == "--every" && w[1] == "24h"), "backups run daily");
+    assert!(strings(&backup["volumes"]).iter().any(|v| v.starts_with("backups:/backups")), "backups go to a volume: {:?}", backup["volumes"]);
 
     for (name, svc) in services {
         let restart = svc["restart"].as_str().unwrap_or_else(|| panic!("{name}: no restart policy"));
@@ -318,7 +323,7 @@ fn compose_services_are_complete_and_every_command_passes_check() {
         assert!(all.contains(expect), "service {name}: {all}");
         checked.push(name.as_str());
     }
-    assert_eq!(checked, ["archiver", "inference", "migrate", "nats", "provision", "rules"]);
+    assert_eq!(checked, ["archiver", "backup", "inference", "migrate", "nats", "provision", "rules"]);
 
     // --check is a real check: a broken rules file, a missing password.
     let rules = &services["rules"];
@@ -422,6 +427,34 @@ fn systemd_units_verify_and_their_command_lines_pass_check() {
         seen.push(unit_name);
     }
     assert_eq!(seen.len(), 3);
+
+    // The daily backup: a timer and its one-shot service.
+    let backup = read(&units.join("ferry-backup.service"));
+    let local = backup.replace("/usr/local/bin/ferry ", &format!("{} ", env!("CARGO_BIN_EXE_ferry")));
+    std::fs::write(dir.path().join("ferry-backup.service"), local).unwrap();
+    std::fs::copy(units.join("ferry-backup.timer"), dir.path().join("ferry-backup.timer")).unwrap();
+    for unit in ["ferry-backup.timer", "ferry-backup.service"] {
+        let out = Command::new(&analyze).arg("verify").arg(dir.path().join(unit)).output().unwrap();
+        assert!(out.status.success() && out.stderr.is_empty(), "{unit}: {}", text(&out));
+    }
+    let timer = read(&units.join("ferry-backup.timer"));
+    assert_eq!(unit_values(&timer, "OnCalendar", ""), ["daily"]);
+    assert_eq!(unit_values(&timer, "Persistent", ""), ["true"], "a missed day is made up");
+    assert_eq!(unit_values(&backup, "Type", ""), ["oneshot"]);
+    assert_eq!(unit_values(&backup, "UMask", ""), ["0077"], "backups hold chats");
+    let mut env = parse_env_file(&read(&units.join("ferry.env.example")));
+    env.extend(parse_env_file(&read(&units.join("backup.env.example"))));
+    assert_eq!(env.get("NATS_USER").map(String::as_str), Some("operator"), "snapshots need the operator");
+    ferry_stack::postgres::bin_dir().unwrap();
+    let check: Vec<String> = unit_values(&backup, "ExecStartPre", "")[0].split_whitespace().map(String::from).collect();
+    assert_eq!(check.last().map(String::as_str), Some("--check"));
+    let out = run_line(&check, &[], &env);
+    assert!(!out.status.success() && text(&out).contains("NATS_PASSWORD (--password) is empty"), "{}", text(&out));
+    env.insert("NATS_PASSWORD".into(), "filledInByTheOperator1".into());
+    let out = run_line(&check, &[], &env);
+    assert!(out.status.success() && text(&out).contains("ferry backup: ok:"), "{}", text(&out));
+    let run: Vec<String> = unit_values(&backup, "ExecStart", "")[0].split_whitespace().map(String::from).collect();
+    assert_eq!(run[..], check[..check.len() - 1], "the check checks the command that runs");
 }
 
 // ---------------------------------------------------------------- cluster
