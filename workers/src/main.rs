@@ -117,6 +117,9 @@ struct BenchEngineArgs {
     /// Token ids never generated (so each run goes to --max-tokens).
     #[arg(long, value_delimiter = ',')]
     forbid: Vec<u32>,
+    /// The weights' format, as `format` in the inference config.
+    #[arg(long, default_value = "as-is")]
+    format: String,
 }
 
 /// `bench-engine`: the engine on one model, one stream, greedy.
@@ -124,9 +127,12 @@ async fn bench_engine(args: BenchEngineArgs) -> anyhow::Result<()> {
     use inference::config::{ModelSource, ModelSpec, Sampling};
     use inference::engine::Generate as _;
     use inference::prompt::{PromptMessage, Speaker};
+    let format = inference::weights::Format::parse(&args.format)
+        .with_context(|| format!("--format {:?}: expected one of {}", args.format, inference::weights::Format::NAMES))?;
     let spec = ModelSpec {
         alias: "m".into(),
         source: ModelSource::File(args.model.clone()),
+        format,
     };
     let engine = inference::engine::Engine::load(&[spec], 1).await;
     anyhow::ensure!(!engine.loaded().is_empty(), "model {} did not load: {:?}", args.model.display(), engine.status());

@@ -392,3 +392,53 @@ async fn shutdown_while_generating_loses_nothing() {
     assert_eq!(all.len(), N);
     assert!(all.values().all(|r| r.len() == 1));
 }
+
+/// `format = "q8_0"`: a Q8_0 copy is made once beside the model with its
+/// sha256 beside it, used as it is at the next start, made again when it
+/// was damaged; a file already in the format is its own copy; and a worker
+/// whose config asks for the format answers a chat from the copy.
+#[tokio::test]
+async fn a_q8_0_copy_is_made_once_checked_and_answers() {
+    use ferry_workers::inference::weights::{self, Format};
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if std::fs::hard_link(model(), &src).is_err() {
+        std::fs::copy(model(), &src).unwrap();
+    }
+    let prepare = |p: &std::path::Path| weights::prepared(p, Format::Q8_0).unwrap();
+    let copy = prepare(&src);
+    assert_eq!(copy, dir.path().join("SmolLM2-135M-Instruct.Q8_0.gguf"));
+    let recorded = std::fs::read_to_string(dir.path().join("SmolLM2-135M-Instruct.Q8_0.gguf.sha256")).unwrap();
+    let sum = weights::sha256_of(&copy).unwrap();
+    assert_eq!(recorded.trim(), sum, "the copy's sha256 is recorded beside it");
+    assert_ne!(sum, weights::sha256_of(&src).unwrap(), "the copy is a conversion, not the original");
+
+    // The next start uses it as it is.
+    let written = std::fs::metadata(&copy).unwrap().modified().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(prepare(&src), copy);
+    assert_eq!(std::fs::metadata(&copy).unwrap().modified().unwrap(), written, "not made again");
+    // A file already in Q8_0 is its own copy.
+    assert_eq!(prepare(&copy), copy);
+
+    // A damaged copy is made again, to the same bytes.
+    std::fs::OpenOptions::new().write(true).open(&copy).unwrap().set_len(4096).unwrap();
+    assert_eq!(prepare(&src), copy);
+    assert_eq!(weights::sha256_of(&copy).unwrap(), sum, "the conversion is deterministic");
+
+    // The worker runs the copy.
+    let s = stack(TO_INFERENCE, Duration::from_secs(30)).await;
+    let _rules = s.replica(16).await;
+    let cfg = format!(
+        "concurrency = 2\nstep_timeout_secs = 120\napology = \"sorry, later\"\n[models.smollm2]\npath = \"{}\"\nformat = \"q8_0\"\n[[route]]\nmodel = \"smollm2\"\ntemperature = 0.0\nmax_tokens = 16\n",
+        src.display()
+    );
+    let _inf = inference_replica(&s, &cfg).await;
+    let event = chat("desk-1", "Hello! Where is my order?");
+    publish(&s.js, &event, Encoding::Json, true).await;
+    inspect::wait_for_count(&s.js, REPLIES_STREAM, 1, WAIT).await.unwrap();
+    let all = replies(&s.js).await;
+    let c = chat_body(&all[&event.id][0]);
+    assert_eq!(c.answered_by.kind, ResponderKind::Model, "{c:?}");
+    assert!(c.tokens.unwrap() > 0 && !c.content.as_deref().unwrap_or("").trim().is_empty(), "{c:?}");
+}

@@ -8,6 +8,7 @@
 //!
 //! [models.smollm2]           # an alias; routes name aliases
 //! path = "~/.cache/ferry/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+//! format = "q8_0"            # optional: run a Q8_0 copy, made once beside it (weights.rs)
 //! [models.big]               # GPU nodes with network: a Hugging Face repo
 //! hf = "bartowski/Qwen2.5-7B-Instruct-GGUF"
 //! files = ["Qwen2.5-7B-Instruct-Q4_K_M.gguf"]
@@ -110,6 +111,8 @@ pub struct ModelSpec {
     pub alias: String,
     /// Its weights.
     pub source: ModelSource,
+    /// The format they run in (a local `path` only).
+    pub format: super::weights::Format,
 }
 
 /// Sampling settings of a route; `max_tokens` is always set.
@@ -317,6 +320,7 @@ struct ModelEntry {
     hf: Option<String>,
     #[serde(default)]
     files: Vec<String>,
+    format: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -413,9 +417,19 @@ pub fn parse_with_groups(
             (None, Some(_)) => return Err(invalid(what, "`hf` needs `files` (the GGUF file names in the repository)".into())),
             _ => return Err(invalid(what, "give either `path` (a local GGUF file) or `hf` with `files`".into())),
         };
+        let format = match m.format.as_deref() {
+            None => super::weights::Format::AsIs,
+            Some(name) => super::weights::Format::parse(name).ok_or_else(|| {
+                invalid(format!("{what} format"), format!("{name:?} is not a format; expected one of {}", super::weights::Format::NAMES))
+            })?,
+        };
+        if format != super::weights::Format::AsIs && matches!(source, ModelSource::Hub { .. }) {
+            return Err(invalid(format!("{what} format"), "applies to a local `path` only".into()));
+        }
         models.push(ModelSpec {
             alias: alias.clone(),
             source,
+            format,
         });
     }
     let agent_groups = AgentGroups::parse(&file.groups)
@@ -532,6 +546,14 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
+        check_err(
+            "[models.m]\npath = \"/m.gguf\"\nformat = \"q5\"\n[[route]]\nmodel = \"m\"\nmax_tokens = 8\n",
+            "inference.toml: [models.m] format: \"q5\" is not a format; expected one of \"as-is\", \"q8_0\", \"q4_0\"",
+        );
+        check_err(
+            "[models.m]\nhf = \"o/m\"\nfiles = [\"m.gguf\"]\nformat = \"q8_0\"\n[[route]]\nmodel = \"m\"\nmax_tokens = 8\n",
+            "applies to a local `path` only",
+        );
         check_err(&format!("{BASE}[[route]]\nmodel = \"m\"\n"), "missing field `max_tokens`");
         check_err(&format!("{BASE}[[route]]\nmodel = \"x\"\nmax_tokens = 8\n"), "inference.toml: [[route]] 1 (\"route 1\"): field `model`: model \"x\" is not defined in [models] (defined: m)");
         check_err(&format!("{BASE}[[route]]\nmodel = \"m\"\nbackup = \"y\"\nmax_tokens = 8\n"), "field `backup`: model \"y\" is not defined");

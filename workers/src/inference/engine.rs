@@ -109,6 +109,11 @@ async fn load_one(spec: &ModelSpec, max_seqs: usize) -> Result<Model, String> {
             if !path.is_file() {
                 return Err(format!("model file {} does not exist", path.display()));
             }
+            let (src, format) = (path.clone(), spec.format);
+            let path = &tokio::task::spawn_blocking(move || super::weights::prepared(&src, format))
+                .await
+                .map_err(|e| format!("preparing the weights: {e}"))?
+                .map_err(|e| e.to_string())?;
             let (Some(dir), Some(file)) = (path.parent(), path.file_name()) else {
                 return Err(format!("model path {} has no file name", path.display()));
             };

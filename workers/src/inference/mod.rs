@@ -6,6 +6,7 @@
 //!   sampling, templates, apology.
 //! - [`prompt`]: events to prompts (pure).
 //! - [`engine`]: the models on mistral.rs; a failed load marks the alias broken.
+//! - [`weights`]: a GGUF re-quantized once into the format candle runs fastest.
 //! - [`fallback`]: primary, backup, knowledge-base template, apology.
 //! - [`handler`]: chat hand-offs and prediction requests in, replies out.
 //!
@@ -16,6 +17,7 @@ pub mod engine;
 pub mod fallback;
 pub mod handler;
 pub mod prompt;
+pub mod weights;
 
 use std::sync::Arc;
 

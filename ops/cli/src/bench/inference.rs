@@ -42,6 +42,10 @@ pub struct InferenceBench {
     /// Skip (a) (no llama-cpp-python).
     #[arg(long)]
     no_llama_cpp: bool,
+    /// The weights' format for (b) and (c), as `format` in the inference
+    /// config (the demo's is q8_0); (a) always runs the shipped Q4_1 file.
+    #[arg(long, default_value = "q8_0")]
+    format: String,
 }
 
 const SYSTEM: &str = "You are a helpful customer-service assistant. Answer briefly.";
@@ -101,6 +105,7 @@ fn mistral_one_process(worker: &std::path::Path, model: &std::path::Path, args: 
         .args(["--max-tokens", &args.max_tokens.to_string(), "--runs", &args.runs.to_string()])
         .arg("--forbid")
         .arg(END_TOKENS.map(|t| t.to_string()).join(","))
+        .args(["--format", &args.format])
         .stderr(std::process::Stdio::inherit())
         .output()
         .with_context(|| format!("running {} bench-engine", worker.display()))?;
@@ -134,8 +139,9 @@ async fn worker_e2e(worker_bin: &std::path::Path, model: &std::path::Path, concu
     std::fs::write(
         &cfg_path,
         format!(
-            "concurrency = {concurrency}\nstep_timeout_secs = 600\nsystem_prompt = \"{SYSTEM}\"\n[models.m]\npath = \"{}\"\n[[route]]\nmodel = \"m\"\ntemperature = 0.0\ntop_p = 1.0\nmax_tokens = {}\nlogit_bias = {{ {} }}\n",
+            "concurrency = {concurrency}\nstep_timeout_secs = 600\nsystem_prompt = \"{SYSTEM}\"\n[models.m]\npath = \"{}\"\nformat = \"{}\"\n[[route]]\nmodel = \"m\"\ntemperature = 0.0\ntop_p = 1.0\nmax_tokens = {}\nlogit_bias = {{ {} }}\n",
             model.display(),
+            args.format,
             args.max_tokens,
             END_TOKENS.map(|id| format!("\"{id}\" = -100.0")).join(", ")
         ),
