@@ -9,7 +9,6 @@ use chrono::Utc;
 use clap::{Args, Subcommand};
 use ferry_schema::connect::{Auth, NatsConfig};
 use ferry_schema::{subject, topology, AgentId};
-use ferry_stack::Secrets;
 
 use crate::agent_registry::{self as registry, AgentEntry, Registry, RegistryLock};
 use crate::ConnArgs;
@@ -590,18 +589,7 @@ fn config_of(pid: i32) -> Option<PathBuf> {
 /// Operator connection settings: the flags, or `ferry up`'s operator
 /// password from <data-dir>/secrets.env when none were given.
 fn operator(t: &Target, name: &str) -> anyhow::Result<NatsConfig> {
-    let mut c = t.conn.config(name);
-    if matches!(c.auth, Auth::None) {
-        let secrets = t.data_dir.secrets();
-        let found = Secrets::load(&secrets)?.with_context(|| {
-            format!(
-                "no --password (NATS_PASSWORD) or --creds given and no `ferry up` secrets in {}; pass the operator's credentials, or --offline",
-                secrets.display()
-            )
-        })?;
-        c = c.with_user(t.conn.user.clone(), found.operator);
-    }
-    Ok(c)
+    t.conn.or_local_operator(&t.data_dir, name, "pass the operator's credentials, or --offline")
 }
 
 /// The connection settings `ferry-agent` uses for `id` with `auth`, to the

@@ -23,7 +23,6 @@ use async_nats::jetstream;
 use bytes::Bytes;
 use clap::Args;
 use ferry_schema::connect::{Auth, NatsConfig};
-use ferry_stack::Secrets;
 use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -121,18 +120,7 @@ struct Manifest {
 /// Operator connection settings: the flags, or `ferry up`'s operator
 /// password from <data-dir>/secrets.env when none were given.
 fn operator(conn: &ConnArgs, db: &DbArgs, name: &str) -> anyhow::Result<NatsConfig> {
-    let mut c = conn.config(name);
-    if matches!(c.auth, Auth::None) {
-        let secrets = db.data_dir.secrets();
-        let found = Secrets::load(&secrets)?.with_context(|| {
-            format!(
-                "no --password (NATS_PASSWORD) or --creds given and no `ferry up` secrets in {}; pass the operator's credentials",
-                secrets.display()
-            )
-        })?;
-        c = c.with_user(conn.user.clone(), found.operator);
-    }
-    Ok(c)
+    conn.or_local_operator(&db.data_dir, name, "pass the operator's credentials")
 }
 
 fn hex(digest: &[u8]) -> String {

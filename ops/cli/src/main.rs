@@ -20,6 +20,7 @@ mod up;
 
 use std::path::PathBuf;
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 /// mimalloc: fewer cycles in allocation than glibc's malloc on the
@@ -143,6 +144,24 @@ impl ConnArgs {
         };
         c.tls = ferry_schema::connect::TlsFiles::from_parts(self.tls_ca.clone(), self.tls_cert.clone(), self.tls_key.clone());
         c
+    }
+
+    /// Connection settings for these flags; given no credentials, the
+    /// operator with `ferry up`'s password from `<data_dir>/secrets.env`.
+    /// `otherwise` ends the error when neither is there.
+    pub fn or_local_operator(&self, data_dir: &data_dir::DataDir, name: &str, otherwise: &str) -> anyhow::Result<NatsConfig> {
+        let mut c = self.config(name);
+        if matches!(c.auth, Auth::None) {
+            let secrets = data_dir.secrets();
+            let found = ferry_stack::Secrets::load(&secrets)?.with_context(|| {
+                format!(
+                    "no --password (NATS_PASSWORD) or --creds given and no `ferry up` secrets in {}; {otherwise}",
+                    secrets.display()
+                )
+            })?;
+            c = c.with_user(self.user.clone(), found.operator);
+        }
+        Ok(c)
     }
 }
 

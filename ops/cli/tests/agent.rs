@@ -1,6 +1,8 @@
 //! `ferry agent add|list|revoke` against a real nats-server: the new agent's nkey works, the broker confines it, revoke locks it out after the reload.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -12,19 +14,7 @@ use ferry_schema::{subject, AgentId, EventKind};
 use ferry_stack::{inspect, NatsServer};
 use tokio::sync::mpsc;
 
-fn ferry() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+use common::{ferry, ok, up_data_dir};
 
 fn agent(id: &str) -> AgentId {
     AgentId::new(id).unwrap()
@@ -268,41 +258,9 @@ fn offline_add_only_writes_files_and_every_command_has_help_with_examples() {
     }
 }
 
-/// A data dir for `ferry up`. When tests run as root, PostgreSQL runs as
-/// the `postgres` user, which must be able to enter it.
-fn up_data_dir() -> tempfile::TempDir {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    dir
-}
-
 /// Starts `ferry up` without inference and demo; returns once it runs.
 fn up(data: &Path, port: u16, pg_port: u16) -> std::process::Child {
-    use std::io::BufRead;
-    let mut child = ferry()
-        .args(["up", "--no-inference", "--no-demo", "--data-dir"])
-        .arg(data)
-        .args(["--port", &port.to_string(), "--monitor-port", &ferry_stack::free_port().unwrap().to_string()])
-        .args(["--pg-port", &pg_port.to_string()])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut seen = String::new();
-    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.starts_with("ferry: running") {
-            // Keep reading, so its shutdown messages find an open pipe.
-            std::thread::spawn(move || lines.for_each(drop));
-            return child;
-        }
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("ferry up did not start:\n{seen}");
+    common::up(data, port, pg_port, &["--no-demo"])
 }
 
 #[tokio::test]

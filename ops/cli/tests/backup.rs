@@ -1,6 +1,8 @@
 //! `ferry backup` and `ferry restore` against real stacks: what one stack held comes back in a fresh one, which then carries on.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly on purpose
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
@@ -10,18 +12,12 @@ use ferry_schema::connect::NatsConfig;
 use ferry_schema::topology::{EVENTS_STREAM, REPLIES_STREAM};
 use ferry_schema::{subject, AgentId};
 
-fn ferry() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-}
+use common::ferry;
 
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "stdout:\n{}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+/// Both outputs of a command that must succeed (its progress is on stderr).
+fn both(out: Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    common::ok(out) + &stderr
 }
 
 /// One `ferry up` (without inference), its ports and data dir.
@@ -35,36 +31,14 @@ struct Up {
 impl Up {
     /// Starts it (with `--demo FILE`, or no demo) and returns once it runs.
     fn start(demo: Option<&Path>) -> Self {
-        use std::io::BufRead;
-        use std::os::unix::fs::PermissionsExt;
-        // When tests run as root, PostgreSQL runs as `postgres`, which must enter it.
-        let data = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(data.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let data = common::up_data_dir();
         let (port, pg_port) = (ferry_stack::free_port().unwrap(), ferry_stack::free_port().unwrap());
-        let mut cmd = ferry();
-        cmd.args(["up", "--no-inference", "--metrics-port", "0", "--data-dir"])
-            .arg(data.path())
-            .args(["--port", &port.to_string(), "--monitor-port", &ferry_stack::free_port().unwrap().to_string()])
-            .args(["--pg-port", &pg_port.to_string()]);
-        match demo {
-            Some(file) => cmd.arg("--demo").arg(file),
-            None => cmd.arg("--no-demo"),
+        let demo_args = match demo {
+            Some(file) => vec!["--demo", file.to_str().unwrap()],
+            None => vec!["--no-demo"],
         };
-        let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
-        let mut seen = String::new();
-        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-        for line in lines.by_ref() {
-            let line = line.unwrap();
-            seen.push_str(&line);
-            seen.push('\n');
-            if line.starts_with("ferry: running") {
-                std::thread::spawn(move || lines.for_each(drop));
-                return Self { data, port, pg_port, child };
-            }
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("ferry up did not start:\n{seen}");
+        let child = common::up(data.path(), port, pg_port, &demo_args);
+        Self { data, port, pg_port, child }
     }
 
     fn url(&self) -> String {
@@ -102,7 +76,7 @@ impl Up {
     }
 
     fn down(mut self) {
-        ok(ferry().args(["down", "--data-dir"]).arg(self.data.path()).output().unwrap());
+        common::ok(ferry().args(["down", "--data-dir"]).arg(self.data.path()).output().unwrap());
         self.child.wait().unwrap();
     }
 }
@@ -128,6 +102,13 @@ async fn archive(db: &tokio_postgres::Client) -> Vec<(&'static str, Vec<String>)
 
 async fn stream_messages(js: &jetstream::Context, name: &str) -> u64 {
     js.get_stream(name).await.unwrap().info().await.unwrap().state.messages
+}
+
+/// Where the archiver's consumer on `EVENTS` stands: everything up to this
+/// stream sequence is acked.
+async fn archiver_floor(js: &jetstream::Context) -> u64 {
+    let events = js.get_stream(EVENTS_STREAM).await.unwrap();
+    events.consumer_info("archiver-events").await.unwrap().ack_floor.stream_sequence
 }
 
 /// Waits until the archive holds `n` events.
@@ -168,22 +149,14 @@ async fn a_backup_restores_into_a_fresh_stack_that_carries_on() {
     }
     let js = first.js().await;
     let (events, replies) = (stream_messages(&js, EVENTS_STREAM).await, stream_messages(&js, REPLIES_STREAM).await);
-    let archived_floor = js
-        .get_stream(EVENTS_STREAM)
-        .await
-        .unwrap()
-        .consumer_info("archiver-events")
-        .await
-        .unwrap()
-        .ack_floor
-        .stream_sequence;
+    let archived_floor = archiver_floor(&js).await;
 
     let backups = tempfile::tempdir().unwrap();
     let to = backups.path().to_str().unwrap();
-    let out = ok(first.ferry(&["backup", "--to", to, "--keep", "1"]).output().unwrap());
+    let out = both(first.ferry(&["backup", "--to", to, "--keep", "1"]).output().unwrap());
     assert!(out.contains(&format!("stream {EVENTS_STREAM}: {events} messages")), "{out}");
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let out = ok(first.ferry(&["backup", "--to", to, "--keep", "1"]).output().unwrap());
+    let out = both(first.ferry(&["backup", "--to", to, "--keep", "1"]).output().unwrap());
     assert!(out.contains("removed the old backup"), "{out}");
     let kept: Vec<_> = std::fs::read_dir(backups.path()).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(kept.len(), 1, "--keep 1 keeps one: {kept:?}");
@@ -195,22 +168,14 @@ async fn a_backup_restores_into_a_fresh_stack_that_carries_on() {
     first.down();
 
     let second = Up::start(None);
-    let out = ok(second.ferry(&["restore", to]).output().unwrap());
+    let out = both(second.ferry(&["restore", to]).output().unwrap());
     assert!(out.contains("every file checked by sha256"), "{out}");
     let db = second.db().await;
     assert_eq!(archive(&db).await, before, "the restored archive holds every row");
     let js = second.js().await;
     assert_eq!(stream_messages(&js, EVENTS_STREAM).await, events);
     assert_eq!(stream_messages(&js, REPLIES_STREAM).await, replies);
-    let restored_floor = js
-        .get_stream(EVENTS_STREAM)
-        .await
-        .unwrap()
-        .consumer_info("archiver-events")
-        .await
-        .unwrap()
-        .ack_floor
-        .stream_sequence;
+    let restored_floor = archiver_floor(&js).await;
     assert_eq!(restored_floor, archived_floor, "the archiver's consumer stands where it stood");
 
     // Restoring over data needs --replace.

@@ -111,9 +111,13 @@ fn mistral_one_process(worker: &std::path::Path, model: &std::path::Path, args: 
         .with_context(|| format!("running {} bench-engine", worker.display()))?;
     anyhow::ensure!(out.status.success(), "{} bench-engine failed ({})", worker.display(), out.status);
     let mut rates = Vec::new();
-    // Line 0 warms up.
-    for (i, line) in String::from_utf8_lossy(&out.stdout).lines().enumerate().skip(1) {
-        let run: serde_json::Value = serde_json::from_str(line).with_context(|| format!("bench-engine printed {line:?}"))?;
+    // The worker's logs share stdout with the runs: a run is a JSON line
+    // with `tokens`. The first run warms up.
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let runs = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok().filter(|v| v.get("tokens").is_some()).map(|v| (l, v)));
+    for (i, (line, run)) in runs.enumerate().skip(1) {
         let (tokens, secs) = (run["tokens"].as_f64().unwrap_or(0.0), run["secs"].as_f64().unwrap_or(0.0));
         anyhow::ensure!(secs > 0.0, "bench-engine run {i}: {line}");
         rates.push(tokens / secs);
