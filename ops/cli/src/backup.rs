@@ -167,9 +167,17 @@ async fn snapshot(client: &async_nats::Client, stream: &str, dir: &Path) -> anyh
     let meta = json!({ "config": v["config"], "state": v["state"] });
     let messages = v["state"]["messages"].as_u64().unwrap_or(0);
     let meta_path = format!("streams/{stream}.json");
-    std::fs::write(dir.join(&meta_path), serde_json::to_vec_pretty(&meta)?)?;
+    let meta_bytes = serde_json::to_vec_pretty(&meta)?;
+    std::fs::write(dir.join(&meta_path), &meta_bytes)?;
+    let meta = FileSum {
+        path: meta_path,
+        bytes: meta_bytes.len() as u64,
+        sha256: hex(&sha2::Sha256::digest(&meta_bytes)),
+    };
+    // The snapshot is summed as it is written, not read back.
     let snap_path = format!("streams/{stream}.snap");
     let mut file = std::io::BufWriter::new(std::fs::File::create(dir.join(&snap_path))?);
+    let (mut hasher, mut bytes) = (sha2::Sha256::new(), 0u64);
     loop {
         let chunk = tokio::time::timeout(STALL, chunks.next())
             .await
@@ -183,13 +191,16 @@ async fn snapshot(client: &async_nats::Client, stream: &str, dir: &Path) -> anyh
             break;
         }
         file.write_all(&chunk.payload)?;
+        hasher.update(&chunk.payload);
+        bytes += chunk.payload.len() as u64;
         // The broker paces itself by these acks.
         if let Some(reply) = chunk.reply {
             client.publish(reply, Bytes::new()).await?;
         }
     }
     file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    Ok(StreamEntry { name: stream.to_string(), messages, meta: sum_of(dir, &meta_path)?, snapshot: sum_of(dir, &snap_path)? })
+    let snapshot = FileSum { path: snap_path, bytes, sha256: hex(&hasher.finalize()) };
+    Ok(StreamEntry { name: stream.to_string(), messages, meta, snapshot })
 }
 
 /// `pg_dump`, `pg_restore`: the newest of Debian's
