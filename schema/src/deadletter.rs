@@ -57,11 +57,13 @@ pub enum ReasonCode {
     Unstorable,
     /// The handler panicked.
     Panic,
+    /// A webhook answered that it will never take this alert (a 4xx other than 429).
+    WebhookRefused,
 }
 
 impl ReasonCode {
     /// Every code, in the order of the docs' table.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::TooLarge,
         Self::ContentType,
         Self::Malformed,
@@ -77,6 +79,7 @@ impl ReasonCode {
         Self::MaxDeliver,
         Self::Unstorable,
         Self::Panic,
+        Self::WebhookRefused,
     ];
 
     /// The code as it appears in headers, metrics and the docs.
@@ -97,6 +100,7 @@ impl ReasonCode {
             Self::MaxDeliver => "max_deliver",
             Self::Unstorable => "unstorable",
             Self::Panic => "panic",
+            Self::WebhookRefused => "webhook_refused",
         }
     }
 }

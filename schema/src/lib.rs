@@ -5,6 +5,7 @@
 //!
 //! # Layout
 //!
+//! - [`alert`]: [`alert::Alert`], what the alerts role raises, and its dedup id.
 //! - [`agent_id`]: [`AgentId`], an agent's name validated as one subject token.
 //! - [`event`]: the event [`Envelope`] and its bodies (chat, activity,
 //!   heartbeat, prediction request), plus [`EventId`] (UUIDv7, also the
@@ -32,6 +33,7 @@
 //! Start reading at [`event::Envelope`] and [`codec::decode_event`].
 
 pub mod agent_id;
+pub mod alert;
 pub mod codec;
 pub mod connect;
 #[cfg(feature = "db")]

@@ -7,6 +7,7 @@
 //! | `live.replies.<agent>`           | each reply again once stored, with its stream position (the stream's RePublish; core NATS, what a connected agent reads) |
 //! | `work.inference.<kind>`          | rules → inference hand-off (stream `WORK`)|
 //! | `deadletter.<stream>.<consumer>` | poison messages with reasons (`DEADLETTER`)|
+//! | `alerts.<rule>.<scope>.<value>`  | alerts, firing and resolved, JSON (stream `ALERTS`, [`crate::alert`]) |
 //! | `ferry.svc.<role>.status`        | a worker's status endpoint (micro service)|
 //! | `$JS.FERRY.API.…`               | an agent's JetStream API calls, imported from the `FERRY` account ([`AGENT_JS_API_PREFIX`]) |
 //! | `shadow.<run>.<subject>`         | a shadow replay's output (`ferry replay --shadow`), core NATS only |
@@ -29,6 +30,8 @@ const WORK: &str = "work";
 const DEADLETTER: &str = "deadletter";
 /// Prefix of shadow replay output.
 const SHADOW: &str = "shadow";
+/// Prefix of every alert subject.
+const ALERTS: &str = "alerts";
 
 /// A subject that is not one Ferry recognises.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -153,6 +156,17 @@ pub fn all_dead_letters() -> Subject {
     Subject::from_static("deadletter.>")
 }
 
+/// `alerts.<rule>.<scope kind>.<scope token>`: one rule's alerts in one
+/// scope (see [`crate::alert::Scope::token`]).
+pub fn alert(rule: &str, scope: &crate::alert::Scope) -> Subject {
+    Subject::from([ALERTS, rule, scope.kind.as_str(), &scope.token()].join("."))
+}
+
+/// `alerts.>`: every alert.
+pub fn all_alerts() -> Subject {
+    Subject::from_static("alerts.>")
+}
+
 /// `ferry.svc.<role>.status`: the status endpoint of a worker role's micro service.
 pub fn service_status(role: &str) -> Subject {
     Subject::from(format!("ferry.svc.{role}.status"))
@@ -172,10 +186,10 @@ pub fn all_heartbeats() -> Subject {
 
 /// Whether a message published on `subject` is stored by one of Ferry's
 /// streams (and so reaches workers or agents): `events.`, `replies.`,
-/// `work.`, `deadletter.`. `ferry replay --to` refuses such targets.
+/// `work.`, `deadletter.`, `alerts.`. `ferry replay --to` refuses such targets.
 pub fn is_stored(subject: &str) -> bool {
     let first = subject.split('.').next().unwrap_or_default();
-    [EVENTS, REPLIES, WORK, DEADLETTER].contains(&first) || first == "*" || first == ">"
+    [EVENTS, REPLIES, WORK, DEADLETTER, ALERTS].contains(&first) || first == "*" || first == ">"
 }
 
 /// `debug.replay`: where `ferry replay --to` sends events unless told otherwise.

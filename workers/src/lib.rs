@@ -25,15 +25,19 @@
 //! - [`rules`]: keyword/regex rules, auto-replies, escalation, hand-off to inference.
 //! - `inference`: model replies and predictions on mistral.rs, with a fallback
 //!   chain (cargo feature `inference`, on by default).
-//! - [`archiver`]: every event and reply into PostgreSQL, in batches.
+//! - [`archiver`]: every event, reply and alert into PostgreSQL, in batches.
+//! - [`alerts`]: rules over interactions and heartbeats raise alerts;
+//!   webhooks. Every replica reads every event (see the module for why).
 //! - [`state`]: what workers read and write in PostgreSQL: customers,
 //!   conversations, the knowledge base.
 //! - [`metrics`]: the Prometheus registry and the `/metrics` and `/health`
 //!   endpoint (`--metrics-listen`).
 //!
 //! Workers hold no state between messages that another replica would need:
-//! any replica can handle any event, and a killed replica loses nothing.
+//! any replica can handle any event, and a killed replica loses nothing
+//! (the alerts role's windows are rebuilt from the streams).
 
+pub mod alerts;
 pub mod archiver;
 pub mod groups;
 #[cfg(feature = "inference")]

@@ -90,6 +90,11 @@ enum RoleCmd {
     /// their ids, acked only after the commit. Needs the schema applied
     /// (`ferry migrate`).
     Archiver(ArchiverArgs),
+    /// Alert rules over interactions and heartbeats (error rate, response
+    /// time, failures in a row, agents offline) per scope; raises alerts
+    /// on `alerts.>` (stream ALERTS) and POSTs them to webhooks. Every
+    /// replica evaluates every event; a second replica is a hot standby.
+    Alerts(AlertsArgs),
     /// Not a role: generates on mistral.rs in this process, one stream,
     /// and prints a JSON line per run (`{"tokens":N,"secs":S}`), the first
     /// a warm-up. `ferry bench inference` runs it as its measurement (b).
@@ -289,6 +294,26 @@ impl RulesArgs {
     }
 }
 
+#[derive(Debug, Args)]
+struct AlertsArgs {
+    /// The alerts file (TOML); see ops/demo/alerts.toml and workers/src/alerts/config.rs.
+    #[arg(long, env = "FERRY_ALERTS", default_value = "alerts.toml")]
+    alerts: PathBuf,
+    /// How often the alerts file is read again (a valid change replaces the
+    /// rules and webhooks in use; an invalid one is logged and ignored). 0s:
+    /// read once, at start.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "2s")]
+    reload_every: std::time::Duration,
+}
+
+impl AlertsArgs {
+    fn config(&self) -> ferry_workers::alerts::AlertsConfig {
+        let mut cfg = ferry_workers::alerts::AlertsConfig::new(&self.alerts);
+        cfg.reload_every = (!self.reload_every.is_zero()).then_some(self.reload_every);
+        cfg
+    }
+}
+
 /// The connection of one replica of `role`: its inboxes under
 /// `_INBOX.<role>`, the only ones its user in `nats.conf` may read.
 fn nats_config(args: &NatsArgs, role: Role) -> anyhow::Result<NatsConfig> {
@@ -447,6 +472,25 @@ async fn main() -> anyhow::Result<()> {
                 .context("connecting to NATS")?;
             let stats = archiver::run(client, &cfg, shutdown).await?;
             tracing::info!(stats = ?stats.snapshot(), "archiver stopped");
+        }
+        RoleCmd::Alerts(args) => {
+            let cfg = args.config();
+            // Validate the file before touching the network.
+            let file = ferry_workers::alerts::config::load(&cfg.file)?;
+            let nats = nats_config(&cli.nats, Role::Alerts)?;
+            if cli.check {
+                println!(
+                    "ferry-worker alerts: ok: {} rules, {} webhooks in {}{}",
+                    file.rules.len(),
+                    file.webhooks.len(),
+                    cfg.file.display(),
+                    if file.enabled { "" } else { " (disabled)" }
+                );
+                return Ok(());
+            }
+            let client = nats.connect().await.context("connecting to NATS")?;
+            let stats = ferry_workers::alerts::run(client, &cfg, shutdown).await?;
+            tracing::info!(stats = ?stats.snapshot(), "alerts worker stopped");
         }
     }
     Ok(())

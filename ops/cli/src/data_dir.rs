@@ -94,6 +94,11 @@ impl DataDir {
         self.0.join("demo-rules.toml")
     }
 
+    /// The demo alerts file `ferry up` writes when given no `--alerts`.
+    pub fn demo_alerts(&self) -> PathBuf {
+        self.0.join("demo-alerts.toml")
+    }
+
     /// The demo inference config `ferry up` writes when given no `--inference-config`.
     pub fn demo_inference(&self) -> PathBuf {
         self.0.join("inference.toml")
@@ -148,6 +153,7 @@ mod tests {
             d.seed(&id),
             d.agent_spool(&id),
             d.demo_rules(),
+            d.demo_alerts(),
             d.demo_inference(),
         ];
         assert!(all.iter().all(|p| p.starts_with("/x/.ferry")));

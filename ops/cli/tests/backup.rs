@@ -91,7 +91,7 @@ async fn archive(db: &tokio_postgres::Client) -> Vec<(&'static str, Vec<String>)
         ("customers", "id::text"),
         ("conversations", "id::text"),
         ("kb_articles", "id::text"),
-        ("alerts", "reply_id::text"),
+        ("rule_alerts", "reply_id::text"),
         ("interactions", "event_id::text"),
     ] {
         let rows = db.query(&format!("SELECT {key} FROM {table} ORDER BY 1"), &[]).await.unwrap();

@@ -346,6 +346,7 @@ fn unit_mounts() -> Vec<(String, PathBuf)> {
     let r = repo();
     vec![
         ("/etc/ferry/rules.toml".into(), r.join("ops/demo/rules.toml")),
+        ("/etc/ferry/alerts.toml".into(), r.join("ops/demo/alerts.toml")),
         ("/etc/ferry/inference.toml".into(), r.join("ops/compose/inference.toml")),
     ]
 }
@@ -367,6 +368,7 @@ fn systemd_units_verify_and_their_command_lines_pass_check() {
     for (unit_name, instance) in [
         ("ferry-rules@.service", "1"),
         ("ferry-archiver@.service", "1"),
+        ("ferry-alerts@.service", "1"),
         ("ferry-inference@.service", "0"),
         ("ferry-nats@.service", "node-1"),
     ] {

@@ -203,7 +203,10 @@ impl Secrets {
             vars.insert(k.trim().to_string(), v.trim().to_string());
         }
         let has_postgres = vars.contains_key(POSTGRES_ENV);
-        let has_roles = Role::ALL.iter().all(|r| vars.contains_key(&role_env_var(*r)));
+        // A file from before a role existed gains that role's password
+        // and keeps the others.
+        let present: Vec<bool> = Role::ALL.iter().map(|r| vars.contains_key(&role_env_var(*r))).collect();
+        let has_roles = present.iter().all(|p| *p);
         let mut take = |k: &str| {
             let v = vars.remove(k).ok_or_else(|| format!("{k} is missing"))?;
             if is_safe_password(&v) {
@@ -216,8 +219,9 @@ impl Secrets {
         };
         let roles = Role::ALL
             .iter()
-            .map(|r| {
-                let p = if has_roles { take(&role_env_var(*r))? } else { generate_password() };
+            .zip(&present)
+            .map(|(r, present)| {
+                let p = if *present { take(&role_env_var(*r))? } else { generate_password() };
                 Ok((r.as_str().to_string(), p))
             })
             .collect::<Result<_, String>>()?;
@@ -288,14 +292,17 @@ mod tests {
         let text: String = old
             .env()
             .into_iter()
-            .filter(|(k, _)| k != POSTGRES_ENV && !k.starts_with("FERRY_RULES") && !k.starts_with("FERRY_INFERENCE") && !k.starts_with("FERRY_ARCHIVER"))
+            .filter(|(k, _)| k != POSTGRES_ENV && !k.starts_with("FERRY_ALERTS"))
             .map(|(k, v)| format!("{k}={v}\n"))
             .collect();
         std::fs::write(&path, text).unwrap();
         let a = Secrets::load_or_create(&path).unwrap();
         assert_eq!((&a.operator, &a.agents), (&old.operator, &old.agents));
         assert!(is_safe_password(&a.postgres));
-        assert!(a.roles.values().all(|p| is_safe_password(p)) && a.roles.len() == 3);
+        assert!(a.roles.values().all(|p| is_safe_password(p)) && a.roles.len() == Role::ALL.len());
+        for role in ["rules", "inference", "archiver"] {
+            assert_eq!(a.roles[role], old.roles[role], "{role}'s password is kept");
+        }
         assert_eq!(Secrets::load_or_create(&path).unwrap(), a, "the added password is saved");
     }
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
 
-use super::{EVENTS_STREAM, REPLIES_STREAM, WORK_STREAM};
+use super::{ALERTS_STREAM, EVENTS_STREAM, REPLIES_STREAM, WORK_STREAM};
 use crate::{subject, AgentId, EventKind};
 
 /// A worker role: durable consumers shared by all replicas of the role.
@@ -14,13 +14,15 @@ pub enum Role {
     Rules,
     /// Model replies and next-activity predictions.
     Inference,
-    /// Every event and reply into PostgreSQL.
+    /// Every event, reply and alert into PostgreSQL.
     Archiver,
+    /// Alert rules over interactions and heartbeats; webhooks.
+    Alerts,
 }
 
 impl Role {
     /// Every role.
-    pub const ALL: [Role; 3] = [Role::Rules, Role::Inference, Role::Archiver];
+    pub const ALL: [Role; 4] = [Role::Rules, Role::Inference, Role::Archiver, Role::Alerts];
 
     /// The role's name (also its service name suffix).
     pub fn as_str(self) -> &'static str {
@@ -28,6 +30,7 @@ impl Role {
             Self::Rules => "rules",
             Self::Inference => "inference",
             Self::Archiver => "archiver",
+            Self::Alerts => "alerts",
         }
     }
 
@@ -36,7 +39,14 @@ impl Role {
         match self {
             Self::Rules => vec![rules_consumer()],
             Self::Inference => vec![inference_chat_consumer(), inference_predict_consumer()],
-            Self::Archiver => vec![archiver_events_consumer(), archiver_replies_consumer()],
+            Self::Archiver => vec![
+                archiver_events_consumer(),
+                archiver_replies_consumer(),
+                archiver_alerts_consumer(),
+            ],
+            // Its rules read EVENTS through ordered consumers of their own
+            // (every replica sees every event: see the alerts module).
+            Self::Alerts => vec![alerts_notify_consumer()],
         }
     }
 }
@@ -168,6 +178,36 @@ pub fn archiver_events_consumer() -> ConsumerDef {
 /// `REPLIES/archiver-replies`: every reply, for the archive.
 pub fn archiver_replies_consumer() -> ConsumerDef {
     archiver_consumer("archiver-replies", REPLIES_STREAM, String::new(), "every reply")
+}
+
+/// `ALERTS/archiver-alerts`: every alert, for the `alert_log` table.
+pub fn archiver_alerts_consumer() -> ConsumerDef {
+    archiver_consumer("archiver-alerts", ALERTS_STREAM, String::new(), "every alert")
+}
+
+/// `ALERTS/alerts-notify`: every alert, for its webhooks; shared by the
+/// alerts replicas, so each alert is delivered by one of them.
+pub fn alerts_notify_consumer() -> ConsumerDef {
+    ConsumerDef {
+        stream: ALERTS_STREAM,
+        config: pull::Config {
+            durable_name: Some("alerts-notify".into()),
+            description: Some("Alerts: deliver each alert to the webhooks.".into()),
+            filter_subject: String::new(),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            // A delivery tries every webhook once (each bounded by the
+            // webhook timeout, 10 s) and naks what failed with a back-off
+            // of 1 s doubling to 30 s: twelve deliveries span about five
+            // minutes of a receiver being away before the alert is a dead
+            // letter (with the receiver's last answer as the reason).
+            ack_wait: Duration::from_secs(60),
+            max_deliver: 12,
+            max_ack_pending: 256,
+            max_waiting: 64,
+            ..Default::default()
+        },
+    }
 }
 
 /// A consumer definition: which stream and with what settings.

@@ -9,7 +9,7 @@
 //! The definitions are data and know nothing of a server; only
 //! `provision` talks to one.
 //!
-//! - `streams`: the four streams ([`all_streams`]) and the
+//! - `streams`: the five streams ([`all_streams`]) and the
 //!   [`StreamSettings`] that shape them.
 //! - `consumers`: the worker [`Role`]s, their durable consumers
 //!   ([`Role::consumers`]) and each agent's reply consumer
@@ -31,14 +31,14 @@ mod streams;
 mod tests;
 
 pub use consumers::{
-    agent_replies_consumer, agent_replies_consumer_name, archiver_events_consumer, archiver_replies_consumer,
-    inference_chat_consumer, inference_predict_consumer, rules_consumer, ConsumerDef, Role, ARCHIVER_ACK_WAIT,
+    agent_replies_consumer, agent_replies_consumer_name, alerts_notify_consumer, archiver_alerts_consumer,
+    archiver_events_consumer, archiver_replies_consumer, inference_chat_consumer, inference_predict_consumer, rules_consumer, ConsumerDef, Role, ARCHIVER_ACK_WAIT,
     INFERENCE_ACK_WAIT,
 };
 pub use provision::{ensure_consumer, ensure_stream, provision, remove_agent_consumer, Change, ProvisionError, Provisioned};
 pub use streams::{
-    all_streams, deadletter_stream, events_stream, replies_stream, work_stream, StreamSettings, DEADLETTER_STREAM,
-    EVENTS_STREAM, REPLIES_STREAM, WORK_STREAM,
+    alerts_stream, all_streams, deadletter_stream, events_stream, replies_stream, work_stream, StreamSettings,
+    ALERTS_STREAM, DEADLETTER_STREAM, EVENTS_STREAM, REPLIES_STREAM, WORK_STREAM,
 };
 
 pub use crate::permissions::{agent_permissions, role_permissions, Permissions};

@@ -14,6 +14,8 @@ pub const REPLIES_STREAM: &str = "REPLIES";
 pub const WORK_STREAM: &str = "WORK";
 /// Stream of dead letters (`deadletter.>`).
 pub const DEADLETTER_STREAM: &str = "DEADLETTER";
+/// Stream of alerts, firing and resolved (`alerts.>`).
+pub const ALERTS_STREAM: &str = "ALERTS";
 
 /// Settings that shape the streams; the defaults suit one node.
 #[derive(Debug, Clone)]
@@ -45,6 +47,11 @@ pub struct StreamSettings {
     pub work_max_bytes: i64,
     /// Bytes the dead letters may use before the oldest are discarded.
     pub deadletter_max_bytes: i64,
+    /// How long alerts are kept (their history, and each rule's last state
+    /// that an alerts replica reads at start).
+    pub alerts_max_age: Duration,
+    /// Bytes the alerts may use before the oldest are discarded.
+    pub alerts_max_bytes: i64,
 }
 
 const GIB: i64 = 1024 * 1024 * 1024;
@@ -58,7 +65,7 @@ impl Default for StreamSettings {
             deadletter_max_age: Duration::from_secs(30 * 24 * 3600),
             duplicate_window: Duration::from_secs(10 * 60),
             max_message_size: 1024 * 1024,
-            // Together 17 GiB, under the broker's 20 GB `max_file_store`
+            // Together 18 GiB, under the broker's 20 GB `max_file_store`
             // (nats.conf), so no stream can take another's room.
             events_max_bytes: 10 * GIB,
             // A week of history at 1.6 events a second per kind; a busier
@@ -69,6 +76,8 @@ impl Default for StreamSettings {
             replies_max_bytes: 4 * GIB,
             work_max_bytes: 2 * GIB,
             deadletter_max_bytes: GIB,
+            alerts_max_age: Duration::from_secs(90 * 24 * 3600),
+            alerts_max_bytes: GIB,
         }
     }
 }
@@ -150,6 +159,18 @@ pub fn deadletter_stream(s: &StreamSettings) -> stream::Config {
     }
 }
 
+/// `ALERTS`: every alert transition the alerts role raised, JSON. Its
+/// `duplicate_window` is what drops the copy a second alerts replica
+/// publishes of the same transition ([`crate::alert::Alert::dedup_key`]).
+pub fn alerts_stream(s: &StreamSettings) -> stream::Config {
+    stream::Config {
+        description: Some("Alerts raised by the alerts role, firing and resolved.".into()),
+        max_age: s.alerts_max_age,
+        max_bytes: s.alerts_max_bytes,
+        ..base_stream(ALERTS_STREAM, vec![subject::all_alerts().to_string()], s)
+    }
+}
+
 /// Every stream Ferry needs.
 pub fn all_streams(s: &StreamSettings) -> Vec<stream::Config> {
     vec![
@@ -157,5 +178,6 @@ pub fn all_streams(s: &StreamSettings) -> Vec<stream::Config> {
         replies_stream(s),
         work_stream(s),
         deadletter_stream(s),
+        alerts_stream(s),
     ]
 }

@@ -5,7 +5,7 @@ use ferry_schema::codec;
 use ferry_schema::deadletter::ReasonCode;
 
 use super::batch::Batcher;
-use super::rows::{EventRow, ReplyRow};
+use super::rows::{AlertRow, EventRow, ReplyRow};
 use crate::runtime::{decode, Handler, Outcome};
 
 /// `EVENTS/archiver-events`.
@@ -24,6 +24,13 @@ pub struct ReplyHandler {
     pub batcher: Batcher<ReplyRow>,
     /// Largest payload decoded.
     pub max_payload: usize,
+}
+
+/// `ALERTS/archiver-alerts`.
+#[derive(Debug)]
+pub struct AlertHandler {
+    /// The alert writer.
+    pub batcher: Batcher<AlertRow>,
 }
 
 fn poison(code: ReasonCode, e: impl std::fmt::Display) -> Outcome {
@@ -74,5 +81,21 @@ impl Handler for ReplyHandler {
             stream_seq: stream_seq(msg),
         };
         self.batcher.submit(row).await
+    }
+}
+
+impl Handler for AlertHandler {
+    async fn handle(&self, msg: &jetstream::Message) -> Outcome {
+        match ferry_schema::alert::Alert::from_json(&msg.payload) {
+            Ok(alert) => {
+                self.batcher
+                    .submit(AlertRow {
+                        alert,
+                        stream_seq: stream_seq(msg),
+                    })
+                    .await
+            }
+            Err(e) => poison(ReasonCode::Malformed, format!("not an alert: {e}")),
+        }
     }
 }

@@ -6,7 +6,7 @@
 //! - [`batch`]: the batch writer (one transaction per batch, back-off while
 //!   PostgreSQL is away, row-by-row on bad data).
 //! - [`rows`]: the SQL: events, agents, activities, chats with customers and
-//!   conversations; replies, predictions, alerts.
+//!   conversations; replies, predictions, rule alerts; the alerts role's alerts.
 //! - [`handler`]: decode, submit, return the commit's outcome.
 //!
 //! [`Archiver`] declares the role to [`runtime::serve`]: the pool and schema
@@ -65,7 +65,7 @@ impl runtime::Role for Archiver {
 
     fn describe(&self, cfg: &ArchiverConfig) -> Description {
         Description {
-            text: "Ferry archiver: every event and reply into PostgreSQL".into(),
+            text: "Ferry archiver: every event, reply and alert into PostgreSQL".into(),
             info: serde_json::json!({
                 "batch_rows": cfg.batch.max_rows,
                 "pool": cfg.db.pool_size,
@@ -83,8 +83,15 @@ impl runtime::Role for Archiver {
         });
         let (events, events_writer) =
             batch::Batcher::spawn(self.pool.clone(), event_sink, cfg.batch.clone(), ctx.shutdown.clone(), "events");
-        let (replies, replies_writer) =
-            batch::Batcher::spawn(self.pool, Arc::new(rows::ReplySink), cfg.batch.clone(), ctx.shutdown.clone(), "replies");
+        let (replies, replies_writer) = batch::Batcher::spawn(
+            self.pool.clone(),
+            Arc::new(rows::ReplySink),
+            cfg.batch.clone(),
+            ctx.shutdown.clone(),
+            "replies",
+        );
+        let (alerts, alerts_writer) =
+            batch::Batcher::spawn(self.pool, Arc::new(rows::AlertSink), cfg.batch.clone(), ctx.shutdown.clone(), "alerts");
         let events = handler::EventHandler {
             batcher: events,
             max_payload: cfg.max_payload,
@@ -96,8 +103,10 @@ impl runtime::Role for Archiver {
         let mut wiring = Wiring::default()
             .consume(ctx.consume(topology::archiver_events_consumer(), Arc::new(events)))
             .consume(ctx.consume(topology::archiver_replies_consumer(), Arc::new(replies)))
+            .consume(ctx.consume(topology::archiver_alerts_consumer(), Arc::new(handler::AlertHandler { batcher: alerts })))
             .drain(events_writer)
-            .drain(replies_writer);
+            .drain(replies_writer)
+            .drain(alerts_writer);
         if let Some(every) = cfg.keeper_every {
             wiring = wiring.beside(tokio::spawn(keep(ctx.js.clone(), every, ctx.loops.clone())));
         }

@@ -2,7 +2,8 @@
 //!
 //! Every statement is idempotent on the event id or reply id: the base
 //! insert stores only ids not stored yet and returns them ([`insert_new`]),
-//! and only those fan out into chats, interactions, predictions and alerts. A replayed or
+//! and only those fan out into chats, interactions, predictions and rule alerts; alerts
+//! from the alerts role are keyed by their own id. A replayed or
 //! redelivered message therefore changes nothing. Activities need no table
 //! of their own: `activities` is a view over `events` (migration V1).
 
@@ -37,6 +38,57 @@ pub struct ReplyRow {
     pub body_json: String,
     /// Its sequence in `REPLIES`.
     pub stream_seq: i64,
+}
+
+/// One alert to archive.
+#[derive(Debug, Clone)]
+pub struct AlertRow {
+    /// The decoded alert.
+    pub alert: ferry_schema::alert::Alert,
+    /// Its sequence in `ALERTS`.
+    pub stream_seq: i64,
+}
+
+/// Writes alerts (table `alerts`), idempotent on the alert's id.
+#[derive(Debug, Clone, Default)]
+pub struct AlertSink;
+
+impl Sink for AlertSink {
+    type Row = AlertRow;
+
+    async fn write(&self, client: &mut deadpool_postgres::ClientWrapper, rows: &[AlertRow]) -> Result<(), tokio_postgres::Error> {
+        let tx = client.transaction().await?;
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO alerts (id, rule, check_kind, scope_kind, scope_value, state, ts, value, threshold,
+                                     message, trigger_seq, stream_seq)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (id) DO NOTHING",
+            )
+            .await?;
+        for r in first_of_each(rows, |r| r.alert.id) {
+            let a = &r.alert;
+            let trigger = i64::try_from(a.trigger_seq).unwrap_or(i64::MAX);
+            tx.execute(
+                &insert,
+                &[
+                    &a.id,
+                    &a.rule,
+                    &a.check.as_str(),
+                    &a.scope.kind.as_str(),
+                    &a.scope.value,
+                    &a.state.as_str(),
+                    &a.ts,
+                    &a.value,
+                    &a.threshold,
+                    &a.message,
+                    &trigger,
+                    &r.stream_seq,
+                ],
+            )
+            .await?;
+        }
+        tx.commit().await
+    }
 }
 
 /// Writes events (and agents, chats with their customers and
@@ -441,7 +493,7 @@ impl Sink for ReplySink {
                 }
                 ReplyBody::Alert(a) => {
                     tx.execute(
-                        "INSERT INTO alerts (reply_id, event_id, agent, ts, rule, message)
+                        "INSERT INTO rule_alerts (reply_id, event_id, agent, ts, rule, message)
                          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (reply_id) DO NOTHING",
                         &[&rep.id.0, &rep.in_reply_to.0, &rep.agent.as_str(), &rep.ts, &a.rule, &a.message],
                     )

@@ -130,7 +130,7 @@ fn csv(events: &[Envelope]) -> anyhow::Result<Bytes> {
 }
 
 const TRUNCATE: &str =
-    "TRUNCATE events, replies, chat_messages, predictions, alerts, conversations, customers, agents CASCADE";
+    "TRUNCATE events, replies, chat_messages, predictions, rule_alerts, alerts, conversations, customers, agents CASCADE";
 
 async fn raw_copy(url: &str, data: &Bytes, n: usize) -> anyhow::Result<f64> {
     let client = state::connect_one(url).await?;

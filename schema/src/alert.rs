@@ -1,0 +1,288 @@
+//! Alerts the alerts role raises: the wire type (JSON on `alerts.<rule>.<scope>.<value>`), its states and scopes, and its dedup id.
+//!
+//! An alert is a transition, firing or resolved, of one rule in one scope.
+//! Every alerts replica evaluates the same events in the same order, so each
+//! computes the same transitions with the same [`Alert::dedup_key`]; the
+//! `ALERTS` stream keeps the first and drops the copies (`Nats-Msg-Id`).
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// Whether the condition started or stopped holding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertState {
+    /// The condition holds (and the rule's cooldown had passed).
+    Firing,
+    /// The condition no longer holds.
+    Resolved,
+}
+
+impl AlertState {
+    /// `firing` or `resolved`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Firing => "firing",
+            Self::Resolved => "resolved",
+        }
+    }
+}
+
+/// What a rule watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Check {
+    /// Share of failed interactions in the window, in percent.
+    ErrorRate,
+    /// Mean or 95th-percentile response time in the window, milliseconds.
+    ResponseTime,
+    /// Failed interactions in a row.
+    ConsecutiveErrors,
+    /// Seconds since an agent's last heartbeat.
+    AgentOffline,
+}
+
+impl Check {
+    /// Every check.
+    pub const ALL: [Check; 4] = [Self::ErrorRate, Self::ResponseTime, Self::ConsecutiveErrors, Self::AgentOffline];
+
+    /// The check's name, as in the alerts config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ErrorRate => "error_rate",
+            Self::ResponseTime => "response_time",
+            Self::ConsecutiveErrors => "consecutive_errors",
+            Self::AgentOffline => "agent_offline",
+        }
+    }
+
+    /// Parses a check name; `None` when it is not one of [`Check::ALL`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+/// Over what a rule is evaluated: every interaction together, or each
+/// agent's, model's or intent's apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScopeKind {
+    /// Everything together.
+    All,
+    /// Each agent apart.
+    Agent,
+    /// Each model apart (interactions that name one).
+    Model,
+    /// Each intent apart (interactions that name one).
+    Intent,
+}
+
+impl ScopeKind {
+    /// Every scope kind.
+    pub const ALL: [ScopeKind; 4] = [Self::All, Self::Agent, Self::Model, Self::Intent];
+
+    /// The scope kind's name, as in the alerts config and the subject.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Agent => "agent",
+            Self::Model => "model",
+            Self::Intent => "intent",
+        }
+    }
+
+    /// Parses a scope kind; `None` when it is not one of [`ScopeKind::ALL`].
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// One scope: its kind and the agent, model or intent (`""` for `all`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Scope {
+    /// What kind of scope.
+    pub kind: ScopeKind,
+    /// Which agent, model or intent; empty for [`ScopeKind::All`].
+    pub value: String,
+}
+
+impl Scope {
+    /// The scope of everything.
+    pub fn all() -> Self {
+        Self {
+            kind: ScopeKind::All,
+            value: String::new(),
+        }
+    }
+
+    /// The value as one subject token: itself when it is made of letters,
+    /// digits, `-` and `_` (every agent id is), else those characters kept,
+    /// the others as `_`, and a hash of the whole value after a `-`, so two
+    /// values never share a subject. `all` for [`ScopeKind::All`].
+    pub fn token(&self) -> String {
+        if self.kind == ScopeKind::All {
+            return "all".into();
+        }
+        let clean = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if !self.value.is_empty() && self.value.len() <= 64 && self.value.chars().all(clean) {
+            return self.value.clone();
+        }
+        let kept: String = self.value.chars().take(48).map(|c| if clean(c) { c } else { '_' }).collect();
+        format!("{kept}-{:08x}", fnv1a(self.value.as_bytes()))
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            ScopeKind::All => f.write_str("all"),
+            k => write!(f, "{}={}", k.as_str(), self.value),
+        }
+    }
+}
+
+/// 32-bit FNV-1a: a stable, dependency-free hash for subject tokens.
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+}
+
+/// One alert: a rule's condition started (firing) or stopped (resolved)
+/// holding in one scope. JSON on the wire, so a webhook receiver, `nats sub
+/// 'alerts.>'` and the dashboard read it as is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Alert {
+    /// The alert's id: a UUIDv5 of [`Alert::dedup_key`], the same from every replica.
+    pub id: Uuid,
+    /// The rule's name in the alerts config.
+    pub rule: String,
+    /// What the rule watches.
+    pub check: Check,
+    /// Where it held.
+    pub scope: Scope,
+    /// Firing or resolved.
+    pub state: AlertState,
+    /// When: the stream time of the event that made the transition, or
+    /// the evaluation time for a time-based one (no heartbeat, an empty window).
+    pub ts: DateTime<Utc>,
+    /// When the firing this alert belongs to began (for a firing alert, `ts`):
+    /// what a rule's cooldown counts from.
+    pub fired_at: DateTime<Utc>,
+    /// The value observed (percent, milliseconds, a count, seconds).
+    pub value: f64,
+    /// The rule's threshold, in the same unit.
+    pub threshold: f64,
+    /// One line for a person.
+    pub message: String,
+    /// `EVENTS` sequence of the event that made the rule fire (for a
+    /// resolved alert, that of the firing it ends): with rule, scope and
+    /// state, what makes the alert one and the same on every replica.
+    pub trigger_seq: u64,
+}
+
+/// Namespace of the alert ids (UUIDv5).
+const ALERT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6b1f_2d0e_8c1a_4d55_9a3e_5f0c_a1e7_d2b4);
+
+impl Alert {
+    /// `<rule>/<scope kind>/<scope token>/<state>/<trigger_seq>`: the
+    /// `Nats-Msg-Id` that makes the stream drop a second replica's copy.
+    pub fn dedup_key(&self) -> String {
+        format!(
+            "{}/{}/{}/{}/{}",
+            self.rule,
+            self.scope.kind.as_str(),
+            self.scope.token(),
+            self.state.as_str(),
+            self.trigger_seq
+        )
+    }
+
+    /// The id an alert with these fields has.
+    pub fn id_for(dedup_key: &str) -> Uuid {
+        Uuid::new_v5(&ALERT_ID_NAMESPACE, dedup_key.as_bytes())
+    }
+
+    /// Its subject: `alerts.<rule>.<scope kind>.<scope token>`.
+    pub fn subject(&self) -> async_nats::Subject {
+        crate::subject::alert(&self.rule, &self.scope)
+    }
+
+    /// The JSON body.
+    pub fn to_json(&self) -> Vec<u8> {
+        // An Alert is plain data (strings, numbers, a timestamp): nothing
+        // in it can fail to serialize.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses a JSON body.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+/// Whether `name` can be a rule's name: 1 to 64 of `a-z`, `0-9`, `_`, `-`
+/// (it is a subject token and a key).
+pub fn valid_rule_name(name: &str) -> bool {
+    (1..=64).contains(&name.len()) && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn alert(scope: Scope, state: AlertState) -> Alert {
+        let mut a = Alert {
+            id: Uuid::nil(),
+            rule: "errors".into(),
+            check: Check::ErrorRate,
+            scope,
+            state,
+            ts: DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+            fired_at: DateTime::from_timestamp(1_800_000_000, 0).unwrap(),
+            value: 60.0,
+            threshold: 20.0,
+            message: "m".into(),
+            trigger_seq: 42,
+        };
+        a.id = Alert::id_for(&a.dedup_key());
+        a
+    }
+
+    #[test]
+    fn tokens_are_single_subject_tokens_and_distinct() {
+        let s = |k, v: &str| Scope { kind: k, value: v.into() };
+        assert_eq!(s(ScopeKind::Agent, "desk-1").token(), "desk-1");
+        assert_eq!(Scope::all().token(), "all");
+        let a = s(ScopeKind::Model, "gpt-4.1 mini").token();
+        let b = s(ScopeKind::Model, "gpt-4_1 mini").token();
+        assert_ne!(a, b);
+        for t in [&a, &b, &s(ScopeKind::Intent, "").token(), &s(ScopeKind::Intent, "a>*").token()] {
+            assert!(!t.is_empty() && !t.contains(['.', ' ', '*', '>']), "{t}");
+        }
+    }
+
+    #[test]
+    fn the_same_transition_has_the_same_id_and_json_round_trips() {
+        let a = alert(Scope::all(), AlertState::Firing);
+        let b = alert(Scope::all(), AlertState::Firing);
+        assert_eq!(a.id, b.id);
+        assert_ne!(a.id, alert(Scope::all(), AlertState::Resolved).id);
+        assert_eq!(Alert::from_json(&a.to_json()).unwrap(), a);
+        assert_eq!(a.subject().as_str(), "alerts.errors.all.all");
+        let json: serde_json::Value = serde_json::from_slice(&a.to_json()).unwrap();
+        assert_eq!(json["state"], "firing");
+        assert_eq!(json["scope"]["kind"], "all");
+    }
+
+    #[test]
+    fn rule_names_are_tokens() {
+        assert!(valid_rule_name("error_rate-5m"));
+        for bad in ["", "Errors", "a.b", "a b", &"x".repeat(65)] {
+            assert!(!valid_rule_name(bad), "{bad}");
+        }
+    }
+}

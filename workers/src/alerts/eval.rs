@@ -1,0 +1,459 @@
+//! The evaluator: every rule's window, run of failures and firing state per scope, fed events in stream order, giving alert transitions.
+//!
+//! Pure and deterministic: the same events in the same order, and the same
+//! restored state, give the same transitions with the same ids on every
+//! replica (time is the events' stream time, except in [`Evaluator::tick`],
+//! whose transitions still carry the id of the firing they belong to).
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use ferry_schema::alert::{Alert, AlertState, Check, Scope, ScopeKind};
+use ferry_schema::event::Interaction;
+use ferry_schema::AgentId;
+
+use super::config::{Rule, Statistic};
+
+/// Most interactions one window of one scope holds; beyond it the oldest
+/// leave early (at 5,000 interactions a second into one scope, a window
+/// covers the last two seconds).
+pub const MAX_WINDOW_SAMPLES: usize = 10_000;
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    ts: DateTime<Utc>,
+    ok: bool,
+    ms: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Firing {
+    trigger_seq: u64,
+    at: DateTime<Utc>,
+}
+
+#[derive(Debug, Default)]
+struct ScopeState {
+    samples: VecDeque<Sample>,
+    failures: usize,
+    ms_sum: f64,
+    run: u64,
+    firing: Option<Firing>,
+    last_fired: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Default)]
+struct Heartbeats {
+    last_seq: u64,
+    last: Option<DateTime<Utc>>,
+}
+
+/// Every rule's state, per scope.
+#[derive(Debug, Default)]
+pub struct Evaluator {
+    rules: Vec<Rule>,
+    state: HashMap<(String, Scope), ScopeState>,
+    heartbeats: HashMap<AgentId, Heartbeats>,
+    /// Where the events seen begin (a replica that started rebuilds its
+    /// windows from there): a rule judges nothing before it has seen one
+    /// whole window after it.
+    seen_from: Option<DateTime<Utc>>,
+}
+
+impl Evaluator {
+    /// An evaluator of `rules` with nothing seen.
+    pub fn new(rules: Vec<Rule>) -> Self {
+        Self {
+            rules,
+            ..Self::default()
+        }
+    }
+
+    /// The evaluator has seen no event before `t`: until a rule has seen a
+    /// whole window (or run) after `t`, it updates its state but raises
+    /// nothing, neither a firing on a partial window nor the resolution of
+    /// a restored firing.
+    pub fn seen_from(&mut self, t: DateTime<Utc>) {
+        self.seen_from = Some(t);
+    }
+
+    /// Replaces the rules (a reloaded file). A rule whose definition
+    /// changed starts over with an empty window, keeping its firing state
+    /// and cooldown; a rule no longer there is forgotten.
+    pub fn set_rules(&mut self, rules: Vec<Rule>) {
+        let changed: Vec<String> = rules
+            .iter()
+            .filter(|r| !self.rules.contains(r))
+            .map(|r| r.name.clone())
+            .collect();
+        self.state.retain(|(name, _), _| rules.iter().any(|r| &r.name == name));
+        for ((name, _), st) in &mut self.state {
+            if changed.contains(name) {
+                st.samples.clear();
+                st.failures = 0;
+                st.ms_sum = 0.0;
+                st.run = 0;
+            }
+        }
+        self.rules = rules;
+    }
+
+    /// The rules in use.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Takes the last alert of a rule and scope as stored in `ALERTS`: a
+    /// firing one is firing still, and either counts for the cooldown.
+    pub fn restore(&mut self, last: &Alert) {
+        if !self.rules.iter().any(|r| r.name == last.rule) {
+            return;
+        }
+        let st = self.state.entry((last.rule.clone(), last.scope.clone())).or_default();
+        st.last_fired = Some(last.fired_at);
+        st.firing = (last.state == AlertState::Firing).then_some(Firing {
+            trigger_seq: last.trigger_seq,
+            at: last.fired_at,
+        });
+    }
+
+    /// Scopes and rules that are firing now: `(rule, scope)`.
+    pub fn firing(&self) -> Vec<(String, Scope)> {
+        let mut v: Vec<_> = self
+            .state
+            .iter()
+            .filter(|(_, s)| s.firing.is_some())
+            .map(|(k, _)| k.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// One interaction at `seq`, stored at `ts`, from `agent`.
+    pub fn interaction(&mut self, seq: u64, ts: DateTime<Utc>, agent: &AgentId, i: &Interaction) -> Vec<Alert> {
+        let mut out = Vec::new();
+        let sample = Sample {
+            ts,
+            ok: i.success,
+            ms: i.response_time_ms,
+        };
+        for rule in &self.rules {
+            if rule.check == Check::AgentOffline {
+                continue;
+            }
+            let value = match rule.scope {
+                ScopeKind::All => String::new(),
+                ScopeKind::Agent => agent.as_str().to_string(),
+                ScopeKind::Model => match &i.model {
+                    Some(m) => m.clone(),
+                    None => continue,
+                },
+                ScopeKind::Intent => match &i.intent {
+                    Some(m) => m.clone(),
+                    None => continue,
+                },
+            };
+            let scope = Scope { kind: rule.scope, value };
+            let st = self.state.entry((rule.name.clone(), scope.clone())).or_default();
+            st.push(sample);
+            st.evict(ts - rule.window);
+            st.run = if i.success { 0 } else { st.run + 1 };
+            if self.seen_from.is_some_and(|from| ts < from + rule.window) {
+                continue;
+            }
+            let (holds, value) = st.judge(rule);
+            if let Some(a) = transition(rule, &scope, st, holds, value, seq, ts) {
+                out.push(a);
+            }
+        }
+        out
+    }
+
+    /// A heartbeat at `seq`, stored at `ts`, from `agent`: resolves its
+    /// offline alerts.
+    pub fn heartbeat(&mut self, seq: u64, ts: DateTime<Utc>, agent: &AgentId) -> Vec<Alert> {
+        let hb = self.heartbeats.entry(agent.clone()).or_default();
+        hb.last_seq = seq;
+        hb.last = Some(ts);
+        let mut out = Vec::new();
+        for rule in self.rules.iter().filter(|r| r.check == Check::AgentOffline) {
+            let scope = Scope {
+                kind: ScopeKind::Agent,
+                value: agent.as_str().to_string(),
+            };
+            let st = self.state.entry((rule.name.clone(), scope.clone())).or_default();
+            if let Some(a) = transition(rule, &scope, st, false, 0.0, seq, ts) {
+                out.push(a);
+            }
+        }
+        out
+    }
+
+    /// What time alone changes at `now`: windows that emptied (their
+    /// rules resolve) and agents whose last heartbeat is older than an
+    /// offline rule's threshold (they fire, with the sequence of that
+    /// heartbeat as their trigger, so every replica names them alike).
+    pub fn tick(&mut self, now: DateTime<Utc>) -> Vec<Alert> {
+        let mut out = Vec::new();
+        for rule in &self.rules {
+            if rule.check == Check::AgentOffline {
+                for (agent, hb) in &self.heartbeats {
+                    let Some(last) = hb.last else { continue };
+                    let silent = (now - last).to_std().unwrap_or(Duration::ZERO).as_secs_f64();
+                    let scope = Scope {
+                        kind: ScopeKind::Agent,
+                        value: agent.as_str().to_string(),
+                    };
+                    let st = self.state.entry((rule.name.clone(), scope.clone())).or_default();
+                    // A firing restored for an older heartbeat is this one's too.
+                    let holds = silent > rule.threshold;
+                    if let Some(a) = transition(rule, &scope, st, holds, silent.floor(), hb.last_seq, now) {
+                        out.push(a);
+                    }
+                }
+                continue;
+            }
+            if self.seen_from.is_some_and(|from| now < from + rule.window) {
+                continue;
+            }
+            for ((name, scope), st) in &mut self.state {
+                if name != &rule.name || st.firing.is_none() || rule.check == Check::ConsecutiveErrors {
+                    continue;
+                }
+                st.evict(now - rule.window);
+                let (holds, value) = st.judge(rule);
+                if let Some(a) = transition(rule, scope, st, holds, value, 0, now) {
+                    out.push(a);
+                }
+            }
+        }
+        out
+    }
+}
+
+impl ScopeState {
+    fn push(&mut self, s: Sample) {
+        if self.samples.len() == MAX_WINDOW_SAMPLES {
+            self.pop();
+        }
+        self.failures += usize::from(!s.ok);
+        self.ms_sum += s.ms;
+        self.samples.push_back(s);
+    }
+
+    fn pop(&mut self) {
+        if let Some(old) = self.samples.pop_front() {
+            self.failures -= usize::from(!old.ok);
+            self.ms_sum -= old.ms;
+        }
+    }
+
+    fn evict(&mut self, before: DateTime<Utc>) {
+        while self.samples.front().is_some_and(|s| s.ts < before) {
+            self.pop();
+        }
+        if self.samples.is_empty() {
+            self.ms_sum = 0.0;
+        }
+    }
+
+    /// Whether `rule` holds now, and the value it judged.
+    fn judge(&self, rule: &Rule) -> (bool, f64) {
+        let n = self.samples.len();
+        match rule.check {
+            Check::ConsecutiveErrors => (self.run as f64 >= rule.threshold, self.run as f64),
+            _ if n < rule.min_interactions => (false, 0.0),
+            Check::ErrorRate => {
+                let rate = self.failures as f64 * 100.0 / n as f64;
+                (rate > rule.threshold, rate)
+            }
+            Check::ResponseTime => {
+                let v = match rule.statistic {
+                    Statistic::Mean => self.ms_sum / n as f64,
+                    Statistic::P95 => {
+                        let mut ms: Vec<f64> = self.samples.iter().map(|s| s.ms).collect();
+                        let k = ((n as f64 * 0.95).ceil() as usize).clamp(1, n) - 1;
+                        let (_, v, _) = ms.select_nth_unstable_by(k, f64::total_cmp);
+                        *v
+                    }
+                };
+                (v > rule.threshold, v)
+            }
+            Check::AgentOffline => (false, 0.0),
+        }
+    }
+}
+
+/// The alert, if any, when `holds` meets the state: firing when it starts
+/// to hold and the cooldown since the last firing has passed; resolved when
+/// it stops.
+fn transition(rule: &Rule, scope: &Scope, st: &mut ScopeState, holds: bool, value: f64, seq: u64, ts: DateTime<Utc>) -> Option<Alert> {
+    match (holds, st.firing) {
+        (true, None) => {
+            let cooled = st
+                .last_fired
+                .is_none_or(|t| (ts - t).to_std().unwrap_or(Duration::ZERO) >= rule.cooldown);
+            if !cooled {
+                return None;
+            }
+            st.firing = Some(Firing { trigger_seq: seq, at: ts });
+            st.last_fired = Some(ts);
+            Some(alert(rule, scope, AlertState::Firing, value, seq, ts, ts))
+        }
+        (false, Some(f)) => {
+            st.firing = None;
+            Some(alert(rule, scope, AlertState::Resolved, value, f.trigger_seq, ts, f.at))
+        }
+        _ => None,
+    }
+}
+
+fn alert(rule: &Rule, scope: &Scope, state: AlertState, value: f64, trigger_seq: u64, ts: DateTime<Utc>, fired_at: DateTime<Utc>) -> Alert {
+    let what = match rule.check {
+        Check::ErrorRate => format!("error rate {value:.1}% (threshold {}%) over {}s", rule.threshold, rule.window.as_secs()),
+        Check::ResponseTime => {
+            let stat = if rule.statistic == Statistic::Mean { "mean" } else { "p95" };
+            format!("{stat} response time {value:.0} ms (threshold {} ms) over {}s", rule.threshold, rule.window.as_secs())
+        }
+        Check::ConsecutiveErrors => format!("{value:.0} failed interactions in a row (threshold {})", rule.threshold),
+        Check::AgentOffline => format!("no heartbeat for {value:.0}s (threshold {}s)", rule.threshold),
+    };
+    let mut a = Alert {
+        id: uuid::Uuid::nil(),
+        rule: rule.name.clone(),
+        check: rule.check,
+        scope: scope.clone(),
+        state,
+        ts,
+        fired_at,
+        value,
+        threshold: rule.threshold,
+        message: format!("{} [{scope}] {}: {what}", rule.name, state.as_str()),
+        trigger_seq,
+    };
+    a.id = Alert::id_for(&a.dedup_key());
+    a
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::alerts::config::parse;
+
+    fn t(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
+    }
+
+    fn inter(ok: bool, ms: f64) -> Interaction {
+        Interaction {
+            session_id: "s".into(),
+            user_input: String::new(),
+            intent: Some("refund".into()),
+            tools_used: vec![],
+            response_time_ms: ms,
+            success: ok,
+            error_type: (!ok).then(|| "timeout".into()),
+            model: Some("m".into()),
+            tokens: None,
+        }
+    }
+
+    fn eval(toml: &str) -> Evaluator {
+        Evaluator::new(parse(toml, "t.toml").unwrap().rules)
+    }
+
+    fn states(v: &[Alert]) -> Vec<(&str, AlertState)> {
+        v.iter().map(|a| (a.rule.as_str(), a.state)).collect()
+    }
+
+    #[test]
+    fn a_burst_fires_once_the_cooldown_holds_the_next_and_recovery_resolves() {
+        let mut e = eval("alert_cooldown_minutes = 10\n[[rule]]\nname = \"errors\"\ncheck = \"error_rate\"\nthreshold = 50\nwindow_seconds = 60\nmin_interactions = 4");
+        let a = AgentId::new("desk-1").unwrap();
+        let mut out = Vec::new();
+        let mut seq = 0;
+        let mut feed = |e: &mut Evaluator, at: i64, ok: bool, out: &mut Vec<Alert>| {
+            seq += 1;
+            out.extend(e.interaction(seq, t(at), &a, &inter(ok, 10.0)));
+        };
+        for s in 0..10 {
+            feed(&mut e, s, false, &mut out);
+        }
+        assert_eq!(states(&out), [("errors", AlertState::Firing)]);
+        assert_eq!(out[0].trigger_seq, 4, "fires at the fourth failure, the first judged");
+        for s in 100..110 {
+            feed(&mut e, s, true, &mut out);
+        }
+        assert_eq!(states(&out)[1..], [("errors", AlertState::Resolved)]);
+        assert_eq!(out[1].trigger_seq, 4, "a resolved alert names its firing");
+        for s in 200..210 {
+            feed(&mut e, s, false, &mut out);
+        }
+        assert_eq!(out.len(), 2, "cooldown of 10 minutes holds the second burst: {out:?}");
+        for s in 700..710 {
+            feed(&mut e, s, false, &mut out);
+        }
+        assert_eq!(states(&out)[2..], [("errors", AlertState::Firing)], "past the cooldown it fires again");
+    }
+
+    #[test]
+    fn the_same_events_give_the_same_alerts_and_a_restored_firing_is_not_raised_again() {
+        let cfg = "consecutive_errors_threshold = 3\n[[rule]]\nname = \"slow\"\ncheck = \"response_time\"\nscope = \"model\"\nthreshold = 100\nmin_interactions = 2\nstatistic = \"mean\"";
+        let a = AgentId::new("desk-1").unwrap();
+        let run = |e: &mut Evaluator| {
+            let mut out = Vec::new();
+            for s in 0..5u64 {
+                out.extend(e.interaction(s + 1, t(s as i64), &a, &inter(s % 5 == 0, 500.0)));
+            }
+            out
+        };
+        let (mut x, mut y) = (eval(cfg), eval(cfg));
+        let (ax, ay) = (run(&mut x), run(&mut y));
+        assert_eq!(ax, ay);
+        assert_eq!(states(&ax), [("slow", AlertState::Firing), ("consecutive_errors", AlertState::Firing)]);
+        assert_eq!(ax[0].scope.to_string(), "model=m");
+        // A replica that starts restores what is firing and reads the
+        // events again from t(0): nothing is raised twice, and no restored
+        // firing is resolved on a window it has not seen whole.
+        let mut z = eval(cfg);
+        z.seen_from(t(0));
+        for al in &ax {
+            z.restore(al);
+        }
+        assert!(run(&mut z).is_empty(), "restored firing states raise nothing again");
+        assert_eq!(z.firing().len(), 2);
+        // Once it has seen a whole window, it judges again.
+        let later = z.interaction(99, t(400), &a, &inter(true, 1.0));
+        assert_eq!(states(&later), [("consecutive_errors", AlertState::Resolved), ("slow", AlertState::Resolved)]);
+        assert_eq!((later[0].trigger_seq, later[1].trigger_seq), (ax[1].trigger_seq, ax[0].trigger_seq));
+    }
+
+    #[test]
+    fn a_silent_agent_goes_offline_once_and_its_heartbeat_resolves_it() {
+        let mut e = eval("[[rule]]\nname = \"offline\"\ncheck = \"agent_offline\"\nthreshold = 30");
+        let a = AgentId::new("desk-2").unwrap();
+        assert!(e.heartbeat(7, t(0), &a).is_empty());
+        assert!(e.tick(t(20)).is_empty());
+        let fired = e.tick(t(31));
+        assert_eq!(states(&fired), [("offline", AlertState::Firing)]);
+        assert_eq!((fired[0].trigger_seq, fired[0].scope.value.as_str()), (7, "desk-2"));
+        assert!(e.tick(t(40)).is_empty(), "fires once");
+        let back = e.heartbeat(9, t(41), &a);
+        assert_eq!(states(&back), [("offline", AlertState::Resolved)]);
+        assert_eq!(back[0].trigger_seq, 7, "the resolved alert names the heartbeat it fired on");
+    }
+
+    #[test]
+    fn an_emptied_window_resolves_on_a_tick() {
+        let mut e = eval("[[rule]]\nname = \"errors\"\ncheck = \"error_rate\"\nthreshold = 10\nwindow_seconds = 60\nmin_interactions = 2");
+        let a = AgentId::new("desk-1").unwrap();
+        let mut out = e.interaction(1, t(0), &a, &inter(false, 1.0));
+        out.extend(e.interaction(2, t(1), &a, &inter(false, 1.0)));
+        assert_eq!(states(&out), [("errors", AlertState::Firing)]);
+        assert!(e.tick(t(30)).is_empty());
+        assert_eq!(states(&e.tick(t(62))), [("errors", AlertState::Resolved)]);
+        assert!(e.firing().is_empty());
+    }
+}

@@ -1,0 +1,388 @@
+//! The alerts role: rules over interactions and heartbeats raise alerts on `ALERTS`; the replicas share the webhook deliveries.
+//!
+//! # Layout
+//!
+//! - [`config`]: the alerts file (rules, webhooks, the seed's fields).
+//! - [`eval`]: the [`eval::Evaluator`], pure: windows, runs, firing state.
+//! - [`handler`]: the handler that POSTs each alert to the webhooks.
+//!
+//! # Why every replica evaluates everything
+//!
+//! A window per scope needs every interaction of that scope, so the
+//! evaluation cannot be split over a shared consumer. Each replica reads
+//! all interactions and heartbeats itself, through ordered consumers of
+//! `EVENTS`, and so computes the same transitions with the same
+//! `Nats-Msg-Id` ([`ferry_schema::alert::Alert::dedup_key`]); `ALERTS`
+//! keeps the first copy and drops the others (its duplicate window). A
+//! replica that starts (or takes over from a killed one) reads each rule's
+//! last alert from `ALERTS`, then rebuilds its windows from the stream,
+//! twice the longest window back, publishing nothing judged on a window it
+//! has not seen whole. The window state lives nowhere but in the streams, so
+//! there is no second copy to keep right. Replicas add availability, not
+//! speed. Deliveries are split: `ALERTS/alerts-notify` is shared, so each
+//! alert reaches the webhooks from one replica (again if a call failed:
+//! receivers de-duplicate on the alert's `id`).
+
+pub mod config;
+pub mod eval;
+pub mod handler;
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::push::OrderedConfig, consumer::DeliverPolicy};
+use chrono::{DateTime, Utc};
+use ferry_schema::alert::Alert;
+use ferry_schema::topology::{self, ALERTS_STREAM, EVENTS_STREAM};
+use ferry_schema::{codec, headers, subject, EventBody, EventKind};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::runtime::{self, ConsumeSettings, Ctx, Description, Stats, Wiring};
+
+pub use config::{AlertsFile, ConfigError};
+
+/// How an alerts replica runs.
+#[derive(Debug, Clone)]
+pub struct AlertsConfig {
+    /// The alerts file (TOML, see [`config`]).
+    pub file: PathBuf,
+    /// The notify loop's limits.
+    pub consume: ConsumeSettings,
+    /// How often the file is read for changes (`None`: never).
+    pub reload_every: Option<Duration>,
+    /// How often time-based rules (offline agents, emptied windows) are
+    /// judged.
+    pub tick_every: Duration,
+    /// Largest event payload decoded.
+    pub max_payload: usize,
+}
+
+impl AlertsConfig {
+    /// The defaults, with `file`.
+    pub fn new(file: impl Into<PathBuf>) -> Self {
+        Self {
+            file: file.into(),
+            consume: ConsumeSettings {
+                max_in_flight: 16,
+                ..ConsumeSettings::default()
+            },
+            reload_every: Some(Duration::from_secs(2)),
+            tick_every: Duration::from_secs(1),
+            max_payload: codec::DEFAULT_MAX_PAYLOAD,
+        }
+    }
+}
+
+/// Why an alerts replica could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The alerts file is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The HTTP client could not be built.
+    #[error("cannot build the webhook client: {0}")]
+    Http(String),
+}
+
+/// Why an alerts replica stopped with an error.
+pub type RunError = runtime::RunError<StartError>;
+
+/// The alerts file in use, replaced whole on a valid change.
+#[derive(Debug)]
+pub struct LiveFile(RwLock<Arc<AlertsFile>>);
+
+impl LiveFile {
+    /// Starts with `file`.
+    pub fn new(file: AlertsFile) -> Self {
+        Self(RwLock::new(Arc::new(file)))
+    }
+
+    /// The file in use now.
+    pub fn current(&self) -> Arc<AlertsFile> {
+        match self.0.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn replace(&self, f: AlertsFile) {
+        match self.0.write() {
+            Ok(mut g) => *g = Arc::new(f),
+            Err(p) => *p.into_inner() = Arc::new(f),
+        }
+    }
+}
+
+/// The alerts role, prepared: its file and webhook client.
+#[derive(Debug)]
+pub struct Alerts {
+    live: Arc<LiveFile>,
+    http: reqwest::Client,
+}
+
+impl runtime::Role for Alerts {
+    const ROLE: topology::Role = topology::Role::Alerts;
+    type Config = AlertsConfig;
+    type StartError = StartError;
+
+    async fn prepare(cfg: &AlertsConfig) -> Result<Self, StartError> {
+        let file = config::load(&cfg.file)?;
+        tracing::info!(rules = file.rules.len(), webhooks = file.webhooks.len(), enabled = file.enabled, "alerts ready");
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("ferry-alerts/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| StartError::Http(e.to_string()))?;
+        Ok(Self {
+            live: Arc::new(LiveFile::new(file)),
+            http,
+        })
+    }
+
+    fn consume_settings(&self, cfg: &AlertsConfig) -> ConsumeSettings {
+        cfg.consume.clone()
+    }
+
+    fn describe(&self, cfg: &AlertsConfig) -> Description {
+        let f = self.live.current();
+        Description {
+            text: "Ferry alerts: rules over interactions and heartbeats, webhooks".into(),
+            info: serde_json::json!({
+                "file": cfg.file.display().to_string(),
+                "enabled": f.enabled,
+                "rules": f.rules.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
+                "webhooks": f.webhooks.len(),
+            }),
+        }
+    }
+
+    fn wire(self, cfg: &AlertsConfig, ctx: &Ctx) -> Wiring {
+        let notify = handler::NotifyHandler {
+            live: self.live.clone(),
+            http: self.http,
+        };
+        let task = Evaluation {
+            js: ctx.js.clone(),
+            live: self.live,
+            cfg: cfg.clone(),
+            stop: ctx.loops.clone(),
+        };
+        Wiring::default()
+            .consume(ctx.consume(topology::alerts_notify_consumer(), Arc::new(notify)))
+            .beside(tokio::spawn(task.run()))
+    }
+}
+
+/// Runs one alerts replica until `shutdown` is cancelled.
+pub async fn run(client: async_nats::Client, cfg: &AlertsConfig, shutdown: CancellationToken) -> Result<Arc<Stats>, RunError> {
+    runtime::serve::<Alerts>(client, cfg, shutdown).await
+}
+
+/// Why one evaluation run ended before its stop.
+#[derive(Debug, thiserror::Error)]
+enum EvalError {
+    #[error("{0}")]
+    Broker(String),
+}
+
+fn broker(what: &'static str) -> impl Fn(String) -> EvalError {
+    move |e| EvalError::Broker(format!("{what}: {e}"))
+}
+
+struct Evaluation {
+    js: jetstream::Context,
+    live: Arc<LiveFile>,
+    cfg: AlertsConfig,
+    stop: CancellationToken,
+}
+
+/// A reader of one stream, and whether it has reached the end it had at start.
+struct Reader {
+    messages: jetstream::consumer::push::Ordered,
+    caught_up: bool,
+}
+
+impl Evaluation {
+    /// Evaluates until stopped; a run broken by the broker starts over
+    /// (restoring and rebuilding again) after a back-off.
+    async fn run(self) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            match self.once().await {
+                Ok(()) => return,
+                Err(error) => tracing::warn!(%error, retry_in = ?backoff, "alert evaluation interrupted; starting over"),
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    async fn once(&self) -> Result<(), EvalError> {
+        let file = self.live.current();
+        let mut seen_bytes = std::fs::read(&self.cfg.file).ok();
+        let mut ev = eval::Evaluator::new(if file.enabled { file.rules.clone() } else { Vec::new() });
+        let restored = self.restore(&mut ev).await?;
+        let started = Utc::now();
+        let horizon = chrono::Duration::from_std(file.horizon() * 2).unwrap_or_default();
+        let replay_from = started - horizon;
+        ev.seen_from(replay_from);
+        let mut interactions = self.reader(EventKind::Interaction, replay_from).await?;
+        let mut heartbeats = self.reader(EventKind::Heartbeat, replay_from).await?;
+        tracing::info!(restored, firing = ev.firing().len(), from = %replay_from, "alert evaluation started");
+        let mut tick = tokio::time::interval(self.cfg.tick_every);
+        let mut reload = tokio::time::interval(self.cfg.reload_every.unwrap_or(Duration::from_secs(3600)));
+        loop {
+            let out = tokio::select! {
+                _ = self.stop.cancelled() => return Ok(()),
+                m = interactions.messages.next() => self.step(&mut ev, m, &mut interactions, EventKind::Interaction)?,
+                m = heartbeats.messages.next() => self.step(&mut ev, m, &mut heartbeats, EventKind::Heartbeat)?,
+                _ = tick.tick() => {
+                    if interactions.caught_up && heartbeats.caught_up { ev.tick(Utc::now()) } else { Vec::new() }
+                }
+                _ = reload.tick(), if self.cfg.reload_every.is_some() => {
+                    if let Some(f) = self.reload(&mut seen_bytes) {
+                        ev.set_rules(if f.enabled { f.rules.clone() } else { Vec::new() });
+                    }
+                    Vec::new()
+                }
+            };
+            for a in out {
+                self.publish(&a).await?;
+            }
+        }
+    }
+
+    /// Re-reads the file when its bytes changed; the new file when valid.
+    fn reload(&self, seen: &mut Option<Vec<u8>>) -> Option<Arc<AlertsFile>> {
+        let now = std::fs::read(&self.cfg.file).ok();
+        if now == *seen {
+            return None;
+        }
+        *seen = now;
+        match config::load(&self.cfg.file) {
+            Ok(f) => {
+                tracing::info!(rules = f.rules.len(), webhooks = f.webhooks.len(), enabled = f.enabled, "alerts file reloaded");
+                self.live.replace(f);
+                Some(self.live.current())
+            }
+            Err(error) => {
+                tracing::warn!(%error, "alerts file changed but is not valid; the rules in use stay");
+                None
+            }
+        }
+    }
+
+    /// Each rule's last alert per scope, from `ALERTS`.
+    async fn restore(&self, ev: &mut eval::Evaluator) -> Result<usize, EvalError> {
+        let stream = self.js.get_stream_no_info(ALERTS_STREAM).await.map_err(|e| broker("ALERTS")(e.to_string()))?;
+        let consumer = stream
+            .create_consumer(OrderedConfig {
+                deliver_subject: self.js.client().new_inbox(),
+                filter_subject: subject::all_alerts().to_string(),
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| broker("reading ALERTS")(e.to_string()))?;
+        let pending = consumer.cached_info().num_pending;
+        let mut messages = consumer.messages().await.map_err(|e| broker("reading ALERTS")(e.to_string()))?;
+        let mut n = 0;
+        while n < pending {
+            let m = tokio::time::timeout(Duration::from_secs(30), messages.next())
+                .await
+                .map_err(|_| EvalError::Broker("reading ALERTS: no message for 30 s".into()))?;
+            let Some(m) = m else { break };
+            let m = m.map_err(|e| broker("reading ALERTS")(e.to_string()))?;
+            n += 1;
+            match Alert::from_json(&m.payload) {
+                Ok(a) => ev.restore(&a),
+                Err(error) => tracing::warn!(%error, subject = %m.subject, "not an alert in ALERTS; skipped"),
+            }
+        }
+        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    /// An ordered reader of every agent's events of `kind` from `from`.
+    async fn reader(&self, kind: EventKind, from: DateTime<Utc>) -> Result<Reader, EvalError> {
+        let stream = self.js.get_stream_no_info(EVENTS_STREAM).await.map_err(|e| broker("EVENTS")(e.to_string()))?;
+        let start_time = time::OffsetDateTime::from_unix_timestamp(from.timestamp()).map_err(|e| EvalError::Broker(e.to_string()))?;
+        let consumer = stream
+            .create_consumer(OrderedConfig {
+                deliver_subject: self.js.client().new_inbox(),
+                filter_subject: subject::events_of_kind(kind).to_string(),
+                deliver_policy: DeliverPolicy::ByStartTime { start_time },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| broker("reading EVENTS")(e.to_string()))?;
+        let caught_up = consumer.cached_info().num_pending == 0;
+        let messages = consumer.messages().await.map_err(|e| broker("reading EVENTS")(e.to_string()))?;
+        Ok(Reader { messages, caught_up })
+    }
+
+    /// One event from a reader into the evaluator.
+    fn step(
+        &self,
+        ev: &mut eval::Evaluator,
+        m: Option<Result<jetstream::Message, jetstream::consumer::push::OrderedError>>,
+        reader: &mut Reader,
+        kind: EventKind,
+    ) -> Result<Vec<Alert>, EvalError> {
+        let m = match m {
+            None => return Err(EvalError::Broker(format!("the {kind} reader ended"))),
+            Some(Err(e)) => return Err(broker("reading EVENTS")(e.to_string())),
+            Some(Ok(m)) => m,
+        };
+        let Ok(info) = m.info() else { return Ok(Vec::new()) };
+        let (seq, pending) = (info.stream_sequence, info.pending);
+        let ts = DateTime::from_timestamp(info.published.unix_timestamp(), info.published.nanosecond()).unwrap_or_default();
+        if pending == 0 {
+            reader.caught_up = true;
+        }
+        let Ok((agent, _)) = subject::parse_event(m.subject.as_str()) else { return Ok(Vec::new()) };
+        Ok(match kind {
+            EventKind::Heartbeat => ev.heartbeat(seq, ts, &agent),
+            _ => match runtime::decode::event(&m, self.cfg.max_payload) {
+                Ok(e) => match &e.env.body {
+                    EventBody::Interaction(i) => ev.interaction(seq, ts, &agent, i),
+                    _ => Vec::new(),
+                },
+                // The rules worker and the archiver dead-letter it.
+                Err(_) => Vec::new(),
+            },
+        })
+    }
+
+    /// Publishes `a` with its dedup id, retrying until JetStream stores it
+    /// (or the replica stops: another replica, or this one restarted,
+    /// raises it from the stream).
+    async fn publish(&self, a: &Alert) -> Result<(), EvalError> {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(headers::MSG_ID, a.dedup_key().as_str());
+            h.insert(headers::CONTENT_TYPE, headers::CONTENT_TYPE_JSON);
+            let sent = match self.js.publish_with_headers(a.subject(), h, a.to_json().into()).await {
+                Ok(ack) => ack.await.map(|ack| ack.duplicate).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match sent {
+                Ok(duplicate) => {
+                    tracing::info!(alert = %a.id, rule = %a.rule, scope = %a.scope, state = a.state.as_str(), duplicate,
+                        value = a.value, "alert");
+                    return Ok(());
+                }
+                Err(error) => tracing::warn!(%error, alert = %a.id, "alert not stored yet; retrying"),
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! The alerts role against a real broker, a real PostgreSQL and a real local webhook receiver: fire once, cooldown, resolve, offline, and a killed replica.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use ferry_schema::alert::{Alert, AlertState};
+use ferry_schema::topology::{self, Role, StreamSettings, ALERTS_STREAM};
+use ferry_schema::AgentId;
+use ferry_stack::{inspect, NatsServer};
+use ferry_workers::alerts::{self, AlertsConfig};
+use ferry_workers::archiver::{self, ArchiverConfig};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A `ferry-worker` process, killed if the test ends before it stops it.
+struct Worker(std::process::Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A webhook receiver on a free loopback port: every body it took, and
+/// how many calls it answered.
+struct Receiver {
+    url: String,
+    got: Arc<Mutex<Vec<Alert>>>,
+}
+
+fn receiver() -> Receiver {
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", server.server_addr().to_ip().unwrap());
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = got.clone();
+    std::thread::spawn(move || {
+        for mut req in server.incoming_requests() {
+            let mut body = Vec::new();
+            std::io::Read::read_to_end(req.as_reader(), &mut body).unwrap();
+            let header = req.headers().iter().find(|h| h.field.equiv("Ferry-Alert-Id")).map(|h| h.value.to_string());
+            let alert = Alert::from_json(&body).expect("the webhook gets an alert as JSON");
+            assert_eq!(header, Some(alert.id.to_string()), "the id is also a header");
+            sink.lock().unwrap().push(alert);
+            let _ = req.respond(tiny_http::Response::empty(204));
+        }
+    });
+    Receiver { url, got }
+}
+
+impl Receiver {
+    /// Waits until the webhook took `n` distinct alerts (a delivery cut
+    /// off by a killed replica comes again: receivers de-duplicate by id).
+    async fn wait_for(&self, n: usize) -> Vec<Alert> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let got = self.got.lock().unwrap().clone();
+            let mut ids: Vec<_> = got.iter().map(|a| a.id).collect();
+            ids.sort();
+            ids.dedup();
+            if ids.len() >= n {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "webhook got {} of {n} alerts: {got:?}", ids.len());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn broker() -> (NatsServer, async_nats::Client, jetstream::Context) {
+    let nats = NatsServer::start_temp().expect("nats-server starts");
+    let op = nats.operator("test-operator").connect().await.expect("operator connects");
+    let js = jetstream::new(op.clone());
+    let agents = [AgentId::new("desk-1").unwrap(), AgentId::new("desk-2").unwrap()];
+    topology::provision(&js, &StreamSettings::default(), &agents).await.expect("provision");
+    (nats, op, js)
+}
+
+fn alerts_file(body: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut f, body.as_bytes()).unwrap();
+    f
+}
+
+/// Publishes an interaction as a plain client would (`nats pub`, JSON, no id).
+async fn interaction(op: &async_nats::Client, agent: &str, ok: bool, intent: Option<&str>) {
+    let body = serde_json::json!({"body": {
+        "session_id": "s-1", "user_input": "where is my parcel", "response_time_ms": 120.0,
+        "success": ok, "error_type": if ok { None } else { Some("timeout") }, "intent": intent,
+    }});
+    op.publish(format!("events.{agent}.interaction"), body.to_string().into()).await.unwrap();
+}
+
+async fn heartbeat(op: &async_nats::Client, agent: &str) {
+    let body = r#"{"body": {"version": "test", "cpu_percent": 1.0, "rss_bytes": 1, "spool_depth": 0}}"#;
+    op.publish(format!("events.{agent}.heartbeat"), body.into()).await.unwrap();
+    op.flush().await.unwrap();
+}
+
+/// Every alert `ALERTS` holds, in order.
+async fn stored(js: &jetstream::Context) -> Vec<Alert> {
+    inspect::read_all(js, ALERTS_STREAM, "")
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| Alert::from_json(&m.payload).unwrap())
+        .collect()
+}
+
+/// Waits until `ALERTS` holds an alert of `rule` in `state`; returns all.
+async fn wait_stored(js: &jetstream::Context, rule: &str, state: AlertState) -> Vec<Alert> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let all = stored(js).await;
+        if all.iter().any(|a| a.rule == rule && a.state == state) {
+            return all;
+        }
+        assert!(Instant::now() < deadline, "no {rule} {state:?} alert; stored: {all:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn summary(v: &[Alert]) -> Vec<(String, String, AlertState)> {
+    v.iter().map(|a| (a.rule.clone(), a.scope.to_string(), a.state)).collect()
+}
+
+fn in_process(nats: &NatsServer, file: &std::path::Path) -> (CancellationToken, tokio::task::JoinHandle<Result<Arc<ferry_workers::runtime::Stats>, alerts::RunError>>) {
+    let cfg = AlertsConfig::new(file);
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    let conn = nats.role(Role::Alerts, "test-alerts");
+    let task = tokio::spawn(async move {
+        let client = conn.connect().await.expect("alerts connects");
+        alerts::run(client, &cfg, token).await
+    });
+    (stop, task)
+}
+
+#[tokio::test]
+async fn a_burst_fires_one_alert_the_cooldown_holds_the_next_and_recovery_resolves() {
+    let (nats, op, js) = broker().await;
+    let hook = receiver();
+    let file = alerts_file(&format!(
+        "alert_cooldown_minutes = 10\nwebhook_url = \"{}\"\n\
+         [[rule]]\nname = \"errors\"\ncheck = \"error_rate\"\nthreshold = 50\nwindow_seconds = 600\nmin_interactions = 5\n\
+         [[rule]]\nname = \"by-intent\"\ncheck = \"error_rate\"\nscope = \"intent\"\nthreshold = 50\nmin_interactions = 1\n",
+        hook.url
+    ));
+    let pg = common::migrated_pg().await;
+    let (stop, task) = in_process(&nats, file.path());
+    let archiver_stop = CancellationToken::new();
+    let archiver = {
+        let (conn, cfg, token) = (nats.role(Role::Archiver, "test-archiver"), ArchiverConfig::new(pg.url()), archiver_stop.clone());
+        tokio::spawn(async move { archiver::run(conn.connect().await.unwrap(), &cfg, token).await })
+    };
+
+    // A burst of failures: one firing alert, at the fifth (the first judged).
+    for _ in 0..10 {
+        interaction(&op, "desk-1", false, None).await;
+    }
+    op.flush().await.unwrap();
+    let firing = hook.wait_for(1).await;
+    assert_eq!(summary(&firing), [("errors".into(), "all".into(), AlertState::Firing)]);
+    assert!((firing[0].value - 100.0).abs() < 1e-9, "{firing:?}");
+
+    // Recovery: ten successes bring the rate to 50%, not above: resolved.
+    for _ in 0..10 {
+        interaction(&op, "desk-1", true, None).await;
+    }
+    op.flush().await.unwrap();
+    let got = hook.wait_for(2).await;
+    assert_eq!(got[1].state, AlertState::Resolved);
+    assert_eq!(got[1].trigger_seq, got[0].trigger_seq, "the resolved alert names its firing");
+
+    // A second burst inside the cooldown: held. The interaction after it
+    // (its own intent) fires its own rule, and alerts are judged in stream
+    // order, so once that one is stored the burst has been judged.
+    for _ in 0..10 {
+        interaction(&op, "desk-1", false, None).await;
+    }
+    interaction(&op, "desk-2", false, Some("sentinel")).await;
+    op.flush().await.unwrap();
+    let all = wait_stored(&js, "by-intent", AlertState::Firing).await;
+    assert_eq!(
+        summary(&all),
+        [
+            ("errors".into(), "all".into(), AlertState::Firing),
+            ("errors".into(), "all".into(), AlertState::Resolved),
+            ("by-intent".into(), "intent=sentinel".into(), AlertState::Firing),
+        ],
+        "the cooldown held the second burst"
+    );
+    let got = hook.wait_for(3).await;
+    let mut ids: Vec<_> = got.iter().map(|a| a.id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "each alert reached the webhook once: {got:?}");
+
+    // The archiver keeps each alert once, in the alerts table.
+    let db = ferry_workers::state::connect_one(&pg.url()).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    let rows = loop {
+        let rows = db
+            .query("SELECT rule, scope_kind, scope_value, state FROM alerts ORDER BY stream_seq", &[])
+            .await
+            .unwrap();
+        if rows.len() >= 3 || Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let rows: Vec<(String, String, String, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    assert_eq!(
+        rows,
+        [
+            ("errors".into(), "all".into(), "".into(), "firing".into()),
+            ("errors".into(), "all".into(), "".into(), "resolved".into()),
+            ("by-intent".into(), "intent".into(), "sentinel".into(), "firing".into()),
+        ]
+    );
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    archiver_stop.cancel();
+    archiver.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_silent_agent_raises_agent_offline_and_its_heartbeat_resolves_it() {
+    let (nats, op, js) = broker().await;
+    let hook = receiver();
+    let file = alerts_file(&format!(
+        "webhook_url = \"{}\"\n[[rule]]\nname = \"offline\"\ncheck = \"agent_offline\"\nthreshold = 2\n",
+        hook.url
+    ));
+    let (stop, task) = in_process(&nats, file.path());
+    heartbeat(&op, "desk-2").await;
+    let got = hook.wait_for(1).await;
+    assert_eq!(summary(&got), [("offline".into(), "agent=desk-2".into(), AlertState::Firing)]);
+    heartbeat(&op, "desk-2").await;
+    let got = hook.wait_for(2).await;
+    assert_eq!(got[1].state, AlertState::Resolved);
+    assert_eq!(summary(&stored(&js).await).len(), 2, "one firing, one resolved");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn killing_an_alerts_replica_mid_window_neither_loses_nor_doubles_an_alert() {
+    let (nats, op, js) = broker().await;
+    let hook = receiver();
+    let file = alerts_file(&format!(
+        "webhook_url = \"{}\"\n\
+         [[rule]]\nname = \"errors\"\ncheck = \"error_rate\"\nthreshold = 50\nwindow_seconds = 600\nmin_interactions = 6\n\
+         [[rule]]\nname = \"by-intent\"\ncheck = \"error_rate\"\nscope = \"intent\"\nthreshold = 50\nmin_interactions = 1\n",
+        hook.url
+    ));
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ferry-worker"))
+            .args(["--server", &nats.url(), "--user", "alerts"])
+            .args(["--password", nats.secrets().role(Role::Alerts)])
+            .args(["alerts", "--alerts"])
+            .arg(file.path())
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .map(Worker)
+            .expect("ferry-worker starts")
+    };
+    let kill = |c: &mut Worker| {
+        c.0.kill().unwrap();
+        c.0.wait().unwrap();
+    };
+    let mut first = spawn();
+    // Half the window's failures reach the first replica; it is killed.
+    for _ in 0..3 {
+        interaction(&op, "desk-1", false, None).await;
+    }
+    op.flush().await.unwrap();
+    inspect::wait_for_count(&js, topology::EVENTS_STREAM, 3, WAIT).await.unwrap();
+    kill(&mut first);
+    // Two replicas from here on; the rest of the burst.
+    let mut second = spawn();
+    let mut third = spawn();
+    for _ in 0..3 {
+        interaction(&op, "desk-1", false, None).await;
+    }
+    op.flush().await.unwrap();
+    let fired = wait_stored(&js, "errors", AlertState::Firing).await;
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    // The sixth failure fired it: the first three were not lost.
+    assert_eq!(fired[0].trigger_seq, 6);
+    // One of the two is killed and a fresh one starts, which reads the
+    // firing back instead of raising it again; recovery resolves once.
+    kill(&mut second);
+    let mut fourth = spawn();
+    for _ in 0..6 {
+        interaction(&op, "desk-1", true, None).await;
+    }
+    interaction(&op, "desk-2", false, Some("sentinel")).await;
+    op.flush().await.unwrap();
+    wait_stored(&js, "by-intent", AlertState::Firing).await;
+    wait_stored(&js, "errors", AlertState::Resolved).await;
+    let got = hook.wait_for(3).await;
+    // Let both live replicas finish what they read; a late copy would be
+    // dropped by the stream, which is what this checks.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let all = stored(&js).await;
+    assert_eq!(
+        summary(&all),
+        [
+            ("errors".into(), "all".into(), AlertState::Firing),
+            ("errors".into(), "all".into(), AlertState::Resolved),
+            ("by-intent".into(), "intent=sentinel".into(), AlertState::Firing),
+        ],
+        "nothing lost, nothing doubled"
+    );
+    let mut per_id: HashMap<uuid::Uuid, usize> = HashMap::new();
+    for a in &got {
+        *per_id.entry(a.id).or_default() += 1;
+    }
+    assert_eq!(per_id.len(), 3, "{got:?}");
+    for c in [&mut third, &mut fourth] {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.0.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        assert!(c.0.wait().unwrap().success(), "SIGTERM: the graceful path exits 0");
+    }
+}
