@@ -112,15 +112,17 @@ pub fn role_permissions(role: Role) -> Permissions {
             subject::WorkQueue::InferenceChat.subject().to_string(),
         ]),
         Role::Inference => publish.push(subject::all_replies().to_string()),
-        // The rules' readers: ephemeral ordered consumers of EVENTS (the
-        // unnamed create cannot make or change a durable one) and of
-        // ALERTS (each rule's last state), their flow-control answers;
+        // The rules' readers: ephemeral ordered consumers of EVENTS and
+        // REPLIES (the unnamed create cannot make or change a durable one)
+        // and of ALERTS (each rule's last state), their flow-control answers;
         // and the alerts they raise.
         Role::Alerts => publish.extend([
             subject::all_alerts().to_string(),
             format!("$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}"),
+            format!("$JS.API.CONSUMER.CREATE.{REPLIES_STREAM}"),
             format!("$JS.API.CONSUMER.CREATE.{ALERTS_STREAM}"),
             format!("$JS.FC.{EVENTS_STREAM}.>"),
+            format!("$JS.FC.{REPLIES_STREAM}.>"),
             format!("$JS.FC.{ALERTS_STREAM}.>"),
         ]),
         // The keeper (crate::quota) runs in the archiver.

@@ -136,6 +136,56 @@ impl Reply {
         }
     }
 
+    /// Ferry's own work as an interaction, so the archive's `interactions`
+    /// and the alerts worker see Ferry's answers as they see an
+    /// assistant's: the chat (or, for a prediction or rule alert, the
+    /// agent) is the session; `intent` is `chat_<action>`, `predict` or
+    /// `rule_alert`; `tools_used` the step that answered (`rule`, `model`,
+    /// `kb_template`, `apology`); it failed when the fallback chain had to
+    /// go past the model (`error_type` `fallback_<step>`); `model` is the
+    /// model alias, when a model answered. The customer's text is not
+    /// copied (it is in `chat_messages`).
+    pub fn as_interaction(&self) -> crate::event::Interaction {
+        let light = |intent: &str, tool: &str, ms: f64| crate::event::Interaction {
+            session_id: self.agent.as_str().to_string(),
+            user_input: String::new(),
+            intent: Some(intent.into()),
+            tools_used: vec![tool.into()],
+            response_time_ms: ms,
+            success: true,
+            error_type: None,
+            model: None,
+            tokens: None,
+        };
+        match &self.body {
+            ReplyBody::Chat(c) => {
+                let step = c.answered_by.kind;
+                let fell_back = matches!(step, ResponderKind::KbTemplate | ResponderKind::Apology);
+                let action = match c.action {
+                    ChatAction::Reply => "chat_reply",
+                    ChatAction::Escalate => "chat_escalate",
+                    ChatAction::Ignore => "chat_ignore",
+                };
+                crate::event::Interaction {
+                    session_id: c.chat.clone(),
+                    user_input: String::new(),
+                    intent: Some(action.into()),
+                    tools_used: vec![step.as_str().into()],
+                    response_time_ms: c.processing_ms,
+                    success: !fell_back,
+                    error_type: fell_back.then(|| format!("fallback_{}", step.as_str())),
+                    model: (step == ResponderKind::Model).then(|| c.answered_by.name.clone()),
+                    tokens: c.tokens,
+                }
+            }
+            ReplyBody::Prediction(p) => crate::event::Interaction {
+                model: Some(p.model.clone()),
+                ..light("predict", "model", p.processing_ms)
+            },
+            ReplyBody::Alert(a) => light("rule_alert", "rule", a.processing_ms),
+        }
+    }
+
     /// The reply's kind, derived from its body.
     pub fn kind(&self) -> ReplyKind {
         match self.body {
@@ -181,6 +231,18 @@ pub enum ResponderKind {
     KbTemplate,
     /// The fixed apology (last step of the fallback chain).
     Apology,
+}
+
+impl ResponderKind {
+    /// The step's name on the wire and in the archive.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Rule => "rule",
+            Self::Model => "model",
+            Self::KbTemplate => "kb_template",
+            Self::Apology => "apology",
+        }
+    }
 }
 
 /// Who answered: the step kind and its name (rule name, model alias, ...).
@@ -236,4 +298,35 @@ pub struct AlertReply {
     pub message: String,
     /// Time spent, milliseconds.
     pub processing_ms: f64,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn chat(kind: ResponderKind, name: &str) -> Reply {
+        let body = ReplyBody::Chat(ChatReply {
+            chat: "Alice".into(),
+            action: ChatAction::Reply,
+            content: Some("hi".into()),
+            confidence: 0.5,
+            answered_by: AnsweredBy { kind, name: name.into() },
+            processing_ms: 812.0,
+            tokens: Some(40),
+        });
+        Reply::new("inference", EventId::new(), AgentId::new("desk-1").unwrap(), body)
+    }
+
+    #[test]
+    fn a_model_answer_is_a_success_and_a_fallback_a_failure_named_by_its_step() {
+        let ok = chat(ResponderKind::Model, "smollm2").as_interaction();
+        assert_eq!((ok.success, ok.model.as_deref(), ok.tokens), (true, Some("smollm2"), Some(40)));
+        assert_eq!((ok.session_id.as_str(), ok.intent.as_deref(), ok.response_time_ms), ("Alice", Some("chat_reply"), 812.0));
+        assert_eq!(ok.tools_used, ["model"]);
+        let fell = chat(ResponderKind::Apology, "apology").as_interaction();
+        assert_eq!((fell.success, fell.error_type.as_deref(), fell.model), (false, Some("fallback_apology"), None));
+        let rule = chat(ResponderKind::Rule, "greeting").as_interaction();
+        assert!(rule.success && rule.tools_used == ["rule"] && rule.model.is_none());
+    }
 }

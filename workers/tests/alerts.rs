@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use ferry_schema::alert::{Alert, AlertState};
+use ferry_schema::reply::{AnsweredBy, ChatAction, ChatReply, ResponderKind};
 use ferry_schema::topology::{self, Role, StreamSettings, ALERTS_STREAM};
-use ferry_schema::AgentId;
+use ferry_schema::{codec, headers, subject, AgentId, Encoding, EventId, Reply, ReplyBody};
 use ferry_stack::{inspect, NatsServer};
 use ferry_workers::alerts::{self, AlertsConfig};
 use ferry_workers::archiver::{self, ArchiverConfig};
@@ -328,4 +329,50 @@ async fn killing_an_alerts_replica_mid_window_neither_loses_nor_doubles_an_alert
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(c.0.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
         assert!(c.0.wait().unwrap().success(), "SIGTERM: the graceful path exits 0");
     }
+}
+
+/// Publishes a chat reply answered by `step`, as a worker would.
+async fn reply(js: &jetstream::Context, agent: &str, step: ResponderKind) {
+    let body = ReplyBody::Chat(ChatReply {
+        chat: "Alice".into(),
+        action: ChatAction::Reply,
+        content: Some("sorry".into()),
+        confidence: 0.1,
+        answered_by: AnsweredBy { kind: step, name: step.as_str().into() },
+        processing_ms: 30.0,
+        tokens: None,
+    });
+    let agent = AgentId::new(agent).unwrap();
+    let r = Reply::new("inference", EventId::new(), agent.clone(), body);
+    let payload = codec::encode_reply(&r, Encoding::MsgPack).unwrap();
+    let h = headers::for_publish(r.id.text(), Encoding::MsgPack, None);
+    js.publish_with_headers(subject::reply(&agent), h, payload.into()).await.unwrap().await.unwrap();
+}
+
+#[tokio::test]
+async fn ferrys_own_fallbacks_raise_an_alert_of_their_own() {
+    let (nats, op, js) = broker().await;
+    let hook = receiver();
+    let file = alerts_file(&format!(
+        "webhook_url = \"{}\"\n\
+         [[rule]]\nname = \"ferry-fallbacks\"\ncheck = \"error_rate\"\nsource = \"ferry\"\nthreshold = 50\nmin_interactions = 3\n\
+         [[rule]]\nname = \"assistant-errors\"\ncheck = \"error_rate\"\nthreshold = 50\nmin_interactions = 1\n",
+        hook.url
+    ));
+    let (stop, task) = in_process(&nats, file.path());
+    // The model answered one; the fallback chain answered two more.
+    reply(&js, "desk-1", ResponderKind::Model).await;
+    reply(&js, "desk-1", ResponderKind::Apology).await;
+    reply(&js, "desk-2", ResponderKind::KbTemplate).await;
+    let got = hook.wait_for(1).await;
+    assert_eq!(summary(&got), [("ferry-fallbacks".into(), "all".into(), AlertState::Firing)]);
+    assert!((got[0].value - 200.0 / 3.0).abs() < 1e-6, "{got:?}");
+    // A rule over assistants' interactions does not count Ferry's replies:
+    // an assistant's failure is its first.
+    interaction(&op, "desk-1", false, None).await;
+    op.flush().await.unwrap();
+    let all = wait_stored(&js, "assistant-errors", AlertState::Firing).await;
+    assert_eq!(all.len(), 2, "{all:?}");
+    stop.cancel();
+    task.await.unwrap().unwrap();
 }

@@ -199,6 +199,11 @@ async fn every_event_and_reply_stored_once_across_replays() {
     let want: HashSet<Uuid> = events.iter().map(|e| e.id.0).collect();
     assert_eq!(db.ids("SELECT id FROM events").await, want);
     assert_eq!(db.count("SELECT count(*) FROM chat_messages").await, n_chats);
+    assert_eq!(
+        db.count("SELECT count(*) FROM interactions WHERE reported_by = 'ferry' AND 'rule' = ANY(tools_used) AND success").await,
+        n_chats,
+        "each rules reply is also Ferry's own interaction"
+    );
     assert_eq!(db.count("SELECT count(*) FROM activities").await, n - n_chats - 2);
     assert_eq!(db.count("SELECT count(*) FROM agents WHERE last_heartbeat IS NOT NULL AND version = '0.1.0'").await, 2);
     assert_eq!(db.count("SELECT count(*) FROM customers").await, 14, "7 senders on each of 2 agents");
@@ -227,6 +232,7 @@ async fn every_event_and_reply_stored_once_across_replays() {
     // reply ids: REPLIES dropped those copies, and the archive has one each.
     assert_eq!(db.count("SELECT count(*) FROM replies").await, n_chats);
     assert_eq!(db.count("SELECT count(*) FROM chat_messages").await, n_chats);
+    assert_eq!(db.count("SELECT count(*) FROM interactions WHERE reported_by = 'ferry'").await, n_chats);
     assert_eq!(db.count("SELECT count(*) FROM customers").await, 14);
     assert_eq!(inspect::count(&s.js, DEADLETTER_STREAM).await.unwrap(), 0);
 }
@@ -275,7 +281,9 @@ async fn interactions_and_hand_typed_events_are_archived_once() {
 
     db.wait_count("SELECT count(*) FROM events", 22).await;
     db.wait_count("SELECT count(*) FROM replies", 1).await;
-    db.wait_count("SELECT count(*) FROM interactions", 21).await;
+    // 21 reported by assistants, and the rules' reply to the chat as Ferry's own.
+    db.wait_count("SELECT count(*) FROM interactions", 22).await;
+    assert_eq!(db.count("SELECT count(*) FROM interactions WHERE reported_by = 'assistant'").await, 21);
     assert_eq!(db.count("SELECT count(*) FROM interactions WHERE session_id = 's-0'").await, 7);
     assert_eq!(db.count("SELECT count(*) FROM interactions WHERE intent = 'refund'").await, 10);
     assert_eq!(db.count("SELECT count(*) FROM interactions WHERE 'kb.search' = ANY(tools_used)").await, 17);
@@ -284,7 +292,7 @@ async fn interactions_and_hand_typed_events_are_archived_once() {
     let row = db
         .client()
         .await
-        .query_one("SELECT event_id, agent, error_type, response_time_ms, user_input FROM interactions WHERE session_id = 'by-hand'", &[])
+        .query_one("SELECT id, agent, error_type, response_time_ms, user_input FROM interactions WHERE session_id = 'by-hand'", &[])
         .await
         .unwrap();
     assert_eq!(row.get::<_, Uuid>(0), typed.0);
@@ -305,7 +313,7 @@ async fn interactions_and_hand_typed_events_are_archived_once() {
     consumer_drained(&s, &def).await;
     a.stop().await;
     assert_eq!(db.count("SELECT count(*) FROM events").await, 22);
-    assert_eq!(db.count("SELECT count(*) FROM interactions").await, 21);
+    assert_eq!(db.count("SELECT count(*) FROM interactions").await, 22);
     assert_eq!(inspect::count(&s.js, DEADLETTER_STREAM).await.unwrap(), 0);
 }
 

@@ -66,7 +66,7 @@ async fn migrations_fresh_stepwise_and_again_end_at_one_schema() {
     assert!(matches!(err, SchemaError::TooOld { .. }));
     assert_eq!(
         err.to_string(),
-        "the database schema is older than this program needs: missing V2__customers_and_conversations, V3__knowledge_base, V4__interactions (run `ferry migrate` against this database)"
+        "the database schema is older than this program needs: missing V2__customers_and_conversations, V3__knowledge_base, V4__interactions, V5__alerts, V6__ferry_interactions (run `ferry migrate` against this database)"
     );
     db::check(&old, Some(1)).await.unwrap();
     // A worker refuses to start against it, with the same message.
@@ -74,7 +74,7 @@ async fn migrations_fresh_stepwise_and_again_end_at_one_schema() {
     assert!(refused.to_string().contains("missing V2__customers_and_conversations"), "{refused}");
     // Migrated the rest of the way, it ends where the fresh one did.
     let applied: Vec<i64> = db::migrate(&mut old, None).await.unwrap().iter().map(|m| m.version).collect();
-    assert_eq!(applied, [2, 3, 4]);
+    assert_eq!(applied, [2, 3, 4, 5, 6]);
     assert_eq!(schema_of(&old).await, want);
 }
 

@@ -63,7 +63,7 @@ pub fn run(args: DownArgs) -> anyhow::Result<()> {
         let name = match what.as_str() {
             "ferry" => "ferry",
             "nats" => "nats-server",
-            "archiver" | "rules" | "inference" => "ferry-worker",
+            role if ferry_schema::topology::Role::ALL.iter().any(|r| r.as_str() == role) => "ferry-worker",
             _ => continue,
         };
         if running(pid, name) {

@@ -490,9 +490,11 @@ async fn archive_summary(url: &str, events: i64, replies: i64) -> String {
             let customers = count(&client, "SELECT count(*) FROM customers").await;
             let conversations = count(&client, "SELECT count(*) FROM conversations").await;
             let chats = count(&client, "SELECT count(*) FROM chat_messages").await;
-            let interactions = count(&client, "SELECT count(*) FROM interactions").await;
+            let reported = count(&client, "SELECT count(*) FROM interactions WHERE reported_by = 'assistant'").await;
+            let own = count(&client, "SELECT count(*) FROM interactions WHERE reported_by = 'ferry'").await;
             return format!(
-                "{e} events, {r} replies, {chats} chat messages, {customers} customers, {conversations} conversations, {interactions} interactions"
+                "{e} events, {r} replies, {chats} chat messages, {customers} customers, {conversations} conversations, \
+                 {reported} interactions reported and {own} of Ferry's own"
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -30,13 +30,14 @@ struct Up {
 
 impl Up {
     /// Starts it (with `--demo FILE`, or no demo) and returns once it runs.
-    fn start(demo: Option<&Path>) -> Self {
+    fn start(demo: Option<&Path>, alerts: &Path) -> Self {
         let data = common::up_data_dir();
         let (port, pg_port) = (ferry_stack::free_port().unwrap(), ferry_stack::free_port().unwrap());
-        let demo_args = match demo {
+        let mut demo_args = match demo {
             Some(file) => vec!["--demo", file.to_str().unwrap()],
             None => vec!["--no-demo"],
         };
+        demo_args.extend(["--alerts", alerts.to_str().unwrap()]);
         let child = common::up(data.path(), port, pg_port, &demo_args);
         Self { data, port, pg_port, child }
     }
@@ -81,6 +82,18 @@ impl Up {
     }
 }
 
+impl Drop for Up {
+    /// A test that failed half way leaves no stack running: `ferry down`
+    /// stops what the `ferry up` it kills started.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = ferry().args(["down", "--data-dir"]).arg(self.data.path()).output();
+        }
+    }
+}
+
 /// What the archive holds: the ids of each table's rows, sorted, as text.
 async fn archive(db: &tokio_postgres::Client) -> Vec<(&'static str, Vec<String>)> {
     let mut out = Vec::new();
@@ -92,7 +105,8 @@ async fn archive(db: &tokio_postgres::Client) -> Vec<(&'static str, Vec<String>)
         ("conversations", "id::text"),
         ("kb_articles", "id::text"),
         ("rule_alerts", "reply_id::text"),
-        ("interactions", "event_id::text"),
+        ("interactions", "id::text"),
+        ("alerts", "id::text"),
     ] {
         let rows = db.query(&format!("SELECT {key} FROM {table} ORDER BY 1"), &[]).await.unwrap();
         out.push((table, rows.iter().map(|r| r.get::<_, String>(0)).collect()));
@@ -111,16 +125,16 @@ async fn archiver_floor(js: &jetstream::Context) -> u64 {
     events.consumer_info("archiver-events").await.unwrap().ack_floor.stream_sequence
 }
 
-/// Waits until the archive holds `n` events.
-async fn wait_events(db: &tokio_postgres::Client, n: i64) {
+/// Waits until `table` in the archive holds `n` rows.
+async fn wait_rows(db: &tokio_postgres::Client, table: &str, n: i64) {
     for _ in 0..300 {
-        let got: i64 = db.query_one("SELECT count(*) FROM events", &[]).await.unwrap().get(0);
+        let got: i64 = db.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.unwrap().get(0);
         if got >= n {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("the archive never held {n} events");
+    panic!("the archive's {table} never held {n} rows");
 }
 
 /// A stack with chats, replies, an alert, an interaction and the knowledge
@@ -139,10 +153,19 @@ async fn a_backup_restores_into_a_fresh_stack_that_carries_on() {
         .filter(|l| !l.contains("crypto giveaway") && !l.contains("Shenzhen") && !l.contains("\"kind\":\"predict\""))
         .collect();
     std::fs::write(&demo, lines.join("\n") + "\n").unwrap();
+    // An alert from the demo's assistant interaction (840 ms for
+    // `order_status`).
+    let alerts = demo_dir.path().join("alerts.toml");
+    std::fs::write(
+        &alerts,
+        "[[rule]]\nname = \"slow-intent\"\ncheck = \"response_time\"\nscope = \"intent\"\nthreshold = 500\nmin_interactions = 1\n",
+    )
+    .unwrap();
 
-    let first = Up::start(Some(&demo));
+    let first = Up::start(Some(&demo), &alerts);
     let db = first.db().await;
-    wait_events(&db, lines.len() as i64).await;
+    wait_rows(&db, "events", lines.len() as i64).await;
+    wait_rows(&db, "alerts", 1).await;
     let before = archive(&db).await;
     for (table, ids) in &before {
         assert!(!ids.is_empty(), "the first stack's {table} is empty: the test would prove nothing");
@@ -167,7 +190,7 @@ async fn a_backup_restores_into_a_fresh_stack_that_carries_on() {
     drop((js, db));
     first.down();
 
-    let second = Up::start(None);
+    let second = Up::start(None, &alerts);
     let out = both(second.ferry(&["restore", to]).output().unwrap());
     assert!(out.contains("every file checked by sha256"), "{out}");
     let db = second.db().await;
@@ -202,7 +225,7 @@ async fn a_backup_restores_into_a_fresh_stack_that_carries_on() {
         .await
         .unwrap();
     let total = before[0].1.len() as i64 + 1;
-    wait_events(&db, total).await;
+    wait_rows(&db, "events", total).await;
     for _ in 0..300 {
         let answered: i64 = db
             .query_one("SELECT count(*) FROM replies WHERE body::text LIKE '%Zoe%'", &[])

@@ -52,10 +52,10 @@ fn migrate_kb_and_down_after_a_killed_up() {
     // The workers are the shipped binary, one process per role, as deployed.
     let worker_pids: Vec<u32> = seen
         .lines()
-        .filter(|l| l.starts_with("ferry: archiver running") || l.starts_with("ferry: rules worker running"))
+        .filter(|l| l.starts_with("ferry: ") && l.contains(" running (pid "))
         .map(|l| l.split("(pid ").nth(1).and_then(|r| r.split(',').next()).unwrap().parse().unwrap())
         .collect();
-    assert_eq!(worker_pids.len(), 2, "{seen}");
+    assert_eq!(worker_pids.len(), 3, "archiver, rules and alerts: {seen}");
     for pid in &worker_pids {
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
         assert_eq!(exe.file_name().unwrap(), "ferry-worker", "{}", exe.display());
@@ -93,7 +93,7 @@ fn migrate_kb_and_down_after_a_killed_up() {
     let out = ferry().args(["down", "--data-dir"]).arg(dir.path()).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
-    assert!(err.contains("stopped archiver, rules, nats-server, PostgreSQL"), "{err}");
+    assert!(err.contains("stopped archiver, rules, alerts, nats-server, PostgreSQL"), "{err}");
     assert!(!port_open(port) && !port_open(pg_port));
     for pid in &worker_pids {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -153,9 +153,12 @@ fn up_once_runs_the_whole_demo_pipeline() {
     assert!(stderr.contains("demo knowledge base: 6 articles (6 new)"), "{stderr}");
     // The archive filled as the agent talked: every event and reply of the
     // demo (9 events; 8 replies: 6 chats, an alert, a prediction), its 6 chats
-    // and their 6 senders, and its assistant's interaction.
+    // and their 6 senders, its assistant's interaction, and each reply as
+    // an interaction of Ferry's own.
     assert!(
-        stderr.contains("archive: 9 events, 8 replies, 6 chat messages, 6 customers, 6 conversations, 1 interactions"),
+        stderr.contains(
+            "archive: 9 events, 8 replies, 6 chat messages, 6 customers, 6 conversations, 1 interactions reported and 8 of Ferry's own"
+        ),
         "{stderr}"
     );
     let replies: Vec<serde_json::Value> = String::from_utf8(out.stdout)
@@ -203,12 +206,15 @@ async fn provision_is_idempotent_and_reports_changes() {
         "stream REPLIES",
         "stream WORK",
         "stream DEADLETTER",
+        "stream ALERTS",
         "consumer EVENTS/rules",
         "consumer WORK/inference-chat",
         "consumer EVENTS/inference-predict",
         "consumer REPLIES/agent-desk-1",
         "consumer EVENTS/archiver-events",
         "consumer REPLIES/archiver-replies",
+        "consumer ALERTS/archiver-alerts",
+        "consumer ALERTS/alerts-notify",
     ];
     for what in all {
         assert!(first.contains(&format!("{what}: created")), "{first}");

@@ -210,7 +210,7 @@ fn compose_services_are_complete_and_every_command_passes_check() {
     let names: Vec<&str> = services.keys().map(String::as_str).collect();
     assert_eq!(
         names,
-        ["archiver", "backup", "inference", "migrate", "nats", "postgres", "provision", "rules"],
+        ["alerts", "archiver", "backup", "inference", "migrate", "nats", "postgres", "provision", "rules"],
         "services"
     );
     // The backup service's `--check` runs pg_dump: have PostgreSQL's tools.
@@ -323,7 +323,7 @@ fn compose_services_are_complete_and_every_command_passes_check() {
         assert!(all.contains(expect), "service {name}: {all}");
         checked.push(name.as_str());
     }
-    assert_eq!(checked, ["archiver", "backup", "inference", "migrate", "nats", "provision", "rules"]);
+    assert_eq!(checked, ["alerts", "archiver", "backup", "inference", "migrate", "nats", "provision", "rules"]);
 
     // --check is a real check: a broken rules file, a missing password.
     let rules = &services["rules"];
@@ -428,7 +428,7 @@ fn systemd_units_verify_and_their_command_lines_pass_check() {
         }
         seen.push(unit_name);
     }
-    assert_eq!(seen.len(), 3);
+    assert_eq!(seen.len(), 4);
 
     // The daily backup: a timer and its one-shot service.
     let backup = read(&units.join("ferry-backup.service"));

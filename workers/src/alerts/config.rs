@@ -15,6 +15,7 @@
 //! threshold = 50
 //! window_seconds = 60
 //! min_interactions = 10
+//! source = "assistant"              # assistant | ferry (Ferry's own answers)
 //! ```
 
 use std::path::Path;
@@ -45,6 +46,17 @@ pub enum Statistic {
     Mean,
 }
 
+/// Whose interactions a rule counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Source {
+    /// Interaction events that assistants report (`events.<agent>.interaction`); the default.
+    Assistant,
+    /// Ferry's own answers: each reply on `REPLIES` as an interaction
+    /// (`Reply::as_interaction`: a fallback past the model is a failure).
+    Ferry,
+}
+
 /// One rule, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
@@ -64,6 +76,8 @@ pub struct Rule {
     pub cooldown: Duration,
     /// Mean or p95, for response-time rules.
     pub statistic: Statistic,
+    /// Whose interactions it counts.
+    pub source: Source,
 }
 
 /// One webhook.
@@ -165,6 +179,7 @@ struct RawRule {
     min_interactions: Option<usize>,
     cooldown_minutes: Option<f64>,
     statistic: Option<Statistic>,
+    source: Option<Source>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -224,6 +239,7 @@ pub fn parse(text: &str, path: &str) -> Result<AlertsFile, ConfigError> {
                 min_interactions: DEFAULT_MIN_INTERACTIONS,
                 cooldown,
                 statistic: Statistic::P95,
+                source: Source::Assistant,
             });
         }
     }
@@ -261,6 +277,9 @@ pub fn parse(text: &str, path: &str) -> Result<AlertsFile, ConfigError> {
             Some(m) => minutes(&at("cooldown_minutes"), m)?,
             None => cooldown,
         };
+        if r.source.is_some() && check == Check::AgentOffline {
+            return Err(invalid(&at("source"), "an agent_offline rule watches heartbeats: leave source out".into()));
+        }
         if r.statistic.is_some() && check != Check::ResponseTime {
             return Err(invalid(&at("statistic"), "only a response_time rule has a statistic".into()));
         }
@@ -273,6 +292,7 @@ pub fn parse(text: &str, path: &str) -> Result<AlertsFile, ConfigError> {
             min_interactions,
             cooldown,
             statistic: r.statistic.unwrap_or(Statistic::P95),
+            source: r.source.unwrap_or(Source::Assistant),
         });
     }
     let mut webhooks = Vec::new();

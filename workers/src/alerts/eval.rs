@@ -13,7 +13,7 @@ use ferry_schema::alert::{Alert, AlertState, Check, Scope, ScopeKind};
 use ferry_schema::event::Interaction;
 use ferry_schema::AgentId;
 
-use super::config::{Rule, Statistic};
+use super::config::{Rule, Source, Statistic};
 
 /// Most interactions one window of one scope holds; beyond it the oldest
 /// leave early (at 5,000 interactions a second into one scope, a window
@@ -41,6 +41,9 @@ struct ScopeState {
     run: u64,
     firing: Option<Firing>,
     last_fired: Option<DateTime<Utc>>,
+    /// Events up to this sequence were judged by whoever raised the
+    /// restored alert: read again, they rebuild the window but raise nothing.
+    judged_through: u64,
 }
 
 #[derive(Debug, Default)]
@@ -112,6 +115,7 @@ impl Evaluator {
         }
         let st = self.state.entry((last.rule.clone(), last.scope.clone())).or_default();
         st.last_fired = Some(last.fired_at);
+        st.judged_through = last.trigger_seq;
         st.firing = (last.state == AlertState::Firing).then_some(Firing {
             trigger_seq: last.trigger_seq,
             at: last.fired_at,
@@ -130,8 +134,10 @@ impl Evaluator {
         v
     }
 
-    /// One interaction at `seq`, stored at `ts`, from `agent`.
-    pub fn interaction(&mut self, seq: u64, ts: DateTime<Utc>, agent: &AgentId, i: &Interaction) -> Vec<Alert> {
+    /// One interaction from `source` at `seq` of its stream, stored at
+    /// `ts`, from (or for) `agent`. Each rule counts one source, so its
+    /// state follows one stream's order.
+    pub fn interaction(&mut self, source: Source, seq: u64, ts: DateTime<Utc>, agent: &AgentId, i: &Interaction) -> Vec<Alert> {
         let mut out = Vec::new();
         let sample = Sample {
             ts,
@@ -139,7 +145,7 @@ impl Evaluator {
             ms: i.response_time_ms,
         };
         for rule in &self.rules {
-            if rule.check == Check::AgentOffline {
+            if rule.check == Check::AgentOffline || rule.source != source {
                 continue;
             }
             let value = match rule.scope {
@@ -159,7 +165,7 @@ impl Evaluator {
             st.push(sample);
             st.evict(ts - rule.window);
             st.run = if i.success { 0 } else { st.run + 1 };
-            if self.seen_from.is_some_and(|from| ts < from + rule.window) {
+            if seq <= st.judged_through || self.seen_from.is_some_and(|from| ts < from + rule.window) {
                 continue;
             }
             let (holds, value) = st.judge(rule);
@@ -183,6 +189,9 @@ impl Evaluator {
                 value: agent.as_str().to_string(),
             };
             let st = self.state.entry((rule.name.clone(), scope.clone())).or_default();
+            if seq <= st.judged_through {
+                continue;
+            }
             if let Some(a) = transition(rule, &scope, st, false, 0.0, seq, ts) {
                 out.push(a);
             }
@@ -376,7 +385,7 @@ mod tests {
         let mut seq = 0;
         let mut feed = |e: &mut Evaluator, at: i64, ok: bool, out: &mut Vec<Alert>| {
             seq += 1;
-            out.extend(e.interaction(seq, t(at), &a, &inter(ok, 10.0)));
+            out.extend(e.interaction(Source::Assistant, seq, t(at), &a, &inter(ok, 10.0)));
         };
         for s in 0..10 {
             feed(&mut e, s, false, &mut out);
@@ -405,7 +414,7 @@ mod tests {
         let run = |e: &mut Evaluator| {
             let mut out = Vec::new();
             for s in 0..5u64 {
-                out.extend(e.interaction(s + 1, t(s as i64), &a, &inter(s % 5 == 0, 500.0)));
+                out.extend(e.interaction(Source::Assistant, s + 1, t(s as i64), &a, &inter(s % 5 == 0, 500.0)));
             }
             out
         };
@@ -415,8 +424,15 @@ mod tests {
         assert_eq!(states(&ax), [("slow", AlertState::Firing), ("consecutive_errors", AlertState::Firing)]);
         assert_eq!(ax[0].scope.to_string(), "model=m");
         // A replica that starts restores what is firing and reads the
-        // events again from t(0): nothing is raised twice, and no restored
-        // firing is resolved on a window it has not seen whole.
+        // events again: the ones up to each firing's trigger were judged
+        // already, so nothing is raised twice and no restored firing is
+        // resolved by the events that led to it.
+        let mut y = eval(cfg);
+        for al in &ax {
+            y.restore(al);
+        }
+        assert!(run(&mut y).is_empty(), "read again after a restore, the same events raise nothing");
+        // Nor, having seen no event before t(0), on a window not seen whole.
         let mut z = eval(cfg);
         z.seen_from(t(0));
         for al in &ax {
@@ -425,7 +441,7 @@ mod tests {
         assert!(run(&mut z).is_empty(), "restored firing states raise nothing again");
         assert_eq!(z.firing().len(), 2);
         // Once it has seen a whole window, it judges again.
-        let later = z.interaction(99, t(400), &a, &inter(true, 1.0));
+        let later = z.interaction(Source::Assistant, 99, t(400), &a, &inter(true, 1.0));
         assert_eq!(states(&later), [("consecutive_errors", AlertState::Resolved), ("slow", AlertState::Resolved)]);
         assert_eq!((later[0].trigger_seq, later[1].trigger_seq), (ax[1].trigger_seq, ax[0].trigger_seq));
     }
@@ -449,8 +465,9 @@ mod tests {
     fn an_emptied_window_resolves_on_a_tick() {
         let mut e = eval("[[rule]]\nname = \"errors\"\ncheck = \"error_rate\"\nthreshold = 10\nwindow_seconds = 60\nmin_interactions = 2");
         let a = AgentId::new("desk-1").unwrap();
-        let mut out = e.interaction(1, t(0), &a, &inter(false, 1.0));
-        out.extend(e.interaction(2, t(1), &a, &inter(false, 1.0)));
+        let mut out = e.interaction(Source::Assistant, 1, t(0), &a, &inter(false, 1.0));
+        out.extend(e.interaction(Source::Assistant, 2, t(1), &a, &inter(false, 1.0)));
+        assert!(e.interaction(Source::Ferry, 3, t(1), &a, &inter(false, 1.0)).is_empty(), "a rule counts only its source");
         assert_eq!(states(&out), [("errors", AlertState::Firing)]);
         assert!(e.tick(t(30)).is_empty());
         assert_eq!(states(&e.tick(t(62))), [("errors", AlertState::Resolved)]);

@@ -11,7 +11,9 @@
 //! A window per scope needs every interaction of that scope, so the
 //! evaluation cannot be split over a shared consumer. Each replica reads
 //! all interactions and heartbeats itself, through ordered consumers of
-//! `EVENTS`, and so computes the same transitions with the same
+//! `EVENTS` (and every reply on `REPLIES`, Ferry's own interactions; a rule
+//! counts one of the two, so its state follows one stream's order), and so
+//! computes the same transitions with the same
 //! `Nats-Msg-Id` ([`ferry_schema::alert::Alert::dedup_key`]); `ALERTS`
 //! keeps the first copy and drops the others (its duplicate window). A
 //! replica that starts (or takes over from a killed one) reads each rule's
@@ -34,12 +36,13 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::push::OrderedConfig, consumer::DeliverPolicy};
 use chrono::{DateTime, Utc};
 use ferry_schema::alert::Alert;
-use ferry_schema::topology::{self, ALERTS_STREAM, EVENTS_STREAM};
+use ferry_schema::topology::{self, ALERTS_STREAM, EVENTS_STREAM, REPLIES_STREAM};
 use ferry_schema::{codec, headers, subject, EventBody, EventKind};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::runtime::{self, ConsumeSettings, Ctx, Description, Stats, Wiring};
+use config::Source;
 
 pub use config::{AlertsFile, ConfigError};
 
@@ -197,6 +200,17 @@ struct Evaluation {
     stop: CancellationToken,
 }
 
+/// What a reader reads.
+#[derive(Debug, Clone, Copy)]
+enum Input {
+    /// Assistants' interaction events.
+    Interaction,
+    /// Agents' heartbeats.
+    Heartbeat,
+    /// Ferry's replies, each an interaction of Ferry's own.
+    Reply,
+}
+
 /// A reader of one stream, and whether it has reached the end it had at start.
 struct Reader {
     messages: jetstream::consumer::push::Ordered,
@@ -230,18 +244,21 @@ impl Evaluation {
         let horizon = chrono::Duration::from_std(file.horizon() * 2).unwrap_or_default();
         let replay_from = started - horizon;
         ev.seen_from(replay_from);
-        let mut interactions = self.reader(EventKind::Interaction, replay_from).await?;
-        let mut heartbeats = self.reader(EventKind::Heartbeat, replay_from).await?;
+        let events = |kind| subject::events_of_kind(kind).to_string();
+        let mut interactions = self.reader(EVENTS_STREAM, events(EventKind::Interaction), replay_from).await?;
+        let mut heartbeats = self.reader(EVENTS_STREAM, events(EventKind::Heartbeat), replay_from).await?;
+        let mut replies = self.reader(REPLIES_STREAM, subject::all_replies().to_string(), replay_from).await?;
         tracing::info!(restored, firing = ev.firing().len(), from = %replay_from, "alert evaluation started");
         let mut tick = tokio::time::interval(self.cfg.tick_every);
         let mut reload = tokio::time::interval(self.cfg.reload_every.unwrap_or(Duration::from_secs(3600)));
         loop {
             let out = tokio::select! {
                 _ = self.stop.cancelled() => return Ok(()),
-                m = interactions.messages.next() => self.step(&mut ev, m, &mut interactions, EventKind::Interaction)?,
-                m = heartbeats.messages.next() => self.step(&mut ev, m, &mut heartbeats, EventKind::Heartbeat)?,
+                m = interactions.messages.next() => self.step(&mut ev, m, &mut interactions, Input::Interaction)?,
+                m = heartbeats.messages.next() => self.step(&mut ev, m, &mut heartbeats, Input::Heartbeat)?,
+                m = replies.messages.next() => self.step(&mut ev, m, &mut replies, Input::Reply)?,
                 _ = tick.tick() => {
-                    if interactions.caught_up && heartbeats.caught_up { ev.tick(Utc::now()) } else { Vec::new() }
+                    if interactions.caught_up && heartbeats.caught_up && replies.caught_up { ev.tick(Utc::now()) } else { Vec::new() }
                 }
                 _ = reload.tick(), if self.cfg.reload_every.is_some() => {
                     if let Some(f) = self.reload(&mut seen_bytes) {
@@ -306,35 +323,35 @@ impl Evaluation {
         Ok(usize::try_from(n).unwrap_or(usize::MAX))
     }
 
-    /// An ordered reader of every agent's events of `kind` from `from`.
-    async fn reader(&self, kind: EventKind, from: DateTime<Utc>) -> Result<Reader, EvalError> {
-        let stream = self.js.get_stream_no_info(EVENTS_STREAM).await.map_err(|e| broker("EVENTS")(e.to_string()))?;
+    /// An ordered reader of `stream`'s messages on `filter` from `from`.
+    async fn reader(&self, stream: &'static str, filter: String, from: DateTime<Utc>) -> Result<Reader, EvalError> {
+        let stream = self.js.get_stream_no_info(stream).await.map_err(|e| broker(stream)(e.to_string()))?;
         let start_time = time::OffsetDateTime::from_unix_timestamp(from.timestamp()).map_err(|e| EvalError::Broker(e.to_string()))?;
         let consumer = stream
             .create_consumer(OrderedConfig {
                 deliver_subject: self.js.client().new_inbox(),
-                filter_subject: subject::events_of_kind(kind).to_string(),
+                filter_subject: filter,
                 deliver_policy: DeliverPolicy::ByStartTime { start_time },
                 ..Default::default()
             })
             .await
-            .map_err(|e| broker("reading EVENTS")(e.to_string()))?;
+            .map_err(|e| broker("creating a reader")(e.to_string()))?;
         let caught_up = consumer.cached_info().num_pending == 0;
-        let messages = consumer.messages().await.map_err(|e| broker("reading EVENTS")(e.to_string()))?;
+        let messages = consumer.messages().await.map_err(|e| broker("reading")(e.to_string()))?;
         Ok(Reader { messages, caught_up })
     }
 
-    /// One event from a reader into the evaluator.
+    /// One message from a reader into the evaluator.
     fn step(
         &self,
         ev: &mut eval::Evaluator,
         m: Option<Result<jetstream::Message, jetstream::consumer::push::OrderedError>>,
         reader: &mut Reader,
-        kind: EventKind,
+        input: Input,
     ) -> Result<Vec<Alert>, EvalError> {
         let m = match m {
-            None => return Err(EvalError::Broker(format!("the {kind} reader ended"))),
-            Some(Err(e)) => return Err(broker("reading EVENTS")(e.to_string())),
+            None => return Err(EvalError::Broker(format!("the {input:?} reader ended"))),
+            Some(Err(e)) => return Err(broker("reading")(e.to_string())),
             Some(Ok(m)) => m,
         };
         let Ok(info) = m.info() else { return Ok(Vec::new()) };
@@ -343,15 +360,21 @@ impl Evaluation {
         if pending == 0 {
             reader.caught_up = true;
         }
-        let Ok((agent, _)) = subject::parse_event(m.subject.as_str()) else { return Ok(Vec::new()) };
-        Ok(match kind {
-            EventKind::Heartbeat => ev.heartbeat(seq, ts, &agent),
-            _ => match runtime::decode::event(&m, self.cfg.max_payload) {
+        // What does not decode is dead-lettered by the roles that own it.
+        Ok(match input {
+            Input::Reply => match runtime::decode::reply(&m, self.cfg.max_payload) {
+                Ok(r) => ev.interaction(Source::Ferry, seq, ts, &r.agent, &r.as_interaction()),
+                Err(_) => Vec::new(),
+            },
+            Input::Heartbeat => match subject::parse_event(m.subject.as_str()) {
+                Ok((agent, _)) => ev.heartbeat(seq, ts, &agent),
+                Err(_) => Vec::new(),
+            },
+            Input::Interaction => match runtime::decode::event(&m, self.cfg.max_payload) {
                 Ok(e) => match &e.env.body {
-                    EventBody::Interaction(i) => ev.interaction(seq, ts, &agent, i),
+                    EventBody::Interaction(i) => ev.interaction(Source::Assistant, seq, ts, &e.env.agent, i),
                     _ => Vec::new(),
                 },
-                // The rules worker and the archiver dead-letter it.
                 Err(_) => Vec::new(),
             },
         })

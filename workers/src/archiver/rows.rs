@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use ferry_schema::reply::{ChatAction, ResponderKind};
+use ferry_schema::reply::ChatAction;
 use ferry_schema::{Envelope, EventBody, Reply, ReplyBody};
 use uuid::Uuid;
 
@@ -99,7 +99,8 @@ pub struct EventSink {
     pub conversation_idle: Duration,
 }
 
-/// Writes replies (and predictions, alerts).
+/// Writes replies (and predictions, rule alerts, and each reply as Ferry's
+/// own interaction).
 #[derive(Debug, Clone, Default)]
 pub struct ReplySink;
 
@@ -238,45 +239,60 @@ impl Sink for EventSink {
 
         let fresh: Vec<&EventRow> = rows.into_iter().filter(|r| inserted.contains(&r.env.id.0)).collect();
         self.write_chats(&tx, &fresh).await?;
-        write_interactions(&tx, &fresh).await?;
+        write_event_interactions(&tx, &fresh).await?;
         tx.commit().await
     }
 }
 
+/// One interaction row: its id (the event's, or for Ferry's own the
+/// reply's), agent, time, and the interaction.
+type InteractionRow<'a> = (Uuid, &'a str, DateTime<Utc>, &'a ferry_schema::event::Interaction);
+
 /// The interactions among newly stored events, in one insert.
-async fn write_interactions(tx: &deadpool_postgres::Transaction<'_>, rows: &[&EventRow]) -> Result<(), tokio_postgres::Error> {
-    let found: Vec<(&EventRow, &ferry_schema::event::Interaction)> = rows
+async fn write_event_interactions(tx: &deadpool_postgres::Transaction<'_>, rows: &[&EventRow]) -> Result<(), tokio_postgres::Error> {
+    let found: Vec<InteractionRow<'_>> = rows
         .iter()
         .filter_map(|r| match &r.env.body {
-            EventBody::Interaction(i) => Some((*r, i)),
+            EventBody::Interaction(i) => Some((r.env.id.0, r.env.agent.as_str(), r.env.ts, i)),
             _ => None,
         })
         .collect();
+    write_interactions(tx, &found, "assistant").await
+}
+
+/// `found` into `interactions`, reported by `reported_by` (`assistant`
+/// or `ferry`), in one insert; only rows just stored come here, so each
+/// id is new.
+async fn write_interactions(
+    tx: &deadpool_postgres::Transaction<'_>,
+    found: &[InteractionRow<'_>],
+    reported_by: &str,
+) -> Result<(), tokio_postgres::Error> {
     if found.is_empty() {
         return Ok(());
     }
-    let ids: Vec<Uuid> = found.iter().map(|(r, _)| r.env.id.0).collect();
-    let agents: Vec<&str> = found.iter().map(|(r, _)| r.env.agent.as_str()).collect();
-    let ts: Vec<DateTime<Utc>> = found.iter().map(|(r, _)| r.env.ts).collect();
-    let sessions: Vec<&str> = found.iter().map(|(_, i)| i.session_id.as_str()).collect();
-    let inputs: Vec<&str> = found.iter().map(|(_, i)| i.user_input.as_str()).collect();
-    let intents: Vec<Option<&str>> = found.iter().map(|(_, i)| i.intent.as_deref()).collect();
+    let ids: Vec<Uuid> = found.iter().map(|r| r.0).collect();
+    let agents: Vec<&str> = found.iter().map(|r| r.1).collect();
+    let ts: Vec<DateTime<Utc>> = found.iter().map(|r| r.2).collect();
+    let sessions: Vec<&str> = found.iter().map(|r| r.3.session_id.as_str()).collect();
+    let inputs: Vec<&str> = found.iter().map(|r| r.3.user_input.as_str()).collect();
+    let intents: Vec<Option<&str>> = found.iter().map(|r| r.3.intent.as_deref()).collect();
     // text[] per row does not fit through unnest: each row's tools travel
     // as a JSON array and become text[] in SQL.
     let tools: Vec<String> = found
         .iter()
-        .map(|(_, i)| serde_json::to_string(&i.tools_used).unwrap_or_else(|_| "[]".into()))
+        .map(|r| serde_json::to_string(&r.3.tools_used).unwrap_or_else(|_| "[]".into()))
         .collect();
-    let times: Vec<f64> = found.iter().map(|(_, i)| i.response_time_ms).collect();
-    let success: Vec<bool> = found.iter().map(|(_, i)| i.success).collect();
-    let errors: Vec<Option<&str>> = found.iter().map(|(_, i)| i.error_type.as_deref()).collect();
-    let models: Vec<Option<&str>> = found.iter().map(|(_, i)| i.model.as_deref()).collect();
-    let tokens: Vec<Option<i32>> = found.iter().map(|(_, i)| i.tokens.map(|t| i32::try_from(t).unwrap_or(i32::MAX))).collect();
+    let times: Vec<f64> = found.iter().map(|r| r.3.response_time_ms).collect();
+    let success: Vec<bool> = found.iter().map(|r| r.3.success).collect();
+    let errors: Vec<Option<&str>> = found.iter().map(|r| r.3.error_type.as_deref()).collect();
+    let models: Vec<Option<&str>> = found.iter().map(|r| r.3.model.as_deref()).collect();
+    let tokens: Vec<Option<i32>> = found.iter().map(|r| r.3.tokens.map(|t| i32::try_from(t).unwrap_or(i32::MAX))).collect();
     let stmt = tx
         .prepare_cached(
-            "INSERT INTO interactions (event_id, agent, ts, session_id, user_input, intent, tools_used,
-                                       response_time_ms, success, error_type, model, tokens)
-             SELECT i, a, t, s, u, n, ARRAY(SELECT jsonb_array_elements_text(tj::jsonb)), ms, ok, e, m, tk
+            "INSERT INTO interactions (id, agent, ts, session_id, user_input, intent, tools_used,
+                                       response_time_ms, success, error_type, model, tokens, reported_by)
+             SELECT i, a, t, s, u, n, ARRAY(SELECT jsonb_array_elements_text(tj::jsonb)), ms, ok, e, m, tk, $13
                FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::text[], $5::text[], $6::text[],
                            $7::text[], $8::float8[], $9::bool[], $10::text[], $11::text[], $12::int4[])
                     AS x(i, a, t, s, u, n, tj, ms, ok, e, m, tk)",
@@ -284,7 +300,7 @@ async fn write_interactions(tx: &deadpool_postgres::Transaction<'_>, rows: &[&Ev
         .await?;
     tx.execute(
         &stmt,
-        &[&ids, &agents, &ts, &sessions, &inputs, &intents, &tools, &times, &success, &errors, &models, &tokens],
+        &[&ids, &agents, &ts, &sessions, &inputs, &intents, &tools, &times, &success, &errors, &models, &tokens, &reported_by],
     )
     .await?;
     Ok(())
@@ -402,14 +418,6 @@ fn enum_str<T: serde::Serialize>(v: &T) -> String {
         .unwrap_or_default()
 }
 
-fn responder_kind(k: ResponderKind) -> &'static str {
-    match k {
-        ResponderKind::Rule => "rule",
-        ResponderKind::Model => "model",
-        ResponderKind::KbTemplate => "kb_template",
-        ResponderKind::Apology => "apology",
-    }
-}
 
 fn action(a: ChatAction) -> &'static str {
     match a {
@@ -436,7 +444,7 @@ impl Sink for ReplySink {
         for r in &rows {
             match &r.reply.body {
                 ReplyBody::Chat(c) => {
-                    by_kind.push(Some(responder_kind(c.answered_by.kind)));
+                    by_kind.push(Some(c.answered_by.kind.as_str()));
                     by_name.push(Some(c.answered_by.name.as_str()));
                     actions.push(Some(action(c.action)));
                     contents.push(c.content.as_deref());
@@ -502,6 +510,14 @@ impl Sink for ReplySink {
                 ReplyBody::Chat(_) => {}
             }
         }
+        // Ferry's own work, as interactions (`Reply::as_interaction`).
+        let own: Vec<_> = rows
+            .iter()
+            .filter(|r| inserted.contains(&r.reply.id.0))
+            .map(|r| (r.reply.id.0, r.reply.agent.as_str(), r.reply.ts, r.reply.as_interaction()))
+            .collect();
+        let own: Vec<InteractionRow<'_>> = own.iter().map(|(i, a, t, x)| (*i, *a, *t, x)).collect();
+        write_interactions(&tx, &own, "ferry").await?;
         tx.commit().await
     }
 }
