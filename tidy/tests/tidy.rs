@@ -107,6 +107,7 @@ const LOCAL_FORMATS: &[(&str, &str)] = &[
     ("agent/src/spool", "`when_full` in the agent's config file"),
     ("ops/cli/src/agent_registry.rs", "the operator's agent registry `agents.toml`"),
     ("ops/cli/src/backup.rs", "a backup folder's `manifest.json`, read back only by `ferry restore`"),
+    ("ops/cli/src/dashboard", "the login form of the dashboard's own page"),
     ("workers/src/alerts/config.rs", "the alerts worker's TOML file"),
     ("workers/src/inference/config.rs", "the inference worker's TOML config"),
     ("workers/src/rules/config.rs", "the rules TOML file"),

@@ -7,6 +7,7 @@ mod bench;
 mod certs;
 mod chaos;
 mod checkout;
+mod dashboard;
 mod data_dir;
 mod db;
 mod dlq;
@@ -47,6 +48,7 @@ use ferry_schema::connect::{Auth, NatsConfig};
 ///   ferry tap 'events.>'          # live events, decoded to JSON
 ///   ferry dlq list                # dead letters and why
 ///   ferry stats --watch 2         # lag per worker role, replicas, agents
+///   ferry dashboard               # the live page on http://127.0.0.1:8090/
 ///   ferry agent add desk-7 --group support   # an agent's nkey and permissions, reloaded into the broker
 ///   ferry chaos worker-kill       # SIGKILL a worker every 2 s under load; exits 1 on loss
 ///   ferry bench rules --events 20000 --repeat 5
@@ -79,6 +81,9 @@ enum Cmd {
     Tap(tap::TapArgs),
     /// Streams, consumer lag, worker replicas online, agents' heartbeats.
     Stats(stats::StatsArgs),
+    /// A live web page of the pipeline (agents, traffic, interactions,
+    /// alerts), pushed over server-sent events; log in as the operator.
+    Dashboard(dashboard::DashboardArgs),
     /// Dead letters: list them, re-drive them after a fix.
     #[command(subcommand)]
     Dlq(dlq::DlqCmd),
@@ -187,6 +192,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Replay(args) => replay::run(*args).await,
         Cmd::Tap(args) => tap::run(args).await,
         Cmd::Stats(args) => stats::run(args).await,
+        Cmd::Dashboard(args) => dashboard::run(args).await,
         Cmd::Dlq(cmd) => dlq::run(cmd).await,
         Cmd::Agent(cmd) => agent::run(cmd).await,
         Cmd::Certs(args) => certs::run(args),

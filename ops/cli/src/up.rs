@@ -90,6 +90,10 @@ pub struct UpArgs {
     /// worker's, then the alerts worker's (0: each picks a free port and logs it).
     #[arg(long, default_value_t = 9464)]
     metrics_port: u16,
+    /// Port of the dashboard on 127.0.0.1 (log in as `operator` with
+    /// FERRY_OPERATOR_PASSWORD from <data-dir>/secrets.env; 0: a free port).
+    #[arg(long, default_value_t = 8090)]
+    dashboard_port: u16,
     /// The `ferry-worker` binary to run (default: in a checkout, built by
     /// cargo with the tests; else the one beside this `ferry`).
     #[arg(long, value_name = "PATH")]
@@ -148,6 +152,24 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let worker_pids: String = workers.iter().map(|w| format!("{}={}\n", w.name, w.pid())).collect();
     std::fs::write(&pid_file, format!("{me}{worker_pids}{broker}")).with_context(|| format!("writing {}", pid_file.display()))?;
 
+    // The dashboard, in this process: a busy port costs the page, not the stack.
+    let dashboard_stop = CancellationToken::new();
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], args.dashboard_port));
+    let login = crate::dashboard::Login::new("operator", &secrets.operator);
+    let dashboard = match crate::dashboard::serve(op.clone(), login, listen, dashboard_stop.clone()).await {
+        Ok((addr, task)) => {
+            eprintln!(
+                "ferry: dashboard on http://{addr}/ (user operator, password FERRY_OPERATOR_PASSWORD in {})",
+                secrets_path.display()
+            );
+            Some(task)
+        }
+        Err(e) => {
+            eprintln!("ferry: no dashboard: {e:#}");
+            None
+        }
+    };
+
     let shutdown = CancellationToken::new();
     let mut demo_failed = None;
     if !args.no_demo {
@@ -165,6 +187,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         eprintln!("ferry: stopping ...");
     }
     shutdown.cancel();
+    dashboard_stop.cancel();
+    if let Some(task) = dashboard {
+        let _ = task.await;
+    }
     for w in workers {
         let name = w.name.clone();
         w.stop().await;

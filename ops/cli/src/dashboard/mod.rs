@@ -1,0 +1,319 @@
+//! `ferry dashboard`: a live web page of the pipeline (agents, traffic by kind, interactions, alerts), pushed to the browser over server-sent events.
+//!
+//! The server watches the broker as the operator does (`events.>`,
+//! `replies.>`, `alerts.>`, and each rule's last alert from `ALERTS` at
+//! start), folds what it sees into a [`live::Live`] state, and once a second
+//! pushes a snapshot to every open page over SSE (`/live`); the page never
+//! polls. A login (the operator's user and password, as in the stack's
+//! secrets) guards every page but the login form; the session is a random
+//! cookie. It binds to loopback unless told otherwise.
+
+pub mod live;
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, consumer::push::OrderedConfig, consumer::DeliverPolicy};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use axum::{Form, Router};
+use clap::Args;
+use ferry_schema::alert::Alert;
+use ferry_schema::topology::ALERTS_STREAM;
+use ferry_schema::subject;
+use futures::StreamExt;
+use sha2::Digest as _;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::data_dir::DataDir;
+use crate::ConnArgs;
+
+const PAGE: &str = include_str!("page.html");
+const SCRIPT: &str = include_str!("app.js");
+/// The cookie that carries a session.
+const SESSION_COOKIE: &str = "ferry_session";
+/// How often a snapshot goes to the pages.
+pub const PUSH_EVERY: Duration = Duration::from_secs(1);
+/// Sessions kept at once; the oldest go first beyond it.
+const MAX_SESSIONS: usize = 1024;
+
+/// `ferry dashboard`.
+#[derive(Debug, Args)]
+pub struct DashboardArgs {
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Address to serve on. Loopback by default: the page shows customers'
+    /// chats and alerts; put it behind a TLS proxy to open it further.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    pub listen: SocketAddr,
+    /// Where `ferry up` keeps its secrets (the operator's password, when
+    /// --password is not given).
+    #[arg(long, default_value = crate::data_dir::DEFAULT)]
+    pub data_dir: DataDir,
+}
+
+/// Who may log in: a user and the sha256 of `user:password`.
+#[derive(Clone)]
+pub struct Login {
+    user: String,
+    digest: [u8; 32],
+}
+
+impl Login {
+    /// The login of `user` with `password`.
+    pub fn new(user: &str, password: &str) -> Self {
+        Self {
+            user: user.to_string(),
+            digest: digest(user, password),
+        }
+    }
+
+    fn accepts(&self, user: &str, password: &str) -> bool {
+        // Digests of equal length compared: nothing about the password
+        // leaks through the time the comparison takes.
+        user == self.user && digest(user, password) == self.digest
+    }
+}
+
+fn digest(user: &str, password: &str) -> [u8; 32] {
+    sha2::Sha256::digest(format!("{user}:{password}").as_bytes()).into()
+}
+
+#[derive(Clone)]
+struct AppState {
+    login: Login,
+    sessions: Arc<Mutex<Vec<String>>>,
+    snapshots: watch::Receiver<String>,
+}
+
+impl AppState {
+    fn signed_in(&self, headers: &HeaderMap) -> bool {
+        let Some(cookie) = headers.get(header::COOKIE).and_then(|v| v.to_str().ok()) else { return false };
+        let ids: HashSet<&str> = cookie
+            .split(';')
+            .filter_map(|c| c.trim().strip_prefix(SESSION_COOKIE)?.strip_prefix('='))
+            .collect();
+        let sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        sessions.iter().any(|s| ids.contains(s.as_str()))
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct LoginForm {
+    user: String,
+    password: String,
+}
+
+/// The page's router, on `snapshots`.
+fn router(login: Login, snapshots: watch::Receiver<String>) -> Router {
+    let state = AppState {
+        login,
+        sessions: Arc::new(Mutex::new(Vec::new())),
+        snapshots,
+    };
+    Router::new()
+        .route("/", get(index))
+        .route("/app.js", get(script))
+        .route("/login", post(sign_in))
+        .route("/live", get(live_stream))
+        .with_state(state)
+}
+
+async fn index() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+async fn script() -> Response {
+    ([(header::CONTENT_TYPE, "text/javascript; charset=utf-8")], SCRIPT).into_response()
+}
+
+async fn sign_in(State(s): State<AppState>, Form(f): Form<LoginForm>) -> Response {
+    if !s.login.accepts(&f.user, &f.password) {
+        tracing::warn!(user = %f.user, "dashboard login refused");
+        return (StatusCode::UNAUTHORIZED, "wrong user or password").into_response();
+    }
+    let id = format!("{:032x}", rand::random::<u128>());
+    {
+        let mut sessions = s.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if sessions.len() >= MAX_SESSIONS {
+            sessions.remove(0);
+        }
+        sessions.push(id.clone());
+    }
+    let cookie = format!("{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/");
+    ([(header::SET_COOKIE, cookie)], Redirect::to("/")).into_response()
+}
+
+async fn live_stream(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    if !s.signed_in(&headers) {
+        return (StatusCode::UNAUTHORIZED, "log in first").into_response();
+    }
+    let mut rx = s.snapshots.clone();
+    let first = rx.borrow_and_update().clone();
+    let rest = futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        let snapshot = rx.borrow_and_update().clone();
+        Some((snapshot, rx))
+    });
+    let events = futures::stream::once(async move { first })
+        .chain(rest)
+        .map(|data| Ok::<_, Infallible>(Event::default().data(data)));
+    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+}
+
+/// Serves the dashboard on `listen` for the broker `client` reaches until
+/// `stop`; returns the address it bound once it serves.
+pub async fn serve(
+    client: async_nats::Client,
+    login: Login,
+    listen: SocketAddr,
+    stop: CancellationToken,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the dashboard to {listen} (--listen)"))?;
+    let bound = listener.local_addr()?;
+    let state = Arc::new(Mutex::new(live::Live::default()));
+    let (tx, rx) = watch::channel(String::from("{}"));
+    let watchers = watch_broker(client, state.clone(), stop.clone()).await?;
+    let pusher = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PUSH_EVERY);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let snapshot = {
+                    let mut live = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    live.snapshot(chrono::Utc::now())
+                };
+                let _ = tx.send(snapshot.to_string());
+            }
+        })
+    };
+    let app = router(login, rx);
+    let server = tokio::spawn(async move {
+        let shutdown = stop.clone();
+        let served = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+        stop.cancel();
+        let _ = pusher.await;
+        for w in watchers {
+            let _ = w.await;
+        }
+        served.context("serving the dashboard")
+    });
+    Ok((bound, server))
+}
+
+/// The subscriptions that feed `state`: events, replies, alerts (after
+/// each rule's last alert, read from `ALERTS`).
+async fn watch_broker(
+    client: async_nats::Client,
+    state: Arc<Mutex<live::Live>>,
+    stop: CancellationToken,
+) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let js = jetstream::new(client.clone());
+    let last_alerts = read_last_alerts(&client, &js).await?;
+    {
+        let mut live = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for a in last_alerts {
+            live.alert(a);
+        }
+    }
+    let mut tasks = Vec::new();
+    for (subject, what) in [
+        (subject::all_events(), Feed::Events),
+        (subject::all_replies(), Feed::Replies),
+        (subject::all_alerts(), Feed::Alerts),
+    ] {
+        let mut sub = client.subscribe(subject.clone()).await.with_context(|| format!("subscribing to {subject}"))?;
+        let (state, stop) = (state.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    m = sub.next() => match m { Some(m) => m, None => return },
+                };
+                let mut live = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                match what {
+                    Feed::Events => live.event(msg.subject.as_str(), msg.headers.as_ref(), &msg.payload, chrono::Utc::now()),
+                    Feed::Replies => live.reply(msg.headers.as_ref(), &msg.payload, chrono::Utc::now()),
+                    Feed::Alerts => {
+                        if let Ok(a) = Alert::from_json(&msg.payload) {
+                            live.alert(a);
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    Ok(tasks)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Feed {
+    Events,
+    Replies,
+    Alerts,
+}
+
+/// Each rule's last alert per scope, as `ALERTS` holds it now.
+async fn read_last_alerts(client: &async_nats::Client, js: &jetstream::Context) -> anyhow::Result<Vec<Alert>> {
+    let stream = js.get_stream(ALERTS_STREAM).await.context("looking up the ALERTS stream (run `ferry provision`)")?;
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            deliver_subject: client.new_inbox(),
+            filter_subject: subject::all_alerts().to_string(),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .context("reading ALERTS")?;
+    let pending = consumer.cached_info().num_pending;
+    let mut out = Vec::new();
+    if pending == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer.messages().await.context("reading ALERTS")?;
+    while (out.len() as u64) < pending {
+        let m = tokio::time::timeout(Duration::from_secs(10), messages.next())
+            .await
+            .context("reading ALERTS: nothing for 10 s")?
+            .context("reading ALERTS: ended")??;
+        if let Ok(a) = Alert::from_json(&m.payload) {
+            out.push(a);
+        }
+    }
+    Ok(out)
+}
+
+/// `ferry dashboard`: serves until Ctrl-C.
+pub async fn run(args: DashboardArgs) -> anyhow::Result<()> {
+    let conn = args
+        .conn
+        .or_local_operator(&args.data_dir, "ferry dashboard", "pass the operator's --password")?;
+    let login = match &conn.auth {
+        ferry_schema::connect::Auth::UserPassword { user, password } => Login::new(user, password),
+        _ => anyhow::bail!("the dashboard's login is the operator's user and password: pass --user and --password"),
+    };
+    let client = conn.connect().await.context("connecting to NATS")?;
+    let stop = CancellationToken::new();
+    let (bound, server) = serve(client, login, args.listen, stop.clone()).await?;
+    eprintln!("ferry: dashboard on http://{bound}/ (log in as the operator; Ctrl-C stops)");
+    let mut server = server;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => stop.cancel(),
+        r = &mut server => return r?,
+    }
+    server.await?
+}

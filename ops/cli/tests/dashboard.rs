@@ -1,0 +1,239 @@
+//! `ferry dashboard` in a real headless Chromium (Debian's, driven over the DevTools protocol) against a real broker and alerts worker.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io::BufRead as _;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use common::ferry;
+use ferry_schema::topology::{self, Role, StreamSettings};
+use ferry_schema::{headers, AgentId, Encoding, EventId};
+use ferry_stack::{free_port, NatsServer};
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A process killed when the test ends, however it ends.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// One page of a headless Chromium, driven over the DevTools protocol.
+struct Page {
+    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+    next_id: u64,
+    _browser: Killed,
+    _profile: tempfile::TempDir,
+}
+
+/// `GET path` on 127.0.0.1:`port`: the body, read to its `Content-Length`
+/// (Chromium's DevTools server keeps the connection open and ignores HTTP/1.0).
+async fn http_get(port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await.ok()?.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let Some((head, body)) = text.split_once("\r\n\r\n") else { continue };
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().ok()))??;
+        if body.len() >= len {
+            return Some(body[..len].to_string());
+        }
+    }
+}
+
+impl Page {
+    async fn open() -> Self {
+        let chromium = ferry_stack::install::ensure("chromium", "chromium").expect("chromium (Debian's package)");
+        let profile = tempfile::tempdir().unwrap();
+        let port = free_port().unwrap();
+        let browser = std::process::Command::new(chromium)
+            .args(["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--window-size=1400,1000"])
+            .arg(format!("--remote-debugging-port={port}"))
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("chromium starts");
+        let browser = Killed(browser);
+        let deadline = Instant::now() + WAIT;
+        let url = loop {
+            let pages: Option<Value> = http_get(port, "/json/list").await.and_then(|b| serde_json::from_str(&b).ok());
+            let found = pages.as_ref().and_then(|p| {
+                p.as_array()?
+                    .iter()
+                    .find(|t| t["type"] == "page")
+                    .and_then(|t| t["webSocketDebuggerUrl"].as_str().map(String::from))
+            });
+            if let Some(u) = found {
+                break u;
+            }
+            assert!(Instant::now() < deadline, "chromium's DevTools never answered on port {port}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("DevTools WebSocket");
+        Self {
+            ws,
+            next_id: 0,
+            _browser: browser,
+            _profile: profile,
+        }
+    }
+
+    /// One DevTools command; its result (events in between are skipped).
+    async fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.ws.send(Message::text(json!({"id": id, "method": method, "params": params}).to_string())).await.unwrap();
+        loop {
+            let m = tokio::time::timeout(WAIT, self.ws.next()).await.expect("DevTools answers").unwrap().unwrap();
+            let Message::Text(t) = m else { continue };
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v["id"] == id {
+                assert!(v.get("error").is_none(), "{method}: {v}");
+                return v["result"].clone();
+            }
+        }
+    }
+
+    /// The value of a JavaScript expression in the page (promises awaited).
+    async fn eval(&mut self, expr: &str) -> Value {
+        let r = self
+            .call("Runtime.evaluate", json!({"expression": expr, "awaitPromise": true, "returnByValue": true}))
+            .await;
+        assert!(r.get("exceptionDetails").is_none(), "{expr}: {r}");
+        r["result"]["value"].clone()
+    }
+
+    /// Waits until `expr` is true in the page.
+    async fn wait_until(&mut self, expr: &str, what: &str) {
+        let deadline = Instant::now() + WAIT;
+        while self.eval(expr).await != Value::Bool(true) {
+            let body = self.eval("document.body ? document.body.innerText : ''").await;
+            assert!(Instant::now() < deadline, "{what}: never; the page shows:\n{body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Publishes a JSON event as an agent would, with its id as `Nats-Msg-Id`.
+async fn publish(js: &jetstream::Context, agent: &str, kind: &str, body: Value) {
+    let id = EventId::new();
+    let event = json!({"id": id.to_string(), "agent": agent, "kind": kind, "ts": chrono::Utc::now(), "v": 1, "body": body});
+    let h = headers::for_publish(id.to_string().as_str(), Encoding::Json, None);
+    js.publish_with_headers(format!("events.{agent}.{kind}"), h, event.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_page_logs_in_and_shows_agents_traffic_and_alerts_live() {
+    let nats = NatsServer::start_temp().expect("nats-server starts");
+    let op = nats.operator("test").connect().await.unwrap();
+    let js = jetstream::new(op.clone());
+    let agents = [AgentId::new("desk-1").unwrap()];
+    topology::provision(&js, &StreamSettings::default(), &agents).await.unwrap();
+
+    // The alerts worker, so a burst of failures becomes an alert.
+    let rules = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(rules.path(), "[[rule]]\nname = \"assistant-errors\"\ncheck = \"error_rate\"\nthreshold = 50\nmin_interactions = 3\n").unwrap();
+    let stop = CancellationToken::new();
+    let alerts = {
+        let (conn, cfg, stop) = (nats.role(Role::Alerts, "test-alerts"), ferry_workers::alerts::AlertsConfig::new(rules.path()), stop.clone());
+        tokio::spawn(async move { ferry_workers::alerts::run(conn.connect().await.unwrap(), &cfg, stop).await })
+    };
+
+    // The real `ferry dashboard`, as an operator runs it.
+    let dash_port = free_port().unwrap();
+    let mut child = ferry()
+        .args(["dashboard", "--server", &nats.url(), "--password", &nats.secrets().operator])
+        .args(["--listen", &format!("127.0.0.1:{dash_port}")])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _dashboard = Killed(child);
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let said = lines.next().unwrap().unwrap();
+    assert!(said.contains(&format!("dashboard on http://127.0.0.1:{dash_port}/")), "{said}");
+    std::thread::spawn(move || lines.for_each(drop));
+    let url = format!("http://127.0.0.1:{dash_port}/");
+
+    let mut page = Page::open().await;
+    page.call("Page.navigate", json!({"url": url})).await;
+    page.wait_until("document.getElementById('login') && !document.getElementById('login').hidden", "the login form").await;
+
+    // Without a session the live feed is refused; a wrong password too.
+    assert_eq!(page.eval("fetch('/live').then(r => r.status)").await, 401);
+    page.eval("document.getElementById('password').value = 'not-the-password'; document.getElementById('login-button').click(); true").await;
+    page.wait_until("document.getElementById('login-error').innerText.includes('Wrong user or password')", "a wrong password refused").await;
+    assert_eq!(page.eval("document.getElementById('app').hidden").await, true);
+
+    // The operator's password logs in and the feed goes live.
+    let pw = serde_json::to_string(&nats.secrets().operator).unwrap();
+    page.eval(&format!("document.getElementById('password').value = {pw}; document.getElementById('login-button').click(); true")).await;
+    page.wait_until("document.getElementById('status').innerText.startsWith('live')", "the live feed").await;
+
+    // An agent comes online.
+    let heartbeat = json!({"version": "9.9.9", "cpu_percent": 12.5, "rss_bytes": 52428800, "spool_depth": 3});
+    publish(&js, "desk-1", "heartbeat", heartbeat).await;
+    page.wait_until(
+        "[...document.querySelectorAll('#agents tr')].some(r => r.innerText.includes('desk-1') && r.innerText.includes('online') && r.innerText.includes('9.9.9'))",
+        "desk-1 online",
+    )
+    .await;
+
+    // The event counter moves as events are published.
+    let before = page.eval("Number(document.getElementById('events-total').innerText)").await.as_u64().unwrap();
+    for i in 0..20 {
+        publish(&js, "desk-1", "chat", json!({"chat": "Alice", "sender": "Alice", "text": format!("hello {i}")})).await;
+    }
+    page.wait_until(&format!("Number(document.getElementById('events-total').innerText) >= {}", before + 20), "the counter moving")
+        .await;
+
+    // A burst of failed interactions: the alert appears.
+    for _ in 0..5 {
+        let failed = json!({"session_id": "s-1", "response_time_ms": 900.0, "success": false, "error_type": "timeout", "intent": "refund"});
+        publish(&js, "desk-1", "interaction", failed).await;
+    }
+    page.wait_until(
+        "document.getElementById('alerts-firing').innerText.includes('assistant-errors')",
+        "the alert on the page",
+    )
+    .await;
+
+    // A screenshot of what the browser shows, kept beside the build.
+    let shot = page.call("Page.captureScreenshot", json!({"format": "png"})).await;
+    let png = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, shot["data"].as_str().unwrap()).unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG");
+    let dir = ferry_harness::cargo::current_target_dir().unwrap_or_else(std::env::temp_dir).join("screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("dashboard.png");
+    std::fs::write(&path, png).unwrap();
+    eprintln!("screenshot: {}", path.display());
+
+    stop.cancel();
+    alerts.await.unwrap().unwrap();
+}
