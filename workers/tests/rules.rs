@@ -688,3 +688,40 @@ async fn a_postgres_outage_does_not_dead_letter_customer_tag_chats() {
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// A worker whose broker went away still stops on SIGTERM: its last step
+/// (leaving the micro service, flushing the client) waits for a broker
+/// only so long, rather than for a reconnect that never comes.
+#[tokio::test]
+async fn a_worker_whose_broker_is_gone_still_stops_on_sigterm() {
+    let mut s = stack(RULES, Duration::from_secs(30)).await;
+    let mut worker = std::process::Command::new(env!("CARGO_BIN_EXE_ferry-worker"))
+        .args(["--server", &s.nats.url(), "--user", "rules"])
+        .args(["--password", s.nats.secrets().role(topology::Role::Rules)])
+        .args(["rules", "--rules"])
+        .arg(s.rules_file.path())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("ferry-worker starts");
+    // Running: it answers a chat.
+    publish(&s.js, &chat("desk-1", "hello"), Encoding::MsgPack, true).await;
+    let answered = inspect::wait_for_count(&s.js, REPLIES_STREAM, 1, WAIT).await;
+    s.nats.stop();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    if status.is_none() {
+        let _ = worker.kill();
+        let _ = worker.wait();
+    }
+    answered.unwrap();
+    assert!(status.is_some(), "the worker still ran a minute after SIGTERM, its broker gone");
+}

@@ -32,14 +32,27 @@ pub fn jetstream_for(client: async_nats::Client, consume: &ConsumeSettings) -> j
         .build(client)
 }
 
+/// How long the last step of a shutdown may wait for the broker. Without
+/// a bound, a replica whose broker is gone waited on SIGTERM for a
+/// reconnect that never came (`workers/tests/rules.rs::a_worker_whose_broker_is_gone_still_stops_on_sigterm`);
+/// what it still buffers then is acks and service messages, which the
+/// broker's redelivery and the service's absence make up for.
+pub const FINISH_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The last step of every role's shutdown: leave the micro service, then
-/// flush what the client still buffers.
+/// flush what the client still buffers, for at most [`FINISH_WITHIN`].
 async fn finish(svc: async_nats::service::Service, client: &async_nats::Client) {
-    if let Err(error) = svc.stop().await {
-        tracing::debug!(%error, "micro service stop failed");
-    }
-    if let Err(error) = client.flush().await {
-        tracing::warn!(%error, "flush on shutdown failed");
+    let done = tokio::time::timeout(FINISH_WITHIN, async {
+        if let Err(error) = svc.stop().await {
+            tracing::debug!(%error, "micro service stop failed");
+        }
+        if let Err(error) = client.flush().await {
+            tracing::warn!(%error, "flush on shutdown failed");
+        }
+    })
+    .await;
+    if done.is_err() {
+        tracing::warn!(within = ?FINISH_WITHIN, "the broker did not take the last messages; stopping anyway");
     }
 }
 pub use stats::{Stats, StatsSnapshot};
