@@ -223,6 +223,58 @@ impl Alert {
     }
 }
 
+/// Why the last alerts could not be read from `ALERTS`.
+#[derive(Debug, thiserror::Error)]
+#[error("reading the last alerts from {stream}: {reason}")]
+pub struct ReadError {
+    /// The stream (`ALERTS`).
+    pub stream: &'static str,
+    /// What went wrong.
+    pub reason: String,
+}
+
+/// Each rule's last alert per scope, as `ALERTS` holds it now (an ordered
+/// consumer delivering the last message per subject; nothing is changed).
+/// A message that is not an alert is logged and skipped. Needs only the
+/// unnamed consumer create on `ALERTS` (no stream info), which the alerts
+/// role's user has.
+pub async fn read_last(js: &async_nats::jetstream::Context) -> Result<Vec<Alert>, ReadError> {
+    use async_nats::jetstream::consumer::{push::OrderedConfig, DeliverPolicy};
+    use futures::StreamExt as _;
+    let stream = crate::topology::ALERTS_STREAM;
+    let err = |reason: String| ReadError { stream, reason };
+    let consumer = js
+        .get_stream_no_info(stream)
+        .await
+        .map_err(|e| err(e.to_string()))?
+        .create_consumer(OrderedConfig {
+            deliver_subject: js.client().new_inbox(),
+            filter_subject: crate::subject::all_alerts().to_string(),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let pending = consumer.cached_info().num_pending;
+    let mut out = Vec::new();
+    if pending == 0 {
+        return Ok(out);
+    }
+    let mut messages = consumer.messages().await.map_err(|e| err(e.to_string()))?;
+    for _ in 0..pending {
+        let m = tokio::time::timeout(std::time::Duration::from_secs(30), messages.next())
+            .await
+            .map_err(|_| err("no message for 30 s".into()))?
+            .ok_or_else(|| err("the reader ended".into()))?
+            .map_err(|e| err(e.to_string()))?;
+        match Alert::from_json(&m.payload) {
+            Ok(a) => out.push(a),
+            Err(error) => tracing::warn!(%error, subject = %m.subject, "not an alert in ALERTS; skipped"),
+        }
+    }
+    Ok(out)
+}
+
 /// Whether `name` can be a rule's name: 1 to 64 of `a-z`, `0-9`, `_`, `-`
 /// (it is a subject token and a key).
 pub fn valid_rule_name(name: &str) -> bool {

@@ -36,7 +36,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::push::OrderedConfig, consumer::DeliverPolicy};
 use chrono::{DateTime, Utc};
 use ferry_schema::alert::Alert;
-use ferry_schema::topology::{self, ALERTS_STREAM, EVENTS_STREAM, REPLIES_STREAM};
+use ferry_schema::topology::{self, EVENTS_STREAM, REPLIES_STREAM};
 use ferry_schema::{codec, headers, subject, EventBody, EventKind};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -295,32 +295,11 @@ impl Evaluation {
 
     /// Each rule's last alert per scope, from `ALERTS`.
     async fn restore(&self, ev: &mut eval::Evaluator) -> Result<usize, EvalError> {
-        let stream = self.js.get_stream_no_info(ALERTS_STREAM).await.map_err(|e| broker("ALERTS")(e.to_string()))?;
-        let consumer = stream
-            .create_consumer(OrderedConfig {
-                deliver_subject: self.js.client().new_inbox(),
-                filter_subject: subject::all_alerts().to_string(),
-                deliver_policy: DeliverPolicy::LastPerSubject,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| broker("reading ALERTS")(e.to_string()))?;
-        let pending = consumer.cached_info().num_pending;
-        let mut messages = consumer.messages().await.map_err(|e| broker("reading ALERTS")(e.to_string()))?;
-        let mut n = 0;
-        while n < pending {
-            let m = tokio::time::timeout(Duration::from_secs(30), messages.next())
-                .await
-                .map_err(|_| EvalError::Broker("reading ALERTS: no message for 30 s".into()))?;
-            let Some(m) = m else { break };
-            let m = m.map_err(|e| broker("reading ALERTS")(e.to_string()))?;
-            n += 1;
-            match Alert::from_json(&m.payload) {
-                Ok(a) => ev.restore(&a),
-                Err(error) => tracing::warn!(%error, subject = %m.subject, "not an alert in ALERTS; skipped"),
-            }
+        let last = ferry_schema::alert::read_last(&self.js).await.map_err(|e| EvalError::Broker(e.to_string()))?;
+        for a in &last {
+            ev.restore(a);
         }
-        Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        Ok(last.len())
     }
 
     /// An ordered reader of `stream`'s messages on `filter` from `from`.

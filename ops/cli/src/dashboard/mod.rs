@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use async_nats::jetstream::{self, consumer::push::OrderedConfig, consumer::DeliverPolicy};
+use async_nats::jetstream;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -26,7 +26,6 @@ use axum::routing::{get, post};
 use axum::{Form, Router};
 use clap::Args;
 use ferry_schema::alert::Alert;
-use ferry_schema::topology::ALERTS_STREAM;
 use ferry_schema::subject;
 use futures::StreamExt;
 use sha2::Digest as _;
@@ -223,7 +222,7 @@ async fn watch_broker(
     stop: CancellationToken,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let js = jetstream::new(client.clone());
-    let last_alerts = read_last_alerts(&client, &js).await?;
+    let last_alerts = ferry_schema::alert::read_last(&js).await.context("run `ferry provision` if ALERTS is missing")?;
     {
         let mut live = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for a in last_alerts {
@@ -265,36 +264,6 @@ enum Feed {
     Events,
     Replies,
     Alerts,
-}
-
-/// Each rule's last alert per scope, as `ALERTS` holds it now.
-async fn read_last_alerts(client: &async_nats::Client, js: &jetstream::Context) -> anyhow::Result<Vec<Alert>> {
-    let stream = js.get_stream(ALERTS_STREAM).await.context("looking up the ALERTS stream (run `ferry provision`)")?;
-    let consumer = stream
-        .create_consumer(OrderedConfig {
-            deliver_subject: client.new_inbox(),
-            filter_subject: subject::all_alerts().to_string(),
-            deliver_policy: DeliverPolicy::LastPerSubject,
-            ..Default::default()
-        })
-        .await
-        .context("reading ALERTS")?;
-    let pending = consumer.cached_info().num_pending;
-    let mut out = Vec::new();
-    if pending == 0 {
-        return Ok(out);
-    }
-    let mut messages = consumer.messages().await.context("reading ALERTS")?;
-    while (out.len() as u64) < pending {
-        let m = tokio::time::timeout(Duration::from_secs(10), messages.next())
-            .await
-            .context("reading ALERTS: nothing for 10 s")?
-            .context("reading ALERTS: ended")??;
-        if let Ok(a) = Alert::from_json(&m.payload) {
-            out.push(a);
-        }
-    }
-    Ok(out)
 }
 
 /// `ferry dashboard`: serves until Ctrl-C.
