@@ -212,6 +212,21 @@ struct ArchiverArgs {
         archiver::ArchiverConfig::new("").conversation_idle.as_secs() / 60,
     ))]
     conversation_idle_mins: Option<u64>,
+    #[arg(long, env = "FERRY_KEEP", value_name = "TABLE=DAYS,...", value_parser = parse_retention, help = with_default(
+        "How long each table keeps its rows, in days: `events=30,alerts=90` (tables not named keep their defaults), \
+         or `forever`. Once an hour one replica drops the day partitions older than that.",
+        archiver::retention::Retention::default(),
+    ))]
+    keep: Option<Keep>,
+}
+
+/// `--keep`: a retention, or `None` for `forever`.
+#[derive(Debug, Clone)]
+struct Keep(Option<archiver::retention::Retention>);
+
+/// `--keep`, checked when the flags are read.
+fn parse_retention(spec: &str) -> Result<Keep, archiver::retention::SpecError> {
+    archiver::retention::Retention::parse(spec).map(Keep)
 }
 
 impl ArchiverArgs {
@@ -231,6 +246,9 @@ impl ArchiverArgs {
         }
         if let Some(mins) = self.conversation_idle_mins {
             cfg.conversation_idle = std::time::Duration::from_secs(mins * 60);
+        }
+        if let Some(Keep(keep)) = &self.keep {
+            cfg.retention = keep.clone();
         }
         cfg
     }
@@ -519,6 +537,7 @@ mod tests {
         assert_eq!((got.batch.max_rows, got.batch.max_wait), (want.batch.max_rows, want.batch.max_wait));
         assert_eq!(got.conversation_idle, want.conversation_idle);
         assert_eq!(got.db.pool_size, want.db.pool_size);
+        assert_eq!(got.retention, want.retention);
 
         let RoleCmd::Rules(r) = parse(&["rules", "--rules", "r.toml"]).role else { panic!("rules") };
         let (got, want) = (r.config(), rules::RulesConfig::new("r.toml"));
@@ -551,5 +570,24 @@ mod tests {
         let want = archiver::ArchiverConfig::new("");
         assert!(help.contains(&format!("[default: {}]", want.consume.max_in_flight)), "{help}");
         assert!(help.contains(&format!("[default: {}]", want.batch.max_rows)), "{help}");
+        assert!(help.contains("[default: events=30,replies=30,interactions=30,alerts=90]"), "{help}");
+    }
+
+    #[test]
+    fn keep_sets_the_retention_and_a_bad_one_names_the_item() {
+        let RoleCmd::Archiver(a) = parse(&["archiver", "--database-url", "postgres://x@h/d", "--keep", "alerts=365"]).role else {
+            panic!("archiver")
+        };
+        let got = a.config(a.db.config().unwrap()).retention.unwrap();
+        assert_eq!(got.alerts.as_secs(), 365 * 86_400);
+        assert_eq!(got.events.as_secs(), 30 * 86_400);
+        let RoleCmd::Archiver(a) = parse(&["archiver", "--database-url", "postgres://x@h/d", "--keep", "forever"]).role else {
+            panic!("archiver")
+        };
+        assert_eq!(a.config(a.db.config().unwrap()).retention, None);
+        let err = Cli::try_parse_from(["ferry-worker", "archiver", "--database-url", "postgres://x@h/d", "--keep", "event=3"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown table `event`"), "{err}");
     }
 }

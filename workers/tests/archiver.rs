@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use common::{chat, publish, publish_by_hand, stack, Stack, RULES};
 use ferry_schema::event::{Activity, Heartbeat, Interaction};
 use ferry_schema::topology::{self, DEADLETTER_STREAM};
-use ferry_schema::{headers, subject, AgentId, Encoding, Envelope, EventBody};
+use ferry_schema::{headers, subject, AgentId, Encoding, Envelope, EventBody, EventId};
 use ferry_stack::{inspect, PgServer};
+use ferry_workers::archiver::retention::{self, Removed, Retention};
 use ferry_workers::archiver::{self, ArchiverConfig};
 use ferry_workers::runtime::Stats;
 use ferry_workers::state;
@@ -82,9 +83,14 @@ impl Archiver {
 }
 
 async fn archiver(s: &Stack, db: &Db) -> Archiver {
+    archiver_with(s, db, |_| {}).await
+}
+
+async fn archiver_with(s: &Stack, db: &Db, tweak: impl FnOnce(&mut ArchiverConfig)) -> Archiver {
     let client = s.nats.role(topology::Role::Archiver, "test-archiver").connect().await.unwrap();
     let mut cfg = ArchiverConfig::new(db.pg.url());
     cfg.batch.backoff_max = Duration::from_millis(500);
+    tweak(&mut cfg);
     let stop = CancellationToken::new();
     let token = stop.clone();
     let task = tokio::spawn(async move { archiver::run(client, &cfg, token).await });
@@ -524,4 +530,123 @@ async fn a_value_too_long_for_an_index_is_dead_lettered_and_the_rest_commit() {
     assert_eq!(db.count("SELECT count(*) FROM customers").await, 1, "the good chats' customer is stored");
     let stats = a.stop().await.snapshot();
     assert_eq!(stats.poisoned, 1, "{stats:?}");
+}
+
+/// `e`, made `days_ago` days ago: its UUIDv7 id and its `ts` both from then.
+fn aged(mut e: Envelope, days_ago: i64) -> Envelope {
+    let at = chrono::Utc::now() - chrono::TimeDelta::days(days_ago);
+    let secs = u64::try_from(at.timestamp()).unwrap();
+    e.id = EventId(Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, secs, at.timestamp_subsec_nanos())));
+    e.ts = at;
+    e
+}
+
+async fn exists(db: &Db, table: &str) -> bool {
+    db.client().await.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table]).await.unwrap().get(0)
+}
+
+/// Retention drops whole days: the partitions of the days older than a
+/// table keeps go, with exactly the rows they held; rows whose day had no
+/// partition are deleted by age; one replica acts at a time; and the
+/// archiver's own upkeep does it on its schedule, leaving today's rows (in
+/// today's partitions, made at start) and the chat history.
+#[tokio::test]
+async fn retention_drops_the_days_a_table_no_longer_keeps() {
+    let s = stack(RULES, Duration::from_secs(30)).await;
+    let db = db().await;
+    let _rules = s.replica(16).await;
+    let c = db.client().await;
+    let today = chrono::Utc::now().date_naive();
+    let day = |ago: i64| (today - chrono::TimeDelta::days(ago)).format("%Y%m%d").to_string();
+    // The partitions that the archivers of 45 and 40 days ago made.
+    for ago in [45, 40] {
+        retention::make_partitions(&c, today - chrono::TimeDelta::days(ago)).await.unwrap();
+    }
+    let a = archiver_with(&s, &db, |cfg| cfg.retention = None).await;
+
+    let mut events = Vec::new();
+    for (ago, n) in [(45, 4), (40, 3), (0, 5)] {
+        for i in 0..n {
+            events.push(aged(chat("desk-1", &format!("{ago} days ago, chat {i}")), ago));
+            events.push(aged(interaction("desk-2", i), ago));
+        }
+    }
+    // An id that is not a UUIDv7: its "day" has no partition.
+    let mut stray = chat("desk-2", "stray");
+    stray.id = EventId(Uuid::new_v4());
+    events.push(stray.clone());
+    publish_all(&s, &events, Encoding::MsgPack, true).await;
+    db.wait_count("SELECT count(*) FROM events", 25).await;
+    db.wait_count("SELECT count(*) FROM replies", 13).await;
+    // 12 reported by the assistant, and the 13 rule replies as Ferry's own.
+    db.wait_count("SELECT count(*) FROM interactions", 25).await;
+    assert_eq!(db.count("SELECT count(*) FROM events_default").await, 1, "only the stray lacks a partition");
+    assert_eq!(db.count("SELECT count(*) FROM replies_default").await, 1);
+    assert_eq!(db.count(&format!("SELECT count(*) FROM events_p{}", day(0))).await, 10, "today's rows in today's partition");
+    c.execute("UPDATE events SET archived_at = now() - interval '50 days' WHERE id = $1", &[&stray.id.0]).await.unwrap();
+    c.execute("UPDATE replies SET archived_at = now() - interval '50 days' WHERE in_reply_to = $1", &[&stray.id.0])
+        .await
+        .unwrap();
+    for ago in [100, 10] {
+        c.execute(
+            "INSERT INTO alerts (id, rule, check_kind, scope_kind, scope_value, state, ts, value, threshold, message,
+                                 trigger_seq, stream_seq)
+             VALUES (gen_random_uuid(), 'errors', 'error_rate', 'all', '', 'firing', now() - $1 * interval '1 day',
+                     50, 10, 'm', 1, 1)",
+            &[&f64::from(ago)],
+        )
+        .await
+        .unwrap();
+    }
+
+    // While another replica applies it, this one skips the pass.
+    let other = db.client().await;
+    other.execute("SELECT pg_advisory_lock($1)", &[&retention::RETENTION_LOCK]).await.unwrap();
+    let keep42 = Retention::parse("events=42,replies=42,interactions=42").unwrap().unwrap();
+    assert_eq!(retention::apply(&c, &keep42, chrono::Utc::now()).await.unwrap(), None);
+    drop(other);
+
+    let removed = loop {
+        // The lock goes with the other connection's session, shortly.
+        if let Some(r) = retention::apply(&c, &keep42, chrono::Utc::now()).await.unwrap() {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // The archiver of 45 days ago made the partitions of days 46 to 43
+    // ago (the day before to two days after): all older than 42 days.
+    let mut partitions = Vec::new();
+    for (table, rows) in [("events", 8), ("replies", 4), ("interactions", 4)] {
+        for ago in [46, 45, 44, 43] {
+            partitions.push((format!("{table}_p{}", day(ago)), if ago == 45 { rows } else { 0 }));
+        }
+    }
+    let want = Removed {
+        partitions,
+        rows: vec![("events_default".into(), 1), ("replies_default".into(), 1), ("alerts".into(), 1)],
+    };
+    assert_eq!(removed, want);
+    assert!(!exists(&db, &format!("events_p{}", day(45))).await);
+    assert_eq!(db.count("SELECT count(*) FROM events").await, 25 - 8 - 1);
+    assert_eq!(db.count("SELECT count(*) FROM alerts").await, 1);
+
+    // The archiver's upkeep, with the default retention (30 days), drops
+    // the day 40 days ago by itself.
+    a.stop().await;
+    let a = archiver_with(&s, &db, |cfg| cfg.upkeep_every = Duration::from_millis(200)).await;
+    let start = Instant::now();
+    while exists(&db, &format!("interactions_p{}", day(40))).await {
+        assert!(start.elapsed() < WAIT, "the upkeep did not drop the partitions of 40 days ago");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!exists(&db, &format!("events_p{}", day(40))).await);
+    assert!(!exists(&db, &format!("replies_p{}", day(40))).await);
+    assert_eq!(db.count("SELECT count(*) FROM events").await, 10);
+    assert_eq!(db.count("SELECT count(*) FROM replies").await, 5);
+    // Today's 5 from the assistant, and Ferry's 13 (stamped when answered).
+    assert_eq!(db.count("SELECT count(*) FROM interactions").await, 18);
+    assert_eq!(db.count("SELECT count(*) FROM chat_messages").await, 13, "chat history is not the events' to drop");
+    let again = retention::apply(&c, &Retention::default(), chrono::Utc::now()).await.unwrap();
+    assert_eq!(again.map(|r| r.total()), Some(0), "a second pass finds nothing more");
+    a.stop().await;
 }

@@ -66,7 +66,7 @@ async fn migrations_fresh_stepwise_and_again_end_at_one_schema() {
     assert!(matches!(err, SchemaError::TooOld { .. }));
     assert_eq!(
         err.to_string(),
-        "the database schema is older than this program needs: missing V2__customers_and_conversations, V3__knowledge_base, V4__interactions, V5__alerts, V6__ferry_interactions (run `ferry migrate` against this database)"
+        "the database schema is older than this program needs: missing V2__customers_and_conversations, V3__knowledge_base, V4__interactions, V5__alerts, V6__ferry_interactions, V7__partitions (run `ferry migrate` against this database)"
     );
     db::check(&old, Some(1)).await.unwrap();
     // A worker refuses to start against it, with the same message.
@@ -74,8 +74,59 @@ async fn migrations_fresh_stepwise_and_again_end_at_one_schema() {
     assert!(refused.to_string().contains("missing V2__customers_and_conversations"), "{refused}");
     // Migrated the rest of the way, it ends where the fresh one did.
     let applied: Vec<i64> = db::migrate(&mut old, None).await.unwrap().iter().map(|m| m.version).collect();
-    assert_eq!(applied, [2, 3, 4, 5, 6]);
+    assert_eq!(applied, [2, 3, 4, 5, 6, 7]);
     assert_eq!(schema_of(&old).await, want);
+}
+
+/// V7 partitions events, replies and interactions by day: a database that
+/// V6 left keeps every row, the days of its last year get their
+/// partitions, and only rows with no such day (an id that is not a UUIDv7)
+/// stay in the default partitions.
+#[tokio::test]
+async fn partitioning_keeps_every_row_of_an_older_database() {
+    let pg = server().await;
+    let mut c = state::connect_one(&pg.url()).await.unwrap();
+    db::migrate(&mut c, Some(6)).await.unwrap();
+    c.batch_execute(
+        "CREATE FUNCTION v7(t timestamptz) RETURNS uuid LANGUAGE sql AS $$
+             SELECT (lpad(to_hex(floor(extract(epoch FROM t) * 1000)::bigint), 12, '0') || '7000'
+                     || '8' || substr(md5(random()::text), 1, 15))::uuid $$;
+         INSERT INTO events SELECT v7(now() - i * interval '1 day'), 'desk-1', 'chat', now() - i * interval '1 day', '{}', i
+           FROM generate_series(0, 9) i;
+         INSERT INTO events VALUES (gen_random_uuid(), 'desk-1', 'chat', now(), '{}', 99);
+         INSERT INTO chat_messages (event_id, agent, chat, chat_type, sender, msg_type, text, ts)
+           SELECT id, agent, 'c', 'direct', 's', 'text', 't', ts FROM events;
+         INSERT INTO replies (id, in_reply_to, agent, kind, ts, body, stream_seq)
+           SELECT gen_random_uuid(), id, agent, 'chat', ts, '{}', stream_seq FROM events;
+         INSERT INTO predictions SELECT id, in_reply_to, agent, ts, 'p', 0.5, 'm' FROM replies;
+         INSERT INTO interactions (id, agent, ts, session_id, user_input, tools_used, response_time_ms, success)
+           SELECT id, agent, ts, 's', 'u', '{}', 1, true FROM events;
+         DROP FUNCTION v7;",
+    )
+    .await
+    .unwrap();
+    let n: i64 = c.query_one("SELECT count(*) FROM replies", &[]).await.unwrap().get(0);
+    assert_eq!(n, 11);
+
+    assert_eq!(db::migrate(&mut c, None).await.unwrap().iter().map(|m| m.version).collect::<Vec<_>>(), [7]);
+    let count = |sql: &'static str| {
+        let c = &c;
+        async move { c.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(count("SELECT count(*) FROM events").await, 11);
+    assert_eq!(count("SELECT count(*) FROM replies").await, 11);
+    assert_eq!(count("SELECT count(*) FROM interactions").await, 11);
+    assert_eq!(count("SELECT count(*) FROM chat_messages").await, 11);
+    assert_eq!(count("SELECT count(*) FROM predictions").await, 11);
+    assert_eq!(count("SELECT count(*) FROM events_default").await, 1, "the id that is not a UUIDv7");
+    assert_eq!(count("SELECT count(*) FROM replies_default").await, 1);
+    assert_eq!(count("SELECT count(*) FROM interactions_default").await, 0);
+    // Ten days with rows (in UTC, ten or eleven), per table.
+    let parts = count("SELECT count(*) FROM pg_inherits WHERE inhparent = 'events'::regclass").await;
+    assert!((11..=12).contains(&parts), "{parts} partitions of events (ten days and the default)");
+    // Idempotent as before: the same event id is refused.
+    let dup = c.execute("INSERT INTO events SELECT id, agent, kind, ts, body, stream_seq FROM events LIMIT 1", &[]).await;
+    assert!(dup.is_err(), "a stored event id is refused");
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@ use std::time::Duration;
 use ferry_schema::codec::DEFAULT_MAX_PAYLOAD;
 
 use super::batch;
+use super::retention::{Retention, UPKEEP_EVERY};
 use crate::runtime::ConsumeSettings;
 use crate::state::{conversations, DbConfig};
 
@@ -24,6 +25,10 @@ pub struct ArchiverConfig {
     pub max_payload: usize,
     /// How often the keeper looks at `EVENTS`; `None`: no keeper.
     pub keeper_every: Option<Duration>,
+    /// How long each table keeps its rows; `None`: forever.
+    pub retention: Option<Retention>,
+    /// How often the partition upkeep (and the retention) runs.
+    pub upkeep_every: Duration,
 }
 
 /// How often the keeper looks at `EVENTS` by default: one stream and three
@@ -52,6 +57,8 @@ impl ArchiverConfig {
             conversation_idle: conversations::DEFAULT_IDLE,
             max_payload: DEFAULT_MAX_PAYLOAD,
             keeper_every: Some(KEEPER_EVERY),
+            retention: Some(Retention::default()),
+            upkeep_every: UPKEEP_EVERY,
         }
     }
 }

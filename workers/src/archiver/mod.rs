@@ -8,15 +8,19 @@
 //! - [`rows`]: the SQL: events, agents, activities, chats with customers and
 //!   conversations; replies, predictions, rule alerts; the alerts role's alerts.
 //! - [`handler`]: decode, submit, return the commit's outcome.
+//! - [`retention`]: the day partitions, and dropping the days a table no
+//!   longer keeps.
 //!
 //! [`Archiver`] declares the role to [`runtime::serve`]: the pool and schema
 //! check, both consume loops, their batch writers, and the keeper
 //! ([`ferry_schema::quota::trim_processed`]), which frees from `EVENTS` what
-//! every consumer has processed, so a per-agent cap counts unprocessed events.
+//! every consumer has processed, so a per-agent cap counts unprocessed events,
+//! and the partition upkeep ([`retention::upkeep`]).
 
 pub mod batch;
 pub mod config;
 pub mod handler;
+pub mod retention;
 pub mod rows;
 
 use std::sync::Arc;
@@ -36,6 +40,9 @@ pub enum StartError {
     /// The database is unusable (bad URL, unreachable at start, old schema).
     #[error(transparent)]
     State(#[from] state::StateError),
+    /// The coming days' partitions could not be made.
+    #[error(transparent)]
+    Upkeep(#[from] retention::UpkeepError),
 }
 
 /// Why an archiver stopped with an error.
@@ -54,6 +61,11 @@ impl runtime::Role for Archiver {
 
     async fn prepare(cfg: &ArchiverConfig) -> Result<Self, StartError> {
         let pool = state::connect_checked(&cfg.db).await?;
+        // Today's partitions before the first row, so no row of today
+        // waits in a default partition for the first upkeep pass.
+        let client = state::connect_one(&cfg.db.url).await?;
+        retention::make_partitions(&client, chrono::Utc::now().date_naive()).await?;
+        drop(client);
         tracing::info!(database = %state::parse_url(&cfg.db.url).map(|c| state::describe(&c)).unwrap_or_default(),
             pool = cfg.db.pool_size, batch = cfg.batch.max_rows, "archiver ready");
         Ok(Self { pool })
@@ -91,7 +103,7 @@ impl runtime::Role for Archiver {
             "replies",
         );
         let (alerts, alerts_writer) =
-            batch::Batcher::spawn(self.pool, Arc::new(rows::AlertSink), cfg.batch.clone(), ctx.shutdown.clone(), "alerts");
+            batch::Batcher::spawn(self.pool.clone(), Arc::new(rows::AlertSink), cfg.batch.clone(), ctx.shutdown.clone(), "alerts");
         let events = handler::EventHandler {
             batcher: events,
             max_payload: cfg.max_payload,
@@ -110,7 +122,12 @@ impl runtime::Role for Archiver {
         if let Some(every) = cfg.keeper_every {
             wiring = wiring.beside(tokio::spawn(keep(ctx.js.clone(), every, ctx.loops.clone())));
         }
-        wiring
+        wiring.beside(tokio::spawn(upkeep(
+            cfg.db.url.clone(),
+            cfg.retention.clone(),
+            cfg.upkeep_every,
+            ctx.loops.clone(),
+        )))
     }
 }
 
@@ -142,6 +159,25 @@ async fn keep(js: async_nats::jetstream::Context, every: Duration, stop: Cancell
                 }
                 failing = true;
             }
+        }
+    }
+}
+
+/// The partition upkeep's loop: a pass at start and every `every` until
+/// `stop`; a failed pass is logged and tried again on the next tick.
+async fn upkeep(url: String, keep: Option<retention::Retention>, every: Duration, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = retention::upkeep(&url, keep.as_ref()) => {
+                if let Err(error) = r {
+                    tracing::warn!(%error, "partition upkeep failed; trying again on the next pass");
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
         }
     }
 }

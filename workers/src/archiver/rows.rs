@@ -104,17 +104,29 @@ pub struct EventSink {
 #[derive(Debug, Clone, Default)]
 pub struct ReplySink;
 
-/// Stores events whose id is not stored yet; `{CHECK}` becomes the
-/// idempotency clause (see [`insert_new`]).
-const INSERT_EVENTS: &str = "INSERT INTO events (id, agent, kind, ts, body, stream_seq)
+/// An insert of rows not stored yet: `{CHECK}` in `sql` becomes the
+/// idempotency clause on `key`, the table's primary key (see [`insert_new`]).
+struct InsertNew {
+    sql: &'static str,
+    key: &'static str,
+}
+
+/// Stores events whose id is not stored yet.
+const INSERT_EVENTS: InsertNew = InsertNew {
+    key: "id",
+    sql: "INSERT INTO events (id, agent, kind, ts, body, stream_seq)
      SELECT i, a, k, t, b::jsonb, s
        FROM unnest($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::int8[])
             AS u(i, a, k, t, b, s)
       {CHECK}
-     RETURNING id";
+     RETURNING id",
+};
 
-/// The same for replies.
-const INSERT_REPLIES: &str = "INSERT INTO replies (id, in_reply_to, agent, kind, ts, answered_by_kind, answered_by, action,
+/// The same for replies: their key holds the partition key, the event's id
+/// (schema/migrations/V7__partitions.sql), and is unique exactly when `id` is.
+const INSERT_REPLIES: InsertNew = InsertNew {
+    key: "id, in_reply_to",
+    sql: "INSERT INTO replies (id, in_reply_to, agent, kind, ts, answered_by_kind, answered_by, action,
                           content, confidence, processing_ms, tokens, body, stream_seq)
      SELECT i, e, a, k, t, bk, bn, ac, c, cf, ms, tk, b::jsonb, s
        FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::timestamptz[], $6::text[],
@@ -122,7 +134,8 @@ const INSERT_REPLIES: &str = "INSERT INTO replies (id, in_reply_to, agent, kind,
                    $13::text[], $14::int8[])
             AS u(i, e, a, k, t, bk, bn, ac, c, cf, ms, tk, b, s)
       {CHECK}
-     RETURNING id";
+     RETURNING id",
+};
 
 /// Runs an insert of rows not stored yet and returns the ids it stored.
 ///
@@ -135,10 +148,10 @@ const INSERT_REPLIES: &str = "INSERT INTO replies (id, in_reply_to, agent, kind,
 /// rolled back, and the `ON CONFLICT DO NOTHING` form stores the rest.
 async fn insert_new(
     tx: &mut deadpool_postgres::Transaction<'_>,
-    sql: &str,
+    insert: &InsertNew,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
-    let fast = sql.replace("{CHECK}", "");
+    let fast = insert.sql.replace("{CHECK}", "");
     let sp = tx.savepoint("ferry_fast_insert").await?;
     let stmt = sp.prepare_cached(&fast).await?;
     match sp.query(&stmt, params).await {
@@ -149,7 +162,8 @@ async fn insert_new(
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
             sp.rollback().await?;
             tracing::debug!("batch holds an id already stored; using ON CONFLICT");
-            let safe = tx.prepare_cached(&sql.replace("{CHECK}", "ON CONFLICT (id) DO NOTHING")).await?;
+            let check = format!("ON CONFLICT ({}) DO NOTHING", insert.key);
+            let safe = tx.prepare_cached(&insert.sql.replace("{CHECK}", &check)).await?;
             tx.query(&safe, params).await
         }
         Err(e) => Err(e),
@@ -183,7 +197,7 @@ impl Sink for EventSink {
         let bodies: Vec<&str> = rows.iter().map(|r| r.body_json.as_str()).collect();
         let seqs: Vec<i64> = rows.iter().map(|r| r.stream_seq).collect();
         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [&ids, &agents, &kinds, &ts, &bodies, &seqs];
-        let inserted: HashSet<Uuid> = insert_new(&mut tx, INSERT_EVENTS, &params)
+        let inserted: HashSet<Uuid> = insert_new(&mut tx, &INSERT_EVENTS, &params)
             .await?
             .iter()
             .map(|r| r.get(0))
@@ -483,7 +497,7 @@ impl Sink for ReplySink {
             &ids, &to, &agents, &kinds, &ts, &by_kind, &by_name, &actions, &contents, &confidence, &ms, &tokens, &bodies,
             &seqs,
         ];
-        let inserted: HashSet<Uuid> = insert_new(&mut tx, INSERT_REPLIES, &params)
+        let inserted: HashSet<Uuid> = insert_new(&mut tx, &INSERT_REPLIES, &params)
             .await?
             .iter()
             .map(|r| r.get(0))

@@ -238,6 +238,11 @@ pub async fn run(args: ArchiverBench) -> anyhow::Result<()> {
     .await??;
     let url = pg.url();
     crate::db::migrate(&url, None).await.context("migrating the bench database")?;
+    // Today's partitions, as an archiver makes them at start, so (a) COPY
+    // writes where (b) does.
+    let client = ferry_workers::state::connect_one(&url).await?;
+    ferry_workers::archiver::retention::make_partitions(&client, chrono::Utc::now().date_naive()).await?;
+    drop(client);
     let nats = tokio::task::spawn_blocking(NatsServer::start_temp).await??;
     let op = nats.operator("bench archiver").connect().await?;
     let js = jetstream::new(op);
