@@ -8,7 +8,7 @@ use async_nats::jetstream;
 use clap::Args;
 use ferry_schema::status::ServiceStats;
 use ferry_schema::codec::{self, DEFAULT_MAX_PAYLOAD};
-use ferry_schema::topology::{DEADLETTER_STREAM, EVENTS_STREAM, REPLIES_STREAM, WORK_STREAM};
+use ferry_schema::topology::{ALERTS_STREAM, DEADLETTER_STREAM, EVENTS_STREAM, REPLIES_STREAM, WORK_STREAM};
 use ferry_schema::{subject, Encoding};
 use futures::StreamExt;
 
@@ -37,48 +37,101 @@ pub struct StatsArgs {
     conn: ConnArgs,
 }
 
+/// One consumer's position: a worker role's lag.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerLag {
+    /// Its stream.
+    pub stream: String,
+    /// Its name.
+    pub consumer: String,
+    /// Messages not yet delivered.
+    pub pending: u64,
+    /// Delivered and not yet acked.
+    pub ack_pending: usize,
+    /// Delivered more than once.
+    pub redelivered: usize,
+    /// Pull requests waiting.
+    pub waiting: usize,
+    /// A durable consumer (a role's), not an ephemeral reader's.
+    pub durable: bool,
+}
+
+/// The streams whose consumers are the worker roles'.
+const CONSUMER_STREAMS: [&str; 5] = [EVENTS_STREAM, REPLIES_STREAM, WORK_STREAM, ALERTS_STREAM, DEADLETTER_STREAM];
+
+/// Every consumer of Ferry's streams, by stream then name.
+pub async fn consumer_lags(js: &jetstream::Context) -> anyhow::Result<Vec<ConsumerLag>> {
+    let mut out = Vec::new();
+    for name in CONSUMER_STREAMS {
+        let s = js.get_stream(name).await.with_context(|| format!("looking up stream {name} (run `ferry provision`)"))?;
+        let mut consumers = s.consumers();
+        let mut rows = Vec::new();
+        while let Some(c) = consumers.next().await {
+            let c = c?;
+            rows.push(ConsumerLag {
+                stream: name.to_string(),
+                consumer: c.name.clone(),
+                pending: c.num_pending,
+                ack_pending: c.num_ack_pending,
+                redelivered: c.num_redelivered,
+                waiting: c.num_waiting,
+                durable: c.config.durable_name.is_some(),
+            });
+        }
+        rows.sort_by(|a, b| a.consumer.cmp(&b.consumer));
+        out.extend(rows);
+    }
+    Ok(out)
+}
+
 async fn streams(js: &jetstream::Context, out: &mut String) -> anyhow::Result<()> {
     out.push_str("streams\n");
-    for name in [EVENTS_STREAM, REPLIES_STREAM, WORK_STREAM, DEADLETTER_STREAM] {
+    let lags = consumer_lags(js).await?;
+    for name in CONSUMER_STREAMS {
         let mut s = js.get_stream(name).await.with_context(|| format!("looking up stream {name} (run `ferry provision`)"))?;
         let st = s.info().await?.state.clone();
         out.push_str(&format!(
             "  {name:<11} {:>9} msgs {:>12} bytes  first {}  last {}\n",
             st.messages, st.bytes, st.first_timestamp, st.last_timestamp
         ));
-        let mut consumers = s.consumers();
-        let mut rows = Vec::new();
-        while let Some(c) = consumers.next().await {
-            let c = c?;
-            rows.push(format!(
+        for c in lags.iter().filter(|c| c.stream == name) {
+            out.push_str(&format!(
                 "    {:<22} pending {:>8}  ack pending {:>6}  redelivered {:>6}  waiting pulls {:>3}\n",
-                c.name, c.num_pending, c.num_ack_pending, c.num_redelivered, c.num_waiting
+                c.consumer, c.pending, c.ack_pending, c.redelivered, c.waiting
             ));
         }
-        rows.sort();
-        out.extend(rows);
     }
     Ok(())
 }
 
-async fn workers(client: &async_nats::Client, wait: Duration, out: &mut String) -> anyhow::Result<()> {
+/// Every worker replica that answers `$SRV.STATS` within `wait`, by role
+/// then id.
+pub async fn service_stats(client: &async_nats::Client, wait: Duration) -> anyhow::Result<Vec<ServiceStats>> {
     let inbox = client.new_inbox();
     let mut sub = client.subscribe(inbox.clone()).await?;
     client.publish_with_reply(subject::all_service_stats(), inbox, "".into()).await?;
     client.flush().await?;
-    let mut rows = Vec::new();
+    let mut found = Vec::new();
     let deadline = tokio::time::Instant::now() + wait;
     while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, sub.next()).await {
-        let Ok(v) = serde_json::from_slice::<ServiceStats>(&msg.payload) else { continue };
+        if let Ok(v) = serde_json::from_slice::<ServiceStats>(&msg.payload) {
+            found.push(v);
+        }
+    }
+    found.sort_by(|a, b| (&a.name, &a.id).cmp(&(&b.name, &b.id)));
+    Ok(found)
+}
+
+async fn workers(client: &async_nats::Client, wait: Duration, out: &mut String) -> anyhow::Result<()> {
+    let found = service_stats(client, wait).await?;
+    out.push_str(&format!("workers online: {}\n", found.len()));
+    for v in found {
         let c = v.status().map(|s| s.counters).unwrap_or_default();
-        rows.push(format!(
+        out.push_str(&format!(
             "  {:<16} {:<24} done {:>9}  retried {:>6}  poisoned {:>5}  in flight {:>5}  avg {:>7.2} ms\n",
             v.name, v.id, c.done, c.retried, c.poisoned, c.in_flight, c.avg_processing_ms,
         ));
     }
-    rows.sort();
-    out.push_str(&format!("workers online: {}\n", rows.len()));
-    out.extend(rows);
     Ok(())
 }
 

@@ -156,7 +156,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let dashboard_stop = CancellationToken::new();
     let listen = std::net::SocketAddr::from(([127, 0, 0, 1], args.dashboard_port));
     let login = crate::dashboard::Login::new("operator", &secrets.operator);
-    let dashboard = match crate::dashboard::serve(op.clone(), login, listen, dashboard_stop.clone()).await {
+    let dashboard = match crate::dashboard::serve(op.clone(), login, listen, Some(db_url.clone()), dashboard_stop.clone()).await {
         Ok((addr, task)) => {
             eprintln!(
                 "ferry: dashboard on http://{addr}/ (user operator, password FERRY_OPERATOR_PASSWORD in {})",

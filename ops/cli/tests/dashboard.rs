@@ -10,7 +10,7 @@ use async_nats::jetstream;
 use common::ferry;
 use ferry_schema::topology::{self, Role, StreamSettings};
 use ferry_schema::{headers, AgentId, Encoding, EventId};
-use ferry_stack::{free_port, NatsServer};
+use ferry_stack::{free_port, NatsServer, PgServer};
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -157,18 +157,32 @@ async fn the_page_logs_in_and_shows_agents_traffic_and_alerts_live() {
     topology::provision(&js, &StreamSettings::default(), &agents).await.unwrap();
 
     // The alerts worker, so a burst of failures becomes an alert.
+    // The archive, with an archiver and a rules worker that answers every chat.
+    let pg = tokio::task::spawn_blocking(PgServer::start_temp).await.unwrap().expect("PostgreSQL starts");
+    let mut db = ferry_workers::state::connect_one(&pg.url()).await.unwrap();
+    ferry_schema::db::migrate(&mut db, None).await.unwrap();
     let rules = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(rules.path(), "[[rule]]\nname = \"assistant-errors\"\ncheck = \"error_rate\"\nthreshold = 50\nmin_interactions = 3\n").unwrap();
+    let chat_rules = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(chat_rules.path(), "[[rule]]\nname = \"echo\"\naction = \"reply\"\ntemplate = \"echo: {text}\"\n").unwrap();
     let stop = CancellationToken::new();
     let alerts = {
         let (conn, cfg, stop) = (nats.role(Role::Alerts, "test-alerts"), ferry_workers::alerts::AlertsConfig::new(rules.path()), stop.clone());
         tokio::spawn(async move { ferry_workers::alerts::run(conn.connect().await.unwrap(), &cfg, stop).await })
     };
+    let archiver = {
+        let (conn, cfg, stop) = (nats.role(Role::Archiver, "test-archiver"), ferry_workers::archiver::ArchiverConfig::new(pg.url()), stop.clone());
+        tokio::spawn(async move { ferry_workers::archiver::run(conn.connect().await.unwrap(), &cfg, stop).await })
+    };
+    let rules_worker = {
+        let (conn, cfg, stop) = (nats.role(Role::Rules, "test-rules"), ferry_workers::rules::RulesConfig::new(chat_rules.path()), stop.clone());
+        tokio::spawn(async move { ferry_workers::rules::run(conn.connect().await.unwrap(), &cfg, stop).await })
+    };
 
     // The real `ferry dashboard`, as an operator runs it.
     let dash_port = free_port().unwrap();
     let mut child = ferry()
-        .args(["dashboard", "--server", &nats.url(), "--password", &nats.secrets().operator])
+        .args(["dashboard", "--server", &nats.url(), "--password", &nats.secrets().operator, "--database-url", &pg.url()])
         .args(["--listen", &format!("127.0.0.1:{dash_port}")])
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -212,6 +226,41 @@ async fn the_page_logs_in_and_shows_agents_traffic_and_alerts_live() {
     }
     page.wait_until(&format!("Number(document.getElementById('events-total').innerText) >= {}", before + 20), "the counter moving")
         .await;
+    // The rules worker's answers: reply latency, the step that answered,
+    // the lag of every consumer and the replicas online.
+    page.wait_until("document.getElementById('lat-p99').innerText !== '-'", "the reply latency").await;
+    page.wait_until("document.getElementById('steps').innerText.includes('rule')", "replies by step").await;
+    page.wait_until("document.getElementById('consumers').innerText.includes('archiver-events')", "the consumers' lag").await;
+    page.wait_until(
+        "['ferry-rules', 'ferry-archiver', 'ferry-alerts'].every(s => document.getElementById('replicas').innerText.includes(s))",
+        "the replicas online",
+    )
+    .await;
+    // A chat that cannot be decoded is dead-lettered, by its reason.
+    let h = headers::for_publish(EventId::new().to_string().as_str(), Encoding::Json, None);
+    js.publish_with_headers("events.desk-1.chat", h, "{\"not\": \"an event\"".into()).await.unwrap().await.unwrap();
+    page.wait_until("document.getElementById('dead').innerText.includes('malformed')", "a dead letter by its reason").await;
+
+    // The archive: an agent's recent events, and a time range.
+    let archived = |sql: &'static str| {
+        let url = pg.url();
+        async move {
+            let c = ferry_workers::state::connect_one(&url).await.unwrap();
+            c.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
+        }
+    };
+    let deadline = Instant::now() + WAIT;
+    while archived("SELECT count(*) FROM replies").await < 20 {
+        assert!(Instant::now() < deadline, "the archiver never stored the 20 replies");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    page.eval("[...document.querySelectorAll('#agents tr')].find(r => r.innerText.includes('desk-1')).click(); true").await;
+    page.wait_until("document.getElementById('agent-events').innerText.includes('hello 19')", "desk-1's recent events").await;
+    page.wait_until("document.getElementById('agent-replies').innerText.includes('echo: hello 19')", "desk-1's recent replies").await;
+    page.eval("document.getElementById('range-1h').click(); true").await;
+    page.wait_until("Number(document.getElementById('history-events').innerText) >= 21", "the last hour from the archive").await;
+    page.wait_until("Number(document.getElementById('history-replies').innerText) >= 20", "the last hour's replies").await;
+    page.wait_until("document.getElementById('history-latency').innerText !== '- / - / -'", "the hour's reply latency").await;
 
     // A burst of failed interactions: the alert appears.
     for _ in 0..5 {
@@ -223,8 +272,26 @@ async fn the_page_logs_in_and_shows_agents_traffic_and_alerts_live() {
         "the alert on the page",
     )
     .await;
+    page.wait_until("document.getElementById('by-error').innerText.includes('timeout')", "the error types").await;
+
+    // Acknowledged on the page, recorded in the archive (once it holds the alert).
+    let deadline = Instant::now() + WAIT;
+    while archived("SELECT count(*) FROM alerts WHERE state = 'firing'").await < 1 {
+        assert!(Instant::now() < deadline, "the archiver never stored the alert");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    page.eval("document.querySelector('#alerts-firing button.ack').click(); true").await;
+    page.wait_until("document.getElementById('alerts-firing').innerText.includes('acknowledged by operator')", "the acknowledgement").await;
+    assert_eq!(archived("SELECT count(*) FROM alerts WHERE acknowledged_by = 'operator'").await, 1);
 
     // A screenshot of what the browser shows, kept beside the build.
+    // The whole page, not only the window.
+    let height = page.eval("document.documentElement.scrollHeight").await.as_u64().unwrap_or(1000);
+    page.call(
+        "Emulation.setDeviceMetricsOverride",
+        json!({"width": 1400, "height": height.clamp(1000, 4000), "deviceScaleFactor": 1, "mobile": false}),
+    )
+    .await;
     let shot = page.call("Page.captureScreenshot", json!({"format": "png"})).await;
     let png = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, shot["data"].as_str().unwrap()).unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a PNG");
@@ -236,4 +303,6 @@ async fn the_page_logs_in_and_shows_agents_traffic_and_alerts_live() {
 
     stop.cancel();
     alerts.await.unwrap().unwrap();
+    archiver.await.unwrap().unwrap();
+    rules_worker.await.unwrap().unwrap();
 }

@@ -1,13 +1,25 @@
-//! `ferry dashboard`: a live web page of the pipeline (agents, traffic by kind, interactions, alerts), pushed to the browser over server-sent events.
+//! `ferry dashboard`: a live web page of the pipeline (agents, traffic, reply latency, interactions, inference, lag, dead letters, alerts), pushed to the browser over server-sent events.
+//!
+//! # Layout
+//!
+//! - [`live`]: what the server has seen since it started, and the
+//!   snapshot a page gets.
+//! - [`history`]: what it reads from the archive (time ranges, an agent's
+//!   recent events and replies, acknowledging an alert).
 //!
 //! The server watches the broker as the operator does (`events.>`,
-//! `replies.>`, `alerts.>`, and each rule's last alert from `ALERTS` at
-//! start), folds what it sees into a [`live::Live`] state, and once a second
-//! pushes a snapshot to every open page over SSE (`/live`); the page never
-//! polls. A login (the operator's user and password, as in the stack's
-//! secrets) guards every page but the login form; the session is a random
-//! cookie. It binds to loopback unless told otherwise.
+//! `replies.>`, `alerts.>`, `deadletter.>`, and each rule's last alert from
+//! `ALERTS` at start), asks it every [`PIPELINE_EVERY`] for the consumers'
+//! lag and the replicas online, folds it all into a [`live::Live`] state,
+//! and once a second pushes a snapshot to every open page over SSE
+//! (`/live`); the page never polls. With the archive's URL it also answers
+//! the page's questions about the past (`/history`, `/agent`) and records
+//! acknowledgements (`/alerts/ack`). A login (the operator's user and
+//! password, as in the stack's secrets) guards every page but the login
+//! form; the session is a random cookie. It binds to loopback unless told
+//! otherwise.
 
+pub mod history;
 pub mod live;
 
 use std::collections::HashSet;
@@ -18,12 +30,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use async_nats::jetstream;
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
-use axum::{Form, Router};
+use axum::{Form, Json, Router};
 use clap::Args;
 use ferry_schema::alert::Alert;
 use ferry_schema::subject;
@@ -43,6 +55,11 @@ const SESSION_COOKIE: &str = "ferry_session";
 pub const PUSH_EVERY: Duration = Duration::from_secs(1);
 /// Sessions kept at once; the oldest go first beyond it.
 const MAX_SESSIONS: usize = 1024;
+/// How often the server asks the broker for the consumers' lag and the
+/// replicas online.
+pub const PIPELINE_EVERY: Duration = Duration::from_secs(2);
+/// How long replicas get to answer that question.
+const REPLICAS_WAIT: Duration = Duration::from_millis(300);
 
 /// `ferry dashboard`.
 #[derive(Debug, Args)]
@@ -57,6 +74,11 @@ pub struct DashboardArgs {
     /// --password is not given).
     #[arg(long, default_value = crate::data_dir::DEFAULT)]
     pub data_dir: DataDir,
+    /// The archive (PostgreSQL), for time ranges, an agent's recent events
+    /// and replies, and acknowledging alerts. Without it the page shows
+    /// what the server saw since it started.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
 }
 
 /// Who may log in: a user and the sha256 of `user:password`.
@@ -91,9 +113,18 @@ struct AppState {
     login: Login,
     sessions: Arc<Mutex<Vec<String>>>,
     snapshots: watch::Receiver<String>,
+    live: Arc<Mutex<live::Live>>,
+    archive: Option<Arc<history::Archive>>,
 }
 
 impl AppState {
+    /// The archive, or the answer that there is none.
+    fn archive(&self) -> Result<&history::Archive, Response> {
+        self.archive.as_deref().ok_or_else(|| {
+            (StatusCode::SERVICE_UNAVAILABLE, "no archive: start the dashboard with --database-url").into_response()
+        })
+    }
+
     fn signed_in(&self, headers: &HeaderMap) -> bool {
         let Some(cookie) = headers.get(header::COOKIE).and_then(|v| v.to_str().ok()) else { return false };
         let ids: HashSet<&str> = cookie
@@ -111,19 +142,87 @@ struct LoginForm {
     password: String,
 }
 
-/// The page's router, on `snapshots`.
-fn router(login: Login, snapshots: watch::Receiver<String>) -> Router {
-    let state = AppState {
-        login,
-        sessions: Arc::new(Mutex::new(Vec::new())),
-        snapshots,
-    };
+/// The page's router.
+fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/app.js", get(script))
         .route("/login", post(sign_in))
         .route("/live", get(live_stream))
+        .route("/history", get(past))
+        .route("/agent", get(agent_recent))
+        .route("/alerts/ack", post(acknowledge))
         .with_state(state)
+}
+
+#[derive(serde::Deserialize)]
+struct RangeQuery {
+    range: String,
+}
+
+async fn past(State(s): State<AppState>, headers: HeaderMap, Query(q): Query<RangeQuery>) -> Response {
+    if !s.signed_in(&headers) {
+        return (StatusCode::UNAUTHORIZED, "log in first").into_response();
+    }
+    let Some(range) = history::Range::parse(&q.range) else {
+        return (StatusCode::BAD_REQUEST, "range: expected 15m, 1h, 24h or 7d").into_response();
+    };
+    let archive = match s.archive() {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    match archive.history(range, chrono::Utc::now()).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => archive_failed(&e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct AgentQuery {
+    id: String,
+}
+
+async fn agent_recent(State(s): State<AppState>, headers: HeaderMap, Query(q): Query<AgentQuery>) -> Response {
+    if !s.signed_in(&headers) {
+        return (StatusCode::UNAUTHORIZED, "log in first").into_response();
+    }
+    let archive = match s.archive() {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    match archive.agent(&q.id).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => archive_failed(&e),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct AckForm {
+    id: uuid::Uuid,
+}
+
+async fn acknowledge(State(s): State<AppState>, headers: HeaderMap, Form(f): Form<AckForm>) -> Response {
+    if !s.signed_in(&headers) {
+        return (StatusCode::UNAUTHORIZED, "log in first").into_response();
+    }
+    let archive = match s.archive() {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    match archive.acknowledge(f.id, &s.login.user).await {
+        Ok(Some((by, at))) => {
+            tracing::info!(alert = %f.id, by = %by, "alert acknowledged");
+            s.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner).acknowledge(f.id, &by, at);
+            Json(serde_json::json!({"acknowledged_by": by, "acknowledged_at": at})).into_response()
+        }
+        Ok(None) => (StatusCode::NOT_FOUND, "the archive does not hold this alert yet; try again in a moment").into_response(),
+        Err(e) => archive_failed(&e),
+    }
+}
+
+fn archive_failed(e: &anyhow::Error) -> Response {
+    tracing::warn!(error = %format!("{e:#}"), "dashboard: archive query failed");
+    (StatusCode::BAD_GATEWAY, format!("{e:#}")).into_response()
 }
 
 async fn index() -> Html<&'static str> {
@@ -174,6 +273,7 @@ pub async fn serve(
     client: async_nats::Client,
     login: Login,
     listen: SocketAddr,
+    database_url: Option<String>,
     stop: CancellationToken,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     let listener = tokio::net::TcpListener::bind(listen)
@@ -181,10 +281,23 @@ pub async fn serve(
         .with_context(|| format!("binding the dashboard to {listen} (--listen)"))?;
     let bound = listener.local_addr()?;
     let state = Arc::new(Mutex::new(live::Live::default()));
+    let archive = database_url.map(|url| Arc::new(history::Archive::new(url)));
+    if let Some(archive) = &archive {
+        match archive.acknowledged().await {
+            Ok(acked) => {
+                let mut live = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                for (id, by, at) in acked {
+                    live.acknowledge(id, &by, at);
+                }
+            }
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "dashboard: cannot read acknowledged alerts; going on without"),
+        }
+    }
     let (tx, rx) = watch::channel(String::from("{}"));
-    let watchers = watch_broker(client, state.clone(), stop.clone()).await?;
+    let mut watchers = watch_broker(client.clone(), state.clone(), stop.clone()).await?;
+    watchers.push(tokio::spawn(watch_pipeline(client, state.clone(), stop.clone())));
     let pusher = {
-        let stop = stop.clone();
+        let (stop, state) = (stop.clone(), state.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(PUSH_EVERY);
             loop {
@@ -200,7 +313,13 @@ pub async fn serve(
             }
         })
     };
-    let app = router(login, rx);
+    let app = router(AppState {
+        login,
+        sessions: Arc::new(Mutex::new(Vec::new())),
+        snapshots: rx,
+        live: state,
+        archive,
+    });
     let server = tokio::spawn(async move {
         let shutdown = stop.clone();
         let served = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
@@ -234,6 +353,7 @@ async fn watch_broker(
         (subject::all_events(), Feed::Events),
         (subject::all_replies(), Feed::Replies),
         (subject::all_alerts(), Feed::Alerts),
+        (subject::all_dead_letters(), Feed::DeadLetters),
     ] {
         let mut sub = client.subscribe(subject.clone()).await.with_context(|| format!("subscribing to {subject}"))?;
         let (state, stop) = (state.clone(), stop.clone());
@@ -252,6 +372,7 @@ async fn watch_broker(
                             live.alert(a);
                         }
                     }
+                    Feed::DeadLetters => live.dead_letter(msg.headers.as_ref()),
                 }
             }
         }));
@@ -264,6 +385,41 @@ enum Feed {
     Events,
     Replies,
     Alerts,
+    DeadLetters,
+}
+
+/// Every [`PIPELINE_EVERY`], the consumers' lag and the replicas online
+/// into `state`; a failed look is logged once and tried again.
+async fn watch_pipeline(client: async_nats::Client, state: Arc<Mutex<live::Live>>, stop: CancellationToken) {
+    let js = jetstream::new(client.clone());
+    let mut failing = false;
+    loop {
+        let looked = async {
+            let lags = crate::stats::consumer_lags(&js).await?;
+            let services = crate::stats::service_stats(&client, REPLICAS_WAIT).await?;
+            anyhow::Ok((lags, services))
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = looked => match r {
+                Ok((lags, services)) => {
+                    failing = false;
+                    let mut live = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    live.pipeline(lags, services.into_iter().map(|s| s.name));
+                }
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(error = %format!("{e:#}"), "dashboard: cannot read the consumers' lag; trying again");
+                    }
+                    failing = true;
+                }
+            },
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(PIPELINE_EVERY) => {}
+        }
+    }
 }
 
 /// `ferry dashboard`: serves until Ctrl-C.
@@ -277,7 +433,7 @@ pub async fn run(args: DashboardArgs) -> anyhow::Result<()> {
     };
     let client = conn.connect().await.context("connecting to NATS")?;
     let stop = CancellationToken::new();
-    let (bound, server) = serve(client, login, args.listen, stop.clone()).await?;
+    let (bound, server) = serve(client, login, args.listen, args.database_url.clone(), stop.clone()).await?;
     eprintln!("ferry: dashboard on http://{bound}/ (log in as the operator; Ctrl-C stops)");
     let mut server = server;
     tokio::select! {
