@@ -11,9 +11,7 @@ use common::ferry;
 use ferry_schema::topology::{self, Role, StreamSettings};
 use ferry_schema::{headers, AgentId, Encoding, EventId};
 use ferry_stack::{free_port, NatsServer, PgServer};
-use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -28,115 +26,29 @@ impl Drop for Killed {
     }
 }
 
-/// One page of a headless Chromium, driven over the DevTools protocol.
-struct Page {
-    ws: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
-    next_id: u64,
-    _browser: Killed,
-    _profile: tempfile::TempDir,
-}
-
-/// `GET path` on 127.0.0.1:`port`: the body, read to its `Content-Length`
-/// (Chromium's DevTools server keeps the connection open and ignores HTTP/1.0).
-async fn http_get(port: u16, path: &str) -> Option<String> {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk)).await.ok()?.ok()?;
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let Some((head, body)) = text.split_once("\r\n\r\n") else { continue };
-        let len: usize = head
-            .lines()
-            .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().ok()))??;
-        if body.len() >= len {
-            return Some(body[..len].to_string());
-        }
-    }
-}
+/// The harness's page, failing the test loudly.
+struct Page(ferry_harness::browser::Page);
 
 impl Page {
     async fn open() -> Self {
-        let chromium = ferry_stack::install::ensure("chromium", "chromium").expect("chromium (Debian's package)");
-        let profile = tempfile::tempdir().unwrap();
-        let port = free_port().unwrap();
-        let browser = std::process::Command::new(chromium)
-            .args(["--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--window-size=1400,1000"])
-            .arg(format!("--remote-debugging-port={port}"))
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg("about:blank")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("chromium starts");
-        let browser = Killed(browser);
-        let deadline = Instant::now() + WAIT;
-        let url = loop {
-            let pages: Option<Value> = http_get(port, "/json/list").await.and_then(|b| serde_json::from_str(&b).ok());
-            let found = pages.as_ref().and_then(|p| {
-                p.as_array()?
-                    .iter()
-                    .find(|t| t["type"] == "page")
-                    .and_then(|t| t["webSocketDebuggerUrl"].as_str().map(String::from))
-            });
-            if let Some(u) = found {
-                break u;
-            }
-            assert!(Instant::now() < deadline, "chromium's DevTools never answered on port {port}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        let (ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("DevTools WebSocket");
-        Self {
-            ws,
-            next_id: 0,
-            _browser: browser,
-            _profile: profile,
-        }
+        Self(ferry_harness::browser::Page::open(1400, 1000).await.expect("chromium (Debian's package) starts"))
     }
 
-    /// One DevTools command; its result (events in between are skipped).
     async fn call(&mut self, method: &str, params: Value) -> Value {
-        self.next_id += 1;
-        let id = self.next_id;
-        self.ws.send(Message::text(json!({"id": id, "method": method, "params": params}).to_string())).await.unwrap();
-        loop {
-            let m = tokio::time::timeout(WAIT, self.ws.next()).await.expect("DevTools answers").unwrap().unwrap();
-            let Message::Text(t) = m else { continue };
-            let v: Value = serde_json::from_str(&t).unwrap();
-            if v["id"] == id {
-                assert!(v.get("error").is_none(), "{method}: {v}");
-                return v["result"].clone();
-            }
-        }
+        self.0.call(method, params).await.unwrap()
     }
 
-    /// The value of a JavaScript expression in the page (promises awaited).
     async fn eval(&mut self, expr: &str) -> Value {
-        let r = self
-            .call("Runtime.evaluate", json!({"expression": expr, "awaitPromise": true, "returnByValue": true}))
-            .await;
-        assert!(r.get("exceptionDetails").is_none(), "{expr}: {r}");
-        r["result"]["value"].clone()
+        self.0.eval(expr).await.unwrap()
     }
 
-    /// Waits until `expr` is true in the page.
     async fn wait_until(&mut self, expr: &str, what: &str) {
-        let deadline = Instant::now() + WAIT;
-        while self.eval(expr).await != Value::Bool(true) {
-            let body = self.eval("document.body ? document.body.innerText : ''").await;
-            assert!(Instant::now() < deadline, "{what}: never; the page shows:\n{body}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Err(body) = self.0.wait_until(expr).await.unwrap() {
+            panic!("{what}: never; the page shows:\n{body}");
         }
     }
 }
 
-/// Publishes a JSON event as an agent would, with its id as `Nats-Msg-Id`.
 async fn publish(js: &jetstream::Context, agent: &str, kind: &str, body: Value) {
     let id = EventId::new();
     let event = json!({"id": id.to_string(), "agent": agent, "kind": kind, "ts": chrono::Utc::now(), "v": 1, "body": body});
@@ -285,15 +197,7 @@ async fn the_page_logs_in_and_shows_agents_traffic_and_alerts_live() {
     assert_eq!(archived("SELECT count(*) FROM alerts WHERE acknowledged_by = 'operator'").await, 1);
 
     // A screenshot of what the browser shows, kept beside the build.
-    // The whole page, not only the window.
-    let height = page.eval("document.documentElement.scrollHeight").await.as_u64().unwrap_or(1000);
-    page.call(
-        "Emulation.setDeviceMetricsOverride",
-        json!({"width": 1400, "height": height.clamp(1000, 4000), "deviceScaleFactor": 1, "mobile": false}),
-    )
-    .await;
-    let shot = page.call("Page.captureScreenshot", json!({"format": "png"})).await;
-    let png = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, shot["data"].as_str().unwrap()).unwrap();
+    let png = page.0.screenshot(1400).await.unwrap();
     assert!(png.starts_with(b"\x89PNG"), "a PNG");
     let dir = ferry_harness::cargo::current_target_dir().unwrap_or_else(std::env::temp_dir).join("screenshots");
     std::fs::create_dir_all(&dir).unwrap();

@@ -1,4 +1,4 @@
-//! Test and development harnesses: cargo from inside a checkout, and Windows programs under Wine.
+//! Test and development harnesses: cargo from inside a checkout, Windows programs under Wine, and a headless browser.
 //!
 //! The production `ferry` does not link this crate (`ferry-ops` takes it
 //! only with its default `harness` feature, which the Dockerfile leaves
@@ -13,7 +13,11 @@
 //! - [`wine`]: cross-builds `ferry-agent.exe` and runs it under Wine on a
 //!   headless X server ([`Wine`]), for tests of the agent's Windows side
 //!   and `ferry bench agent --wine`.
+//! - [`browser`]: headless Chromium driven over the DevTools protocol
+//!   ([`browser::Page`]), for the dashboard's test and
+//!   `ferry bench dashboard`.
 
+pub mod browser;
 pub mod cargo;
 pub mod wine;
 

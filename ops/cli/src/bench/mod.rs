@@ -9,11 +9,15 @@
 //! - [`archiver`]: raw `COPY` against the archiver consuming from JetStream.
 //! - [`agent`]: the agent's footprint, spool write rate and drain rate
 //!   against absolute targets.
+//! - [`dashboard`]: the pipeline under load without and with a dashboard
+//!   and a browser on its page (built with the `harness` feature).
 //! - [`common`]: what they share: medians, verdicts, CPU time from `/proc`.
 
 mod agent;
 mod archiver;
 mod common;
+#[cfg(feature = "harness")]
+mod dashboard;
 mod inference;
 mod rules;
 
@@ -29,6 +33,9 @@ pub enum BenchCmd {
     Archiver(archiver::ArchiverBench),
     /// The agent's RSS and CPU at 1 event/s, spool write rate, drain rate after an outage.
     Agent(agent::AgentBench),
+    /// The dashboard's CPU per event, memory and publish-to-page delay under simulated agents.
+    #[cfg(feature = "harness")]
+    Dashboard(dashboard::DashboardBench),
 }
 
 pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
@@ -37,5 +44,7 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Inference(args) => inference::run(args).await,
         BenchCmd::Archiver(args) => archiver::run(args).await,
         BenchCmd::Agent(args) => agent::run(args).await,
+        #[cfg(feature = "harness")]
+        BenchCmd::Dashboard(args) => dashboard::run(args).await,
     }
 }
