@@ -43,11 +43,18 @@ pub enum Check {
     ConsecutiveErrors,
     /// Seconds since an agent's last heartbeat.
     AgentOffline,
+    /// Events waiting in an agent's spool, as its last heartbeat reports.
+    SpoolBacklog,
 }
 
 impl Check {
     /// Every check.
-    pub const ALL: [Check; 4] = [Self::ErrorRate, Self::ResponseTime, Self::ConsecutiveErrors, Self::AgentOffline];
+    pub const ALL: [Check; 5] = [Self::ErrorRate, Self::ResponseTime, Self::ConsecutiveErrors, Self::AgentOffline, Self::SpoolBacklog];
+
+    /// Whether it watches heartbeats (per agent), not interactions.
+    pub fn watches_heartbeats(self) -> bool {
+        matches!(self, Self::AgentOffline | Self::SpoolBacklog)
+    }
 
     /// The check's name, as in the alerts config.
     pub fn as_str(self) -> &'static str {
@@ -56,6 +63,7 @@ impl Check {
             Self::ResponseTime => "response_time",
             Self::ConsecutiveErrors => "consecutive_errors",
             Self::AgentOffline => "agent_offline",
+            Self::SpoolBacklog => "spool_backlog",
         }
     }
 

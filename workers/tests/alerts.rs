@@ -99,7 +99,11 @@ async fn interaction(op: &async_nats::Client, agent: &str, ok: bool, intent: Opt
 }
 
 async fn heartbeat(op: &async_nats::Client, agent: &str) {
-    let body = r#"{"body": {"version": "test", "cpu_percent": 1.0, "rss_bytes": 1, "spool_depth": 0}}"#;
+    heartbeat_with_spool(op, agent, 0).await;
+}
+
+async fn heartbeat_with_spool(op: &async_nats::Client, agent: &str, spool_depth: u64) {
+    let body = format!(r#"{{"body": {{"version": "test", "cpu_percent": 1.0, "rss_bytes": 1, "spool_depth": {spool_depth}}}}}"#);
     op.publish(format!("events.{agent}.heartbeat"), body.into()).await.unwrap();
     op.flush().await.unwrap();
 }
@@ -244,6 +248,32 @@ async fn a_silent_agent_raises_agent_offline_and_its_heartbeat_resolves_it() {
     let got = hook.wait_for(1).await;
     assert_eq!(summary(&got), [("offline".into(), "agent=desk-2".into(), AlertState::Firing)]);
     heartbeat(&op, "desk-2").await;
+    let got = hook.wait_for(2).await;
+    assert_eq!(got[1].state, AlertState::Resolved);
+    assert_eq!(summary(&stored(&js).await).len(), 2, "one firing, one resolved");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// An agent whose heartbeats report a growing spool (its events not
+/// getting through) raises one alert, which its first heartbeat with the
+/// spool drained resolves; the other agent's small spool raises nothing.
+#[tokio::test]
+async fn a_spool_backlog_raises_an_alert_until_the_spool_drains() {
+    let (nats, op, js) = broker().await;
+    let hook = receiver();
+    let file = alerts_file(&format!(
+        "webhook_url = \"{}\"\n[[rule]]\nname = \"backlog\"\ncheck = \"spool_backlog\"\nthreshold = 1000\n",
+        hook.url
+    ));
+    let (stop, task) = in_process(&nats, file.path());
+    heartbeat_with_spool(&op, "desk-1", 10).await;
+    heartbeat_with_spool(&op, "desk-2", 2500).await;
+    heartbeat_with_spool(&op, "desk-2", 4000).await;
+    let got = hook.wait_for(1).await;
+    assert_eq!(summary(&got), [("backlog".into(), "agent=desk-2".into(), AlertState::Firing)]);
+    assert_eq!(got[0].value, 2500.0);
+    heartbeat_with_spool(&op, "desk-2", 0).await;
     let got = hook.wait_for(2).await;
     assert_eq!(got[1].state, AlertState::Resolved);
     assert_eq!(summary(&stored(&js).await).len(), 2, "one firing, one resolved");

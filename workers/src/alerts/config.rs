@@ -10,7 +10,7 @@
 //!
 //! [[rule]]
 //! name = "agent-errors"
-//! check = "error_rate"              # error_rate | response_time | consecutive_errors | agent_offline
+//! check = "error_rate"              # error_rate | response_time | consecutive_errors | agent_offline | spool_backlog
 //! scope = "agent"                   # all | agent | model | intent
 //! threshold = 50
 //! window_seconds = 60
@@ -33,6 +33,10 @@ pub const DEFAULT_COOLDOWN: Duration = Duration::from_secs(5 * 60);
 /// The longest window a rule may have: a replica rebuilds its windows from
 /// the stream at start, reading back twice this at most.
 pub const MAX_WINDOW: Duration = Duration::from_secs(3600);
+/// How far back a starting replica reads heartbeats for a spool-backlog
+/// rule: three of an agent's heartbeats at its default 30 s, so it judges
+/// every agent's latest before the next arrives.
+pub const SPOOL_LOOKBACK: Duration = Duration::from_secs(90);
 /// How long one webhook call may take unless it sets `timeout_seconds`.
 pub const DEFAULT_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -108,6 +112,7 @@ impl AlertsFile {
             .iter()
             .map(|r| match r.check {
                 Check::AgentOffline => Duration::from_secs_f64(r.threshold),
+                Check::SpoolBacklog => SPOOL_LOOKBACK,
                 _ => r.window,
             })
             .max()
@@ -255,13 +260,13 @@ pub fn parse(text: &str, path: &str) -> Result<AlertsFile, ConfigError> {
             invalid(&at("check"), format!("{:?}: expected one of {}", r.check, Check::ALL.map(Check::as_str).join(", ")))
         })?;
         let scope = match r.scope.as_deref() {
-            None => if check == Check::AgentOffline { ScopeKind::Agent } else { ScopeKind::All },
+            None => if check.watches_heartbeats() { ScopeKind::Agent } else { ScopeKind::All },
             Some(s) => ScopeKind::parse(s).ok_or_else(|| {
                 invalid(&at("scope"), format!("{s:?}: expected one of {}", ScopeKind::ALL.map(ScopeKind::as_str).join(", ")))
             })?,
         };
-        if check == Check::AgentOffline && scope != ScopeKind::Agent {
-            return Err(invalid(&at("scope"), "an agent_offline rule is per agent: leave scope out or write \"agent\"".into()));
+        if check.watches_heartbeats() && scope != ScopeKind::Agent {
+            return Err(invalid(&at("scope"), format!("a {} rule is per agent: leave scope out or write \"agent\"", check.as_str())));
         }
         check_threshold(check, r.threshold).map_err(|m| invalid(&at("threshold"), m))?;
         let window = match r.window_seconds {
@@ -277,8 +282,8 @@ pub fn parse(text: &str, path: &str) -> Result<AlertsFile, ConfigError> {
             Some(m) => minutes(&at("cooldown_minutes"), m)?,
             None => cooldown,
         };
-        if r.source.is_some() && check == Check::AgentOffline {
-            return Err(invalid(&at("source"), "an agent_offline rule watches heartbeats: leave source out".into()));
+        if r.source.is_some() && check.watches_heartbeats() {
+            return Err(invalid(&at("source"), format!("a {} rule watches heartbeats: leave source out", check.as_str())));
         }
         if r.statistic.is_some() && check != Check::ResponseTime {
             return Err(invalid(&at("statistic"), "only a response_time rule has a statistic".into()));
@@ -326,6 +331,7 @@ fn check_threshold(check: Check, t: f64) -> Result<(), String> {
         Check::ResponseTime => (t > 0.0 && t.is_finite(), "milliseconds above 0"),
         Check::ConsecutiveErrors => (t >= 1.0 && t.fract() == 0.0 && t <= 1e6, "a whole number of failures, at least 1"),
         Check::AgentOffline => (t >= 1.0 && t <= MAX_WINDOW.as_secs_f64(), "seconds from 1 to 3600"),
+        Check::SpoolBacklog => (t >= 0.0 && t.fract() == 0.0 && t <= 1e12, "a whole number of events, 0 or more"),
     };
     if ok {
         Ok(())

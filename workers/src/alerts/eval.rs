@@ -145,7 +145,7 @@ impl Evaluator {
             ms: i.response_time_ms,
         };
         for rule in &self.rules {
-            if rule.check == Check::AgentOffline || rule.source != source {
+            if rule.check.watches_heartbeats() || rule.source != source {
                 continue;
             }
             let value = match rule.scope {
@@ -176,14 +176,20 @@ impl Evaluator {
         out
     }
 
-    /// A heartbeat at `seq`, stored at `ts`, from `agent`: resolves its
-    /// offline alerts.
-    pub fn heartbeat(&mut self, seq: u64, ts: DateTime<Utc>, agent: &AgentId) -> Vec<Alert> {
+    /// A heartbeat at `seq`, stored at `ts`, from `agent`, reporting
+    /// `spool_depth` events in its spool (`None`: it did not decode):
+    /// resolves its offline alerts and judges its spool backlog.
+    pub fn heartbeat(&mut self, seq: u64, ts: DateTime<Utc>, agent: &AgentId, spool_depth: Option<u64>) -> Vec<Alert> {
         let hb = self.heartbeats.entry(agent.clone()).or_default();
         hb.last_seq = seq;
         hb.last = Some(ts);
         let mut out = Vec::new();
-        for rule in self.rules.iter().filter(|r| r.check == Check::AgentOffline) {
+        for rule in self.rules.iter().filter(|r| r.check.watches_heartbeats()) {
+            let (holds, value) = match (rule.check, spool_depth) {
+                (Check::SpoolBacklog, Some(depth)) => (depth as f64 > rule.threshold, depth as f64),
+                (Check::SpoolBacklog, None) => continue,
+                _ => (false, 0.0),
+            };
             let scope = Scope {
                 kind: ScopeKind::Agent,
                 value: agent.as_str().to_string(),
@@ -192,7 +198,7 @@ impl Evaluator {
             if seq <= st.judged_through {
                 continue;
             }
-            if let Some(a) = transition(rule, &scope, st, false, 0.0, seq, ts) {
+            if let Some(a) = transition(rule, &scope, st, holds, value, seq, ts) {
                 out.push(a);
             }
         }
@@ -227,7 +233,8 @@ impl Evaluator {
                 continue;
             }
             for ((name, scope), st) in &mut self.state {
-                if name != &rule.name || st.firing.is_none() || rule.check == Check::ConsecutiveErrors {
+                // A run, or a backlog, changes only with the next message.
+                if name != &rule.name || st.firing.is_none() || matches!(rule.check, Check::ConsecutiveErrors | Check::SpoolBacklog) {
                     continue;
                 }
                 st.evict(now - rule.window);
@@ -289,7 +296,7 @@ impl ScopeState {
                 };
                 (v > rule.threshold, v)
             }
-            Check::AgentOffline => (false, 0.0),
+            Check::AgentOffline | Check::SpoolBacklog => (false, 0.0),
         }
     }
 }
@@ -327,6 +334,7 @@ fn alert(rule: &Rule, scope: &Scope, state: AlertState, value: f64, trigger_seq:
         }
         Check::ConsecutiveErrors => format!("{value:.0} failed interactions in a row (threshold {})", rule.threshold),
         Check::AgentOffline => format!("no heartbeat for {value:.0}s (threshold {}s)", rule.threshold),
+        Check::SpoolBacklog => format!("{value:.0} events waiting in the spool (threshold {})", rule.threshold),
     };
     let mut a = Alert {
         id: uuid::Uuid::nil(),
@@ -450,13 +458,13 @@ mod tests {
     fn a_silent_agent_goes_offline_once_and_its_heartbeat_resolves_it() {
         let mut e = eval("[[rule]]\nname = \"offline\"\ncheck = \"agent_offline\"\nthreshold = 30");
         let a = AgentId::new("desk-2").unwrap();
-        assert!(e.heartbeat(7, t(0), &a).is_empty());
+        assert!(e.heartbeat(7, t(0), &a, Some(0)).is_empty());
         assert!(e.tick(t(20)).is_empty());
         let fired = e.tick(t(31));
         assert_eq!(states(&fired), [("offline", AlertState::Firing)]);
         assert_eq!((fired[0].trigger_seq, fired[0].scope.value.as_str()), (7, "desk-2"));
         assert!(e.tick(t(40)).is_empty(), "fires once");
-        let back = e.heartbeat(9, t(41), &a);
+        let back = e.heartbeat(9, t(41), &a, None);
         assert_eq!(states(&back), [("offline", AlertState::Resolved)]);
         assert_eq!(back[0].trigger_seq, 7, "the resolved alert names the heartbeat it fired on");
     }
@@ -472,5 +480,26 @@ mod tests {
         assert!(e.tick(t(30)).is_empty());
         assert_eq!(states(&e.tick(t(62))), [("errors", AlertState::Resolved)]);
         assert!(e.firing().is_empty());
+    }
+
+    #[test]
+    fn a_spool_backlog_fires_on_the_heartbeat_that_reports_it_and_resolves_on_the_one_that_clears_it() {
+        let mut e = eval("[[rule]]\nname = \"backlog\"\ncheck = \"spool_backlog\"\nthreshold = 100");
+        let a = AgentId::new("desk-3").unwrap();
+        assert!(e.heartbeat(1, t(0), &a, Some(100)).is_empty(), "at the threshold is not above it");
+        let fired = e.heartbeat(2, t(30), &a, Some(5000));
+        assert_eq!(states(&fired), [("backlog", AlertState::Firing)]);
+        assert_eq!((fired[0].trigger_seq, fired[0].value, fired[0].scope.to_string().as_str()), (2, 5000.0, "agent=desk-3"));
+        assert!(e.heartbeat(3, t(60), &a, Some(7000)).is_empty(), "fires once");
+        assert!(e.tick(t(3600)).is_empty(), "time alone does not clear a spool");
+        assert!(e.heartbeat(4, t(3601), &a, None).is_empty(), "a heartbeat that did not decode judges nothing");
+        let back = e.heartbeat(5, t(3630), &a, Some(3));
+        assert_eq!(states(&back), [("backlog", AlertState::Resolved)]);
+        assert_eq!(back[0].trigger_seq, 2);
+        // A replica that restored the firing reads the same heartbeats again: nothing new.
+        let mut r = eval("[[rule]]\nname = \"backlog\"\ncheck = \"spool_backlog\"\nthreshold = 100");
+        r.restore(&fired[0]);
+        assert!(r.heartbeat(2, t(30), &a, Some(5000)).is_empty());
+        assert!(r.heartbeat(3, t(60), &a, Some(7000)).is_empty());
     }
 }

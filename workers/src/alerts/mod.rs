@@ -346,7 +346,13 @@ impl Evaluation {
                 Err(_) => Vec::new(),
             },
             Input::Heartbeat => match subject::parse_event(m.subject.as_str()) {
-                Ok((agent, _)) => ev.heartbeat(seq, ts, &agent),
+                Ok((agent, _)) => {
+                    let depth = match runtime::decode::event(&m, self.cfg.max_payload).map(|e| e.env.body) {
+                        Ok(EventBody::Heartbeat(h)) => Some(h.spool_depth),
+                        _ => None,
+                    };
+                    ev.heartbeat(seq, ts, &agent, depth)
+                }
                 Err(_) => Vec::new(),
             },
             Input::Interaction => match runtime::decode::event(&m, self.cfg.max_payload) {
