@@ -203,7 +203,7 @@ async fn snapshot(client: &async_nats::Client, stream: &str, dir: &Path) -> anyh
     Ok(StreamEntry { name: stream.to_string(), messages, meta, snapshot })
 }
 
-/// `pg_dump`, `pg_restore`: the newest of Debian's
+/// `pg_dump`, `pg_restore`, `psql`: the newest of Debian's
 /// `/usr/lib/postgresql/<version>/bin` (a newer one reads an older
 /// server), else from PATH. Installs nothing.
 fn pg_tool(name: &str) -> PathBuf {
@@ -509,18 +509,36 @@ pub async fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
         let messages = restore_stream(&client, &dir, entry).await.with_context(|| format!("restoring stream {}", entry.name))?;
         eprintln!("ferry restore: stream {}: {messages} messages, with its consumers", entry.name);
     }
-    run_pg(
-        "pg_restore",
+    // `pg_restore --clean` cannot drop the constraints a partition
+    // inherits (the day partitions of V7): the archive's schema is
+    // replaced whole instead, and the dump restored into it, in one
+    // transaction, so the stack's running workers see the old archive or
+    // the restored one, never neither.
+    // A private temporary folder (0700): the script holds the archive.
+    let scratch = tempfile::tempdir().context("a temporary folder for the restore script")?;
+    let script = scratch.path().join("restore.sql");
+    let tool = pg_tool("pg_restore");
+    let out = std::process::Command::new(&tool)
+        .args(["--no-owner", "--file"])
+        .arg(&script)
+        .arg(dir.join(&manifest.postgres.path))
+        .output()
+        .with_context(|| format!("running {} (install PostgreSQL's client tools)", tool.display()))?;
+    anyhow::ensure!(out.status.success(), "pg_restore failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr).trim());
+    let restored = run_pg(
+        "psql",
         &[
-            "--clean".to_string(),
-            "--if-exists".to_string(),
-            "--no-owner".to_string(),
+            "--no-psqlrc".to_string(),
+            "--quiet".to_string(),
             "--single-transaction".to_string(),
-            "--exit-on-error".to_string(),
-            dir.join(&manifest.postgres.path).display().to_string(),
+            "--set=ON_ERROR_STOP=1".to_string(),
+            "--command=DROP SCHEMA public CASCADE; CREATE SCHEMA public;".to_string(),
+            format!("--file={}", script.display()),
         ],
         &url,
-    )?;
+    );
+    drop(scratch);
+    restored?;
     eprintln!("ferry restore: database: {} events", archived_events(&url).await?);
     Ok(())
 }
