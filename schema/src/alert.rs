@@ -45,11 +45,14 @@ pub enum Check {
     AgentOffline,
     /// Events waiting in an agent's spool, as its last heartbeat reports.
     SpoolBacklog,
+    /// Dead letters a minute, over the window.
+    DeadLetters,
 }
 
 impl Check {
     /// Every check.
-    pub const ALL: [Check; 5] = [Self::ErrorRate, Self::ResponseTime, Self::ConsecutiveErrors, Self::AgentOffline, Self::SpoolBacklog];
+    pub const ALL: [Check; 6] =
+        [Self::ErrorRate, Self::ResponseTime, Self::ConsecutiveErrors, Self::AgentOffline, Self::SpoolBacklog, Self::DeadLetters];
 
     /// Whether it watches heartbeats (per agent), not interactions.
     pub fn watches_heartbeats(self) -> bool {
@@ -64,6 +67,7 @@ impl Check {
             Self::ConsecutiveErrors => "consecutive_errors",
             Self::AgentOffline => "agent_offline",
             Self::SpoolBacklog => "spool_backlog",
+            Self::DeadLetters => "dead_letters",
         }
     }
 

@@ -5,7 +5,7 @@
 //! [`role_permissions`] by this module's test, so neither can drift from the
 //! consumers and subjects in [`crate::topology`] and [`crate::subject`].
 
-use crate::topology::{agent_replies_consumer_name, Role, ALERTS_STREAM, EVENTS_STREAM, REPLIES_STREAM};
+use crate::topology::{agent_replies_consumer_name, Role, ALERTS_STREAM, DEADLETTER_STREAM, EVENTS_STREAM, REPLIES_STREAM};
 use crate::{subject, AgentId};
 
 /// What the broker lets one user do: the allow-lists of its entry in
@@ -112,18 +112,20 @@ pub fn role_permissions(role: Role) -> Permissions {
             subject::WorkQueue::InferenceChat.subject().to_string(),
         ]),
         Role::Inference => publish.push(subject::all_replies().to_string()),
-        // The rules' readers: ephemeral ordered consumers of EVENTS and
-        // REPLIES (the unnamed create cannot make or change a durable one)
-        // and of ALERTS (each rule's last state), their flow-control answers;
-        // and the alerts they raise.
+        // The rules' readers: ephemeral ordered consumers of EVENTS,
+        // REPLIES and DEADLETTER (the unnamed create cannot make or change
+        // a durable one) and of ALERTS (each rule's last state), their
+        // flow-control answers; and the alerts they raise.
         Role::Alerts => publish.extend([
             subject::all_alerts().to_string(),
             format!("$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}"),
             format!("$JS.API.CONSUMER.CREATE.{REPLIES_STREAM}"),
             format!("$JS.API.CONSUMER.CREATE.{ALERTS_STREAM}"),
+            format!("$JS.API.CONSUMER.CREATE.{DEADLETTER_STREAM}"),
             format!("$JS.FC.{EVENTS_STREAM}.>"),
             format!("$JS.FC.{REPLIES_STREAM}.>"),
             format!("$JS.FC.{ALERTS_STREAM}.>"),
+            format!("$JS.FC.{DEADLETTER_STREAM}.>"),
         ]),
         // The keeper (crate::quota) runs in the archiver.
         Role::Archiver => {

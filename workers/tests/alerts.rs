@@ -281,6 +281,36 @@ async fn a_spool_backlog_raises_an_alert_until_the_spool_drains() {
     task.await.unwrap().unwrap();
 }
 
+/// A burst of dead letters (as a worker stores them on `DEADLETTER`)
+/// above the rate raises one alert, and the window emptying resolves it.
+#[tokio::test]
+async fn a_burst_of_dead_letters_raises_an_alert_and_the_quiet_after_resolves_it() {
+    let (nats, op, js) = broker().await;
+    let hook = receiver();
+    let file = alerts_file(&format!(
+        "webhook_url = \"{}\"\n[[rule]]\nname = \"dead\"\ncheck = \"dead_letters\"\nthreshold = 60\nwindow_seconds = 2\n",
+        hook.url
+    ));
+    let (stop, task) = in_process(&nats, file.path());
+    // 3 in a 2 s window is 90 a minute.
+    for i in 0..3 {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(headers::DEAD_REASON_CODE, "malformed");
+        h.insert(headers::DEAD_SUBJECT, "events.desk-1.chat");
+        js.publish_with_headers("deadletter.EVENTS.rules", h, format!("junk {i}").into()).await.unwrap().await.unwrap();
+    }
+    let got = hook.wait_for(2).await;
+    assert_eq!(
+        summary(&got),
+        [("dead".into(), "all".into(), AlertState::Firing), ("dead".into(), "all".into(), AlertState::Resolved)]
+    );
+    assert_eq!(got[0].value, 90.0);
+    assert_eq!(summary(&stored(&js).await).len(), 2, "one firing, one resolved");
+    drop(op);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn killing_an_alerts_replica_mid_window_neither_loses_nor_doubles_an_alert() {
     let (nats, op, js) = broker().await;

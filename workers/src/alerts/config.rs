@@ -10,7 +10,7 @@
 //!
 //! [[rule]]
 //! name = "agent-errors"
-//! check = "error_rate"              # error_rate | response_time | consecutive_errors | agent_offline | spool_backlog
+//! check = "error_rate"              # error_rate | response_time | consecutive_errors | agent_offline | spool_backlog | dead_letters
 //! scope = "agent"                   # all | agent | model | intent
 //! threshold = 50
 //! window_seconds = 60
@@ -265,6 +265,9 @@ pub fn parse(text: &str, path: &str) -> Result<AlertsFile, ConfigError> {
                 invalid(&at("scope"), format!("{s:?}: expected one of {}", ScopeKind::ALL.map(ScopeKind::as_str).join(", ")))
             })?,
         };
+        if check == Check::DeadLetters && !matches!(scope, ScopeKind::All | ScopeKind::Agent) {
+            return Err(invalid(&at("scope"), "a dead_letters rule counts all dead letters or each agent's: all or agent".into()));
+        }
         if check.watches_heartbeats() && scope != ScopeKind::Agent {
             return Err(invalid(&at("scope"), format!("a {} rule is per agent: leave scope out or write \"agent\"", check.as_str())));
         }
@@ -282,6 +285,9 @@ pub fn parse(text: &str, path: &str) -> Result<AlertsFile, ConfigError> {
             Some(m) => minutes(&at("cooldown_minutes"), m)?,
             None => cooldown,
         };
+        if r.source.is_some() && check == Check::DeadLetters {
+            return Err(invalid(&at("source"), "a dead_letters rule counts dead letters: leave source out".into()));
+        }
         if r.source.is_some() && check.watches_heartbeats() {
             return Err(invalid(&at("source"), format!("a {} rule watches heartbeats: leave source out", check.as_str())));
         }
@@ -332,6 +338,7 @@ fn check_threshold(check: Check, t: f64) -> Result<(), String> {
         Check::ConsecutiveErrors => (t >= 1.0 && t.fract() == 0.0 && t <= 1e6, "a whole number of failures, at least 1"),
         Check::AgentOffline => (t >= 1.0 && t <= MAX_WINDOW.as_secs_f64(), "seconds from 1 to 3600"),
         Check::SpoolBacklog => (t >= 0.0 && t.fract() == 0.0 && t <= 1e12, "a whole number of events, 0 or more"),
+        Check::DeadLetters => (t >= 0.0 && t.is_finite(), "dead letters a minute, 0 or more"),
     };
     if ok {
         Ok(())

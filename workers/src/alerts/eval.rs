@@ -145,7 +145,7 @@ impl Evaluator {
             ms: i.response_time_ms,
         };
         for rule in &self.rules {
-            if rule.check.watches_heartbeats() || rule.source != source {
+            if rule.check.watches_heartbeats() || rule.check == Check::DeadLetters || rule.source != source {
                 continue;
             }
             let value = match rule.scope {
@@ -165,6 +165,32 @@ impl Evaluator {
             st.push(sample);
             st.evict(ts - rule.window);
             st.run = if i.success { 0 } else { st.run + 1 };
+            if seq <= st.judged_through || self.seen_from.is_some_and(|from| ts < from + rule.window) {
+                continue;
+            }
+            let (holds, value) = st.judge(rule);
+            if let Some(a) = transition(rule, &scope, st, holds, value, seq, ts) {
+                out.push(a);
+            }
+        }
+        out
+    }
+
+    /// A dead letter at `seq` of `DEADLETTER`, stored at `ts`, of a message
+    /// from `agent` when its subject names one.
+    pub fn dead_letter(&mut self, seq: u64, ts: DateTime<Utc>, agent: Option<&AgentId>) -> Vec<Alert> {
+        let mut out = Vec::new();
+        let sample = Sample { ts, ok: false, ms: 0.0 };
+        for rule in self.rules.iter().filter(|r| r.check == Check::DeadLetters) {
+            let value = match (rule.scope, agent) {
+                (ScopeKind::All, _) => String::new(),
+                (ScopeKind::Agent, Some(a)) => a.as_str().to_string(),
+                _ => continue,
+            };
+            let scope = Scope { kind: rule.scope, value };
+            let st = self.state.entry((rule.name.clone(), scope.clone())).or_default();
+            st.push(sample);
+            st.evict(ts - rule.window);
             if seq <= st.judged_through || self.seen_from.is_some_and(|from| ts < from + rule.window) {
                 continue;
             }
@@ -278,6 +304,10 @@ impl ScopeState {
     fn judge(&self, rule: &Rule) -> (bool, f64) {
         let n = self.samples.len();
         match rule.check {
+            Check::DeadLetters => {
+                let per_minute = n as f64 * 60.0 / rule.window.as_secs_f64().max(1.0);
+                (per_minute > rule.threshold, per_minute)
+            }
             Check::ConsecutiveErrors => (self.run as f64 >= rule.threshold, self.run as f64),
             _ if n < rule.min_interactions => (false, 0.0),
             Check::ErrorRate => {
@@ -335,6 +365,7 @@ fn alert(rule: &Rule, scope: &Scope, state: AlertState, value: f64, trigger_seq:
         Check::ConsecutiveErrors => format!("{value:.0} failed interactions in a row (threshold {})", rule.threshold),
         Check::AgentOffline => format!("no heartbeat for {value:.0}s (threshold {}s)", rule.threshold),
         Check::SpoolBacklog => format!("{value:.0} events waiting in the spool (threshold {})", rule.threshold),
+        Check::DeadLetters => format!("{value:.1} dead letters a minute (threshold {}) over {}s", rule.threshold, rule.window.as_secs()),
     };
     let mut a = Alert {
         id: uuid::Uuid::nil(),
@@ -501,5 +532,28 @@ mod tests {
         r.restore(&fired[0]);
         assert!(r.heartbeat(2, t(30), &a, Some(5000)).is_empty());
         assert!(r.heartbeat(3, t(60), &a, Some(7000)).is_empty());
+    }
+
+    #[test]
+    fn dead_letters_a_minute_fire_over_the_window_and_an_emptied_window_resolves() {
+        let mut e = eval("[[rule]]\nname = \"dead\"\ncheck = \"dead_letters\"\nthreshold = 2\nwindow_seconds = 60\n[[rule]]\nname = \"dead-agent\"\ncheck = \"dead_letters\"\nscope = \"agent\"\nthreshold = 5\nwindow_seconds = 60");
+        let a = AgentId::new("desk-1").unwrap();
+        let mut out = Vec::new();
+        for s in 0..2 {
+            out.extend(e.dead_letter(s + 1, t(s as i64), Some(&a)));
+        }
+        assert!(out.is_empty(), "2 a minute is not above 2");
+        out.extend(e.dead_letter(3, t(3), None));
+        assert_eq!(states(&out), [("dead", AlertState::Firing)], "an agent's rule counts only dead letters that name it");
+        assert_eq!((out[0].value, out[0].trigger_seq), (3.0, 3));
+        assert!(e.interaction(Source::Assistant, 9, t(4), &a, &inter(false, 1.0)).is_empty(), "interactions are not dead letters");
+        assert_eq!(states(&e.tick(t(70))), [("dead", AlertState::Resolved)]);
+    }
+
+    #[test]
+    fn a_dead_letters_rule_takes_all_or_agent_and_no_source() {
+        let bad = |toml: &str| parse(toml, "t.toml").unwrap_err().to_string();
+        assert!(bad("[[rule]]\nname = \"d\"\ncheck = \"dead_letters\"\nscope = \"model\"\nthreshold = 1").contains("rule[0].scope"));
+        assert!(bad("[[rule]]\nname = \"d\"\ncheck = \"dead_letters\"\nsource = \"ferry\"\nthreshold = 1").contains("rule[0].source"));
     }
 }

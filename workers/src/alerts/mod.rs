@@ -36,7 +36,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::push::OrderedConfig, consumer::DeliverPolicy};
 use chrono::{DateTime, Utc};
 use ferry_schema::alert::Alert;
-use ferry_schema::topology::{self, EVENTS_STREAM, REPLIES_STREAM};
+use ferry_schema::topology::{self, DEADLETTER_STREAM, EVENTS_STREAM, REPLIES_STREAM};
 use ferry_schema::{codec, headers, subject, EventBody, EventKind};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -209,6 +209,8 @@ enum Input {
     Heartbeat,
     /// Ferry's replies, each an interaction of Ferry's own.
     Reply,
+    /// Dead letters, of every stream.
+    DeadLetter,
 }
 
 /// A reader of one stream, and whether it has reached the end it had at start.
@@ -248,6 +250,7 @@ impl Evaluation {
         let mut interactions = self.reader(EVENTS_STREAM, events(EventKind::Interaction), replay_from).await?;
         let mut heartbeats = self.reader(EVENTS_STREAM, events(EventKind::Heartbeat), replay_from).await?;
         let mut replies = self.reader(REPLIES_STREAM, subject::all_replies().to_string(), replay_from).await?;
+        let mut dead = self.reader(DEADLETTER_STREAM, subject::all_dead_letters().to_string(), replay_from).await?;
         tracing::info!(restored, firing = ev.firing().len(), from = %replay_from, "alert evaluation started");
         let mut tick = tokio::time::interval(self.cfg.tick_every);
         let mut reload = tokio::time::interval(self.cfg.reload_every.unwrap_or(Duration::from_secs(3600)));
@@ -257,8 +260,10 @@ impl Evaluation {
                 m = interactions.messages.next() => self.step(&mut ev, m, &mut interactions, Input::Interaction)?,
                 m = heartbeats.messages.next() => self.step(&mut ev, m, &mut heartbeats, Input::Heartbeat)?,
                 m = replies.messages.next() => self.step(&mut ev, m, &mut replies, Input::Reply)?,
+                m = dead.messages.next() => self.step(&mut ev, m, &mut dead, Input::DeadLetter)?,
                 _ = tick.tick() => {
-                    if interactions.caught_up && heartbeats.caught_up && replies.caught_up { ev.tick(Utc::now()) } else { Vec::new() }
+                    let caught_up = interactions.caught_up && heartbeats.caught_up && replies.caught_up && dead.caught_up;
+                    if caught_up { ev.tick(Utc::now()) } else { Vec::new() }
                 }
                 _ = reload.tick(), if self.cfg.reload_every.is_some() => {
                     if let Some(f) = self.reload(&mut seen_bytes) {
@@ -355,6 +360,12 @@ impl Evaluation {
                 }
                 Err(_) => Vec::new(),
             },
+            Input::DeadLetter => {
+                // The original's subject names its agent when it was an event.
+                let original = m.headers.as_ref().and_then(|h| h.get(headers::DEAD_SUBJECT)).map(|v| v.as_str().to_string());
+                let agent = original.and_then(|s| subject::parse_event(&s).ok()).map(|(a, _)| a);
+                ev.dead_letter(seq, ts, agent.as_ref())
+            }
             Input::Interaction => match runtime::decode::event(&m, self.cfg.max_payload) {
                 Ok(e) => match &e.env.body {
                     EventBody::Interaction(i) => ev.interaction(Source::Assistant, seq, ts, &e.env.agent, i),

@@ -178,7 +178,13 @@ pub async fn apply(client: &Client, keep: &Retention, now: DateTime<Utc>) -> Res
 async fn remove(client: &Client, keep: &Retention, now: DateTime<Utc>) -> Result<Removed, UpkeepError> {
     client.batch_execute(&format!("SET lock_timeout = '{LOCK_TIMEOUT}'")).await?;
     let mut removed = Removed::default();
-    let cutoff = |d: Duration| now - TimeDelta::from_std(d).unwrap_or(TimeDelta::MAX);
+    // A retention longer than the calendar keeps everything.
+    let cutoff = |d: Duration| {
+        TimeDelta::from_std(d)
+            .ok()
+            .and_then(|d| now.checked_sub_signed(d))
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
+    };
 
     for (table, kept) in [("events", keep.events), ("replies", keep.replies), ("interactions", keep.interactions)] {
         let before = cutoff(kept);
