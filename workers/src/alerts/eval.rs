@@ -162,16 +162,7 @@ impl Evaluator {
             };
             let scope = Scope { kind: rule.scope, value };
             let st = self.state.entry((rule.name.clone(), scope.clone())).or_default();
-            st.push(sample);
-            st.evict(ts - rule.window);
-            st.run = if i.success { 0 } else { st.run + 1 };
-            if seq <= st.judged_through || self.seen_from.is_some_and(|from| ts < from + rule.window) {
-                continue;
-            }
-            let (holds, value) = st.judge(rule);
-            if let Some(a) = transition(rule, &scope, st, holds, value, seq, ts) {
-                out.push(a);
-            }
+            out.extend(st.observe(rule, &scope, sample, seq, self.seen_from));
         }
         out
     }
@@ -189,15 +180,7 @@ impl Evaluator {
             };
             let scope = Scope { kind: rule.scope, value };
             let st = self.state.entry((rule.name.clone(), scope.clone())).or_default();
-            st.push(sample);
-            st.evict(ts - rule.window);
-            if seq <= st.judged_through || self.seen_from.is_some_and(|from| ts < from + rule.window) {
-                continue;
-            }
-            let (holds, value) = st.judge(rule);
-            if let Some(a) = transition(rule, &scope, st, holds, value, seq, ts) {
-                out.push(a);
-            }
+            out.extend(st.observe(rule, &scope, sample, seq, self.seen_from));
         }
         out
     }
@@ -275,6 +258,21 @@ impl Evaluator {
 }
 
 impl ScopeState {
+    /// Takes `sample` (message `seq`) into `rule`'s window for `scope` and
+    /// judges it, unless the message was judged already (by whoever raised
+    /// a restored alert) or the window has not been seen whole since
+    /// `seen_from`.
+    fn observe(&mut self, rule: &Rule, scope: &Scope, sample: Sample, seq: u64, seen_from: Option<DateTime<Utc>>) -> Option<Alert> {
+        self.push(sample);
+        self.evict(sample.ts - rule.window);
+        self.run = if sample.ok { 0 } else { self.run + 1 };
+        if seq <= self.judged_through || seen_from.is_some_and(|from| sample.ts < from + rule.window) {
+            return None;
+        }
+        let (holds, value) = self.judge(rule);
+        transition(rule, scope, self, holds, value, seq, sample.ts)
+    }
+
     fn push(&mut self, s: Sample) {
         if self.samples.len() == MAX_WINDOW_SAMPLES {
             self.pop();

@@ -118,8 +118,11 @@ struct AppState {
 }
 
 impl AppState {
-    /// The archive, or the answer that there is none.
-    fn archive(&self) -> Result<&history::Archive, Response> {
+    /// The archive for a signed-in page, or the answer why not.
+    fn archive(&self, headers: &HeaderMap) -> Result<&history::Archive, Response> {
+        if !self.signed_in(headers) {
+            return Err((StatusCode::UNAUTHORIZED, "log in first").into_response());
+        }
         self.archive.as_deref().ok_or_else(|| {
             (StatusCode::SERVICE_UNAVAILABLE, "no archive: start the dashboard with --database-url").into_response()
         })
@@ -161,15 +164,12 @@ struct RangeQuery {
 }
 
 async fn past(State(s): State<AppState>, headers: HeaderMap, Query(q): Query<RangeQuery>) -> Response {
-    if !s.signed_in(&headers) {
-        return (StatusCode::UNAUTHORIZED, "log in first").into_response();
-    }
-    let Some(range) = history::Range::parse(&q.range) else {
-        return (StatusCode::BAD_REQUEST, "range: expected 15m, 1h, 24h or 7d").into_response();
-    };
-    let archive = match s.archive() {
+    let archive = match s.archive(&headers) {
         Ok(a) => a,
         Err(r) => return r,
+    };
+    let Some(range) = history::Range::parse(&q.range) else {
+        return (StatusCode::BAD_REQUEST, "range: expected 15m, 1h, 24h or 7d").into_response();
     };
     match archive.history(range, chrono::Utc::now()).await {
         Ok(v) => Json(v).into_response(),
@@ -183,10 +183,7 @@ struct AgentQuery {
 }
 
 async fn agent_recent(State(s): State<AppState>, headers: HeaderMap, Query(q): Query<AgentQuery>) -> Response {
-    if !s.signed_in(&headers) {
-        return (StatusCode::UNAUTHORIZED, "log in first").into_response();
-    }
-    let archive = match s.archive() {
+    let archive = match s.archive(&headers) {
         Ok(a) => a,
         Err(r) => return r,
     };
@@ -202,10 +199,7 @@ struct AckForm {
 }
 
 async fn acknowledge(State(s): State<AppState>, headers: HeaderMap, Form(f): Form<AckForm>) -> Response {
-    if !s.signed_in(&headers) {
-        return (StatusCode::UNAUTHORIZED, "log in first").into_response();
-    }
-    let archive = match s.archive() {
+    let archive = match s.archive(&headers) {
         Ok(a) => a,
         Err(r) => return r,
     };
