@@ -47,7 +47,37 @@ impl Permissions {
     }
 }
 
-/// The permissions of `agent`'s user in the `AGENTS` account: publish only
+/// The name of agent slot `slot`'s account in `nats.conf` (`AGENT_0007`):
+/// each agent has one of its own, so the account's limits bound that agent
+/// alone.
+pub fn agent_account(slot: u32) -> String {
+    format!("AGENT_{slot:04}")
+}
+
+/// The slot of an agent account named `name` (`AGENT_0007` is 7); `None`
+/// for any other name.
+pub fn agent_slot(name: &str) -> Option<u32> {
+    let digits = name.strip_prefix("AGENT_")?;
+    (digits.len() >= 4 && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.parse().ok()).flatten()
+}
+
+/// An agent account `account` as `nats.conf` holds it, each line after
+/// `indent`: with the shared limits and imports (`$AGENT_LIMITS`,
+/// `$AGENT_IMPORTS`, defined at the top of `nats.conf`), and the user
+/// `(credential, permissions)` when the slot is taken. An empty slot is
+/// one line.
+pub fn agent_account_conf(account: &str, user: Option<(&str, &Permissions)>, indent: &str) -> String {
+    let shared = "limits: $AGENT_LIMITS, imports: $AGENT_IMPORTS";
+    match user {
+        None => format!("{indent}{account} {{ {shared} }}\n"),
+        Some((credential, permissions)) => format!(
+            "{indent}{account} {{\n{indent}  limits: $AGENT_LIMITS\n{indent}  imports: $AGENT_IMPORTS\n{indent}  users: [\n{}{indent}  ]\n{indent}}}\n",
+            permissions.conf_entry(credential, &format!("{indent}    "))
+        ),
+    }
+}
+
+/// The permissions of `agent`'s user in its own account: publish only
 /// `events.<id>.<kind>` for the five kinds (so the per-subject cap of
 /// [`crate::quota`] bounds the agent), read (through [`subject::AGENT_JS_API_PREFIX`]) and ack
 /// only its consumer `agent-<id>` on `REPLIES`, and receive only on
@@ -162,6 +192,27 @@ mod tests {
         assert_eq!(quoted, want);
         assert!(!entry.contains("allow_responses"));
         assert!(role_permissions(Role::Rules).conf_entry("user: rules", "").contains("\n    allow_responses: true\n"));
+    }
+
+    #[test]
+    fn an_agent_account_is_one_line_empty_and_holds_its_user_when_taken() {
+        assert_eq!(agent_account(7), "AGENT_0007");
+        assert_eq!(agent_slot("AGENT_0007"), Some(7));
+        assert_eq!(agent_slot("AGENT_12345"), Some(12345));
+        for other in ["AGENT_DEMO_1", "AGENT_07", "FERRY", "AGENT_"] {
+            assert_eq!(agent_slot(other), None, "{other}");
+        }
+        assert_eq!(
+            agent_account_conf("AGENT_0007", None, "  "),
+            "  AGENT_0007 { limits: $AGENT_LIMITS, imports: $AGENT_IMPORTS }\n"
+        );
+        let p = agent_permissions(&AgentId::new("desk-9").unwrap());
+        let taken = agent_account_conf("AGENT_0007", Some(("nkey: UABC", &p)), "  ");
+        let want = format!(
+            "  AGENT_0007 {{\n    limits: $AGENT_LIMITS\n    imports: $AGENT_IMPORTS\n    users: [\n{}    ]\n  }}\n",
+            p.conf_entry("nkey: UABC", "      ")
+        );
+        assert_eq!(taken, want);
     }
 
     /// Each worker role's user in the committed `nats.conf` has exactly the

@@ -2,11 +2,13 @@
 //!
 //! Three limits, each enforced by the broker:
 //!
-//! - **Size of one message** (every server): the `AGENTS` account's
-//!   `max_payload` is [`AGENT_MAX_PAYLOAD`]; the broker closes the
-//!   connection of an agent that sends more. Its `max_connections`,
-//!   [`AGENTS_MAX_CONNECTIONS`], keeps the agents together below the
-//!   server's limit, so the workers and operators always get in.
+//! - **Size of one message and connections** (every server): each agent
+//!   has an account of its own (a slot of `nats.conf`'s pool) whose
+//!   `max_payload` is [`AGENT_MAX_PAYLOAD`], so the broker closes the
+//!   connection of an agent that sends more, and whose `max_connections`,
+//!   [`AGENT_MAX_CONNECTIONS`], bounds what one agent (or its stolen key)
+//!   can hold; all [`AGENT_SLOTS`] together stay below the server's limit,
+//!   so the workers and operators always get in.
 //! - **Events per agent and kind** (nats-server 2.10 and later, see
 //!   [`enforced`]): `EVENTS` keeps at most
 //!   `StreamSettings::agent_kind_max_msgs` messages on each
@@ -43,22 +45,35 @@ use crate::codec::DEFAULT_MAX_PAYLOAD;
 use crate::topology::{self, StreamSettings, EVENTS_STREAM};
 use crate::{subject, AgentId, EventKind};
 
-/// The largest message an agent may send (the `AGENTS` account's
-/// `max_payload` in `nats.conf`): Ferry's codec limit plus room for headers.
+/// The largest message an agent may send (`max_payload` of
+/// `AGENT_LIMITS` in `nats.conf`, every agent account's limits): Ferry's
+/// codec limit plus room for headers.
 pub const AGENT_MAX_PAYLOAD: usize = DEFAULT_MAX_PAYLOAD + 4 * 1024;
 
-/// Connections all agents together may hold (the `AGENTS` account's
-/// `max_connections` in `nats.conf`). Below the server's `max_connections`
-/// ([`SERVER_MAX_CONNECTIONS`]), so however many connections agents open,
-/// or one stolen key opens, the workers and operators in `FERRY` still get
-/// theirs. nats-server limits connections per account, not per user; one
-/// account per agent would bound each agent, but an account added by a
-/// config reload gets no working imports (nats-server 2.9.10 to 2.15.1), so
-/// `ferry agent add` could not add one without a restart.
-pub const AGENTS_MAX_CONNECTIONS: u32 = 9000;
+/// Connections one agent may hold at once (`max_connections` of
+/// `AGENT_LIMITS`). nats-server limits connections per account, not per
+/// user, so each agent has an account of its own. An agent needs one; the
+/// rest is room for reconnects while the broker has yet to notice the old
+/// connection is dead.
+pub const AGENT_MAX_CONNECTIONS: u32 = 8;
+
+/// Agent accounts in the committed `nats.conf` (`AGENT_0001` ...): how many
+/// agents a broker takes before `ferry agent slots` must grow the pool. The
+/// slots exist from the broker's start because an account that a config
+/// reload adds gets no working imports (nats-server 2.9.10 to 2.15.1) until
+/// a restart, and `ferry agent add` must not restart the broker.
+pub const AGENT_SLOTS: u32 = 1000;
+
+/// Connections kept for the workers and operators: however many
+/// connections every agent slot holds, at most
+/// `SERVER_MAX_CONNECTIONS - WORKER_CONNECTIONS`.
+pub const WORKER_CONNECTIONS: u32 = 1000;
 
 /// The server's `max_connections` in `nats.conf`.
 pub const SERVER_MAX_CONNECTIONS: u32 = 10_000;
+
+// Every agent slot at its limit still leaves the workers theirs.
+const _: () = assert!(AGENT_SLOTS * AGENT_MAX_CONNECTIONS + WORKER_CONNECTIONS <= SERVER_MAX_CONNECTIONS);
 
 /// The keeper frees processed history from a subject holding this share
 /// (percent) of its cap, and from `EVENTS` once it holds this share of its
@@ -327,13 +342,14 @@ mod tests {
     }
 
     #[test]
-    fn the_agents_account_limits_in_nats_conf_are_the_ones_here() {
+    fn the_agent_account_limits_in_nats_conf_are_the_ones_here() {
         let conf = include_str!("../../nats.conf");
         assert!(conf.contains(&format!(
-            "limits: {{ max_payload: {AGENT_MAX_PAYLOAD}, max_connections: {AGENTS_MAX_CONNECTIONS} }}"
+            "\nAGENT_LIMITS = {{ max_payload: {AGENT_MAX_PAYLOAD}, max_connections: {AGENT_MAX_CONNECTIONS} }}\n"
         )));
         assert!(conf.contains(&format!("\nmax_connections: {SERVER_MAX_CONNECTIONS}\n")));
-        assert!(AGENTS_MAX_CONNECTIONS + 100 <= SERVER_MAX_CONNECTIONS, "room for workers and operators");
+        let slots = conf.lines().filter(|l| l.trim_start().starts_with("AGENT_") && l.contains("limits: $AGENT_LIMITS")).count();
+        assert_eq!(slots, AGENT_SLOTS as usize, "one account per slot, each with the agents' limits");
     }
 
     #[test]

@@ -242,8 +242,9 @@ pub fn service_name(role: &str) -> String {
     format!("ferry-{role}")
 }
 
-/// The JetStream API prefix of an agent's connection. Agents live in their
-/// own NATS account (`AGENTS` in `nats.conf`), which has no JetStream: it
+/// The JetStream API prefix of an agent's connection. Each agent lives in
+/// a NATS account of its own ([`crate::permissions::agent_account`] in
+/// `nats.conf`), which has no JetStream: it
 /// imports the few API calls an agent may make from the `FERRY` account
 /// under this prefix (`$JS.FERRY.API.CONSUMER.MSG.NEXT.REPLIES.agent-<id>`
 /// reaches `$JS.API.CONSUMER.MSG.NEXT.REPLIES.agent-<id>` there).

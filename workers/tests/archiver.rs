@@ -131,7 +131,7 @@ fn heartbeat(agent: &str) -> Envelope {
 fn mixed(n: usize) -> Vec<Envelope> {
     let mut v: Vec<Envelope> = (0..n)
         .map(|i| {
-            let agent = if i % 2 == 0 { "desk-1" } else { "desk-2" };
+            let agent = if i.is_multiple_of(2) { "desk-1" } else { "desk-2" };
             if i % 3 == 0 {
                 let mut e = chat(agent, &format!("message {i}"));
                 if let EventBody::Chat(c) = &mut e.body {
@@ -244,14 +244,14 @@ async fn every_event_and_reply_stored_once_across_replays() {
 }
 
 fn interaction(agent: &str, i: usize) -> Envelope {
-    let failed = i % 4 == 0;
+    let failed = i.is_multiple_of(4);
     Envelope::new(
         AgentId::new(agent).unwrap(),
         EventBody::Interaction(Interaction {
             session_id: format!("s-{}", i % 3),
             user_input: format!("question {i}"),
-            intent: Some(if i % 2 == 0 { "refund" } else { "order_status" }.into()),
-            tools_used: if i % 5 == 0 { vec![] } else { vec!["orders.lookup".into(), "kb.search".into()] },
+            intent: Some(if i.is_multiple_of(2) { "refund" } else { "order_status" }.into()),
+            tools_used: if i.is_multiple_of(5) { vec![] } else { vec!["orders.lookup".into(), "kb.search".into()] },
             response_time_ms: 100.0 + i as f64,
             success: !failed,
             error_type: failed.then(|| "timeout".into()),

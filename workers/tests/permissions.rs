@@ -161,22 +161,20 @@ async fn an_agent_is_refused_everything_but_its_own() {
     assert!(anonymous.is_err(), "an anonymous client got in");
 }
 
-/// All agents together hold at most the `AGENTS` account's connections,
-/// fewer than the server's: however many an agent opens (or a stolen key
-/// does), the workers and the operator still get in. Run with the account's
-/// limit lowered to 2 (the committed 9,000 is checked against the server's
-/// limit in `schema::quota`).
+/// Each agent holds at most its own account's connections: however many
+/// one agent opens (or a stolen key does), the other agents, the workers
+/// and the operator still get in. Run with the agents' limit lowered to 2
+/// (the committed 8 per agent, times the slots, is checked against the
+/// server's limit in `schema::quota`). Before each agent had an account of
+/// its own, desk-1's two connections locked desk-2 out.
 #[tokio::test]
-async fn agents_cannot_take_the_connections_the_workers_need() {
+async fn one_agent_cannot_take_the_connections_of_the_others_or_the_workers() {
     let dir = tempfile::tempdir().unwrap();
-    let committed = format!(
-        "max_connections: {}",
-        ferry_schema::quota::AGENTS_MAX_CONNECTIONS
-    );
+    let committed = format!("max_connections: {} }}", ferry_schema::quota::AGENT_MAX_CONNECTIONS);
     let demo = ferry_stack::nats::demo_nats_conf();
-    assert!(demo.contains(&committed), "the AGENTS account carries its connection limit");
+    assert!(demo.contains(&format!("AGENT_LIMITS = {{ max_payload: {}, {committed}", ferry_schema::quota::AGENT_MAX_PAYLOAD)));
     let conf = dir.path().join("nats.conf");
-    let text = demo.replace(&committed, "max_connections: 2");
+    let text = demo.replacen(&committed, "max_connections: 2 }", 1);
     std::fs::write(&conf, ferry_stack::nats::with_store_dir(&text, &dir.path().join("store"))).unwrap();
     let nats = NatsServer::start(ferry_stack::NatsServerOptions {
         data_dir: Some(dir.path().join("run")),
@@ -186,9 +184,9 @@ async fn agents_cannot_take_the_connections_the_workers_need() {
     .unwrap();
     let (desk1, desk2) = (AgentId::new("desk-1").unwrap(), AgentId::new("desk-2").unwrap());
     let _first = nats.agent(&desk1).unwrap().connect().await.unwrap();
-    let _second = nats.agent(&desk2).unwrap().connect().await.unwrap();
+    let _second = nats.agent(&desk1).unwrap().connect().await.unwrap();
     let third = nats.agent(&desk1).unwrap().connect().await;
-    assert!(third.is_err(), "a third agent connection got past the account's limit of 2");
+    assert!(third.is_err(), "a third connection of desk-1 got past its limit of 2");
     // The server's log says why.
     let why = "maximum account active connections exceeded";
     for _ in 0..50 {
@@ -198,7 +196,14 @@ async fn agents_cannot_take_the_connections_the_workers_need() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(nats.log_tail(50).contains(why), "{}", nats.log_tail(50));
-    // Workers and the operator are in FERRY, outside the agents' limit.
+    // desk-2 has its own account and limit, and its events are stored as ever.
+    let other = nats.agent(&desk2).unwrap().connect().await.expect("desk-2 locked out by desk-1's connections");
+    let _other_too = nats.agent(&desk2).unwrap().connect().await.unwrap();
+    let op = jetstream::new(nats.operator("test").connect().await.unwrap());
+    topology::provision(&op, &StreamSettings::default(), &[desk1.clone(), desk2.clone()]).await.unwrap();
+    let own = jetstream::ContextBuilder::new().api_prefix(subject::AGENT_JS_API_PREFIX).build(other);
+    own.publish("events.desk-2.chat", "x".into()).await.unwrap().await.unwrap();
+    // Workers and the operator are in FERRY, outside the agents' limits.
     for role in Role::ALL {
         nats.role(role, "after the agents").connect().await.unwrap();
     }

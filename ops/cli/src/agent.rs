@@ -1,4 +1,4 @@
-//! `ferry agent add|list|revoke|rotate|expire`: an agent's credentials (an nkey), its broker permissions and reply consumer, reloaded into a running nats-server.
+//! `ferry agent add|list|revoke|rotate|expire|slots`: an agent's credentials (an nkey), its broker permissions and reply consumer, reloaded into a running nats-server.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -82,6 +82,20 @@ pub enum AgentCmd {
     ///   ferry agent expire --nats-conf /etc/nats/nats.conf --nats-pid /var/run/nats.pid
     #[command(verbatim_doc_comment)]
     Expire(ExpireArgs),
+    /// Grow the pool of agent accounts in nats.conf to COUNT slots. Each
+    /// agent has a NATS account of its own (a slot), so that its limits (8
+    /// connections, 260 KiB a message) bind it alone; the committed
+    /// nats.conf has 1,000. nats-server gives an account that a reload adds
+    /// no working imports, so after this restart the broker (each node of
+    /// a cluster) before adding the agents that need the new slots. Keep
+    /// COUNT x 8 plus 1,000 for the workers under the server's
+    /// max_connections (10,000 in Ferry's nats.conf), or raise that too.
+    ///
+    /// Examples:
+    ///   ferry agent slots 2000 --nats-conf /etc/nats/nats.conf
+    ///   ferry agent slots 2000 --nats-conf n1/nats.conf --nats-conf n2/nats.conf --nats-conf n3/nats.conf
+    #[command(verbatim_doc_comment)]
+    Slots(crate::agent_slots::SlotsArgs),
 }
 
 /// Where the registry, the broker's config and the broker are.
@@ -173,6 +187,7 @@ pub async fn run(cmd: AgentCmd) -> anyhow::Result<()> {
         AgentCmd::Revoke(args) => revoke(args).await,
         AgentCmd::Rotate(args) => rotate(args).await,
         AgentCmd::Expire(args) => expire(args).await,
+        AgentCmd::Slots(args) => crate::agent_slots::run(&args),
     }
 }
 
@@ -204,21 +219,28 @@ async fn add(args: AddArgs) -> anyhow::Result<()> {
     let seed = pair.seed().context("encoding the new nkey seed")?;
     let created = Utc::now();
     let expires = valid_for.map(|v| created + v);
-    reg.add(AgentEntry {
-        id: id.to_string(),
-        group: args.group.clone(),
-        public_key: pair.public_key(),
-        created,
-        revoked: None,
-        rotated: None,
-        expires,
-    })?;
+    reg.add(
+        AgentEntry {
+            id: id.to_string(),
+            group: args.group.clone(),
+            public_key: pair.public_key(),
+            created,
+            revoked: None,
+            rotated: None,
+            expires,
+            slot: None,
+        },
+        plan.slots,
+    )?;
     let seed_file = t.data_dir.seed(&id);
     write_seed(&seed_file, &id, &seed)?;
     reg.save(&reg_path)?;
     tracing::info!(agent = %id, public_key = %pair.public_key(), "agent added to the registry");
 
     println!("Added agent {id}{}.", group_note(args.group.as_deref()));
+    if let Some(slot) = reg.agents.last().and_then(|a| a.slot) {
+        println!("  account     {} (slot {slot} of {})", topology::agent_account(slot), plan.slots);
+    }
     println!("  public key  {}", pair.public_key());
     println!("  seed        {seed}");
     println!("  seed file   {} (mode 0600)", seed_file.display());
@@ -227,10 +249,20 @@ async fn add(args: AddArgs) -> anyhow::Result<()> {
     }
     let applied = apply(t, &plan, &reg)?;
     if !t.offline {
-        let js = jetstream::new(operator(t, "ferry agent add")?.connect().await?);
-        let report = topology::ensure_consumer(&js, &topology::agent_replies_consumer(&id))
-            .await
-            .with_context(|| format!("creating the reply consumer of {id} (is the broker provisioned? `ferry provision`)"))?;
+        let client = match applied.reloaded {
+            true => settle(t, "ferry agent add").await?,
+            false => operator(t, "ferry agent add")?.connect().await?,
+        };
+        let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(2)).build(client);
+        let def = topology::agent_replies_consumer(&id);
+        let mut report = topology::ensure_consumer(&js, &def).await;
+        let start = Instant::now();
+        while report.is_err() && applied.reloaded && start.elapsed() < RELOAD_WAIT {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            report = topology::ensure_consumer(&js, &def).await;
+        }
+        let report =
+            report.with_context(|| format!("creating the reply consumer of {id} (is the broker provisioned? `ferry provision`)"))?;
         let line = crate::provision::describe(std::slice::from_ref(&report));
         println!("  consumer    {}", line.trim_start_matches("consumer "));
         if applied.reloaded {
@@ -322,7 +354,7 @@ async fn rotate(args: RotateArgs) -> anyhow::Result<()> {
     let old_auth = Auth::nkey_file(&seed_file).ok();
     let pair = nkeys::KeyPair::new_user();
     let seed = pair.seed().context("encoding the new nkey seed")?;
-    let old_key = reg.rotate(id.as_str(), pair.public_key(), Utc::now(), valid_for)?;
+    let old_key = reg.rotate(id.as_str(), pair.public_key(), Utc::now(), valid_for, plan.slots)?;
     write_seed(&seed_file, &id, &seed)?;
     reg.save(&reg_path)?;
     tracing::info!(agent = %id, old = %old_key, new = %pair.public_key(), "agent key rotated");
@@ -339,6 +371,9 @@ async fn rotate(args: RotateArgs) -> anyhow::Result<()> {
         if let Some(auth) = old_auth {
             wait_refused(t, &id, auth).await?;
         }
+        // Best effort: rotating needs no operator, but a script's next
+        // command may.
+        let _ = settle(t, "ferry agent rotate").await;
     }
     println!();
     println!("Copy the new seed file to the agent's PC (mode 0600) and restart the agent;");
@@ -400,7 +435,11 @@ async fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
                 wait_refused(t, &id, auth).await?;
             }
         }
-        let js = jetstream::new(operator(t, "ferry agent revoke")?.connect().await?);
+        let client = match applied.reloaded {
+            true => settle(t, "ferry agent revoke").await?,
+            false => operator(t, "ferry agent revoke")?.connect().await?,
+        };
+        let js = jetstream::new(client);
         let deleted = topology::remove_agent_consumer(&js, &id).await?;
         println!(
             "  consumer    {}/{}: {}",
@@ -441,7 +480,57 @@ async fn expire(args: ExpireArgs) -> anyhow::Result<()> {
             wait_refused(t, id, auth).await?;
         }
     }
+    if applied.reloaded {
+        let _ = settle(t, "ferry agent expire").await;
+    }
     Ok(())
+}
+
+/// JetStream's account information request.
+const JS_ACCOUNT_INFO: &str = "$JS.API.INFO";
+
+/// JetStream answers in a row that count as the reload being over.
+const SETTLED_ANSWERS: u32 = 5;
+
+/// Waits (up to [`RELOAD_WAIT`]) until JetStream answers again after a
+/// reload, and returns an operator connection made after it: while
+/// nats-server reloads its accounts (a thousand agent slots take about 0.1
+/// s) it refuses or drops JetStream requests, and 2.9.10 can leave a
+/// connection opened meanwhile without JetStream for good. Done once fresh
+/// connections have had [`SETTLED_ANSWERS`] answers in a row, 0.1 s apart,
+/// which also covers a reload that has yet to start; only warns when not.
+async fn settle(t: &Target, name: &str) -> anyhow::Result<async_nats::Client> {
+    let start = Instant::now();
+    let mut in_a_row = 0;
+    while in_a_row < SETTLED_ANSWERS {
+        if start.elapsed() > RELOAD_WAIT {
+            eprintln!("ferry: warning: JetStream did not answer steadily within {RELOAD_WAIT:?} of the reload; see nats-server's log");
+            break;
+        }
+        let client = operator(t, name)?.connect().await?;
+        // The raw account-info request: its answer's shape differs between
+        // server versions, and only whether it is an error matters here.
+        let answer = tokio::time::timeout(Duration::from_secs(1), client.request(JS_ACCOUNT_INFO, "".into())).await;
+        let answered = match answer {
+            Ok(Ok(msg)) => serde_json::from_slice::<serde_json::Value>(&msg.payload)
+                .map_err(|e| e.to_string())
+                .and_then(|v| match v.get("error") {
+                    None => Ok(()),
+                    Some(e) => Err(e.to_string()),
+                }),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer within 1 s".to_string()),
+        };
+        match answered {
+            Ok(()) => in_a_row += 1,
+            Err(e) => {
+                tracing::debug!(error = %e, "JetStream not answering yet after the reload");
+                in_a_row = 0;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(operator(t, name)?.connect().await?)
 }
 
 /// Which nats.conf to rewrite and which nats-server to reload, checked
@@ -452,6 +541,9 @@ struct Plan {
     confs: Vec<PathBuf>,
     /// The nats-servers to reload; none when offline or unknown.
     pids: Vec<i32>,
+    /// Agent slots in the configs (the smallest pool when they differ;
+    /// with no config, the committed nats.conf's, which `ferry up` uses).
+    slots: u32,
 }
 
 fn plan(t: &Target, reg: &Registry) -> anyhow::Result<Plan> {
@@ -461,10 +553,14 @@ fn plan(t: &Target, reg: &Registry) -> anyhow::Result<Plan> {
     } else {
         t.nats_conf.clone()
     };
+    let mut slots = None::<u32>;
     for conf in &confs {
         let text = std::fs::read_to_string(conf).with_context(|| format!("reading {}", conf.display()))?;
         reg.splice_into(&text, &conf.display().to_string())?;
+        let pool = registry::pool_size(&text, &conf.display().to_string())?;
+        slots = Some(slots.map_or(pool, |s| s.min(pool)));
     }
+    let slots = slots.unwrap_or(ferry_schema::quota::AGENT_SLOTS);
     let pids = if t.offline || confs.is_empty() { Vec::new() } else { nats_pids(t)? };
     // A node's config may be the given file or one beside it that includes
     // it (the cluster's node-N.conf includes nats.conf).
@@ -484,7 +580,7 @@ fn plan(t: &Target, reg: &Registry) -> anyhow::Result<Plan> {
             }
         }
     }
-    Ok(Plan { confs, pids })
+    Ok(Plan { confs, pids, slots })
 }
 
 /// What [`apply`] did.
@@ -514,7 +610,12 @@ fn apply(t: &Target, plan: &Plan, reg: &Registry) -> anyhow::Result<Applied> {
         if new != text {
             registry::write_atomic(conf, new.as_bytes(), 0o644)?;
         }
-        println!("  nats.conf   {}: {} agent users", conf.display(), reg.active().count());
+        println!(
+            "  nats.conf   {}: {} agent users in {} agent slots",
+            conf.display(),
+            reg.active().count(),
+            registry::pool_size(&new, &conf.display().to_string())?
+        );
     }
     if t.offline {
         println!("  reload      skipped (--offline); copy the file to every node and reload each with: nats-server --signal reload=<pid>");

@@ -2,6 +2,7 @@
 
 mod agent;
 mod agent_registry;
+mod agent_slots;
 mod backup;
 mod bench;
 mod certs;

@@ -130,7 +130,16 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let secrets_path = args.data_dir.secrets();
     let secrets = Secrets::load_or_create(&secrets_path)?;
     let worker_bin = crate::procs::worker_binary(args.worker_bin.as_deref())?;
-    let registry = crate::agent_registry::Registry::load(&args.data_dir.registry())?;
+    let registry = {
+        // The broker starts afresh: the slots retired since it last ran are free.
+        let _lock = crate::agent_registry::RegistryLock::take(&args.data_dir)?;
+        let mut registry = crate::agent_registry::Registry::load(&args.data_dir.registry())?;
+        if !registry.retired.is_empty() {
+            registry.clear_retired();
+            registry.save(&args.data_dir.registry())?;
+        }
+        registry
+    };
     let mut nats = start_broker(&args, &registry, &secrets)?;
     let pid_file = args.data_dir.pid_file();
     let (me, broker) = (format!("ferry={}\n", std::process::id()), format!("nats={}\n", nats.pid().unwrap_or(0)));
@@ -228,7 +237,11 @@ fn check_ports(args: &UpArgs) -> anyhow::Result<()> {
 fn start_broker(args: &UpArgs, registry: &crate::agent_registry::Registry, secrets: &Secrets) -> anyhow::Result<NatsServer> {
     let conf = args.data_dir.nats_conf();
     let store = std::path::absolute(args.data_dir.nats_store()).context("resolving the store dir")?;
-    let mut conf_text = ferry_stack::nats::with_store_dir(&registry.splice_into(&ferry_stack::nats::demo_nats_conf(), "nats.conf")?, &store);
+    // The broker starts afresh, so the pool can grow to whatever the
+    // registry needs (the committed file has AGENT_SLOTS).
+    let demo = ferry_stack::nats::demo_nats_conf();
+    let slots = registry.highest_slot().max(crate::agent_registry::pool_size(&demo, "nats.conf")?);
+    let mut conf_text = ferry_stack::nats::with_store_dir(&registry.splice_grown(&demo, "nats.conf", slots)?, &store);
     let tls = match args.tls {
         false => None,
         true => {

@@ -97,6 +97,17 @@ async fn added_agent_is_confined_and_revoke_locks_it_out_after_reload() {
     assert!(out.contains("desk-7 connected with its seed and read its consumer: ok"), "{out}");
     assert!(out.contains("ferry-agent --id desk-7 --nkey desk-7.nk"), "{out}");
     ok(agent_cmd(&nats, data.path(), &["add", "desk-8", "--group", "support"]));
+    // desk-8 has an account of its own, filled by the reload: at most
+    // AGENT_MAX_CONNECTIONS connections, and desk-7 still gets in past them
+    // (below). Its rotation later closes them.
+    assert!(out.contains(&format!("account     AGENT_0001 (slot 1 of {})", ferry_stack::nats::DEMO_SLOTS)), "{out}");
+    let seed8 = seed_of(data.path(), "desk-8");
+    let mut held = Vec::new();
+    for _ in 0..ferry_schema::quota::AGENT_MAX_CONNECTIONS {
+        held.push(connect_as(&nats, "desk-8", &seed8).await.expect("within desk-8's connections"));
+    }
+    let over = connect_as(&nats, "desk-8", &seed8).await.expect_err("one connection past desk-8's limit");
+    assert!(over.to_string().contains("maximum account active connections exceeded"), "{over}");
     // The same id twice is refused.
     let again = agent_cmd(&nats, data.path(), &["add", "desk-7"]);
     assert!(!again.status.success());
@@ -252,7 +263,19 @@ fn offline_add_only_writes_files_and_every_command_has_help_with_examples() {
         .unwrap();
     assert!(checked.status.success(), "{}", String::from_utf8_lossy(&checked.stderr));
 
-    for sub in ["add", "list", "revoke"] {
+    // `ferry agent slots` grows the pool, keeps desk-9 in its slot, says to
+    // restart, and refuses to shrink below a held slot.
+    let out = ok(ferry().args(["agent", "slots", "1200", "--data-dir"]).arg(data.path()).arg("--nats-conf").arg(&conf).output().unwrap());
+    assert!(out.contains("1000 -> 1200 agent slots") && out.contains("restart nats-server"), "{out}");
+    let grown = std::fs::read_to_string(&conf).unwrap();
+    assert!(grown.contains("  AGENT_1200 { limits: $AGENT_LIMITS, imports: $AGENT_IMPORTS }\n"), "{grown}");
+    assert!(grown.contains(&format!("nkey: {key}")));
+    assert_eq!(grown.matches("imports: $AGENT_IMPORTS").count(), 1200);
+    let shrink = ferry().args(["agent", "slots", "0", "--data-dir"]).arg(data.path()).arg("--nats-conf").arg(&conf).output().unwrap();
+    assert!(!shrink.status.success());
+    assert!(String::from_utf8_lossy(&shrink.stderr).contains("agent slot 1 is taken"), "{}", String::from_utf8_lossy(&shrink.stderr));
+
+    for sub in ["add", "list", "revoke", "slots"] {
         let help = ok(ferry().args(["agent", sub, "--help"]).output().unwrap());
         assert!(help.contains("Examples:") && help.contains(&format!("ferry agent {sub}")), "{help}");
     }
@@ -312,17 +335,20 @@ async fn an_expired_key_is_locked_out_and_rotate_renews_it() {
     topology::provision(&js, &StreamSettings::default(), &[]).await.unwrap();
     let data = tempfile::tempdir().unwrap();
 
-    let out = ok(agent_cmd(&nats, data.path(), &["add", "desk-7", "--valid-for", "3s"]));
+    let out = ok(agent_cmd(&nats, data.path(), &["add", "desk-7", "--valid-for", "30s"]));
     assert!(out.contains("  expires     "), "{out}");
     ok(agent_cmd(&nats, data.path(), &["add", "desk-8", "--valid-for", "30d"]));
     let zero = agent_cmd(&nats, data.path(), &["add", "desk-9", "--valid-for", "0s"]);
     assert!(!zero.status.success() && String::from_utf8_lossy(&zero.stderr).contains("--valid-for must be longer than 0"));
-    assert!(ok(agent_cmd(&nats, data.path(), &["expire"])).contains("No agent's key has expired."));
+    let out = ok(agent_cmd(&nats, data.path(), &["expire"]));
+    assert!(out.contains("No agent's key has expired."), "{out}");
     let (seed7, seed8) = (seed_of(data.path(), "desk-7"), seed_of(data.path(), "desk-8"));
     assert!(connect_as(&nats, "desk-7", &seed7).await.is_ok(), "before its expiry the key works");
 
-    tokio::time::sleep(Duration::from_millis(3500)).await;
-    assert!(list(data.path()).contains("expired "), "{}", list(data.path()));
+    // Until its thirty seconds are up (long enough for the two adds and the first expire on a busy machine).
+    while !list(data.path()).contains("expired ") {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     let out = ok(agent_cmd(&nats, data.path(), &["expire"]));
     assert!(out.contains("Expired agent desk-7") && out.contains("refuses desk-7's old seed: ok"), "{out}");
     assert!(!out.contains("desk-8"), "{out}");

@@ -77,28 +77,51 @@ fn pypi_server(version: &str) -> Result<PathBuf, StackError> {
     .ok_or_else(missing)
 }
 
-/// The committed `nats.conf` with the demo agents' users added after its
-/// generated agent users: `desk-1` and `desk-2` ([`crate::secrets::DEMO_AGENTS`]),
-/// with passwords from `$FERRY_AGENT_DESK_<N>_PASSWORD` and exactly the
+/// The committed `nats.conf` with the demo agents' accounts added after its
+/// pool of agent slots: `desk-1` and `desk-2` ([`crate::secrets::DEMO_AGENTS`])
+/// in `AGENT_DEMO_1` and `AGENT_DEMO_2`, with passwords from
+/// `$FERRY_AGENT_DESK_<N>_PASSWORD` and exactly the limits, imports and
 /// permissions `ferry agent add` gives an agent. What `ferry up`, the
 /// benchmarks and the tests run; production configs (compose, the cluster)
 /// use the committed file, which has no user that works out of the box.
+///
+/// Its pool has [`DEMO_SLOTS`] agent slots, not the committed
+/// [`ferry_schema::quota::AGENT_SLOTS`]: nats-server 2.9.10 (what `ferry up`
+/// runs) can leave a connection opened while it reloads its accounts
+/// without JetStream for good, and a reload of a thousand accounts takes
+/// about 0.1 s; sixteen take a few milliseconds. `ferry up` grows the pool
+/// at its start when its registry needs more.
 pub fn demo_nats_conf() -> String {
-    let mut entries = String::from("      # Demo agents with passwords (ferry-stack adds them; ferry up and tests only).\n");
-    for agent in crate::secrets::DEMO_AGENTS {
+    let mut accounts = String::from("  # Demo agents with passwords (ferry-stack adds them; ferry up and tests only).\n");
+    for (n, agent) in crate::secrets::DEMO_AGENTS.iter().enumerate() {
         let Ok(id) = AgentId::new(*agent) else { continue };
         let credential = format!("user: {agent}, password: ${}", crate::secrets::agent_env_var(agent));
-        entries.push_str(&ferry_schema::topology::agent_permissions(&id).conf_entry(&credential, "      "));
+        let permissions = ferry_schema::topology::agent_permissions(&id);
+        let account = format!("{DEMO_ACCOUNT_PREFIX}{}", n + 1);
+        accounts.push_str(&ferry_schema::topology::agent_account_conf(&account, Some((&credential, &permissions)), "  "));
     }
+    let conf: String = NATS_CONF
+        .split_inclusive('\n')
+        .filter(|line| {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            ferry_schema::topology::agent_slot(name).is_none_or(|slot| slot <= DEMO_SLOTS)
+        })
+        .collect();
     let marker = "# END ferry agents\n";
-    match NATS_CONF.find(marker) {
+    match conf.find(marker) {
         Some(at) => {
             let end = at + marker.len();
-            format!("{}{entries}{}", &NATS_CONF[..end], &NATS_CONF[end..])
+            format!("{}{accounts}{}", &conf[..end], &conf[end..])
         }
-        None => NATS_CONF.to_string(),
+        None => conf,
     }
 }
+
+/// Agent slots in [`demo_nats_conf`].
+pub const DEMO_SLOTS: u32 = 16;
+
+/// The demo agents' accounts are this and their number (`AGENT_DEMO_1`).
+pub const DEMO_ACCOUNT_PREFIX: &str = "AGENT_DEMO_";
 
 /// How to start a [`NatsServer`].
 #[derive(Debug, Clone, Default)]

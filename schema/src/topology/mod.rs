@@ -41,4 +41,4 @@ pub use streams::{
     ALERTS_STREAM, DEADLETTER_STREAM, EVENTS_STREAM, REPLIES_STREAM, WORK_STREAM,
 };
 
-pub use crate::permissions::{agent_permissions, role_permissions, Permissions};
+pub use crate::permissions::{agent_account, agent_account_conf, agent_permissions, agent_slot, role_permissions, Permissions};

@@ -130,9 +130,11 @@ pub(super) async fn start_stack(scenario: Scenario, dir: &Path, bins: &Binaries,
             revoked: None,
             rotated: None,
             expires: None,
-        })?;
+            slot: None,
+        }, u32::MAX)?;
     }
-    let conf = registry.splice_into(ferry_stack::NATS_CONF, "nats.conf")?;
+    let slots = registry.highest_slot().max(ferry_schema::quota::AGENT_SLOTS);
+    let conf = registry.splice_grown(ferry_stack::NATS_CONF, "nats.conf", slots)?;
 
     let (broker, replicas) = if scenario == Scenario::NodeKill {
         eprintln!("  starting a 3-node nats-server cluster ...");
