@@ -90,11 +90,14 @@ pub enum ScopeKind {
     Model,
     /// Each intent apart (interactions that name one).
     Intent,
+    /// Each agent group apart: an interaction counts in every group of
+    /// its agent (the alerts file's `[groups]` and the `--groups` file).
+    Group,
 }
 
 impl ScopeKind {
     /// Every scope kind.
-    pub const ALL: [ScopeKind; 4] = [Self::All, Self::Agent, Self::Model, Self::Intent];
+    pub const ALL: [ScopeKind; 5] = [Self::All, Self::Agent, Self::Model, Self::Intent, Self::Group];
 
     /// The scope kind's name, as in the alerts config and the subject.
     pub fn as_str(self) -> &'static str {
@@ -103,6 +106,7 @@ impl ScopeKind {
             Self::Agent => "agent",
             Self::Model => "model",
             Self::Intent => "intent",
+            Self::Group => "group",
         }
     }
 
@@ -112,12 +116,12 @@ impl ScopeKind {
     }
 }
 
-/// One scope: its kind and the agent, model or intent (`""` for `all`).
+/// One scope: its kind and the agent, model, intent or group (`""` for `all`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Scope {
     /// What kind of scope.
     pub kind: ScopeKind,
-    /// Which agent, model or intent; empty for [`ScopeKind::All`].
+    /// Which agent, model, intent or group; empty for [`ScopeKind::All`].
     pub value: String,
 }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use ferry_schema::{AgentId, InvalidAgentId};
 
 /// Which groups each agent belongs to.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct AgentGroups(HashMap<AgentId, Vec<String>>);
 
 /// A `[groups]` member that is not a valid agent id.
@@ -38,6 +38,11 @@ impl AgentGroups {
             }
         }
         Ok(Self(index))
+    }
+
+    /// The groups `agent` belongs to (none when it is in no group).
+    pub fn of(&self, agent: &AgentId) -> &[String] {
+        self.0.get(agent).map_or(&[], Vec::as_slice)
     }
 
     /// Whether `agent` passes a filter of `agents` and `groups` (an empty

@@ -317,6 +317,11 @@ struct AlertsArgs {
     /// The alerts file (TOML); see ops/demo/alerts.toml and workers/src/alerts/config.rs.
     #[arg(long, env = "FERRY_ALERTS", default_value = "alerts.toml")]
     alerts: PathBuf,
+    /// Groups file completing the alerts file's [groups], for rules with
+    /// scope = "group" (`ferry agent add --group` writes it: <data
+    /// dir>/groups.toml); read again with the alerts file.
+    #[arg(long, env = "FERRY_GROUPS")]
+    groups: Option<PathBuf>,
     /// How often the alerts file is read again (a valid change replaces the
     /// rules and webhooks in use; an invalid one is logged and ignored). 0s:
     /// read once, at start.
@@ -327,6 +332,7 @@ struct AlertsArgs {
 impl AlertsArgs {
     fn config(&self) -> ferry_workers::alerts::AlertsConfig {
         let mut cfg = ferry_workers::alerts::AlertsConfig::new(&self.alerts);
+        cfg.groups = self.groups.clone();
         cfg.reload_every = (!self.reload_every.is_zero()).then_some(self.reload_every);
         cfg
     }
@@ -494,7 +500,7 @@ async fn main() -> anyhow::Result<()> {
         RoleCmd::Alerts(args) => {
             let cfg = args.config();
             // Validate the file before touching the network.
-            let file = ferry_workers::alerts::config::load(&cfg.file)?;
+            let file = ferry_workers::alerts::config::load(&cfg.file, cfg.groups.as_deref())?;
             let nats = nats_config(&cli.nats, Role::Alerts)?;
             if cli.check {
                 println!(

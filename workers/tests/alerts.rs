@@ -135,8 +135,13 @@ fn summary(v: &[Alert]) -> Vec<(String, String, AlertState)> {
     v.iter().map(|a| (a.rule.clone(), a.scope.to_string(), a.state)).collect()
 }
 
-fn in_process(nats: &NatsServer, file: &std::path::Path) -> (CancellationToken, tokio::task::JoinHandle<Result<Arc<ferry_workers::runtime::Stats>, alerts::RunError>>) {
-    let cfg = AlertsConfig::new(file);
+type Running = (CancellationToken, tokio::task::JoinHandle<Result<Arc<ferry_workers::runtime::Stats>, alerts::RunError>>);
+
+fn in_process(nats: &NatsServer, file: &std::path::Path) -> Running {
+    in_process_with(nats, AlertsConfig::new(file))
+}
+
+fn in_process_with(nats: &NatsServer, cfg: AlertsConfig) -> Running {
     let stop = CancellationToken::new();
     let token = stop.clone();
     let conn = nats.role(Role::Alerts, "test-alerts");
@@ -251,6 +256,45 @@ async fn a_silent_agent_raises_agent_offline_and_its_heartbeat_resolves_it() {
     let got = hook.wait_for(2).await;
     assert_eq!(got[1].state, AlertState::Resolved);
     assert_eq!(summary(&stored(&js).await).len(), 2, "one firing, one resolved");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// A rule with `scope = "group"` keeps a window per agent group, from the
+/// groups file `ferry agent add --group` writes (`--groups`), and reads it
+/// again: an agent added to a group later counts there from then on.
+#[tokio::test]
+async fn a_group_rule_follows_the_groups_file() {
+    let (nats, op, js) = broker().await;
+    let hook = receiver();
+    let file = alerts_file(&format!(
+        "webhook_url = \"{}\"\n[[rule]]\nname = \"team\"\ncheck = \"consecutive_errors\"\nscope = \"group\"\nthreshold = 3\n",
+        hook.url
+    ));
+    let groups = alerts_file("[groups]\nsupport = [\"desk-1\", \"desk-2\"]\n");
+    let mut cfg = AlertsConfig::new(file.path());
+    cfg.groups = Some(groups.path().to_path_buf());
+    cfg.reload_every = Some(Duration::from_millis(200));
+    let (stop, task) = in_process_with(&nats, cfg);
+    // desk-3 is in no group: its failures count nowhere; two members' make a run.
+    for agent in ["desk-3", "desk-3", "desk-3", "desk-1", "desk-2", "desk-1"] {
+        interaction(&op, agent, false, None).await;
+    }
+    let got = hook.wait_for(1).await;
+    assert_eq!(summary(&got), [("team".into(), "group=support".into(), AlertState::Firing)]);
+    // desk-3 joins vip; its failures from then on raise vip's alert.
+    // Failures go on until the worker has read the file again (before
+    // that they count nowhere): then three in a row fire.
+    std::fs::write(groups.path(), "[groups]\nsupport = [\"desk-1\", \"desk-2\"]\nvip = [\"desk-3\"]\n").unwrap();
+    let deadline = Instant::now() + WAIT;
+    while hook.got.lock().unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "no vip alert: {:?}", hook.got.lock().unwrap());
+        interaction(&op, "desk-3", false, None).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = hook.wait_for(2).await;
+    assert_eq!(summary(&got[1..]), [("team".into(), "group=vip".into(), AlertState::Firing)]);
+    assert_eq!(stored(&js).await.len(), 2);
     stop.cancel();
     task.await.unwrap().unwrap();
 }

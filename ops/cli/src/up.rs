@@ -325,8 +325,8 @@ fn role_args(args: &UpArgs, role: topology::Role, groups: &std::path::Path) -> a
                 None => write_demo(&args.data_dir.demo_alerts(), DEMO_ALERTS)?,
             };
             // A bad alerts file is reported here, not in a worker's log.
-            ferry_workers::alerts::config::load(&path_)?;
-            vec!["alerts".into(), "--alerts".into(), path(&path_)]
+            ferry_workers::alerts::config::load(&path_, Some(std::path::Path::new(&groups[1])))?;
+            [vec!["alerts".into(), "--alerts".into(), path(&path_)], groups.to_vec()].concat()
         }
         topology::Role::Inference => {
             let config_path = match &args.inference_config {

@@ -11,13 +11,17 @@
 //! [[rule]]
 //! name = "agent-errors"
 //! check = "error_rate"              # error_rate | response_time | consecutive_errors | agent_offline | spool_backlog | dead_letters
-//! scope = "agent"                   # all | agent | model | intent
+//! scope = "agent"                   # all | agent | model | intent | group
 //! threshold = 50
 //! window_seconds = 60
 //! min_interactions = 10
 //! source = "assistant"              # assistant | ferry (Ferry's own answers)
+//!
+//! [groups]                          # for scope = "group", with the --groups file
+//! support = ["desk-1", "desk-2"]
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -102,6 +106,9 @@ pub struct AlertsFile {
     pub rules: Vec<Rule>,
     /// The webhooks every alert goes to.
     pub webhooks: Vec<Webhook>,
+    /// The agents' groups, for rules with scope `group`: the file's
+    /// `[groups]` and the groups file's (`--groups`).
+    pub groups: crate::groups::AgentGroups,
 }
 
 impl AlertsFile {
@@ -140,6 +147,9 @@ pub enum ConfigError {
         /// The parser's message (with line and field).
         message: String,
     },
+    /// The groups file (`--groups`) is unusable.
+    #[error(transparent)]
+    Groups(#[from] crate::groups::GroupsFileError),
     /// A value is out of range or unknown.
     #[error("alerts file {path}: {field}: {message}")]
     Invalid {
@@ -166,6 +176,8 @@ struct RawFile {
     rule: Vec<RawRule>,
     #[serde(default)]
     webhook: Vec<RawWebhook>,
+    #[serde(default)]
+    groups: BTreeMap<String, Vec<String>>,
 }
 
 fn yes() -> bool {
@@ -194,17 +206,27 @@ struct RawWebhook {
     timeout_seconds: Option<f64>,
 }
 
-/// Reads and checks the alerts file at `path`.
-pub fn load(path: &Path) -> Result<AlertsFile, ConfigError> {
+/// Reads and checks the alerts file at `path`, its `[groups]` completed
+/// by the groups file `groups` (`--groups`) when given.
+pub fn load(path: &Path, groups: Option<&Path>) -> Result<AlertsFile, ConfigError> {
+    let extra = match groups {
+        Some(g) => crate::groups::load_file(g)?,
+        None => BTreeMap::new(),
+    };
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.display().to_string(),
         source,
     })?;
-    parse(&text, &path.display().to_string())
+    parse_with_groups(&text, &path.display().to_string(), extra)
 }
 
 /// Parses and checks an alerts file's text; `path` names it in errors.
 pub fn parse(text: &str, path: &str) -> Result<AlertsFile, ConfigError> {
+    parse_with_groups(text, path, BTreeMap::new())
+}
+
+/// [`parse`], with `extra` groups added to the file's `[groups]`.
+pub fn parse_with_groups(text: &str, path: &str, extra: BTreeMap<String, Vec<String>>) -> Result<AlertsFile, ConfigError> {
     let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.into(),
         message: e.to_string(),
@@ -320,10 +342,16 @@ pub fn parse(text: &str, path: &str) -> Result<AlertsFile, ConfigError> {
         };
         webhooks.push(Webhook { url: w.url, timeout });
     }
+    let mut table = raw.groups;
+    for (group, members) in extra {
+        table.entry(group).or_default().extend(members);
+    }
+    let groups = crate::groups::AgentGroups::parse(&table).map_err(|e| invalid("groups", e.to_string()))?;
     let file = AlertsFile {
         enabled: raw.enabled,
         rules,
         webhooks,
+        groups,
     };
     if file.enabled && file.rules.is_empty() {
         return Err(invalid("rule", "no rules: add a [[rule]] or one of the seed's *_threshold fields, or set enabled = false".into()));
@@ -384,6 +412,9 @@ mod tests {
             ("webhook_url = \"ftp://x\"\nconsecutive_errors_threshold = 3", "webhook_url: \"ftp://x\": expected an http"),
             ("enabled = true", "no rules"),
             ("treshold = 3", "unknown field `treshold`"),
+            ("[[rule]]\nname = \"a\"\ncheck = \"dead_letters\"\nscope = \"group\"\nthreshold = 1", "rule[0].scope: a dead_letters rule"),
+            ("[[rule]]\nname = \"a\"\ncheck = \"spool_backlog\"\nscope = \"group\"\nthreshold = 1", "rule[0].scope"),
+            ("consecutive_errors_threshold = 3\n[groups]\nsupport = [\"desk 1\"]", "a.toml: groups: [groups] \"support\""),
         ];
         for (text, want) in cases {
             let e = parse(text, "a.toml").unwrap_err().to_string();

@@ -14,6 +14,7 @@ use ferry_schema::event::Interaction;
 use ferry_schema::AgentId;
 
 use super::config::{Rule, Source, Statistic};
+use crate::groups::AgentGroups;
 
 /// Most interactions one window of one scope holds; beyond it the oldest
 /// leave early (at 5,000 interactions a second into one scope, a window
@@ -58,6 +59,8 @@ pub struct Evaluator {
     rules: Vec<Rule>,
     state: HashMap<(String, Scope), ScopeState>,
     heartbeats: HashMap<AgentId, Heartbeats>,
+    /// The agents' groups, for rules with scope `group`.
+    groups: AgentGroups,
     /// Where the events seen begin (a replica that started rebuilds its
     /// windows from there): a rule judges nothing before it has seen one
     /// whole window after it.
@@ -100,6 +103,12 @@ impl Evaluator {
             }
         }
         self.rules = rules;
+    }
+
+    /// Replaces the agents' groups (a reloaded file): from then on an
+    /// agent's interactions count in the groups it is in now.
+    pub fn set_groups(&mut self, groups: AgentGroups) {
+        self.groups = groups;
     }
 
     /// The rules in use.
@@ -148,21 +157,19 @@ impl Evaluator {
             if rule.check.watches_heartbeats() || rule.check == Check::DeadLetters || rule.source != source {
                 continue;
             }
-            let value = match rule.scope {
-                ScopeKind::All => String::new(),
-                ScopeKind::Agent => agent.as_str().to_string(),
-                ScopeKind::Model => match &i.model {
-                    Some(m) => m.clone(),
-                    None => continue,
-                },
-                ScopeKind::Intent => match &i.intent {
-                    Some(m) => m.clone(),
-                    None => continue,
-                },
+            let one = |v: &Option<String>| v.iter().cloned().collect::<Vec<_>>();
+            let values = match rule.scope {
+                ScopeKind::All => vec![String::new()],
+                ScopeKind::Agent => vec![agent.as_str().to_string()],
+                ScopeKind::Model => one(&i.model),
+                ScopeKind::Intent => one(&i.intent),
+                ScopeKind::Group => self.groups.of(agent).to_vec(),
             };
-            let scope = Scope { kind: rule.scope, value };
-            let st = self.state.entry((rule.name.clone(), scope.clone())).or_default();
-            out.extend(st.observe(rule, &scope, sample, seq, self.seen_from));
+            for value in values {
+                let scope = Scope { kind: rule.scope, value };
+                let st = self.state.entry((rule.name.clone(), scope.clone())).or_default();
+                out.extend(st.observe(rule, &scope, sample, seq, self.seen_from));
+            }
         }
         out
     }
@@ -442,6 +449,38 @@ mod tests {
             feed(&mut e, s, false, &mut out);
         }
         assert_eq!(states(&out)[2..], [("errors", AlertState::Firing)], "past the cooldown it fires again");
+    }
+
+    #[test]
+    fn a_group_rule_counts_each_agent_in_every_group_it_is_in() {
+        let file = parse(
+            "[[rule]]\nname = \"team\"\ncheck = \"consecutive_errors\"\nscope = \"group\"\nthreshold = 3\n[groups]\nsupport = [\"desk-1\", \"desk-2\"]\nvip = [\"desk-2\"]",
+            "t.toml",
+        )
+        .unwrap();
+        let mut e = Evaluator::new(file.rules);
+        e.set_groups(file.groups);
+        let (d1, d2, d3) = (AgentId::new("desk-1").unwrap(), AgentId::new("desk-2").unwrap(), AgentId::new("desk-3").unwrap());
+        let mut out = Vec::new();
+        // Failures from two members make a run in their group; desk-3 is
+        // in none and counts nowhere.
+        for (seq, a) in [(1, &d1), (2, &d3), (3, &d3), (4, &d2), (5, &d1)] {
+            out.extend(e.interaction(Source::Assistant, seq, t(seq as i64), a, &inter(false, 10.0)));
+        }
+        let fired: Vec<(String, u64)> = out.iter().map(|a| (a.scope.to_string(), a.trigger_seq)).collect();
+        assert_eq!(fired, [("group=support".to_string(), 5)], "{out:?}");
+        // desk-2 is in both groups: its failures run on in vip too.
+        for seq in 6..8 {
+            out.extend(e.interaction(Source::Assistant, seq, t(seq as i64), &d2, &inter(false, 10.0)));
+        }
+        assert_eq!(out.last().map(|a| (a.scope.to_string(), a.trigger_seq)), Some(("group=vip".to_string(), 7)));
+        // With no groups, a group rule watches nothing.
+        e.set_groups(AgentGroups::default());
+        let before = out.len();
+        for seq in 8..20 {
+            out.extend(e.interaction(Source::Assistant, seq, t(seq as i64), &d1, &inter(false, 10.0)));
+        }
+        assert_eq!(out.len(), before);
     }
 
     #[test]

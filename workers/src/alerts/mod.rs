@@ -51,6 +51,9 @@ pub use config::{AlertsFile, ConfigError};
 pub struct AlertsConfig {
     /// The alerts file (TOML, see [`config`]).
     pub file: PathBuf,
+    /// A groups file completing the alerts file's `[groups]` (`--groups`),
+    /// read again with it.
+    pub groups: Option<PathBuf>,
     /// The notify loop's limits.
     pub consume: ConsumeSettings,
     /// How often the file is read for changes (`None`: never).
@@ -67,6 +70,7 @@ impl AlertsConfig {
     pub fn new(file: impl Into<PathBuf>) -> Self {
         Self {
             file: file.into(),
+            groups: None,
             consume: ConsumeSettings {
                 max_in_flight: 16,
                 ..ConsumeSettings::default()
@@ -131,7 +135,7 @@ impl runtime::Role for Alerts {
     type StartError = StartError;
 
     async fn prepare(cfg: &AlertsConfig) -> Result<Self, StartError> {
-        let file = config::load(&cfg.file)?;
+        let file = config::load(&cfg.file, cfg.groups.as_deref())?;
         tracing::info!(rules = file.rules.len(), webhooks = file.webhooks.len(), enabled = file.enabled, "alerts ready");
         let http = reqwest::Client::builder()
             .user_agent(concat!("ferry-alerts/", env!("CARGO_PKG_VERSION")))
@@ -239,8 +243,9 @@ impl Evaluation {
 
     async fn once(&self) -> Result<(), EvalError> {
         let file = self.live.current();
-        let mut seen_bytes = std::fs::read(&self.cfg.file).ok();
+        let mut seen_bytes = self.files_bytes();
         let mut ev = eval::Evaluator::new(if file.enabled { file.rules.clone() } else { Vec::new() });
+        ev.set_groups(file.groups.clone());
         let restored = self.restore(&mut ev).await?;
         let started = Utc::now();
         let horizon = chrono::Duration::from_std(file.horizon() * 2).unwrap_or_default();
@@ -268,6 +273,7 @@ impl Evaluation {
                 _ = reload.tick(), if self.cfg.reload_every.is_some() => {
                     if let Some(f) = self.reload(&mut seen_bytes) {
                         ev.set_rules(if f.enabled { f.rules.clone() } else { Vec::new() });
+                        ev.set_groups(f.groups.clone());
                     }
                     Vec::new()
                 }
@@ -278,14 +284,20 @@ impl Evaluation {
         }
     }
 
-    /// Re-reads the file when its bytes changed; the new file when valid.
-    fn reload(&self, seen: &mut Option<Vec<u8>>) -> Option<Arc<AlertsFile>> {
-        let now = std::fs::read(&self.cfg.file).ok();
+    /// The bytes of the alerts file and the groups file, to notice a change.
+    fn files_bytes(&self) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+        let groups = self.cfg.groups.as_ref().and_then(|g| std::fs::read(g).ok());
+        (std::fs::read(&self.cfg.file).ok(), groups)
+    }
+
+    /// Re-reads the files when their bytes changed; the new file when valid.
+    fn reload(&self, seen: &mut (Option<Vec<u8>>, Option<Vec<u8>>)) -> Option<Arc<AlertsFile>> {
+        let now = self.files_bytes();
         if now == *seen {
             return None;
         }
         *seen = now;
-        match config::load(&self.cfg.file) {
+        match config::load(&self.cfg.file, self.cfg.groups.as_deref()) {
             Ok(f) => {
                 tracing::info!(rules = f.rules.len(), webhooks = f.webhooks.len(), enabled = f.enabled, "alerts file reloaded");
                 self.live.replace(f);
