@@ -253,16 +253,10 @@ async fn add(args: AddArgs) -> anyhow::Result<()> {
             true => settle(t, "ferry agent add").await?,
             false => operator(t, "ferry agent add")?.connect().await?,
         };
-        let js = jetstream::ContextBuilder::new().timeout(Duration::from_secs(2)).build(client);
-        let def = topology::agent_replies_consumer(&id);
-        let mut report = topology::ensure_consumer(&js, &def).await;
-        let start = Instant::now();
-        while report.is_err() && applied.reloaded && start.elapsed() < RELOAD_WAIT {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            report = topology::ensure_consumer(&js, &def).await;
-        }
-        let report =
-            report.with_context(|| format!("creating the reply consumer of {id} (is the broker provisioned? `ferry provision`)"))?;
+        let js = jetstream::new(client);
+        let report = topology::ensure_consumer(&js, &topology::agent_replies_consumer(&id))
+            .await
+            .with_context(|| format!("creating the reply consumer of {id} (is the broker provisioned? `ferry provision`)"))?;
         let line = crate::provision::describe(std::slice::from_ref(&report));
         println!("  consumer    {}", line.trim_start_matches("consumer "));
         if applied.reloaded {

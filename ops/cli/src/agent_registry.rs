@@ -198,12 +198,12 @@ impl Registry {
         self.active_entry(id, &format!("; `ferry agent add {id}` gives it a new key"))?;
         let slot = self.free_slot(slots)?;
         let entry = self.active_entry(id, "")?;
-        let old = entry.slot.replace(slot);
-        self.retire(old);
-        let entry = self.active_entry(id, "")?;
         entry.expires = valid_for.or_else(|| entry.validity()).map(|v| at + v);
         entry.rotated = Some(at);
-        Ok(std::mem::replace(&mut entry.public_key, public_key))
+        let old_slot = entry.slot.replace(slot);
+        let old_key = std::mem::replace(&mut entry.public_key, public_key);
+        self.retire(old_slot);
+        Ok(old_key)
     }
 
     /// The agents, not revoked, whose key had expired at `now`.
