@@ -4,6 +4,9 @@
 //! Every alerts replica evaluates the same events in the same order, so each
 //! computes the same transitions with the same [`Alert::dedup_key`]; the
 //! `ALERTS` stream keeps the first and drops the copies (`Nats-Msg-Id`).
+//! A consumer-lag rule judges what each replica polls, not events: its
+//! transitions are named by the rule and scope's previous alert in
+//! `ALERTS` (its stream sequence), which every replica reads alike.
 
 use std::fmt;
 
@@ -47,12 +50,22 @@ pub enum Check {
     SpoolBacklog,
     /// Dead letters a minute, over the window.
     DeadLetters,
+    /// Messages a worker consumer has yet to finish (pending and awaiting
+    /// acknowledgement), as its consumer info reports.
+    ConsumerLag,
 }
 
 impl Check {
     /// Every check.
-    pub const ALL: [Check; 6] =
-        [Self::ErrorRate, Self::ResponseTime, Self::ConsecutiveErrors, Self::AgentOffline, Self::SpoolBacklog, Self::DeadLetters];
+    pub const ALL: [Check; 7] = [
+        Self::ErrorRate,
+        Self::ResponseTime,
+        Self::ConsecutiveErrors,
+        Self::AgentOffline,
+        Self::SpoolBacklog,
+        Self::DeadLetters,
+        Self::ConsumerLag,
+    ];
 
     /// Whether it watches heartbeats (per agent), not interactions.
     pub fn watches_heartbeats(self) -> bool {
@@ -68,6 +81,7 @@ impl Check {
             Self::AgentOffline => "agent_offline",
             Self::SpoolBacklog => "spool_backlog",
             Self::DeadLetters => "dead_letters",
+            Self::ConsumerLag => "consumer_lag",
         }
     }
 
@@ -93,11 +107,13 @@ pub enum ScopeKind {
     /// Each agent group apart: an interaction counts in every group of
     /// its agent (the alerts file's `[groups]` and the `--groups` file).
     Group,
+    /// Each worker consumer apart, by its durable name (consumer-lag rules).
+    Consumer,
 }
 
 impl ScopeKind {
     /// Every scope kind.
-    pub const ALL: [ScopeKind; 5] = [Self::All, Self::Agent, Self::Model, Self::Intent, Self::Group];
+    pub const ALL: [ScopeKind; 6] = [Self::All, Self::Agent, Self::Model, Self::Intent, Self::Group, Self::Consumer];
 
     /// The scope kind's name, as in the alerts config and the subject.
     pub fn as_str(self) -> &'static str {
@@ -107,6 +123,7 @@ impl ScopeKind {
             Self::Model => "model",
             Self::Intent => "intent",
             Self::Group => "group",
+            Self::Consumer => "consumer",
         }
     }
 
@@ -116,7 +133,7 @@ impl ScopeKind {
     }
 }
 
-/// One scope: its kind and the agent, model, intent or group (`""` for `all`).
+/// One scope: its kind and the agent, model, intent, group or consumer (`""` for `all`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Scope {
     /// What kind of scope.
@@ -195,7 +212,9 @@ pub struct Alert {
     pub message: String,
     /// `EVENTS` sequence of the event that made the rule fire (for a
     /// resolved alert, that of the firing it ends): with rule, scope and
-    /// state, what makes the alert one and the same on every replica.
+    /// state, what makes the alert one and the same on every replica. For
+    /// a consumer-lag rule, the `ALERTS` sequence of the rule and scope's
+    /// alert before the firing (0 for its first).
     pub trigger_seq: u64,
 }
 

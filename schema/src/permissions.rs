@@ -146,7 +146,8 @@ pub fn role_permissions(role: Role) -> Permissions {
         // REPLIES and DEADLETTER (the unnamed create cannot make or change
         // a durable one) and of ALERTS (each rule's last state), their
         // flow-control answers; and the alerts they raise.
-        Role::Alerts => publish.extend([
+        Role::Alerts => {
+            publish.extend([
             subject::all_alerts().to_string(),
             format!("$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}"),
             format!("$JS.API.CONSUMER.CREATE.{REPLIES_STREAM}"),
@@ -156,7 +157,15 @@ pub fn role_permissions(role: Role) -> Permissions {
             format!("$JS.FC.{REPLIES_STREAM}.>"),
             format!("$JS.FC.{ALERTS_STREAM}.>"),
             format!("$JS.FC.{DEADLETTER_STREAM}.>"),
-        ]),
+            ]);
+            // Consumer-lag rules read every worker consumer's info.
+            for def in crate::topology::worker_consumers() {
+                let info = format!("$JS.API.CONSUMER.INFO.{}.{}", def.stream, def.name());
+                if !publish.contains(&info) {
+                    publish.push(info);
+                }
+            }
+        }
         // The keeper (crate::quota) runs in the archiver.
         Role::Archiver => {
             for s in crate::quota::keeper_publish() {

@@ -327,6 +327,10 @@ struct AlertsArgs {
     /// read once, at start.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "2s")]
     reload_every: std::time::Duration,
+    /// How often consumer-lag rules read their consumers' info (one request
+    /// per watched consumer each time, from every replica).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, default_value = "5s")]
+    lag_every: std::time::Duration,
 }
 
 impl AlertsArgs {
@@ -334,6 +338,7 @@ impl AlertsArgs {
         let mut cfg = ferry_workers::alerts::AlertsConfig::new(&self.alerts);
         cfg.groups = self.groups.clone();
         cfg.reload_every = (!self.reload_every.is_zero()).then_some(self.reload_every);
+        cfg.lag_every = self.lag_every.max(std::time::Duration::from_millis(100));
         cfg
     }
 }

@@ -355,6 +355,62 @@ async fn a_burst_of_dead_letters_raises_an_alert_and_the_quiet_after_resolves_it
     task.await.unwrap().unwrap();
 }
 
+/// A worker consumer falling behind raises one alert however many
+/// replicas poll it; a replica that starts while it fires reads it back
+/// instead of raising it again; the consumer catching up resolves it once.
+#[tokio::test]
+async fn a_lagging_consumer_raises_one_alert_across_replicas_and_catching_up_resolves_it() {
+    let (nats, op, js) = broker().await;
+    let hook = receiver();
+    let file = alerts_file(&format!(
+        "webhook_url = \"{}\"\n[[rule]]\nname = \"lag\"\ncheck = \"consumer_lag\"\nthreshold = 20\nconsumers = [\"rules\"]\n",
+        hook.url
+    ));
+    let cfg = || AlertsConfig {
+        lag_every: Duration::from_millis(100),
+        ..AlertsConfig::new(file.path())
+    };
+    let replicas = [in_process_with(&nats, cfg()), in_process_with(&nats, cfg())];
+    // No rules worker runs: every event waits on EVENTS/rules.
+    for _ in 0..30 {
+        heartbeat(&op, "desk-1").await;
+    }
+    let got = hook.wait_for(1).await;
+    assert_eq!(summary(&got), [("lag".into(), "consumer=rules".into(), AlertState::Firing)]);
+    assert!(got[0].value > 20.0, "{got:?}");
+    let late = in_process_with(&nats, cfg());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The consumer catches up: everything taken and acknowledged.
+    let consumer: jetstream::consumer::PullConsumer = js.get_consumer_from_stream("rules", topology::EVENTS_STREAM).await.unwrap();
+    let mut taken = 0;
+    while taken < 30 {
+        let mut batch = consumer.fetch().max_messages(100).messages().await.unwrap();
+        while let Some(m) = futures::StreamExt::next(&mut batch).await {
+            m.unwrap().double_ack().await.unwrap();
+            taken += 1;
+        }
+    }
+    let got = hook.wait_for(2).await;
+    assert_eq!(got[1].state, AlertState::Resolved, "{got:?}");
+    // Let every replica poll again: a late copy would be dropped by the
+    // stream, and a replica that missed the firing would raise another.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let all = stored(&js).await;
+    assert_eq!(
+        summary(&all),
+        [
+            ("lag".into(), "consumer=rules".into(), AlertState::Firing),
+            ("lag".into(), "consumer=rules".into(), AlertState::Resolved),
+        ],
+        "one firing and one resolution from three replicas"
+    );
+    assert_eq!((all[0].trigger_seq, all[1].trigger_seq), (0, 0), "the rule's first generation");
+    for (stop, task) in replicas.into_iter().chain([late]) {
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+}
+
 #[tokio::test]
 async fn killing_an_alerts_replica_mid_window_neither_loses_nor_doubles_an_alert() {
     let (nats, op, js) = broker().await;

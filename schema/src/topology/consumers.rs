@@ -51,6 +51,12 @@ impl Role {
     }
 }
 
+/// Every worker role's durable consumers, each once, in role order: what
+/// a consumer-lag alert rule can watch.
+pub fn worker_consumers() -> Vec<ConsumerDef> {
+    Role::ALL.into_iter().flat_map(Role::consumers).collect()
+}
+
 /// `EVENTS/rules`: every event, for the rules worker.
 pub fn rules_consumer() -> ConsumerDef {
     ConsumerDef {

@@ -32,7 +32,7 @@ mod tests;
 
 pub use consumers::{
     agent_replies_consumer, agent_replies_consumer_name, alerts_notify_consumer, archiver_alerts_consumer,
-    archiver_events_consumer, archiver_replies_consumer, inference_chat_consumer, inference_predict_consumer, rules_consumer, ConsumerDef, Role, ARCHIVER_ACK_WAIT,
+    archiver_events_consumer, archiver_replies_consumer, inference_chat_consumer, inference_predict_consumer, rules_consumer, worker_consumers, ConsumerDef, Role, ARCHIVER_ACK_WAIT,
     INFERENCE_ACK_WAIT,
 };
 pub use provision::{ensure_consumer, ensure_stream, provision, remove_agent_consumer, Change, ProvisionError, Provisioned};

@@ -27,3 +27,15 @@ fn every_stream_is_bounded_and_all_fit_the_broker_store() {
     assert_eq!(work_stream(&s).discard, DiscardPolicy::New);
     assert_eq!(events_stream(&s).discard, DiscardPolicy::Old);
 }
+
+/// A consumer-lag alert names a worker consumer by its durable name alone
+/// (the scope's value), so no two of them share one.
+#[test]
+fn worker_consumer_names_are_unique_across_streams() {
+    let names: Vec<String> = super::worker_consumers().iter().map(|d| d.name().to_string()).collect();
+    let mut unique = names.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), names.len(), "{names:?}");
+    assert!(names.iter().all(|n| !n.is_empty()), "{names:?}");
+}

@@ -10,12 +10,18 @@
 //!
 //! [[rule]]
 //! name = "agent-errors"
-//! check = "error_rate"              # error_rate | response_time | consecutive_errors | agent_offline | spool_backlog | dead_letters
-//! scope = "agent"                   # all | agent | model | intent | group
+//! check = "error_rate"              # error_rate | response_time | consecutive_errors | agent_offline | spool_backlog | dead_letters | consumer_lag
+//! scope = "agent"                   # all | agent | model | intent | group (consumer: consumer_lag's only scope)
 //! threshold = 50
 //! window_seconds = 60
 //! min_interactions = 10
 //! source = "assistant"              # assistant | ferry (Ferry's own answers)
+//!
+//! [[rule]]
+//! name = "backlog"
+//! check = "consumer_lag"            # messages not yet acknowledged, per worker consumer
+//! threshold = 1000
+//! consumers = ["rules", "inference-chat"]   # default: every worker consumer
 //!
 //! [groups]                          # for scope = "group", with the --groups file
 //! support = ["desk-1", "desk-2"]
@@ -26,6 +32,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use ferry_schema::alert::{valid_rule_name, Check, ScopeKind};
+use ferry_schema::topology;
 use serde::Deserialize;
 
 /// The window a rule uses unless it sets `window_seconds`.
@@ -86,6 +93,9 @@ pub struct Rule {
     pub statistic: Statistic,
     /// Whose interactions it counts.
     pub source: Source,
+    /// The worker consumers a consumer-lag rule watches, by durable name
+    /// (empty for every other check).
+    pub consumers: Vec<String>,
 }
 
 /// One webhook.
@@ -120,6 +130,7 @@ impl AlertsFile {
             .map(|r| match r.check {
                 Check::AgentOffline => Duration::from_secs_f64(r.threshold),
                 Check::SpoolBacklog => SPOOL_LOOKBACK,
+                Check::ConsumerLag => Duration::ZERO,
                 _ => r.window,
             })
             .max()
@@ -197,6 +208,7 @@ struct RawRule {
     cooldown_minutes: Option<f64>,
     statistic: Option<Statistic>,
     source: Option<Source>,
+    consumers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -267,6 +279,7 @@ pub fn parse_with_groups(text: &str, path: &str, extra: BTreeMap<String, Vec<Str
                 cooldown,
                 statistic: Statistic::P95,
                 source: Source::Assistant,
+                consumers: Vec::new(),
             });
         }
     }
@@ -282,6 +295,7 @@ pub fn parse_with_groups(text: &str, path: &str, extra: BTreeMap<String, Vec<Str
             invalid(&at("check"), format!("{:?}: expected one of {}", r.check, Check::ALL.map(Check::as_str).join(", ")))
         })?;
         let scope = match r.scope.as_deref() {
+            None if check == Check::ConsumerLag => ScopeKind::Consumer,
             None => if check.watches_heartbeats() { ScopeKind::Agent } else { ScopeKind::All },
             Some(s) => ScopeKind::parse(s).ok_or_else(|| {
                 invalid(&at("scope"), format!("{s:?}: expected one of {}", ScopeKind::ALL.map(ScopeKind::as_str).join(", ")))
@@ -289,6 +303,14 @@ pub fn parse_with_groups(text: &str, path: &str, extra: BTreeMap<String, Vec<Str
         };
         if check == Check::DeadLetters && !matches!(scope, ScopeKind::All | ScopeKind::Agent) {
             return Err(invalid(&at("scope"), "a dead_letters rule counts all dead letters or each agent's: all or agent".into()));
+        }
+        if (check == Check::ConsumerLag) != (scope == ScopeKind::Consumer) {
+            let m = if check == Check::ConsumerLag {
+                "a consumer_lag rule is per worker consumer: leave scope out or write \"consumer\"".to_string()
+            } else {
+                format!("scope \"consumer\" is for consumer_lag rules, not {}", check.as_str())
+            };
+            return Err(invalid(&at("scope"), m));
         }
         if check.watches_heartbeats() && scope != ScopeKind::Agent {
             return Err(invalid(&at("scope"), format!("a {} rule is per agent: leave scope out or write \"agent\"", check.as_str())));
@@ -307,6 +329,24 @@ pub fn parse_with_groups(text: &str, path: &str, extra: BTreeMap<String, Vec<Str
             Some(m) => minutes(&at("cooldown_minutes"), m)?,
             None => cooldown,
         };
+        let consumers = match (check, r.consumers) {
+            (Check::ConsumerLag, None) => topology::worker_consumers().iter().map(|d| d.name().to_string()).collect(),
+            (Check::ConsumerLag, Some(names)) => {
+                let known: Vec<String> = topology::worker_consumers().iter().map(|d| d.name().to_string()).collect();
+                if names.is_empty() {
+                    return Err(invalid(&at("consumers"), format!("expected at least one of {}, or leave it out for all", known.join(", "))));
+                }
+                if let Some(bad) = names.iter().find(|n| !known.contains(n)) {
+                    return Err(invalid(&at("consumers"), format!("{bad:?}: expected worker consumers among {}", known.join(", "))));
+                }
+                names
+            }
+            (_, Some(_)) => return Err(invalid(&at("consumers"), "only a consumer_lag rule watches consumers".into())),
+            (_, None) => Vec::new(),
+        };
+        if r.source.is_some() && check == Check::ConsumerLag {
+            return Err(invalid(&at("source"), "a consumer_lag rule watches consumers: leave source out".into()));
+        }
         if r.source.is_some() && check == Check::DeadLetters {
             return Err(invalid(&at("source"), "a dead_letters rule counts dead letters: leave source out".into()));
         }
@@ -326,6 +366,7 @@ pub fn parse_with_groups(text: &str, path: &str, extra: BTreeMap<String, Vec<Str
             cooldown,
             statistic: r.statistic.unwrap_or(Statistic::P95),
             source: r.source.unwrap_or(Source::Assistant),
+            consumers,
         });
     }
     let mut webhooks = Vec::new();
@@ -367,6 +408,7 @@ fn check_threshold(check: Check, t: f64) -> Result<(), String> {
         Check::AgentOffline => (t >= 1.0 && t <= MAX_WINDOW.as_secs_f64(), "seconds from 1 to 3600"),
         Check::SpoolBacklog => (t >= 0.0 && t.fract() == 0.0 && t <= 1e12, "a whole number of events, 0 or more"),
         Check::DeadLetters => (t >= 0.0 && t.is_finite(), "dead letters a minute, 0 or more"),
+        Check::ConsumerLag => (t >= 0.0 && t.fract() == 0.0 && t <= 1e12, "a whole number of messages, 0 or more"),
     };
     if ok {
         Ok(())
@@ -415,11 +457,27 @@ mod tests {
             ("[[rule]]\nname = \"a\"\ncheck = \"dead_letters\"\nscope = \"group\"\nthreshold = 1", "rule[0].scope: a dead_letters rule"),
             ("[[rule]]\nname = \"a\"\ncheck = \"spool_backlog\"\nscope = \"group\"\nthreshold = 1", "rule[0].scope"),
             ("consecutive_errors_threshold = 3\n[groups]\nsupport = [\"desk 1\"]", "a.toml: groups: [groups] \"support\""),
+            ("[[rule]]\nname = \"a\"\ncheck = \"consumer_lag\"\nscope = \"all\"\nthreshold = 1", "rule[0].scope: a consumer_lag rule"),
+            ("[[rule]]\nname = \"a\"\ncheck = \"error_rate\"\nscope = \"consumer\"\nthreshold = 1", "rule[0].scope: scope \"consumer\" is for"),
+            ("[[rule]]\nname = \"a\"\ncheck = \"consumer_lag\"\nthreshold = 1\nconsumers = [\"rulez\"]", "rule[0].consumers: \"rulez\": expected worker consumers among rules,"),
+            ("[[rule]]\nname = \"a\"\ncheck = \"error_rate\"\nthreshold = 1\nconsumers = [\"rules\"]", "rule[0].consumers: only a consumer_lag"),
+            ("[[rule]]\nname = \"a\"\ncheck = \"consumer_lag\"\nthreshold = 1.5", "rule[0].threshold: expected a whole number of messages"),
         ];
         for (text, want) in cases {
             let e = parse(text, "a.toml").unwrap_err().to_string();
             assert!(e.contains(want), "{text:?}: {e}");
         }
         assert!(parse("enabled = false", "a.toml").unwrap().rules.is_empty());
+    }
+
+    #[test]
+    fn a_consumer_lag_rule_watches_every_worker_consumer_unless_it_names_some() {
+        let f = parse("[[rule]]\nname = \"lag\"\ncheck = \"consumer_lag\"\nthreshold = 100\n", "a.toml").unwrap();
+        let all: Vec<String> = topology::worker_consumers().iter().map(|d| d.name().to_string()).collect();
+        assert_eq!(f.rules[0].scope, ScopeKind::Consumer);
+        assert_eq!(f.rules[0].consumers, all);
+        assert!(all.contains(&"rules".to_string()) && all.contains(&"inference-chat".to_string()), "{all:?}");
+        let f = parse("[[rule]]\nname = \"lag\"\ncheck = \"consumer_lag\"\nthreshold = 0\nconsumers = [\"rules\"]\n", "a.toml").unwrap();
+        assert_eq!(f.rules[0].consumers, ["rules"]);
     }
 }

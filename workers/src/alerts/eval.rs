@@ -118,8 +118,9 @@ impl Evaluator {
 
     /// Takes the last alert of a rule and scope as stored in `ALERTS`: a
     /// firing one is firing still, and either counts for the cooldown.
+    /// Consumer-lag alerts are the [`super::lag::LagJudge`]'s.
     pub fn restore(&mut self, last: &Alert) {
-        if !self.rules.iter().any(|r| r.name == last.rule) {
+        if last.check == Check::ConsumerLag || !self.rules.iter().any(|r| r.name == last.rule) {
             return;
         }
         let st = self.state.entry((last.rule.clone(), last.scope.clone())).or_default();
@@ -154,7 +155,7 @@ impl Evaluator {
             ms: i.response_time_ms,
         };
         for rule in &self.rules {
-            if rule.check.watches_heartbeats() || rule.check == Check::DeadLetters || rule.source != source {
+            if rule.check.watches_heartbeats() || matches!(rule.check, Check::DeadLetters | Check::ConsumerLag) || rule.source != source {
                 continue;
             }
             let one = |v: &Option<String>| v.iter().cloned().collect::<Vec<_>>();
@@ -164,6 +165,7 @@ impl Evaluator {
                 ScopeKind::Model => one(&i.model),
                 ScopeKind::Intent => one(&i.intent),
                 ScopeKind::Group => self.groups.of(agent).to_vec(),
+                ScopeKind::Consumer => Vec::new(),
             };
             for value in values {
                 let scope = Scope { kind: rule.scope, value };
@@ -245,7 +247,7 @@ impl Evaluator {
                 }
                 continue;
             }
-            if self.seen_from.is_some_and(|from| now < from + rule.window) {
+            if rule.check == Check::ConsumerLag || self.seen_from.is_some_and(|from| now < from + rule.window) {
                 continue;
             }
             for ((name, scope), st) in &mut self.state {
@@ -331,7 +333,7 @@ impl ScopeState {
                 };
                 (v > rule.threshold, v)
             }
-            Check::AgentOffline | Check::SpoolBacklog => (false, 0.0),
+            Check::AgentOffline | Check::SpoolBacklog | Check::ConsumerLag => (false, 0.0),
         }
     }
 }
@@ -360,7 +362,7 @@ fn transition(rule: &Rule, scope: &Scope, st: &mut ScopeState, holds: bool, valu
     }
 }
 
-fn alert(rule: &Rule, scope: &Scope, state: AlertState, value: f64, trigger_seq: u64, ts: DateTime<Utc>, fired_at: DateTime<Utc>) -> Alert {
+pub(super) fn alert(rule: &Rule, scope: &Scope, state: AlertState, value: f64, trigger_seq: u64, ts: DateTime<Utc>, fired_at: DateTime<Utc>) -> Alert {
     let what = match rule.check {
         Check::ErrorRate => format!("error rate {value:.1}% (threshold {}%) over {}s", rule.threshold, rule.window.as_secs()),
         Check::ResponseTime => {
@@ -371,6 +373,7 @@ fn alert(rule: &Rule, scope: &Scope, state: AlertState, value: f64, trigger_seq:
         Check::AgentOffline => format!("no heartbeat for {value:.0}s (threshold {}s)", rule.threshold),
         Check::SpoolBacklog => format!("{value:.0} events waiting in the spool (threshold {})", rule.threshold),
         Check::DeadLetters => format!("{value:.1} dead letters a minute (threshold {}) over {}s", rule.threshold, rule.window.as_secs()),
+        Check::ConsumerLag => format!("{value:.0} messages not yet acknowledged (threshold {})", rule.threshold),
     };
     let mut a = Alert {
         id: uuid::Uuid::nil(),

@@ -4,6 +4,8 @@
 //!
 //! - [`config`]: the alerts file (rules, webhooks, the seed's fields).
 //! - [`eval`]: the [`eval::Evaluator`], pure: windows, runs, firing state.
+//! - [`lag`]: the [`lag::LagJudge`], pure: consumer-lag rules over polled
+//!   consumer info, their state read from `ALERTS`.
 //! - [`handler`]: the handler that POSTs each alert to the webhooks.
 //!
 //! # Why every replica evaluates everything
@@ -19,7 +21,9 @@
 //! replica that starts (or takes over from a killed one) reads each rule's
 //! last alert from `ALERTS`, then rebuilds its windows from the stream,
 //! twice the longest window back, publishing nothing judged on a window it
-//! has not seen whole. The window state lives nowhere but in the streams, so
+//! has not seen whole. Consumer lag is polled, not read from a stream: each
+//! replica follows `ALERTS` and names a lag transition by the rule and
+//! scope's alert before it, so the copies again share a `Nats-Msg-Id`. The window state lives nowhere but in the streams, so
 //! there is no second copy to keep right. Replicas add availability, not
 //! speed. Deliveries are split: `ALERTS/alerts-notify` is shared, so each
 //! alert reaches the webhooks from one replica (again if a call failed:
@@ -28,6 +32,7 @@
 pub mod config;
 pub mod eval;
 pub mod handler;
+pub mod lag;
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -36,7 +41,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::push::OrderedConfig, consumer::DeliverPolicy};
 use chrono::{DateTime, Utc};
 use ferry_schema::alert::Alert;
-use ferry_schema::topology::{self, DEADLETTER_STREAM, EVENTS_STREAM, REPLIES_STREAM};
+use ferry_schema::topology::{self, ALERTS_STREAM, DEADLETTER_STREAM, EVENTS_STREAM, REPLIES_STREAM};
 use ferry_schema::{codec, headers, subject, EventBody, EventKind};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -61,6 +66,8 @@ pub struct AlertsConfig {
     /// How often time-based rules (offline agents, emptied windows) are
     /// judged.
     pub tick_every: Duration,
+    /// How often consumer-lag rules read their consumers' info.
+    pub lag_every: Duration,
     /// Largest event payload decoded.
     pub max_payload: usize,
 }
@@ -77,10 +84,15 @@ impl AlertsConfig {
             },
             reload_every: Some(Duration::from_secs(2)),
             tick_every: Duration::from_secs(1),
+            lag_every: DEFAULT_LAG_EVERY,
             max_payload: codec::DEFAULT_MAX_PAYLOAD,
         }
     }
 }
+
+/// How often consumer-lag rules read their consumers' info unless set:
+/// one consumer-info request per watched consumer per replica each time.
+pub const DEFAULT_LAG_EVERY: Duration = Duration::from_secs(5);
 
 /// Why an alerts replica could not start.
 #[derive(Debug, thiserror::Error)]
@@ -245,6 +257,7 @@ impl Evaluation {
         let file = self.live.current();
         let mut seen_bytes = self.files_bytes();
         let mut ev = eval::Evaluator::new(if file.enabled { file.rules.clone() } else { Vec::new() });
+        let mut lag = lag::LagJudge::new(if file.enabled { &file.rules } else { &[] });
         ev.set_groups(file.groups.clone());
         let restored = self.restore(&mut ev).await?;
         let started = Utc::now();
@@ -252,10 +265,16 @@ impl Evaluation {
         let replay_from = started - horizon;
         ev.seen_from(replay_from);
         let events = |kind| subject::events_of_kind(kind).to_string();
-        let mut interactions = self.reader(EVENTS_STREAM, events(EventKind::Interaction), replay_from).await?;
-        let mut heartbeats = self.reader(EVENTS_STREAM, events(EventKind::Heartbeat), replay_from).await?;
-        let mut replies = self.reader(REPLIES_STREAM, subject::all_replies().to_string(), replay_from).await?;
-        let mut dead = self.reader(DEADLETTER_STREAM, subject::all_dead_letters().to_string(), replay_from).await?;
+        let from = || Self::since(replay_from);
+        let mut interactions = self.reader(EVENTS_STREAM, events(EventKind::Interaction), from()?).await?;
+        let mut heartbeats = self.reader(EVENTS_STREAM, events(EventKind::Heartbeat), from()?).await?;
+        let mut replies = self.reader(REPLIES_STREAM, subject::all_replies().to_string(), from()?).await?;
+        let mut dead = self.reader(DEADLETTER_STREAM, subject::all_dead_letters().to_string(), from()?).await?;
+        // Each rule and scope's last alert, then every new one: the state
+        // of the consumer-lag rules.
+        let mut stored = self.reader(ALERTS_STREAM, subject::all_alerts().to_string(), DeliverPolicy::LastPerSubject).await?;
+        let mut lag_tick = tokio::time::interval(self.cfg.lag_every);
+        lag_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tracing::info!(restored, firing = ev.firing().len(), from = %replay_from, "alert evaluation started");
         let mut tick = tokio::time::interval(self.cfg.tick_every);
         let mut reload = tokio::time::interval(self.cfg.reload_every.unwrap_or(Duration::from_secs(3600)));
@@ -266,6 +285,11 @@ impl Evaluation {
                 m = heartbeats.messages.next() => self.step(&mut ev, m, &mut heartbeats, Input::Heartbeat)?,
                 m = replies.messages.next() => self.step(&mut ev, m, &mut replies, Input::Reply)?,
                 m = dead.messages.next() => self.step(&mut ev, m, &mut dead, Input::DeadLetter)?,
+                m = stored.messages.next() => {
+                    Self::follow(&mut lag, m, &mut stored)?;
+                    Vec::new()
+                }
+                _ = lag_tick.tick(), if stored.caught_up && !lag.is_empty() => self.lags(&lag).await,
                 _ = tick.tick() => {
                     let caught_up = interactions.caught_up && heartbeats.caught_up && replies.caught_up && dead.caught_up;
                     if caught_up { ev.tick(Utc::now()) } else { Vec::new() }
@@ -273,13 +297,16 @@ impl Evaluation {
                 _ = reload.tick(), if self.cfg.reload_every.is_some() => {
                     if let Some(f) = self.reload(&mut seen_bytes) {
                         ev.set_rules(if f.enabled { f.rules.clone() } else { Vec::new() });
+                        lag.set_rules(if f.enabled { &f.rules } else { &[] });
                         ev.set_groups(f.groups.clone());
                     }
                     Vec::new()
                 }
             };
             for a in out {
-                self.publish(&a).await?;
+                if let Some(seq) = self.publish(&a).await? {
+                    lag.stored(seq, &a);
+                }
             }
         }
     }
@@ -319,15 +346,21 @@ impl Evaluation {
         Ok(last.len())
     }
 
-    /// An ordered reader of `stream`'s messages on `filter` from `from`.
-    async fn reader(&self, stream: &'static str, filter: String, from: DateTime<Utc>) -> Result<Reader, EvalError> {
-        let stream = self.js.get_stream_no_info(stream).await.map_err(|e| broker(stream)(e.to_string()))?;
+    /// Where a reader starting at `from` starts.
+    fn since(from: DateTime<Utc>) -> Result<DeliverPolicy, EvalError> {
         let start_time = time::OffsetDateTime::from_unix_timestamp(from.timestamp()).map_err(|e| EvalError::Broker(e.to_string()))?;
+        Ok(DeliverPolicy::ByStartTime { start_time })
+    }
+
+    /// An ordered reader of `stream`'s messages on `filter`, from where
+    /// `deliver_policy` says.
+    async fn reader(&self, stream: &'static str, filter: String, deliver_policy: DeliverPolicy) -> Result<Reader, EvalError> {
+        let stream = self.js.get_stream_no_info(stream).await.map_err(|e| broker(stream)(e.to_string()))?;
         let consumer = stream
             .create_consumer(OrderedConfig {
                 deliver_subject: self.js.client().new_inbox(),
                 filter_subject: filter,
-                deliver_policy: DeliverPolicy::ByStartTime { start_time },
+                deliver_policy,
                 ..Default::default()
             })
             .await
@@ -388,29 +421,75 @@ impl Evaluation {
         })
     }
 
+    /// One alert read back from `ALERTS` into the consumer-lag state.
+    fn follow(
+        lag: &mut lag::LagJudge,
+        m: Option<Result<jetstream::Message, jetstream::consumer::push::OrderedError>>,
+        reader: &mut Reader,
+    ) -> Result<(), EvalError> {
+        let m = match m {
+            None => return Err(EvalError::Broker("the ALERTS reader ended".into())),
+            Some(Err(e)) => return Err(broker("reading ALERTS")(e.to_string())),
+            Some(Ok(m)) => m,
+        };
+        let Ok(info) = m.info() else { return Ok(()) };
+        if info.pending == 0 {
+            reader.caught_up = true;
+        }
+        match Alert::from_json(&m.payload) {
+            Ok(a) => lag.stored(info.stream_sequence, &a),
+            Err(error) => tracing::warn!(%error, subject = %m.subject, "not an alert in ALERTS; skipped"),
+        }
+        Ok(())
+    }
+
+    /// Reads the info of every consumer a consumer-lag rule watches; the
+    /// transitions the lags call for. A consumer whose info cannot be read
+    /// (deleted, the broker busy) is judged at the next poll.
+    async fn lags(&self, lag: &lag::LagJudge) -> Vec<Alert> {
+        let defs = topology::worker_consumers();
+        let mut out = Vec::new();
+        for name in lag.consumers() {
+            let Some(def) = defs.iter().find(|d| d.name() == name) else { continue };
+            let info = match self.js.get_stream_no_info(def.stream).await {
+                Ok(stream) => stream.consumer_info(&name).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match info {
+                Ok(info) => {
+                    let unfinished = info.num_pending.saturating_add(info.num_ack_pending as u64);
+                    out.extend(lag.observe(Utc::now(), &name, unfinished));
+                }
+                Err(error) => tracing::warn!(%error, consumer = %name, "cannot read the consumer's lag; judged at the next poll"),
+            }
+        }
+        out
+    }
+
     /// Publishes `a` with its dedup id, retrying until JetStream stores it
     /// (or the replica stops: another replica, or this one restarted,
-    /// raises it from the stream).
-    async fn publish(&self, a: &Alert) -> Result<(), EvalError> {
+    /// raises it from the stream). The sequence it is stored at (that of
+    /// the copy kept, for a duplicate); `None` when stopped first.
+    async fn publish(&self, a: &Alert) -> Result<Option<u64>, EvalError> {
         let mut backoff = Duration::from_millis(200);
         loop {
             let mut h = async_nats::HeaderMap::new();
             h.insert(headers::MSG_ID, a.dedup_key().as_str());
             h.insert(headers::CONTENT_TYPE, headers::CONTENT_TYPE_JSON);
             let sent = match self.js.publish_with_headers(a.subject(), h, a.to_json().into()).await {
-                Ok(ack) => ack.await.map(|ack| ack.duplicate).map_err(|e| e.to_string()),
+                Ok(ack) => ack.await.map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
             match sent {
-                Ok(duplicate) => {
-                    tracing::info!(alert = %a.id, rule = %a.rule, scope = %a.scope, state = a.state.as_str(), duplicate,
-                        value = a.value, "alert");
-                    return Ok(());
+                Ok(ack) => {
+                    tracing::info!(alert = %a.id, rule = %a.rule, scope = %a.scope, state = a.state.as_str(),
+                        duplicate = ack.duplicate, seq = ack.sequence, value = a.value, "alert");
+                    return Ok(Some(ack.sequence));
                 }
                 Err(error) => tracing::warn!(%error, alert = %a.id, "alert not stored yet; retrying"),
             }
             tokio::select! {
-                _ = self.stop.cancelled() => return Ok(()),
+                _ = self.stop.cancelled() => return Ok(None),
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(10));
