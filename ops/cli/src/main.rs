@@ -181,11 +181,23 @@ fn init_logs() {
         .init();
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logs();
-    match cli.cmd {
+    // The dashboard takes a steady trickle of small messages and pushes a
+    // page a second: on one thread a message wakes no other thread, which
+    // on a multi-threaded runtime cost it more than the message itself
+    // (`ferry bench dashboard`).
+    let mut rt = match cli.cmd {
+        Cmd::Dashboard(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let rt = rt.enable_all().build().context("starting the async runtime")?;
+    rt.block_on(run(cli.cmd))
+}
+
+async fn run(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
         Cmd::Up(args) => up::run(args).await,
         Cmd::Down(args) => down::run(args),
         Cmd::Migrate(args) => db::run_migrate(args).await,

@@ -84,6 +84,32 @@ pub async fn consumer_lags(js: &jetstream::Context) -> anyhow::Result<Vec<Consum
     Ok(out)
 }
 
+/// The worker roles' consumers alone (no agent's reply consumer, no
+/// reader), by stream order then name: one consumer-info request each,
+/// however many agents there are.
+pub async fn worker_lags(js: &jetstream::Context) -> anyhow::Result<Vec<ConsumerLag>> {
+    let mut out = Vec::new();
+    for def in ferry_schema::topology::worker_consumers() {
+        let stream = js.get_stream_no_info(def.stream).await.with_context(|| format!("looking up stream {}", def.stream))?;
+        let c = stream
+            .consumer_info(def.name())
+            .await
+            .with_context(|| format!("reading consumer {}/{} (run `ferry provision`)", def.stream, def.name()))?;
+        out.push(ConsumerLag {
+            stream: def.stream.to_string(),
+            consumer: c.name.clone(),
+            pending: c.num_pending,
+            ack_pending: c.num_ack_pending,
+            redelivered: c.num_redelivered,
+            waiting: c.num_waiting,
+            durable: true,
+        });
+    }
+    let order = |s: &str| CONSUMER_STREAMS.iter().position(|x| *x == s).unwrap_or(usize::MAX);
+    out.sort_by(|a, b| (order(&a.stream), &a.consumer).cmp(&(order(&b.stream), &b.consumer)));
+    Ok(out)
+}
+
 async fn streams(js: &jetstream::Context, out: &mut String) -> anyhow::Result<()> {
     out.push_str("streams\n");
     let lags = consumer_lags(js).await?;

@@ -138,6 +138,14 @@ async fn the_page_logs_in_and_shows_agents_traffic_and_alerts_live() {
     }
     page.wait_until(&format!("Number(document.getElementById('events-total').innerText) >= {}", before + 20), "the counter moving")
         .await;
+    // Activity samples are not read one by one but counted from the
+    // stream's state: they move the counter and show as their kind.
+    for i in 0..30 {
+        publish(&js, "desk-1", "activity", json!({"app": "notepad.exe", "title": format!("note {i}")})).await;
+    }
+    page.wait_until(&format!("Number(document.getElementById('events-total').innerText) >= {}", before + 50), "activities counted")
+        .await;
+    page.wait_until("document.getElementById('kinds').innerText.includes('activity')", "the activity kind").await;
     // The rules worker's answers: reply latency, the step that answered,
     // the lag of every consumer and the replicas online.
     page.wait_until("document.getElementById('lat-p99').innerText !== '-'", "the reply latency").await;
@@ -162,12 +170,12 @@ async fn the_page_logs_in_and_shows_agents_traffic_and_alerts_live() {
         }
     };
     let deadline = Instant::now() + WAIT;
-    while archived("SELECT count(*) FROM replies").await < 20 {
-        assert!(Instant::now() < deadline, "the archiver never stored the 20 replies");
+    while archived("SELECT count(*) FROM replies").await < 20 || archived("SELECT count(*) FROM events WHERE kind = 'activity'").await < 30 {
+        assert!(Instant::now() < deadline, "the archiver never stored the 20 replies and 30 activities");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     page.eval("[...document.querySelectorAll('#agents tr')].find(r => r.innerText.includes('desk-1')).click(); true").await;
-    page.wait_until("document.getElementById('agent-events').innerText.includes('hello 19')", "desk-1's recent events").await;
+    page.wait_until("document.getElementById('agent-events').innerText.includes('note 29')", "desk-1's recent events").await;
     page.wait_until("document.getElementById('agent-replies').innerText.includes('echo: hello 19')", "desk-1's recent replies").await;
     page.eval("document.getElementById('range-1h').click(); true").await;
     page.wait_until("Number(document.getElementById('history-events').innerText) >= 21", "the last hour from the archive").await;

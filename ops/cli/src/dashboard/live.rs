@@ -27,6 +27,14 @@ pub const SAMPLES: usize = 1000;
 pub const AWAITING: usize = 100_000;
 /// Seconds over which tokens per second are averaged.
 pub const TOKENS_OVER_SECONDS: usize = 10;
+/// The event kinds the dashboard reads one by one (`events.*.<kind>`):
+/// those a person acts on or reads whole, at human pace. Activity samples,
+/// the collectors' steady volume, are not read: they are counted from
+/// `EVENTS`' last sequence ([`Live::stored_through`]), so the dashboard
+/// costs the broker and itself nothing per activity event.
+pub const READ_KINDS: [EventKind; 4] = [EventKind::Chat, EventKind::Heartbeat, EventKind::Predict, EventKind::Interaction];
+/// The kind counted from the stream's state instead of read.
+pub const COUNTED_KIND: EventKind = EventKind::Activity;
 
 #[derive(Debug, Default, Clone)]
 struct Agent {
@@ -118,26 +126,73 @@ pub struct Live {
     firing: BTreeMap<String, Alert>,
     recent: VecDeque<Alert>,
     acknowledged: HashMap<Uuid, (String, DateTime<Utc>)>,
+    /// `EVENTS`' last sequence when last looked at, and when.
+    stream_last: Option<(u64, DateTime<Utc>)>,
+    /// Events read one by one since then.
+    read_since_look: u64,
 }
 
 impl Live {
     fn second(&mut self, now: DateTime<Utc>) -> &mut Second {
         let at = now.timestamp();
-        if self.seconds.back().is_none_or(|s| s.at != at) {
+        if self.seconds.back().is_none_or(|s| s.at < at) {
             self.seconds.push_back(Second { at, ..Second::default() });
             while self.seconds.len() > SERIES_SECONDS {
                 self.seconds.pop_front();
             }
         }
-        // Just pushed when empty.
-        let last = self.seconds.len() - 1;
-        &mut self.seconds[last]
+        // A time taken just before a later one was counted (threads race
+        // for the lock) goes to its second, or the next one kept; never
+        // out of order. Not empty: pushed above when it was.
+        let i = self.seconds.partition_point(|s| s.at < at).min(self.seconds.len() - 1);
+        &mut self.seconds[i]
+    }
+
+    /// The counts of second `at` (Unix seconds), made in its place when
+    /// missing; `None` when it is older than the series keeps.
+    fn second_at(&mut self, at: i64) -> Option<&mut Second> {
+        let i = self.seconds.partition_point(|s| s.at < at);
+        if self.seconds.get(i).is_none_or(|s| s.at != at) {
+            if i == 0 && self.seconds.len() >= SERIES_SECONDS {
+                return None;
+            }
+            self.seconds.insert(i, Second { at, ..Second::default() });
+            if self.seconds.len() > SERIES_SECONDS {
+                self.seconds.pop_front();
+                return self.seconds.get_mut(i.checked_sub(1)?);
+            }
+        }
+        self.seconds.get_mut(i)
+    }
+
+    /// `EVENTS`' last sequence is `last_seq` at `now`: the events stored
+    /// since the last look that were not read one by one are the counted
+    /// kind's ([`COUNTED_KIND`]), spread evenly over the seconds between
+    /// the two looks. The first look only sets where counting starts.
+    pub fn stored_through(&mut self, last_seq: u64, now: DateTime<Utc>) {
+        let read = std::mem::take(&mut self.read_since_look);
+        let Some((prev, at)) = self.stream_last.replace((last_seq, now)) else { return };
+        let counted = last_seq.saturating_sub(prev).saturating_sub(read);
+        if counted == 0 {
+            return;
+        }
+        *self.by_kind.entry(COUNTED_KIND.as_str()).or_default() += counted;
+        let (from, to) = (at.timestamp(), now.timestamp().max(at.timestamp()));
+        let n = u64::try_from(to - from).unwrap_or(0).max(1);
+        let first = if to > from { from + 1 } else { to };
+        for k in 0..n {
+            let share = counted * (k + 1) / n - counted * k / n;
+            if let Some(s) = self.second_at(first + k as i64) {
+                s.events += share;
+            }
+        }
     }
 
     /// An event as the broker delivered it on `subject`.
     pub fn event(&mut self, subject: &str, headers: Option<&async_nats::HeaderMap>, payload: &[u8], now: DateTime<Utc>) {
         let Ok((agent, kind)) = ferry_schema::subject::parse_event(subject) else { return };
         *self.by_kind.entry(kind.as_str()).or_default() += 1;
+        self.read_since_look += 1;
         self.second(now).events += 1;
         if let Some(id) = headers.and_then(|h| h.get(headers::MSG_ID)).and_then(|v| Uuid::parse_str(v.as_str()).ok()) {
             self.await_reply(id, now);
@@ -350,6 +405,31 @@ mod tests {
 
     fn t(s: i64) -> DateTime<Utc> {
         DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
+    }
+
+    /// Events stored but not read (activity samples) are counted from the
+    /// stream's last sequence, less those read one by one, spread over the
+    /// seconds between two looks.
+    #[test]
+    fn unread_events_are_counted_from_the_stream_and_spread_over_the_seconds() {
+        let mut live = Live::default();
+        let desk = ferry_schema::AgentId::new("desk-1").unwrap();
+        let chat = ferry_schema::subject::event(&desk, EventKind::Chat).to_string();
+        live.stored_through(100, t(0));
+        live.event(&chat, None, b"junk", t(1));
+        live.event(&chat, None, b"junk", t(1));
+        // 2 chats read, 10 events stored in 2 s: 8 activities, 4 a second.
+        live.stored_through(110, t(2));
+        let s = live.snapshot(t(2));
+        assert_eq!(s["events_by_kind"]["chat"], 2);
+        assert_eq!(s["events_by_kind"]["activity"], 8);
+        assert_eq!(s["events"], 10);
+        let series: Vec<u64> = s["series"]["events"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        assert_eq!(series.iter().sum::<u64>(), 10);
+        assert_eq!(series[series.len() - 2..], [6, 4], "second 1: 2 chats and 4 activities; second 2: 4 activities");
+        // A stream made again (its sequence lower) counts nothing.
+        live.stored_through(5, t(3));
+        assert_eq!(live.snapshot(t(3))["events"], 10);
     }
 
     #[test]

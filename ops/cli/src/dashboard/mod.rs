@@ -7,10 +7,13 @@
 //! - [`history`]: what it reads from the archive (time ranges, an agent's
 //!   recent events and replies, acknowledging an alert).
 //!
-//! The server watches the broker as the operator does (`events.>`,
-//! `replies.>`, `alerts.>`, `deadletter.>`, and each rule's last alert from
-//! `ALERTS` at start), asks it every [`PIPELINE_EVERY`] for the consumers'
-//! lag and the replicas online, folds it all into a [`live::Live`] state,
+//! The server watches the broker as the operator does (`events.*.<kind>`
+//! for every kind but activity samples, `replies.>`, `alerts.>`,
+//! `deadletter.>`, and each rule's last alert from `ALERTS` at start), asks
+//! it every [`PIPELINE_EVERY`] for `EVENTS`' last sequence (the activity
+//! samples are counted from it, not read), the worker consumers' lag (not
+//! the agents' reply consumers: a thousand agents would make that a
+//! thousand consumers' info every time) and the replicas online, folds it all into a [`live::Live`] state,
 //! and once a second pushes a snapshot to every open page over SSE
 //! (`/live`); the page never polls. With the archive's URL it also answers
 //! the page's questions about the past (`/history`, `/agent`) and records
@@ -39,6 +42,7 @@ use axum::{Form, Json, Router};
 use clap::Args;
 use ferry_schema::alert::Alert;
 use ferry_schema::subject;
+use ferry_schema::topology::EVENTS_STREAM;
 use futures::StreamExt;
 use sha2::Digest as _;
 use tokio::sync::watch;
@@ -52,7 +56,7 @@ const SCRIPT: &str = include_str!("app.js");
 /// The cookie that carries a session.
 const SESSION_COOKIE: &str = "ferry_session";
 /// How often a snapshot goes to the pages.
-pub const PUSH_EVERY: Duration = Duration::from_secs(1);
+pub const PUSH_EVERY: Duration = Duration::from_millis(500);
 /// Sessions kept at once; the oldest go first beyond it.
 const MAX_SESSIONS: usize = 1024;
 /// How often the server asks the broker for the consumers' lag and the
@@ -290,6 +294,7 @@ pub async fn serve(
     let (tx, rx) = watch::channel(String::from("{}"));
     let mut watchers = watch_broker(client.clone(), state.clone(), stop.clone()).await?;
     watchers.push(tokio::spawn(watch_pipeline(client, state.clone(), stop.clone())));
+    watchers.push(tokio::spawn(take_in_gulps(stop.clone())));
     let pusher = {
         let (stop, state) = (stop.clone(), state.clone());
         tokio::spawn(async move {
@@ -343,12 +348,14 @@ async fn watch_broker(
         }
     }
     let mut tasks = Vec::new();
-    for (subject, what) in [
-        (subject::all_events(), Feed::Events),
-        (subject::all_replies(), Feed::Replies),
-        (subject::all_alerts(), Feed::Alerts),
-        (subject::all_dead_letters(), Feed::DeadLetters),
-    ] {
+    // Every event kind but the counted one (see live::READ_KINDS).
+    let events = live::READ_KINDS.map(|k| (subject::events_of_kind(k).to_string(), Feed::Events));
+    let rest = [
+        (subject::all_replies().to_string(), Feed::Replies),
+        (subject::all_alerts().to_string(), Feed::Alerts),
+        (subject::all_dead_letters().to_string(), Feed::DeadLetters),
+    ];
+    for (subject, what) in events.into_iter().chain(rest) {
         let mut sub = client.subscribe(subject.clone()).await.with_context(|| format!("subscribing to {subject}"))?;
         let (state, stop) = (state.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
@@ -382,6 +389,22 @@ enum Feed {
     DeadLetters,
 }
 
+/// How long the dashboard's one thread rests between rounds of work.
+pub const GULP: Duration = Duration::from_millis(25);
+
+/// Makes the dashboard's thread (a current-thread runtime) rest [`GULP`]
+/// between rounds: what the broker sends meanwhile waits in the socket and
+/// is read, decoded and counted in one round, instead of each message
+/// waking the thread on its own (a wake-up cost more than the message).
+/// A page's request and a push wait at most that long.
+async fn take_in_gulps(stop: CancellationToken) {
+    while !stop.is_cancelled() {
+        // Blocking on purpose: nothing else may run while it rests.
+        std::thread::sleep(GULP);
+        tokio::task::yield_now().await;
+    }
+}
+
 /// Every [`PIPELINE_EVERY`], the consumers' lag and the replicas online
 /// into `state`; a failed look is logged once and tried again.
 async fn watch_pipeline(client: async_nats::Client, state: Arc<Mutex<live::Live>>, stop: CancellationToken) {
@@ -389,16 +412,18 @@ async fn watch_pipeline(client: async_nats::Client, state: Arc<Mutex<live::Live>
     let mut failing = false;
     loop {
         let looked = async {
-            let lags = crate::stats::consumer_lags(&js).await?;
+            let stored = js.get_stream(EVENTS_STREAM).await.context("looking up EVENTS")?.cached_info().state.last_sequence;
+            let lags = crate::stats::worker_lags(&js).await?;
             let services = crate::stats::service_stats(&client, REPLICAS_WAIT).await?;
-            anyhow::Ok((lags, services))
+            anyhow::Ok((stored, lags, services))
         };
         tokio::select! {
             _ = stop.cancelled() => return,
             r = looked => match r {
-                Ok((lags, services)) => {
+                Ok((stored, lags, services)) => {
                     failing = false;
                     let mut live = state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    live.stored_through(stored, chrono::Utc::now());
                     live.pipeline(lags, services.into_iter().map(|s| s.name));
                 }
                 Err(e) => {
