@@ -258,6 +258,89 @@ impl Alert {
     }
 }
 
+/// The most characters of a receiver's answer a delivery record keeps.
+pub const MAX_DELIVERY_DETAIL: usize = 512;
+
+/// What one webhook call came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryOutcome {
+    /// A 2xx: the receiver took the alert.
+    Took,
+    /// A timeout, a refused connection, a 5xx or a 429: tried again.
+    Failed,
+    /// Any other 4xx: the receiver will never take it (a dead letter).
+    Refused,
+}
+
+impl DeliveryOutcome {
+    /// `took`, `failed` or `refused`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Took => "took",
+            Self::Failed => "failed",
+            Self::Refused => "refused",
+        }
+    }
+}
+
+/// One webhook call for one alert: a line of the delivery log. JSON on
+/// `alert-deliveries.<rule>` in `ALERTS`; the archiver keeps it in
+/// `alert_deliveries`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Delivery {
+    /// A UUIDv5 of the alert, the webhook and the attempt: a record
+    /// published twice is stored once.
+    pub id: Uuid,
+    /// The alert delivered.
+    pub alert_id: Uuid,
+    /// Its rule.
+    pub rule: String,
+    /// The webhook, without user, password or query (where tokens hide).
+    pub url: String,
+    /// Which delivery of the alert this was (1 for the first).
+    pub attempt: u64,
+    /// What it came to.
+    pub outcome: DeliveryOutcome,
+    /// The receiver's HTTP status, when it answered.
+    pub status: Option<u16>,
+    /// The answer or the error, at most [`MAX_DELIVERY_DETAIL`] characters.
+    pub detail: String,
+    /// When the call ended.
+    pub ts: DateTime<Utc>,
+    /// How long the call took, milliseconds.
+    pub elapsed_ms: f64,
+}
+
+impl Delivery {
+    /// The id of the record of `attempt` of `alert_id` to `url`.
+    pub fn id_for(alert_id: Uuid, url: &str, attempt: u64) -> Uuid {
+        Uuid::new_v5(&alert_id, format!("{url} {attempt}").as_bytes())
+    }
+
+    /// `detail` cut to [`MAX_DELIVERY_DETAIL`] characters.
+    pub fn bounded(detail: &str) -> String {
+        detail.chars().take(MAX_DELIVERY_DETAIL).collect()
+    }
+
+    /// Its subject: `alert-deliveries.<rule>`.
+    pub fn subject(&self) -> async_nats::Subject {
+        crate::subject::alert_delivery(&self.rule)
+    }
+
+    /// The JSON body.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Plain data: nothing in it can fail to serialize.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses a JSON body.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
 /// Why the last alerts could not be read from `ALERTS`.
 #[derive(Debug, thiserror::Error)]
 #[error("reading the last alerts from {stream}: {reason}")]
@@ -363,6 +446,31 @@ mod tests {
         let json: serde_json::Value = serde_json::from_slice(&a.to_json()).unwrap();
         assert_eq!(json["state"], "firing");
         assert_eq!(json["scope"]["kind"], "all");
+    }
+
+    #[test]
+    fn a_delivery_record_round_trips_and_its_id_names_alert_webhook_and_attempt() {
+        let a = alert(Scope::all(), AlertState::Firing);
+        let d = Delivery {
+            id: Delivery::id_for(a.id, "http://h/x", 1),
+            alert_id: a.id,
+            rule: a.rule.clone(),
+            url: "http://h/x".into(),
+            attempt: 1,
+            outcome: DeliveryOutcome::Failed,
+            status: Some(503),
+            detail: Delivery::bounded(&"x".repeat(2000)),
+            ts: a.ts,
+            elapsed_ms: 3.5,
+        };
+        assert_eq!(d.detail.len(), MAX_DELIVERY_DETAIL);
+        assert_eq!(Delivery::from_json(&d.to_json()).unwrap(), d);
+        assert_eq!(d.subject().as_str(), "alert-deliveries.errors");
+        assert_eq!(d.id, Delivery::id_for(a.id, "http://h/x", 1));
+        assert_ne!(d.id, Delivery::id_for(a.id, "http://h/x", 2));
+        assert_ne!(d.id, Delivery::id_for(a.id, "http://h/y", 1));
+        // Not an alert: the readers of `alerts.>` never see one.
+        assert!(Alert::from_json(&d.to_json()).is_err());
     }
 
     #[test]

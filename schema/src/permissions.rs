@@ -149,6 +149,7 @@ pub fn role_permissions(role: Role) -> Permissions {
         Role::Alerts => {
             publish.extend([
             subject::all_alerts().to_string(),
+            subject::all_alert_deliveries().to_string(),
             format!("$JS.API.CONSUMER.CREATE.{EVENTS_STREAM}"),
             format!("$JS.API.CONSUMER.CREATE.{REPLIES_STREAM}"),
             format!("$JS.API.CONSUMER.CREATE.{ALERTS_STREAM}"),

@@ -32,6 +32,7 @@ const DEADLETTER: &str = "deadletter";
 const SHADOW: &str = "shadow";
 /// Prefix of every alert subject.
 const ALERTS: &str = "alerts";
+const ALERT_DELIVERIES: &str = "alert-deliveries";
 
 /// A subject that is not one Ferry recognises.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -165,6 +166,17 @@ pub fn alert(rule: &str, scope: &crate::alert::Scope) -> Subject {
 /// `alerts.>`: every alert.
 pub fn all_alerts() -> Subject {
     Subject::from_static("alerts.>")
+}
+
+/// `alert-deliveries.<rule>`: the webhook calls made for one rule's
+/// alerts (the delivery log, [`crate::alert::Delivery`]), kept in `ALERTS`.
+pub fn alert_delivery(rule: &str) -> Subject {
+    Subject::from(format!("{ALERT_DELIVERIES}.{rule}"))
+}
+
+/// `alert-deliveries.>`: every webhook call's record.
+pub fn all_alert_deliveries() -> Subject {
+    Subject::from_static("alert-deliveries.>")
 }
 
 /// `ferry.svc.<role>.status`: the status endpoint of a worker role's micro service.

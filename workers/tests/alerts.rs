@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use ferry_schema::alert::{Alert, AlertState};
+use ferry_schema::alert::{Alert, AlertState, Delivery, DeliveryOutcome};
 use ferry_schema::reply::{AnsweredBy, ChatAction, ChatReply, ResponderKind};
 use ferry_schema::topology::{self, Role, StreamSettings, ALERTS_STREAM};
 use ferry_schema::{codec, headers, subject, AgentId, Encoding, EventId, Reply, ReplyBody};
@@ -108,9 +108,9 @@ async fn heartbeat_with_spool(op: &async_nats::Client, agent: &str, spool_depth:
     op.flush().await.unwrap();
 }
 
-/// Every alert `ALERTS` holds, in order.
+/// Every alert `ALERTS` holds, in order (not the delivery log beside them).
 async fn stored(js: &jetstream::Context) -> Vec<Alert> {
-    inspect::read_all(js, ALERTS_STREAM, "")
+    inspect::read_all(js, ALERTS_STREAM, "alerts.>")
         .await
         .unwrap()
         .iter()
@@ -353,6 +353,92 @@ async fn a_burst_of_dead_letters_raises_an_alert_and_the_quiet_after_resolves_it
     drop(op);
     stop.cancel();
     task.await.unwrap().unwrap();
+}
+
+/// Every webhook call is in the delivery log: a receiver that fails once
+/// (a 503) and then takes the alert leaves two records, on `ALERTS` and in
+/// PostgreSQL's `alert_deliveries`, the URL shown without its token.
+#[tokio::test]
+async fn each_webhook_call_is_in_the_delivery_log_with_its_answer() {
+    let (nats, op, js) = broker().await;
+    let server = tiny_http::Server::http("127.0.0.1:0").unwrap();
+    let addr = server.server_addr().to_ip().unwrap();
+    let calls = Arc::new(Mutex::new(0usize));
+    let seen = calls.clone();
+    std::thread::spawn(move || {
+        for req in server.incoming_requests() {
+            let n = {
+                let mut c = seen.lock().unwrap();
+                *c += 1;
+                *c
+            };
+            let code = if n == 1 { 503 } else { 204 };
+            let _ = req.respond(tiny_http::Response::empty(code));
+        }
+    });
+    let file = alerts_file(&format!(
+        "webhook_url = \"http://{addr}/hook?token=s3cret\"\n[[rule]]\nname = \"dead\"\ncheck = \"dead_letters\"\nthreshold = 0\nwindow_seconds = 60\n"
+    ));
+    let pg = common::migrated_pg().await;
+    let (stop, task) = in_process(&nats, file.path());
+    let archiver_stop = CancellationToken::new();
+    let archiver = {
+        let (conn, cfg, token) = (nats.role(Role::Archiver, "test-archiver"), ArchiverConfig::new(pg.url()), archiver_stop.clone());
+        tokio::spawn(async move { archiver::run(conn.connect().await.unwrap(), &cfg, token).await })
+    };
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::DEAD_REASON_CODE, "malformed");
+    js.publish_with_headers("deadletter.EVENTS.rules", h, "junk".into()).await.unwrap().await.unwrap();
+    let fired = wait_stored(&js, "dead", AlertState::Firing).await;
+    let deadline = Instant::now() + WAIT;
+    let log = loop {
+        let log: Vec<Delivery> = inspect::read_all(&js, ALERTS_STREAM, "alert-deliveries.>")
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| Delivery::from_json(&m.payload).unwrap())
+            .collect();
+        if log.len() >= 2 {
+            break log;
+        }
+        assert!(Instant::now() < deadline, "the delivery log holds {log:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let url = format!("http://{addr}/hook");
+    let lines: Vec<_> = log.iter().map(|d| (d.alert_id, d.url.clone(), d.attempt, d.outcome, d.status)).collect();
+    assert_eq!(
+        lines,
+        [
+            (fired[0].id, url.clone(), 1, DeliveryOutcome::Failed, Some(503)),
+            (fired[0].id, url.clone(), 2, DeliveryOutcome::Took, Some(204)),
+        ]
+    );
+    assert!(log[0].detail.contains("503") && !log[0].detail.contains("s3cret"), "{:?}", log[0].detail);
+    let db = ferry_workers::state::connect_one(&pg.url()).await.unwrap();
+    let rows = loop {
+        let rows = db
+            .query("SELECT alert_id, url, attempt, outcome, status FROM alert_deliveries ORDER BY attempt", &[])
+            .await
+            .unwrap();
+        if rows.len() >= 2 || Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let rows: Vec<(uuid::Uuid, String, i64, String, Option<i32>)> =
+        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect();
+    assert_eq!(
+        rows,
+        [
+            (fired[0].id, url.clone(), 1, "failed".into(), Some(503)),
+            (fired[0].id, url, 2, "took".into(), Some(204)),
+        ]
+    );
+    drop(op);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    archiver_stop.cancel();
+    archiver.await.unwrap().unwrap();
 }
 
 /// A worker consumer falling behind raises one alert however many

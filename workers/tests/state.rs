@@ -66,7 +66,7 @@ async fn migrations_fresh_stepwise_and_again_end_at_one_schema() {
     assert!(matches!(err, SchemaError::TooOld { .. }));
     assert_eq!(
         err.to_string(),
-        "the database schema is older than this program needs: missing V2__customers_and_conversations, V3__knowledge_base, V4__interactions, V5__alerts, V6__ferry_interactions, V7__partitions (run `ferry migrate` against this database)"
+        "the database schema is older than this program needs: missing V2__customers_and_conversations, V3__knowledge_base, V4__interactions, V5__alerts, V6__ferry_interactions, V7__partitions, V8__alert_deliveries (run `ferry migrate` against this database)"
     );
     db::check(&old, Some(1)).await.unwrap();
     // A worker refuses to start against it, with the same message.
@@ -74,7 +74,7 @@ async fn migrations_fresh_stepwise_and_again_end_at_one_schema() {
     assert!(refused.to_string().contains("missing V2__customers_and_conversations"), "{refused}");
     // Migrated the rest of the way, it ends where the fresh one did.
     let applied: Vec<i64> = db::migrate(&mut old, None).await.unwrap().iter().map(|m| m.version).collect();
-    assert_eq!(applied, [2, 3, 4, 5, 6, 7]);
+    assert_eq!(applied, [2, 3, 4, 5, 6, 7, 8]);
     assert_eq!(schema_of(&old).await, want);
 }
 
@@ -108,7 +108,7 @@ async fn partitioning_keeps_every_row_of_an_older_database() {
     let n: i64 = c.query_one("SELECT count(*) FROM replies", &[]).await.unwrap().get(0);
     assert_eq!(n, 11);
 
-    assert_eq!(db::migrate(&mut c, None).await.unwrap().iter().map(|m| m.version).collect::<Vec<_>>(), [7]);
+    assert_eq!(db::migrate(&mut c, None).await.unwrap().iter().map(|m| m.version).collect::<Vec<_>>(), [7, 8]);
     let count = |sql: &'static str| {
         let c = &c;
         async move { c.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }

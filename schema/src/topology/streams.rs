@@ -159,7 +159,8 @@ pub fn deadletter_stream(s: &StreamSettings) -> stream::Config {
     }
 }
 
-/// `ALERTS`: every alert transition the alerts role raised, JSON. Its
+/// `ALERTS`: every alert transition the alerts role raised, and each
+/// webhook call made for one (`alert-deliveries.<rule>`), JSON. Its
 /// `duplicate_window` is what drops the copy a second alerts replica
 /// publishes of the same transition ([`crate::alert::Alert::dedup_key`]).
 pub fn alerts_stream(s: &StreamSettings) -> stream::Config {
@@ -167,7 +168,7 @@ pub fn alerts_stream(s: &StreamSettings) -> stream::Config {
         description: Some("Alerts raised by the alerts role, firing and resolved.".into()),
         max_age: s.alerts_max_age,
         max_bytes: s.alerts_max_bytes,
-        ..base_stream(ALERTS_STREAM, vec![subject::all_alerts().to_string()], s)
+        ..base_stream(ALERTS_STREAM, vec![subject::all_alerts().to_string(), subject::all_alert_deliveries().to_string()], s)
     }
 }
 

@@ -180,6 +180,7 @@ impl runtime::Role for Alerts {
         let notify = handler::NotifyHandler {
             live: self.live.clone(),
             http: self.http,
+            js: ctx.js.clone(),
         };
         let task = Evaluation {
             js: ctx.js.clone(),

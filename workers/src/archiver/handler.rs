@@ -5,7 +5,7 @@ use ferry_schema::codec;
 use ferry_schema::deadletter::ReasonCode;
 
 use super::batch::Batcher;
-use super::rows::{AlertRow, EventRow, ReplyRow};
+use super::rows::{AlertRow, DeliveryRow, EventRow, ReplyRow};
 use crate::runtime::{decode, Handler, Outcome};
 
 /// `EVENTS/archiver-events`.
@@ -26,11 +26,13 @@ pub struct ReplyHandler {
     pub max_payload: usize,
 }
 
-/// `ALERTS/archiver-alerts`.
+/// `ALERTS/archiver-alerts`: alerts, and the webhook delivery log.
 #[derive(Debug)]
 pub struct AlertHandler {
     /// The alert writer.
     pub batcher: Batcher<AlertRow>,
+    /// The delivery log's writer.
+    pub deliveries: Batcher<DeliveryRow>,
 }
 
 fn poison(code: ReasonCode, e: impl std::fmt::Display) -> Outcome {
@@ -86,6 +88,19 @@ impl Handler for ReplyHandler {
 
 impl Handler for AlertHandler {
     async fn handle(&self, msg: &jetstream::Message) -> Outcome {
+        if msg.subject.starts_with("alert-deliveries.") {
+            return match ferry_schema::alert::Delivery::from_json(&msg.payload) {
+                Ok(delivery) => {
+                    self.deliveries
+                        .submit(DeliveryRow {
+                            delivery,
+                            stream_seq: stream_seq(msg),
+                        })
+                        .await
+                }
+                Err(e) => poison(ReasonCode::Malformed, format!("not a delivery record: {e}")),
+            };
+        }
         match ferry_schema::alert::Alert::from_json(&msg.payload) {
             Ok(alert) => {
                 self.batcher

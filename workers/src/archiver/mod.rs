@@ -104,6 +104,13 @@ impl runtime::Role for Archiver {
         );
         let (alerts, alerts_writer) =
             batch::Batcher::spawn(self.pool.clone(), Arc::new(rows::AlertSink), cfg.batch.clone(), ctx.shutdown.clone(), "alerts");
+        let (deliveries, deliveries_writer) = batch::Batcher::spawn(
+            self.pool.clone(),
+            Arc::new(rows::DeliverySink),
+            cfg.batch.clone(),
+            ctx.shutdown.clone(),
+            "alert_deliveries",
+        );
         let events = handler::EventHandler {
             batcher: events,
             max_payload: cfg.max_payload,
@@ -115,10 +122,14 @@ impl runtime::Role for Archiver {
         let mut wiring = Wiring::default()
             .consume(ctx.consume(topology::archiver_events_consumer(), Arc::new(events)))
             .consume(ctx.consume(topology::archiver_replies_consumer(), Arc::new(replies)))
-            .consume(ctx.consume(topology::archiver_alerts_consumer(), Arc::new(handler::AlertHandler { batcher: alerts })))
+            .consume(ctx.consume(
+                topology::archiver_alerts_consumer(),
+                Arc::new(handler::AlertHandler { batcher: alerts, deliveries }),
+            ))
             .drain(events_writer)
             .drain(replies_writer)
-            .drain(alerts_writer);
+            .drain(alerts_writer)
+            .drain(deliveries_writer);
         if let Some(every) = cfg.keeper_every {
             wiring = wiring.beside(tokio::spawn(keep(ctx.js.clone(), every, ctx.loops.clone())));
         }

@@ -209,6 +209,8 @@ async fn remove(client: &Client, keep: &Retention, now: DateTime<Utc>) -> Result
     }
     let n = client.execute("DELETE FROM alerts WHERE ts < $1", &[&cutoff(keep.alerts)]).await?;
     deleted(&mut removed, "alerts", n);
+    let n = client.execute("DELETE FROM alert_deliveries WHERE ts < $1", &[&cutoff(keep.alerts)]).await?;
+    deleted(&mut removed, "alert_deliveries", n);
     Ok(removed)
 }
 

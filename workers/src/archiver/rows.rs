@@ -91,6 +91,45 @@ impl Sink for AlertSink {
     }
 }
 
+/// One webhook call's record to archive.
+#[derive(Debug, Clone)]
+pub struct DeliveryRow {
+    /// The decoded record.
+    pub delivery: ferry_schema::alert::Delivery,
+    /// Its sequence in `ALERTS`.
+    pub stream_seq: i64,
+}
+
+/// Writes the delivery log (table `alert_deliveries`), idempotent on the
+/// record's id.
+#[derive(Debug, Clone, Default)]
+pub struct DeliverySink;
+
+impl Sink for DeliverySink {
+    type Row = DeliveryRow;
+
+    async fn write(&self, client: &mut deadpool_postgres::ClientWrapper, rows: &[DeliveryRow]) -> Result<(), tokio_postgres::Error> {
+        let tx = client.transaction().await?;
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO alert_deliveries (id, alert_id, rule, url, attempt, outcome, status, detail, ts, elapsed_ms, stream_seq)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (id) DO NOTHING",
+            )
+            .await?;
+        for r in first_of_each(rows, |r| r.delivery.id) {
+            let d = &r.delivery;
+            let attempt = i64::try_from(d.attempt).unwrap_or(i64::MAX);
+            let status = d.status.map(i32::from);
+            tx.execute(
+                &insert,
+                &[&d.id, &d.alert_id, &d.rule, &d.url, &attempt, &d.outcome.as_str(), &status, &d.detail, &d.ts, &d.elapsed_ms, &r.stream_seq],
+            )
+            .await?;
+        }
+        tx.commit().await
+    }
+}
+
 /// Writes events (and agents, chats with their customers and
 /// conversations).
 #[derive(Debug, Clone)]
