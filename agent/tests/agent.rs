@@ -350,6 +350,7 @@ async fn publish_reply_to(js: &jetstream::Context, on: &AgentId, to: &AgentId, t
             },
             processing_ms: 0.0,
             tokens: None,
+            timings: None,
         }),
     );
     let payload = ferry_schema::codec::encode_reply(&reply, Encoding::MsgPack).unwrap();

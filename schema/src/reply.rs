@@ -273,6 +273,34 @@ pub struct ChatReply {
     /// Tokens generated, for model answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<u32>,
+    /// Where a model answer's time went (model answers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<Timings>,
+}
+
+/// Where a model answer's time went: waiting (in the stream, then for a
+/// model slot), reading the prompt, generating; and what ran it. What an
+/// operator needs to tell a slow model from a long queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    /// From when the broker stored the request to when the worker took it
+    /// up, milliseconds (the broker's clock against the worker's).
+    pub queue_ms: f64,
+    /// Waiting in the worker for a model slot (its concurrency limit and the
+    /// engine's scheduler), milliseconds.
+    pub wait_ms: f64,
+    /// Tokens in the prompt.
+    pub prompt_tokens: u32,
+    /// Reading the prompt, milliseconds.
+    pub prompt_ms: f64,
+    /// Tokens generated.
+    pub generated_tokens: u32,
+    /// Generating them, milliseconds.
+    pub generation_ms: f64,
+    /// The engine (`mistral.rs`).
+    pub engine: String,
+    /// The weights' format as run (`Q8_0`), or `as-is`.
+    pub format: String,
 }
 
 /// A next-activity prediction.
@@ -286,6 +314,9 @@ pub struct PredictionReply {
     pub model: String,
     /// Time spent, milliseconds.
     pub processing_ms: f64,
+    /// Where the model's time went (when a model answered).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<Timings>,
 }
 
 /// An alert a rule raised about an activity, shown to the agent's user and
@@ -314,6 +345,7 @@ mod tests {
             answered_by: AnsweredBy { kind, name: name.into() },
             processing_ms: 812.0,
             tokens: Some(40),
+            timings: None,
         });
         Reply::new("inference", EventId::new(), AgentId::new("desk-1").unwrap(), body)
     }

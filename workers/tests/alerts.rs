@@ -587,6 +587,7 @@ async fn reply(js: &jetstream::Context, agent: &str, step: ResponderKind) {
         answered_by: AnsweredBy { kind: step, name: step.as_str().into() },
         processing_ms: 30.0,
         tokens: None,
+        timings: None,
     });
     let agent = AgentId::new(agent).unwrap();
     let r = Reply::new("inference", EventId::new(), agent.clone(), body);

@@ -117,6 +117,13 @@ async fn chat_handed_over_by_rules_gets_a_model_reply() {
     assert!(c.tokens.unwrap() > 0);
     assert!(c.processing_ms > 0.0);
     assert!((0.0..=1.0).contains(&c.confidence));
+    // Where the time went, as the engine measured it.
+    let t = c.timings.as_ref().expect("a model answer carries its timings");
+    assert_eq!(t.generated_tokens, c.tokens.unwrap());
+    assert!(t.prompt_tokens > 10, "the chat template and the message: {t:?}");
+    assert!(t.prompt_ms > 0.0 && t.generation_ms > 0.0 && t.queue_ms >= 0.0 && t.wait_ms >= 0.0, "{t:?}");
+    assert!(t.prompt_ms + t.generation_ms <= c.processing_ms, "{t:?} within {} ms", c.processing_ms);
+    assert_eq!((t.engine.as_str(), t.format.as_str()), ("mistral.rs", "as-is"));
     // The hand-off was consumed from the work queue.
     assert_eq!(inspect::count(&s.js, WORK_STREAM).await.unwrap(), 0);
     // The tokens are in the metrics, under the model's alias (summed over
@@ -156,6 +163,8 @@ async fn prediction_request_gets_a_prediction() {
     assert!(!p.prediction.trim().is_empty(), "{p:?}");
     assert_eq!(p.model, "smollm2");
     assert!(p.processing_ms > 0.0);
+    let t = p.timings.as_ref().expect("a model prediction carries its timings");
+    assert!(t.prompt_tokens > 0 && t.generated_tokens > 0, "{t:?}");
 }
 
 #[tokio::test]
@@ -441,4 +450,5 @@ async fn a_q8_0_copy_is_made_once_checked_and_answers() {
     let c = chat_body(&all[&event.id][0]);
     assert_eq!(c.answered_by.kind, ResponderKind::Model, "{c:?}");
     assert!(c.tokens.unwrap() > 0 && !c.content.as_deref().unwrap_or("").trim().is_empty(), "{c:?}");
+    assert_eq!(c.timings.as_ref().map(|t| t.format.as_str()), Some("Q8_0"), "the reply names the format it ran");
 }

@@ -184,6 +184,7 @@ fn answer(to: &Envelope, text: &str) -> ReplyRow {
             },
             processing_ms: 1.0,
             tokens: None,
+            timings: None,
         }),
     );
     r.ts = to.ts + chrono::Duration::seconds(5);

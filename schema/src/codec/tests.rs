@@ -99,6 +99,16 @@ fn prediction_and_alert() -> [ReplyBody; 2] {
             confidence: 0.5,
             model: "smollm2".into(),
             processing_ms: 812.0,
+            timings: Some(crate::reply::Timings {
+                queue_ms: 3.5,
+                wait_ms: 0.25,
+                prompt_tokens: 120,
+                prompt_ms: 40.0,
+                generated_tokens: 12,
+                generation_ms: 250.0,
+                engine: "mistral.rs".into(),
+                format: "Q8_0".into(),
+            }),
         }),
         ReplyBody::Alert(crate::reply::AlertReply {
             rule: "no-games".into(),
@@ -123,6 +133,7 @@ fn replies_round_trip_in_both_encodings() {
             },
             processing_ms: 0.25,
             tokens: None,
+            timings: None,
         }),
     ]
     .into_iter()
@@ -460,6 +471,7 @@ fn varied_replies() -> Vec<Reply> {
             },
             processing_ms: 1234.567,
             tokens,
+            timings: None,
         })
     };
     let bodies = [

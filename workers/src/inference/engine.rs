@@ -19,6 +19,9 @@ use tokio::sync::Semaphore;
 use super::config::{ModelSource, ModelSpec, Sampling};
 use super::prompt::{PromptMessage, Speaker};
 
+/// The engine's name in a reply's timings.
+pub const ENGINE: &str = "mistral.rs";
+
 /// What a model produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generation {
@@ -28,8 +31,35 @@ pub struct Generation {
     pub tokens: u32,
     /// exp(mean log-probability) of the generated tokens, 0 to 1.
     pub confidence: f32,
-    /// Time spent generating.
+    /// Time from asking to the answer: waiting, prompt and generation.
     pub elapsed: Duration,
+    /// Tokens in the prompt (after the chat template).
+    pub prompt_tokens: u32,
+    /// Reading the prompt.
+    pub prompt_time: Duration,
+    /// Generating the tokens.
+    pub generation_time: Duration,
+    /// The weights' format as run (`Q8_0`, or `as-is`).
+    pub format: String,
+}
+
+impl Generation {
+    /// Its timings for a reply, the request having waited `queue_ms` in its
+    /// stream; the wait for a model slot is what the prompt and the
+    /// generation leave of the time asked.
+    pub fn timings(&self, queue_ms: f64) -> ferry_schema::reply::Timings {
+        let wait = self.elapsed.saturating_sub(self.prompt_time + self.generation_time);
+        ferry_schema::reply::Timings {
+            queue_ms,
+            wait_ms: crate::runtime::publish::ms(wait),
+            prompt_tokens: self.prompt_tokens,
+            prompt_ms: crate::runtime::publish::ms(self.prompt_time),
+            generated_tokens: self.tokens,
+            generation_ms: crate::runtime::publish::ms(self.generation_time),
+            engine: ENGINE.into(),
+            format: self.format.clone(),
+        }
+    }
 }
 
 /// Why a model step produced nothing usable.
@@ -87,7 +117,8 @@ pub trait Generate: Send + Sync {
 }
 
 enum Slot {
-    Ready(Model),
+    /// Loaded, with the format its weights run in.
+    Ready(Model, String),
     Broken(String),
 }
 
@@ -139,7 +170,7 @@ impl Engine {
             let slot = match load_one(spec, concurrency.max(1)).await {
                 Ok(m) => {
                     tracing::info!(alias = %spec.alias, source = ?spec.source, secs = started.elapsed().as_secs_f32(), "model loaded");
-                    Slot::Ready(m)
+                    Slot::Ready(m, spec.format.label().to_string())
                 }
                 Err(reason) => {
                     tracing::error!(alias = %spec.alias, source = ?spec.source, %reason, "model failed to load; the fallback chain will skip it");
@@ -163,7 +194,7 @@ impl Engine {
                 (
                     a.clone(),
                     match s {
-                        Slot::Ready(_) => Ok(()),
+                        Slot::Ready(..) => Ok(()),
                         Slot::Broken(r) => Err(r.clone()),
                     },
                 )
@@ -222,8 +253,9 @@ impl Generate for Engine {
                     reason: reason.clone(),
                 })
             }
-            Some(Slot::Ready(m)) => m,
+            Some(Slot::Ready(m, format)) => (m, format),
         };
+        let (model, format) = model;
         let mut req = RequestBuilder::new()
             .set_sampler_temperature(sampling.temperature)
             .set_sampler_topp(sampling.top_p)
@@ -272,11 +304,16 @@ impl Generate for Engine {
             .filter(|c| !c.is_empty())
             .map(|c| (c.iter().map(|t| t.logprob).sum::<f32>() / c.len() as f32).exp())
             .unwrap_or(0.5);
+        let secs = |s: f32| Duration::try_from_secs_f32(s).unwrap_or(Duration::ZERO);
         Ok(Generation {
             text,
             tokens: u32::try_from(resp.usage.completion_tokens).unwrap_or(u32::MAX),
             confidence: confidence.clamp(0.0, 1.0),
             elapsed: started.elapsed(),
+            prompt_tokens: u32::try_from(resp.usage.prompt_tokens).unwrap_or(u32::MAX),
+            prompt_time: secs(resp.usage.total_prompt_time_sec),
+            generation_time: secs(resp.usage.total_completion_time_sec),
+            format: format.clone(),
         })
     }
 }

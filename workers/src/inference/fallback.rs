@@ -19,6 +19,8 @@ pub struct Answer {
     pub by: AnsweredBy,
     /// Tokens generated (model steps only).
     pub tokens: Option<u32>,
+    /// The model's generation (model steps only), for its timings.
+    pub generation: Option<Generation>,
     /// Confidence, 0 to 1.
     pub confidence: f32,
     /// Why earlier steps were passed over, in order.
@@ -62,13 +64,14 @@ pub async fn chat<G: Generate>(
     let skipped = match models(g, settings, route, prompt).await {
         Ok((alias, gen)) => {
             return Answer {
-                text: gen.text,
                 by: AnsweredBy {
                     kind: ResponderKind::Model,
                     name: alias,
                 },
+                text: gen.text.clone(),
                 tokens: Some(gen.tokens),
                 confidence: gen.confidence,
+                generation: Some(gen),
                 skipped: Vec::new(),
             }
         }
@@ -82,6 +85,7 @@ pub async fn chat<G: Generate>(
                 name: h.slug.clone(),
             },
             tokens: None,
+            generation: None,
             confidence: h.coverage as f32,
             skipped,
         };
@@ -94,6 +98,7 @@ pub async fn chat<G: Generate>(
                 name: t.keywords.first().cloned().unwrap_or_default(),
             },
             tokens: None,
+            generation: None,
             confidence: 0.5,
             skipped,
         };
@@ -105,6 +110,7 @@ pub async fn chat<G: Generate>(
             name: "apology".into(),
         },
         tokens: None,
+        generation: None,
         confidence: 0.0,
         skipped,
     }
@@ -139,7 +145,11 @@ mod tests {
                     text: text.to_string(),
                     tokens: 3,
                     confidence: 0.8,
-                    elapsed: Duration::ZERO,
+                    elapsed: Duration::from_millis(50),
+                    prompt_tokens: 20,
+                    prompt_time: Duration::from_millis(10),
+                    generation_time: Duration::from_millis(30),
+                    format: "Q8_0".into(),
                 }),
                 Some(Err(e)) => Err(e.clone()),
                 None => Err(GenerateError::Unknown { alias: alias.into() }),
@@ -189,6 +199,21 @@ answer = "two days"
         check(vec![("a", timeout), ("b", Ok("from b"))], "hi", ResponderKind::Model, "b", "from b");
         check(vec![("a", broken("a")), ("b", broken("b"))], "do you SHIP to Paris?", ResponderKind::KbTemplate, "ship", "two days");
         check(vec![("a", broken("a")), ("b", broken("b"))], "hello", ResponderKind::Apology, "apology", "sorry");
+    }
+
+    /// A model's answer carries where its time went; a template's carries none.
+    #[test]
+    fn a_model_answer_carries_its_timings_and_a_template_none() {
+        let settings = parse(CONFIG, "t").unwrap();
+        let route = settings.route(crate::inference::config::Task::Chat, &AgentId::new("desk-1").unwrap());
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let g = Script([("a", Ok("from a"))].into_iter().collect());
+        let a = rt.block_on(chat(&g, &settings, route, &[], "hi", &[]));
+        let t = a.generation.unwrap().timings(4.5);
+        assert_eq!((t.queue_ms, t.wait_ms, t.prompt_ms, t.generation_ms), (4.5, 10.0, 10.0, 30.0), "the wait is what prompt and generation leave");
+        assert_eq!((t.prompt_tokens, t.generated_tokens, t.engine.as_str(), t.format.as_str()), (20, 3, "mistral.rs", "Q8_0"));
+        let g = Script([("a", broken("a")), ("b", broken("b"))].into_iter().collect());
+        assert!(rt.block_on(chat(&g, &settings, route, &[], "do you ship?", &[])).generation.is_none());
     }
 
     #[test]

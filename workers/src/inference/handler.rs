@@ -77,6 +77,7 @@ impl Handler for ChatHandler {
     async fn handle(&self, msg: &jetstream::Message) -> Outcome {
         let s = &self.0;
         let started = Instant::now();
+        let queued = publish::queued_ms(msg);
         // A hand-off carries the agent's original event bytes; the rules
         // worker already checked them against their subject.
         let (env, enc) = match decode::handoff(msg, s.max_payload) {
@@ -105,6 +106,7 @@ impl Handler for ChatHandler {
             answered_by: answer.by,
             processing_ms: publish::elapsed_ms(started),
             tokens: answer.tokens,
+            timings: answer.generation.as_ref().map(|g| g.timings(queued)),
         });
         let tp = headers::traceparent(msg.headers.as_ref());
         publish::reply(&s.publisher, RESPONDER, &env, enc, tp, body).await
@@ -115,6 +117,7 @@ impl Handler for PredictHandler {
     async fn handle(&self, msg: &jetstream::Message) -> Outcome {
         let s = &self.0;
         let started = Instant::now();
+        let queued = publish::queued_ms(msg);
         let (env, enc) = match decode::event(msg, s.max_payload) {
             Ok(m) => (m.env, m.enc),
             Err(poison) => return poison,
@@ -129,6 +132,7 @@ impl Handler for PredictHandler {
             Ok((alias, gen)) => {
                 s.stats.add_tokens(&alias, u64::from(gen.tokens));
                 PredictionReply {
+                    timings: Some(gen.timings(queued)),
                     prediction: gen.text,
                     confidence: gen.confidence,
                     model: alias,
@@ -141,6 +145,7 @@ impl Handler for PredictHandler {
                 confidence: 0.0,
                 model: format!("none ({})", skipped.join("; ")),
                 processing_ms: publish::elapsed_ms(started),
+                timings: None,
             },
         };
         let tp = headers::traceparent(msg.headers.as_ref());

@@ -49,6 +49,14 @@ impl Format {
         }
     }
 
+    /// How a reply's timings name it: the tag, or `as-is`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::AsIs => "as-is",
+            other => other.tag(),
+        }
+    }
+
     /// The tag in file names (`Q8_0`).
     fn tag(self) -> &'static str {
         match self {

@@ -105,6 +105,7 @@ fn chat_reply(
         },
         processing_ms: publish::elapsed_ms(started),
         tokens: None,
+        timings: None,
     })
 }
 

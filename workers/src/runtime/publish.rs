@@ -128,6 +128,20 @@ pub fn elapsed_ms(started: Instant) -> f64 {
     micros_as_ms(started.elapsed())
 }
 
+/// `d` in milliseconds, rounded as [`elapsed_ms`] rounds.
+pub fn ms(d: Duration) -> f64 {
+    micros_as_ms(d)
+}
+
+/// How long `msg` waited in its stream before this worker took it up,
+/// milliseconds: now less the time the broker stored it (0 when the
+/// broker's clock is ahead, or the message has no JetStream metadata).
+pub fn queued_ms(msg: &async_nats::jetstream::Message) -> f64 {
+    let Ok(info) = msg.info() else { return 0.0 };
+    let waited = time::OffsetDateTime::now_utc() - info.published;
+    waited.try_into().map_or(0.0, micros_as_ms)
+}
+
 fn micros_as_ms(d: Duration) -> f64 {
     // Exact below 2^53 µs (285 years); the division gives the shortest
     // decimal that reads back as the same f64.

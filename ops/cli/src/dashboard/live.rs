@@ -497,6 +497,7 @@ mod tests {
                 answered_by: AnsweredBy { kind: ResponderKind::Model, name: "qwen".into() },
                 processing_ms: 200.0,
                 tokens: Some(40),
+                timings: None,
             }),
         );
         let bytes = codec::encode_reply(&reply, Encoding::MsgPack).unwrap();
