@@ -152,6 +152,29 @@ fn in_process_with(nats: &NatsServer, cfg: AlertsConfig) -> Running {
     (stop, task)
 }
 
+type Archiving = (CancellationToken, tokio::task::JoinHandle<Result<Arc<ferry_workers::runtime::Stats>, archiver::RunError>>);
+
+/// An archiver replica in this process, writing to the PostgreSQL at `url`.
+fn archiver_in_process(nats: &NatsServer, url: String) -> Archiving {
+    let stop = CancellationToken::new();
+    let (conn, cfg, token) = (nats.role(Role::Archiver, "test-archiver"), ArchiverConfig::new(url), stop.clone());
+    (stop, tokio::spawn(async move { archiver::run(conn.connect().await.unwrap(), &cfg, token).await }))
+}
+
+/// The rows `sql` returns once there are `n` of them (or what it returns
+/// when the wait is over).
+async fn rows_when(url: &str, sql: &str, n: usize) -> Vec<tokio_postgres::Row> {
+    let db = ferry_workers::state::connect_one(url).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let rows = db.query(sql, &[]).await.unwrap();
+        if rows.len() >= n || Instant::now() > deadline {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_burst_fires_one_alert_the_cooldown_holds_the_next_and_recovery_resolves() {
     let (nats, op, js) = broker().await;
@@ -164,11 +187,7 @@ async fn a_burst_fires_one_alert_the_cooldown_holds_the_next_and_recovery_resolv
     ));
     let pg = common::migrated_pg().await;
     let (stop, task) = in_process(&nats, file.path());
-    let archiver_stop = CancellationToken::new();
-    let archiver = {
-        let (conn, cfg, token) = (nats.role(Role::Archiver, "test-archiver"), ArchiverConfig::new(pg.url()), archiver_stop.clone());
-        tokio::spawn(async move { archiver::run(conn.connect().await.unwrap(), &cfg, token).await })
-    };
+    let (archiver_stop, archiver) = archiver_in_process(&nats, pg.url());
 
     // A burst of failures: one firing alert, at the fifth (the first judged).
     for _ in 0..10 {
@@ -213,18 +232,7 @@ async fn a_burst_fires_one_alert_the_cooldown_holds_the_next_and_recovery_resolv
     assert_eq!(ids.len(), 3, "each alert reached the webhook once: {got:?}");
 
     // The archiver keeps each alert once, in the alerts table.
-    let db = ferry_workers::state::connect_one(&pg.url()).await.unwrap();
-    let deadline = Instant::now() + WAIT;
-    let rows = loop {
-        let rows = db
-            .query("SELECT rule, scope_kind, scope_value, state FROM alerts ORDER BY stream_seq", &[])
-            .await
-            .unwrap();
-        if rows.len() >= 3 || Instant::now() > deadline {
-            break rows;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let rows = rows_when(&pg.url(), "SELECT rule, scope_kind, scope_value, state FROM alerts ORDER BY stream_seq", 3).await;
     let rows: Vec<(String, String, String, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
     assert_eq!(
         rows,
@@ -381,11 +389,7 @@ async fn each_webhook_call_is_in_the_delivery_log_with_its_answer() {
     ));
     let pg = common::migrated_pg().await;
     let (stop, task) = in_process(&nats, file.path());
-    let archiver_stop = CancellationToken::new();
-    let archiver = {
-        let (conn, cfg, token) = (nats.role(Role::Archiver, "test-archiver"), ArchiverConfig::new(pg.url()), archiver_stop.clone());
-        tokio::spawn(async move { archiver::run(conn.connect().await.unwrap(), &cfg, token).await })
-    };
+    let (archiver_stop, archiver) = archiver_in_process(&nats, pg.url());
     let mut h = async_nats::HeaderMap::new();
     h.insert(headers::DEAD_REASON_CODE, "malformed");
     js.publish_with_headers("deadletter.EVENTS.rules", h, "junk".into()).await.unwrap().await.unwrap();
@@ -414,17 +418,7 @@ async fn each_webhook_call_is_in_the_delivery_log_with_its_answer() {
         ]
     );
     assert!(log[0].detail.contains("503") && !log[0].detail.contains("s3cret"), "{:?}", log[0].detail);
-    let db = ferry_workers::state::connect_one(&pg.url()).await.unwrap();
-    let rows = loop {
-        let rows = db
-            .query("SELECT alert_id, url, attempt, outcome, status FROM alert_deliveries ORDER BY attempt", &[])
-            .await
-            .unwrap();
-        if rows.len() >= 2 || Instant::now() > deadline {
-            break rows;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let rows = rows_when(&pg.url(), "SELECT alert_id, url, attempt, outcome, status FROM alert_deliveries ORDER BY attempt", 2).await;
     let rows: Vec<(uuid::Uuid, String, i64, String, Option<i32>)> =
         rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect();
     assert_eq!(
