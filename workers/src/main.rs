@@ -268,7 +268,16 @@ struct InferenceArgs {
     /// Without it, prompts hold the message only.
     #[command(flatten)]
     db: DbArgs,
+    /// Threads the engine's kernels may use (matrix products, attention),
+    /// for all its models together: leave cores to the broker and the other
+    /// roles on a shared machine. Default: one per core.
+    #[arg(long, env = "FERRY_INFERENCE_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
 }
+
+/// The environment variable the engine's kernels (candle's and rayon's
+/// thread pools) read for their thread count.
+const ENGINE_THREADS_VAR: &str = "RAYON_NUM_THREADS";
 
 #[derive(Debug, Args)]
 struct RulesArgs {
@@ -419,9 +428,21 @@ fn init_logs(format: LogFormat) {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Before any thread exists, so nothing reads the environment while it
+    // changes: the kernels' pools read it when they first run.
+    if let RoleCmd::Inference(InferenceArgs { threads: Some(n), .. }) = &cli.role {
+        std::env::set_var(ENGINE_THREADS_VAR, n.to_string());
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     init_logs(cli.log_format);
     // Served until the worker exits (never with --check, which binds nothing).
     let _metrics = match (cli.check, cli.metrics_listen) {
@@ -468,11 +489,12 @@ async fn main() -> anyhow::Result<()> {
                 check_db(cfg.db.as_ref())?;
                 check_models(&settings);
                 println!(
-                    "ferry-worker inference: ok: {} models, {} routes, {} templates in {}",
+                    "ferry-worker inference: ok: {} models, {} routes, {} templates in {}; {} engine threads",
                     settings.models.len(),
                     settings.routes.len(),
                     settings.templates.len(),
-                    cfg.config_path.display()
+                    cfg.config_path.display(),
+                    inference::engine::threads()
                 );
                 return Ok(());
             }

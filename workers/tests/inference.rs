@@ -452,3 +452,30 @@ async fn a_q8_0_copy_is_made_once_checked_and_answers() {
     assert!(c.tokens.unwrap() > 0 && !c.content.as_deref().unwrap_or("").trim().is_empty(), "{c:?}");
     assert_eq!(c.timings.as_ref().map(|t| t.format.as_str()), Some("Q8_0"), "the reply names the format it ran");
 }
+
+/// `--threads` is what the engine's kernels read (candle's own count), so a
+/// worker on a shared machine can leave cores to the broker; the default is
+/// one per core; 0 is refused before anything starts.
+#[test]
+fn the_engine_threads_follow_the_threads_flag() {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut file, config("").as_bytes()).unwrap();
+    let check = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry-worker"))
+            .args(["--check", "inference", "--config"])
+            .arg(file.path())
+            .args(extra)
+            .env_remove("RAYON_NUM_THREADS")
+            .env_remove("FERRY_INFERENCE_THREADS")
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (ok, said) = check(&["--threads", "1"]);
+    assert!(ok && said.contains("; 1 engine threads"), "{said}");
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let (ok, said) = check(&[]);
+    assert!(ok && said.contains(&format!("; {cores} engine threads")), "{said}");
+    let (ok, said) = check(&["--threads", "0"]);
+    assert!(!ok && said.contains("--threads"), "{said}");
+}

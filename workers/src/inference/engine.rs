@@ -22,6 +22,12 @@ use super::prompt::{PromptMessage, Speaker};
 /// The engine's name in a reply's timings.
 pub const ENGINE: &str = "mistral.rs";
 
+/// The threads the engine's kernels use, as the engine itself reads them
+/// (`ferry-worker inference --threads`; one per core unless set).
+pub fn threads() -> usize {
+    candle_core::utils::get_num_threads()
+}
+
 /// What a model produced.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Generation {

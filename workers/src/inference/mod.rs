@@ -101,6 +101,7 @@ impl runtime::Role for Inference {
                     "error": s.err(),
                 })).collect::<Vec<_>>(),
                 "concurrency": self.settings.concurrency,
+                "engine_threads": engine::threads(),
                 "routes": self.settings.routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
             }),
         }
