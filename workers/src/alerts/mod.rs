@@ -23,8 +23,9 @@
 //! twice the longest window back, publishing nothing judged on a window it
 //! has not seen whole. Consumer lag is polled, not read from a stream: each
 //! replica follows `ALERTS` and names a lag transition by the rule and
-//! scope's alert before it, so the copies again share a `Nats-Msg-Id`. The window state lives nowhere but in the streams, so
-//! there is no second copy to keep right. Replicas add availability, not
+//! scope's alert before it, so the copies again share a `Nats-Msg-Id`. The
+//! window state lives nowhere but in the streams, so there is no second
+//! copy to keep right. Replicas add availability, not
 //! speed. Deliveries are split: `ALERTS/alerts-notify` is shared, so each
 //! alert reaches the webhooks from one replica (again if a call failed:
 //! receivers de-duplicate on the alert's `id`).
