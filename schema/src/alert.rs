@@ -466,6 +466,7 @@ mod tests {
         assert_eq!(d.detail.len(), MAX_DELIVERY_DETAIL);
         assert_eq!(Delivery::from_json(&d.to_json()).unwrap(), d);
         assert_eq!(d.subject().as_str(), "alert-deliveries.errors");
+        assert!(crate::subject::is_alert_delivery(&d.subject()) && !crate::subject::is_alert_delivery(&a.subject()));
         assert_eq!(d.id, Delivery::id_for(a.id, "http://h/x", 1));
         assert_ne!(d.id, Delivery::id_for(a.id, "http://h/x", 2));
         assert_ne!(d.id, Delivery::id_for(a.id, "http://h/y", 1));

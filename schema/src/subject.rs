@@ -179,6 +179,12 @@ pub fn all_alert_deliveries() -> Subject {
     Subject::from_static("alert-deliveries.>")
 }
 
+/// Whether `subject` is a delivery record's (`alert-deliveries.<rule>`),
+/// not an alert's: both are kept in `ALERTS`.
+pub fn is_alert_delivery(subject: &str) -> bool {
+    subject.strip_prefix(ALERT_DELIVERIES).is_some_and(|rest| rest.starts_with('.'))
+}
+
 /// `ferry.svc.<role>.status`: the status endpoint of a worker role's micro service.
 pub fn service_status(role: &str) -> Subject {
     Subject::from(format!("ferry.svc.{role}.status"))

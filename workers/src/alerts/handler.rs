@@ -82,7 +82,7 @@ impl NotifyHandler {
 impl Handler for NotifyHandler {
     async fn handle(&self, msg: &jetstream::Message) -> Outcome {
         // The delivery log shares the stream; it is not delivered anywhere.
-        if !msg.subject.starts_with("alerts.") {
+        if ferry_schema::subject::is_alert_delivery(&msg.subject) {
             return Outcome::Done;
         }
         let alert = match Alert::from_json(&msg.payload) {

@@ -88,7 +88,7 @@ impl Handler for ReplyHandler {
 
 impl Handler for AlertHandler {
     async fn handle(&self, msg: &jetstream::Message) -> Outcome {
-        if msg.subject.starts_with("alert-deliveries.") {
+        if ferry_schema::subject::is_alert_delivery(&msg.subject) {
             return match ferry_schema::alert::Delivery::from_json(&msg.payload) {
                 Ok(delivery) => {
                     self.deliveries
